@@ -1,0 +1,181 @@
+"""Frozen configuration dataclasses, validated once and passed down.
+
+`ModelConfig` mirrors the fields of a Hugging Face `config.json` that the model code needs;
+the others configure the engine parts named after them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message names the field."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    hidden_act: str = "silu"
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    # Mixture of experts (Qwen3-MoE); num_experts == 0 means dense.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"config.json: {name} must be positive")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                "config.json: num_attention_heads must be a multiple of num_key_value_heads"
+            )
+        if self.hidden_act != "silu":
+            raise ConfigError(f"config.json: hidden_act {self.hidden_act!r} is not supported")
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        if not archs:
+            raise ConfigError("config.json has no 'architectures' entry")
+        try:
+            heads = int(cfg["num_attention_heads"])
+            hidden = int(cfg["hidden_size"])
+            eos = cfg.get("eos_token_id")
+            eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+            return cls(
+                architecture=archs[0],
+                vocab_size=int(cfg["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(cfg.get("intermediate_size", 0)),
+                num_hidden_layers=int(cfg["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(cfg.get("num_key_value_heads") or heads),
+                head_dim=int(cfg.get("head_dim") or hidden // heads),
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(cfg.get("rope_theta", 10000.0)),
+                rope_scaling=cfg.get("rope_scaling"),
+                tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+                attention_bias=bool(cfg.get("attention_bias", False)),
+                mlp_bias=bool(cfg.get("mlp_bias", False)),
+                qk_norm=archs[0].startswith("Qwen3"),
+                hidden_act=cfg.get("hidden_act", "silu"),
+                eos_token_ids=tuple(int(e) for e in eos_ids),
+                bos_token_id=cfg.get("bos_token_id"),
+                num_experts=int(cfg.get("num_experts", 0) or 0),
+                num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0),
+                moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0),
+                norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
+                decoder_sparse_step=int(cfg.get("decoder_sparse_step", 1) or 1),
+                mlp_only_layers=tuple(cfg.get("mlp_only_layers", ()) or ()),
+                raw=cfg,
+            )
+        except KeyError as e:
+            raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> ModelConfig:
+        path = Path(path)
+        cfg_file = path / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{path}: no config.json (is this a Hugging Face model folder?)")
+        try:
+            cfg = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+        gen = path / "generation_config.json"
+        if gen.is_file() and "eos_token_id" in (g := json.loads(gen.read_text())):
+            eos = g["eos_token_id"]
+            merged = set(eos if isinstance(eos, list) else [eos])
+            base = cfg.get("eos_token_id")
+            merged |= set(base if isinstance(base, list) else ([] if base is None else [base]))
+            cfg = {**cfg, "eos_token_id": sorted(merged)}
+        return cls.from_dict(cfg)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    page_size: int = 16
+    num_blocks: int | None = None  # None: derived from max_total_tokens / mem_fraction_static
+    max_total_tokens: int | None = None
+    mem_fraction_static: float = 0.1  # of available RAM (CPU) or free device memory
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.page_size <= 0 or self.page_size & (self.page_size - 1):
+            raise ConfigError("--page-size must be a positive power of two")
+        if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
+            raise ConfigError("--max-total-tokens must be at least --page-size")
+        if not 0.0 < self.mem_fraction_static <= 1.0:
+            raise ConfigError("--mem-fraction-static must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running_requests: int = 64
+    chunked_prefill_size: int = 2048  # token budget of one forward
+    context_length: int = 4096
+    max_queued_requests: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_running_requests <= 0:
+            raise ConfigError("--max-running-requests must be positive")
+        if self.chunked_prefill_size <= 0:
+            raise ConfigError("--chunked-prefill-size must be positive")
+        if self.context_length <= 1:
+            raise ConfigError("--context-length must be at least 2")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model_path: str
+    dtype: str = "float32"
+    device: str = "cpu"
+    seed: int = 0
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ConfigError("--device must be cpu or cuda")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError("--device cuda requested but CUDA is not available")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]

@@ -1,0 +1,405 @@
+"""The engine: one step = schedule -> draft -> plan -> target forward -> verify -> commit.
+
+No speculation is the same loop with a drafter that proposes nothing.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from specserve.config import EngineConfig
+from specserve.core import Request, RequestStatus, SamplingParams
+from specserve.engine.block_manager import BlockManager
+from specserve.engine.model_runner import BatchSeq, ModelRunner, num_kv_blocks
+from specserve.engine.sampler import apply_penalties, probs_from_logits, top_logprobs
+from specserve.engine.scheduler import ScheduledRequest, Scheduler
+from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
+from specserve.models.loader import load_model
+from specserve.spec.base import Drafter, DraftProposal, NoDrafter
+from specserve.spec.verify import greedy_verify, rejection_verify
+
+# (proposals, requests) -> verify length per request (<= len(proposal.tokens))
+Planner = Callable[[list[DraftProposal], list[Request]], list[int]]
+
+
+def plan_full(proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
+    return [len(p.tokens) for p in proposals]
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve as asked (HTTP 400)."""
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    meta_info: dict = field(default_factory=dict)
+
+
+@dataclass
+class EngineStats:
+    """Cumulative counters read by /metrics and /get_server_info."""
+
+    prompt_tokens: int = 0
+    generation_tokens: int = 0
+    num_steps: int = 0
+    num_verify_passes: int = 0  # forwards that produced tokens for a decoding request
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+    num_verify_tokens_planned: int = 0
+
+    @property
+    def avg_accept_length(self) -> float:
+        """Committed tokens per verify pass, bonus included (1.0 without speculation)."""
+        if not self.num_verify_passes:
+            return 0.0
+        return 1.0 + self.num_accepted_tokens / self.num_verify_passes
+
+
+class _Stream:
+    """Per-request output state: detokenizer, stop strings, the text already emitted."""
+
+    def __init__(self, request: Request, tokenizer: Tokenizer) -> None:
+        self.request = request
+        self.detok = IncrementalDetokenizer(tokenizer)
+        self.hold = max((len(s) for s in request.params.stop), default=1) - 1
+        self.emitted = 0  # characters of detok.text already streamed
+        self.pending_tokens: list[int] = []
+        self.pending_logprobs: list = []
+
+
+class LLMEngine:
+    def __init__(
+        self,
+        config: EngineConfig,
+        drafter: Drafter | None = None,
+        planner: Planner = plan_full,
+    ) -> None:
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.config = config
+        self.model, self.model_config = load_model(
+            config.model_path, config.torch_dtype, config.device
+        )
+        self.model.fuse()
+        self.tokenizer = Tokenizer(config.model_path)
+        cache = config.cache
+        blocks = num_kv_blocks(self.model_config, cache, config.torch_dtype)
+        self.block_manager = BlockManager(blocks, cache.page_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.block_manager)
+        self.drafter = drafter or NoDrafter()
+        self.planner = planner
+        self.runner = ModelRunner(
+            self.model,
+            blocks,
+            cache.page_size,
+            config.torch_dtype,
+            config.device,
+            self.drafter.capture_layers,
+        )
+        self.context_length = min(
+            config.scheduler.context_length,
+            self.model_config.max_position_embeddings,
+            blocks * cache.page_size,
+        )
+        self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
+            {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
+        )
+        self.streams: dict[str, _Stream] = {}
+        self.stats = EngineStats()
+
+    # -- requests ----------------------------------------------------------------------
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+    ) -> Request:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("the prompt is empty")
+        vocab = self.model_config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        room = self.context_length - len(ids)
+        if room < 1:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens; this model's context length is "
+                f"{self.context_length}"
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise RequestError(
+                f"max_tokens ({params.max_tokens}) + prompt tokens ({len(ids)}) exceeds the "
+                f"context length ({self.context_length})"
+            )
+        req = Request(
+            prompt_token_ids=ids,
+            params=params,
+            max_new_tokens=params.max_tokens or room,
+            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+        )
+        if request_id is not None:
+            req.request_id = request_id
+        if req.request_id in self.streams:
+            raise RequestError(f"duplicate request id {req.request_id!r}")
+        self.streams[req.request_id] = _Stream(req, self.tokenizer)
+        self.scheduler.add(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        stream = self.streams.pop(request_id, None)
+        if stream is not None:
+            self.drafter.release(stream.request)
+            self.scheduler.finish(stream.request, RequestStatus.FINISHED_ABORTED)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- the step ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        preempted_before = self.scheduler.num_preemptions
+        scheduled = self.scheduler.schedule(self.drafter.max_draft_tokens)
+        if self.scheduler.num_preemptions != preempted_before:
+            for req in self.scheduler.waiting:
+                if req.num_computed_tokens == 0 and not req.block_table:
+                    self.drafter.release(req)
+        if not scheduled:
+            return []
+        self.stats.num_steps += 1
+        drafts = self._draft(scheduled)
+        result = self.runner.forward(
+            [self._batch_seq(s, drafts.get(s.request.request_id)) for s in scheduled]
+        )
+        outputs: list[RequestOutput] = []
+        committed_hidden: list[torch.Tensor | None] = []
+        finishing = [s for s in scheduled if s.reaches_end]
+        new_tokens = self._verify(finishing, drafts, result.logits, result.logits_counts, scheduled)
+        offset = 0
+        for s in scheduled:
+            req = s.request
+            n_in = s.num_new_tokens + len(drafts.get(req.request_id, DraftProposal([])).tokens)
+            if s.reaches_end:
+                tokens, logprobs = new_tokens[req.request_id]
+                n_commit = s.num_new_tokens + len(tokens) - 1
+            else:
+                n_commit, tokens, logprobs = s.num_new_tokens, [], []
+            if result.captured is not None:
+                committed_hidden.append(result.captured[offset : offset + n_commit])
+            else:
+                committed_hidden.append(None)
+            offset += n_in
+            req.num_computed_tokens += n_commit
+            self.block_manager.rollback(req, req.num_computed_tokens)
+            self.block_manager.commit(req, req.num_computed_tokens)
+            if tokens:
+                outputs.append(self._append(req, tokens, logprobs))
+        self.drafter.update([s.request for s in scheduled], committed_hidden)
+        for req in [s.request for s in scheduled]:
+            if req.finished:
+                self.drafter.release(req)
+                self.scheduler.finish(req, req.status)
+                del self.streams[req.request_id]
+        return outputs
+
+    def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, DraftProposal]:
+        spec = [s for s in scheduled if s.num_lookahead > 0 and s.reaches_end]
+        if not spec:
+            return {}
+        reqs = [s.request for s in spec]
+        proposals = self.drafter.propose(reqs, [s.num_lookahead for s in spec])
+        lens = self.planner(proposals, reqs)
+        out = {}
+        for req, p, n in zip(reqs, proposals, lens, strict=True):
+            self.stats.num_verify_tokens_planned += n
+            out[req.request_id] = DraftProposal(
+                p.tokens[:n],
+                None if p.probs is None else p.probs[:n],
+                None if p.confidences is None else p.confidences[:n],
+            )
+        return out
+
+    def _batch_seq(self, s: ScheduledRequest, draft: DraftProposal | None) -> BatchSeq:
+        req = s.request
+        start = req.num_computed_tokens
+        tokens = req.all_token_ids[start : start + s.num_new_tokens]
+        if draft is not None:
+            tokens = tokens + draft.tokens
+        logits_from = s.num_new_tokens - 1 if s.reaches_end else len(tokens)
+        return BatchSeq(tokens, start, req.block_table, logits_from)
+
+    def _verify(self, finishing, drafts, logits, counts, scheduled):
+        """Tokens to append per finishing request (accepted drafts + one from the target)."""
+        rows_of: dict[str, torch.Tensor] = {}
+        row = 0
+        for s, c in zip(scheduled, counts, strict=True):
+            if c:
+                rows_of[s.request.request_id] = logits[row : row + c]
+            row += c
+        out: dict[str, tuple[list[int], list]] = {}
+        for greedy in (True, False):
+            group = [s.request for s in finishing if s.request.params.greedy == greedy]
+            if not group:
+                continue
+            props = [drafts.get(r.request_id, DraftProposal([])) for r in group]
+            k = max(len(p.tokens) for p in props)
+            vocab = logits.shape[1]
+            draft_tokens = torch.zeros(len(group), k, dtype=torch.long)
+            lens = torch.tensor([len(p.tokens) for p in props])
+            raw = logits.new_zeros(len(group), k + 1, vocab)
+            probs = logits.new_zeros(len(group), k + 1, vocab)
+            for i, (r, p) in enumerate(zip(group, props, strict=True)):
+                draft_tokens[i, : len(p.tokens)] = torch.tensor(p.tokens, dtype=torch.long)
+                rows = rows_of[r.request_id]
+                raw[i, : rows.shape[0]] = rows
+                hist = [r.output_token_ids + p.tokens[:j] for j in range(rows.shape[0])]
+                pen = apply_penalties(
+                    rows, [r.params] * rows.shape[0], [r.prompt_token_ids] * rows.shape[0], hist
+                )
+                if greedy:
+                    probs[i, : rows.shape[0]] = pen
+                else:
+                    probs[i, : rows.shape[0]] = probs_from_logits(pen, [r.params] * rows.shape[0])
+            if greedy:
+                tokens, num = greedy_verify(draft_tokens, lens, probs.argmax(dim=-1))
+            else:
+                q = None
+                if any(p.probs is not None for p in props):
+                    q = logits.new_zeros(len(group), max(k, 1), vocab)
+                    for i, p in enumerate(props):
+                        if p.probs is not None:
+                            q[i, : len(p.tokens)] = p.probs
+                        else:  # deterministic proposal: one-hot
+                            q[i, torch.arange(len(p.tokens)), draft_tokens[i, : len(p.tokens)]] = 1
+                tokens, num = rejection_verify(
+                    draft_tokens, lens, q, probs, [r.generator for r in group]
+                )
+            for i, r in enumerate(group):
+                toks = tokens[i, : num[i]].tolist()
+                lp = []
+                if r.params.logprobs is not None:
+                    lp = top_logprobs(
+                        raw[i, : len(toks)], tokens[i, : len(toks)], r.params.logprobs
+                    )
+                out[r.request_id] = (toks, lp)
+                self._count_spec(r, len(props[i].tokens), len(toks) - 1)
+        return out
+
+    def _count_spec(self, req: Request, drafted: int, accepted: int) -> None:
+        st = self.stats
+        req.spec_verify_ct += 1
+        if req.output_token_ids:  # a decode pass (the prefill's first token is not one)
+            st.num_verify_passes += 1
+        if drafted == 0:
+            return
+        st.num_drafts += 1
+        st.num_draft_tokens += drafted
+        st.num_accepted_tokens += accepted
+        req.spec_draft_token_num += drafted
+        req.spec_accept_token_num += accepted
+        if len(st.accepted_per_position) < drafted:
+            st.accepted_per_position.extend([0] * (drafted - len(st.accepted_per_position)))
+        for pos in range(accepted):
+            st.accepted_per_position[pos] += 1
+        hist = req.spec_accept_histogram
+        if len(hist) <= accepted:
+            hist.extend([0] * (accepted + 1 - len(hist)))
+        hist[accepted] += 1
+
+    # -- output --------------------------------------------------------------------------
+    def _append(self, req: Request, tokens: list[int], logprobs: list) -> RequestOutput:
+        """Append tokens one by one, stopping exactly where plain decoding would."""
+        stream = self.streams[req.request_id]
+        p = req.params
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+            self.stats.prompt_tokens += req.num_prompt_tokens
+        for i, tok in enumerate(tokens):
+            req.output_token_ids.append(tok)
+            self.stats.generation_tokens += 1
+            stream.pending_tokens.append(tok)
+            if i < len(logprobs):
+                stream.pending_logprobs.append((tok, *logprobs[i]))
+            if tok in req.eos_token_ids or tok in p.stop_token_ids:
+                req.status, req.stop_reason = (
+                    RequestStatus.FINISHED_STOPPED,
+                    (None if tok in req.eos_token_ids else tok),
+                )
+                break
+            stream.detok.add(tok)
+            if p.stop and self._hit_stop(stream):
+                break
+            if len(req.output_token_ids) >= req.max_new_tokens:
+                req.status = RequestStatus.FINISHED_LENGTH
+                break
+        return self._emit(stream)
+
+    def _hit_stop(self, stream: _Stream) -> bool:
+        text = stream.detok.text
+        window = max(len(s) for s in stream.request.params.stop) + 16
+        lo = max(0, len(text) - window)
+        hits = [(text.find(s, lo), s) for s in stream.request.params.stop]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if not hits:
+            return False
+        idx, s = min(hits)
+        stream.detok.text = text[:idx]
+        stream.request.status = RequestStatus.FINISHED_STOPPED
+        stream.request.stop_reason = s
+        return True
+
+    def _emit(self, stream: _Stream) -> RequestOutput:
+        req = stream.request
+        done = req.status.finished
+        text = stream.detok.text
+        upto = len(text) if done else max(stream.emitted, len(text) - stream.hold)
+        delta = text[stream.emitted : upto]
+        stream.emitted = upto
+        out = RequestOutput(
+            request_id=req.request_id,
+            new_token_ids=stream.pending_tokens,
+            new_text=delta,
+            finished=done,
+            finish_reason=req.status.value if done else None,
+            stop_reason=req.stop_reason,
+            prompt_tokens=req.num_prompt_tokens,
+            completion_tokens=len(req.output_token_ids),
+            cached_tokens=req.num_cached_tokens,
+            logprobs=stream.pending_logprobs,
+            meta_info=_meta_info(req),
+        )
+        stream.pending_tokens, stream.pending_logprobs = [], []
+        return out
+
+
+def _meta_info(req: Request) -> dict:
+    info = {
+        "id": req.request_id,
+        "prompt_tokens": req.num_prompt_tokens,
+        "completion_tokens": len(req.output_token_ids),
+        "cached_tokens": req.num_cached_tokens,
+        "spec_verify_ct": req.spec_verify_ct,
+    }
+    if req.spec_draft_token_num:
+        info.update(
+            spec_accept_length=len(req.output_token_ids) / max(1, req.spec_verify_ct),
+            spec_draft_token_num=req.spec_draft_token_num,
+            spec_accept_token_num=req.spec_accept_token_num,
+            spec_accept_histogram=list(req.spec_accept_histogram),
+        )
+    return info

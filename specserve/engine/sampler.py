@@ -1,0 +1,97 @@
+"""From logits to the distribution a request samples from, and sampling with per-request seeds.
+
+Order of processing (as in vLLM): penalties on raw logits, temperature, then min-p, top-k and
+top-p filtering on the resulting probabilities. Greedy requests take the argmax of the penalised
+logits. `target_probs` is also what speculative verification compares draft probabilities with.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from specserve.core import SamplingParams
+
+
+def apply_penalties(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    prompt_ids: Sequence[Sequence[int]],
+    output_ids: Sequence[Sequence[int]],
+) -> torch.Tensor:
+    """logits [M, V]; per row, the prompt tokens and the output tokens generated before it."""
+    logits = logits.clone()
+    for row, p in enumerate(params):
+        if not p.has_penalties:
+            continue
+        out = torch.tensor(output_ids[row], dtype=torch.long, device=logits.device)
+        if p.repetition_penalty != 1.0:
+            seen = torch.tensor(list(prompt_ids[row]), dtype=torch.long, device=logits.device)
+            seen = torch.cat([seen, out]).unique()
+            vals = logits[row, seen]
+            logits[row, seen] = torch.where(
+                vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty
+            )
+        if out.numel() and (p.frequency_penalty or p.presence_penalty):
+            counts = torch.bincount(out, minlength=logits.shape[1]).to(logits.dtype)
+            logits[row] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
+    return logits
+
+
+def probs_from_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """logits [M, V] (penalised) -> probabilities [M, V] after temperature, min-p, top-k, top-p.
+    Greedy rows become one-hot on the argmax."""
+    device = logits.device
+    greedy = torch.tensor([p.greedy for p in params], device=device)
+    temp = torch.tensor([1.0 if p.greedy else p.temperature for p in params], device=device)
+    probs = torch.softmax(logits / temp[:, None], dim=-1)
+    if any(p.min_p > 0 for p in params):
+        min_p = torch.tensor([p.min_p for p in params], device=device)
+        top = probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < min_p[:, None] * top, 0.0)
+    if any(p.top_k > 0 or p.top_p < 1.0 for p in params):
+        probs = _top_k_top_p(probs, params)
+    probs = probs / probs.sum(dim=-1, keepdim=True)
+    if greedy.any():
+        onehot = torch.zeros_like(probs)
+        onehot.scatter_(1, logits.argmax(dim=-1, keepdim=True), 1.0)
+        probs = torch.where(greedy[:, None], onehot, probs)
+    return probs
+
+
+def _top_k_top_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    sorted_p, idx = probs.sort(dim=-1, descending=True)
+    vocab = probs.shape[1]
+    k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=probs.device)
+    top_p = torch.tensor([p.top_p for p in params], device=probs.device)
+    rank = torch.arange(vocab, device=probs.device)[None, :]
+    # keep a token while the mass strictly before it is below top_p (the first always stays)
+    before = sorted_p.cumsum(dim=-1) - sorted_p
+    keep = (rank < k[:, None]) & (before < top_p[:, None])
+    sorted_p = sorted_p * keep
+    return torch.zeros_like(probs).scatter_(1, idx, sorted_p)
+
+
+def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """One token per row of probs [M, V]; row i uses generators[i] (None: the global RNG)."""
+    out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
+    for i, g in enumerate(generators):
+        out[i] = torch.multinomial(probs[i], 1, generator=g)
+    return out
+
+
+def top_logprobs(
+    logits: torch.Tensor, tokens: torch.Tensor, k: int
+) -> list[tuple[float, list[tuple[int, float]]]]:
+    """Raw-model logprob of each chosen token and the k most likely alternatives (OpenAI style)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
+    if k > 0:
+        vals, ids = logp.topk(k, dim=-1)
+        tops = [
+            list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)
+        ]
+    else:
+        tops = [[] for _ in chosen]
+    return list(zip(chosen, tops, strict=True))

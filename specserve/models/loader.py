@@ -1,0 +1,72 @@
+"""Load a Hugging Face checkpoint folder (config.json + *.safetensors) into our model classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from specserve.config import ConfigError, ModelConfig
+from specserve.models.registry import model_class
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's *.safetensors files."""
+    path = Path(path)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ConfigError(f"{path}: no *.safetensors weight files")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            state.update(load_file(str(f)))
+        except Exception as e:  # safetensors raises its own error types
+            raise ConfigError(f"{f}: cannot read safetensors file ({e})") from None
+    return state
+
+
+def load_model(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[nn.Module, ModelConfig]:
+    """Build the registered class for the folder's architecture and load its weights."""
+    cfg = ModelConfig.from_pretrained(path)
+    try:
+        cls = model_class(cfg.architecture)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    with torch.device("meta"):
+        model = cls(cfg)
+    model = model.to_empty(device=device)
+    state = load_state_dict(path)
+    if cfg.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    expected = {
+        k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")
+    }
+    missing = sorted(expected - state.keys())
+    unexpected = sorted(k for k in state.keys() - expected if "rotary_emb" not in k)
+    if missing:
+        raise ConfigError(f"{path}: checkpoint lacks weights, e.g. {missing[:3]}")
+    if unexpected:
+        raise ConfigError(f"{path}: checkpoint has unknown weights, e.g. {unexpected[:3]}")
+    for name, tensor in state.items():
+        if name in expected:
+            param = model.get_parameter(name)
+            if param.shape != tensor.shape:
+                raise ConfigError(
+                    f"{path}: {name} has shape {tuple(tensor.shape)}, config implies "
+                    f"{tuple(param.shape)}"
+                )
+            param.data.copy_(tensor)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model = model.to(dtype=dtype).eval()
+    # Buffers (rotary tables) were created on meta: rebuild them, in float32, on the device.
+    model.model.rotary.__init__(
+        cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+    )
+    model.model.rotary.to(device)
+    model.requires_grad_(False)
+    return model, cfg

@@ -1,0 +1,153 @@
+"""The decoder-only transformer skeleton (Qwen3, Llama) on flattened variable-length batches.
+
+Module names mirror the Hugging Face checkpoints (`model.layers.{i}.self_attn.q_proj`, ...), so
+weights load by name. Dense and MoE models share everything but the MLP (`make_mlp`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from specserve.config import ModelConfig
+from specserve.models.attention import AttentionContext
+from specserve.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, linear
+
+
+@dataclass
+class ModelOutput:
+    hidden: torch.Tensor  # [N, H] after the final norm (what the LM head reads)
+    captured: torch.Tensor | None  # [N, len(capture) * H] hidden states of the captured layers
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
+        self.q_proj = Linear(cfg.hidden_size, h * d, cfg.attention_bias)
+        self.k_proj = Linear(cfg.hidden_size, kv * d, cfg.attention_bias)
+        self.v_proj = Linear(cfg.hidden_size, kv * d, cfg.attention_bias)
+        self.o_proj = Linear(h * d, cfg.hidden_size, cfg.attention_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """One product for q, k and v at inference."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight for p in projs]).detach()
+        bias = torch.cat([p.bias for p in projs]).detach() if self.q_proj.bias is not None else None
+        self._qkv = (weight, bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        ctx: AttentionContext,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        qd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        if self._qkv is not None:
+            q, k, v = linear(x, *self._qkv).split([qd, kvd, kvd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(n, self.num_heads, self.head_dim)
+        k = k.reshape(n, self.num_kv_heads, self.head_dim)
+        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(positions, q, k)
+        out = ctx.attend(layer_idx, q, k, v)
+        return self.o_proj(out.reshape(n, qd))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+        super().__init__()
+        self.self_attn = Attention(cfg)
+        self.mlp = mlp
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, x, positions, rotary, ctx, layer_idx):
+        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, ctx, layer_idx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, make_mlp) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, make_mlp(cfg, i)) for i in range(cfg.num_hidden_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
+
+
+def dense_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
+    return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only LM. `forward` runs the N tokens of a flattened batch; `compute_logits`
+    applies the LM head to chosen rows only (the engine never needs logits for every token)."""
+
+    make_mlp = staticmethod(dense_mlp)
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderModel(cfg, self.make_mlp)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def fuse(self) -> None:
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            if isinstance(layer.mlp, GatedMLP):
+                layer.mlp.fuse()
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: AttentionContext,
+        capture: tuple[int, ...] = (),
+    ) -> ModelOutput:
+        """input_ids, positions [N]. `capture` lists layer ids whose output hidden states to
+        return (-1 = embedding output), numbered as Hugging Face's `hidden_states[i + 1]`."""
+        x = self.model.embed_tokens(input_ids)
+        kept: dict[int, torch.Tensor] = {-1: x} if -1 in capture else {}
+        last = len(self.model.layers) - 1
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, positions, self.model.rotary, ctx, i)
+            if i in capture and i != last:
+                kept[i] = x
+        x = self.model.norm(x)
+        if last in capture:
+            kept[last] = x  # Hugging Face reports the last layer after the final norm
+        captured = torch.cat([kept[i] for i in capture], dim=-1) if capture else None
+        return ModelOutput(hidden=x, captured=captured)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [M, H] -> logits [M, V] in float32."""
+        return self.lm_head(hidden).float()
+
+
+class Qwen3ForCausalLM(CausalLM):
+    pass
+
+
+class LlamaForCausalLM(CausalLM):
+    pass

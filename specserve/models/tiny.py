@@ -1,0 +1,124 @@
+"""Write small random checkpoints in Hugging Face format (config, safetensors, tokenizer).
+
+Tests, benchmarks and examples use these instead of downloading anything. The tokenizer is a
+byte-level BPE trained on text that ships with Python, so it is deterministic and offline.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+# A ChatML template, as Qwen models use.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def _training_text() -> list[str]:
+    import argparse
+    import collections
+    import json as json_mod
+    import textwrap
+
+    return [inspect.getsource(m) for m in (argparse, collections, json_mod, textwrap)]
+
+
+def save_tokenizer(
+    out: str | Path,
+    vocab_size: int,
+    chat_template: str | None = CHATML_TEMPLATE,
+    texts: list[str] | None = None,
+) -> None:
+    """Train a byte-level BPE of `vocab_size` tokens and save it in Hugging Face format."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts or _training_text(), trainer=trainer)
+    tok.save(str(out / "tokenizer.json"))
+    cfg: dict[str, Any] = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": "<|im_end|>" if chat_template else "<|endoftext|>",
+        "pad_token": "<|endoftext|>",
+        "bos_token": None,
+        "model_max_length": 1 << 20,
+    }
+    if chat_template:
+        cfg["chat_template"] = chat_template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def tiny_config(**overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": 2,  # <|im_end|>
+    }
+    cfg.update(overrides)
+    if cfg.get("model_type") == "llama":
+        cfg["architectures"] = ["LlamaForCausalLM"]
+    return cfg
+
+
+def make_checkpoint(
+    out: str | Path, seed: int = 0, init_std: float = 0.02, **overrides: Any
+) -> Path:
+    """A random model of our own classes, saved like a Hugging Face checkpoint."""
+    from specserve.config import ModelConfig
+    from specserve.models.registry import model_class
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_config(**overrides)
+    mc = ModelConfig.from_dict(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    model = model_class(mc.architecture)(mc)
+    state = {}
+    for name, p in model.state_dict().items():
+        if cfg["tie_word_embeddings"] and name == "lm_head.weight":
+            continue
+        if name.endswith("norm.weight"):
+            state[name] = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        elif name.endswith("bias"):
+            state[name] = 0.02 * torch.randn(p.shape, generator=gen)
+        else:
+            state[name] = init_std * torch.randn(p.shape, generator=gen)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    save_tokenizer(out, cfg["vocab_size"])
+    return out

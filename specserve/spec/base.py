@@ -1,0 +1,68 @@
+"""The Drafter interface: what every speculative algorithm (and "none") provides to the engine."""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+
+import torch
+
+from specserve.core import Request
+
+
+@dataclass
+class DraftProposal:
+    """A draft block for one request.
+
+    tokens: the K draft tokens that follow the request's last token.
+    probs: [K, V] the exact distribution each draft token was sampled from, or None for
+        deterministic proposals (n-gram lookup; greedy drafting), which count as one-hot.
+    confidences: [K] estimated P(position k accepted | all earlier accepted), or None.
+    """
+
+    tokens: list[int]
+    probs: torch.Tensor | None = None
+    confidences: torch.Tensor | None = None
+
+
+class Drafter(abc.ABC):
+    """Proposes draft tokens for running requests and learns from what the target committed.
+
+    Contract, per engine step:
+      1. `propose(requests, max_tokens)` -> one DraftProposal per request, with at most
+         max_tokens[i] tokens (fewer or none is always allowed).
+      2. The target verifies a prefix of each proposal in one forward.
+      3. `update(requests, hidden)` with, per request, the captured target hidden states
+         [n_i, len(capture_layers) * H] of the n_i tokens whose KV was just committed (prefill
+         chunks and accepted verify inputs), in position order; `request.num_computed_tokens`
+         already counts them.
+      4. `release(request)` when the request finishes or is preempted (drop its draft state;
+         after preemption, `update` replays the recomputed prefix).
+    """
+
+    #: Target layer ids whose hidden states `update` receives (see CausalLM.forward `capture`).
+    capture_layers: tuple[int, ...] = ()
+
+    @property
+    @abc.abstractmethod
+    def max_draft_tokens(self) -> int: ...
+
+    @abc.abstractmethod
+    def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]: ...
+
+    def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
+        return None
+
+    def release(self, request: Request) -> None:
+        return None
+
+
+class NoDrafter(Drafter):
+    """Speculation off: proposes nothing, so every verify window is the plain decode token."""
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return 0
+
+    def propose(self, requests, max_tokens):
+        return [DraftProposal([]) for _ in requests]
