@@ -1,0 +1,1 @@
+"""Speculative decoding: drafters, verification, verify-length planning and calibration."""

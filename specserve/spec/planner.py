@@ -1,0 +1,79 @@
+"""Verify-length planning: how many of each request's draft tokens the target checks this step.
+
+Shapes: R requests, K = the longest draft in the batch. `confidences[r, k]` is the drafter's
+conditional estimate c_k = P(position k accepted | all earlier positions accepted); entries at
+k >= draft_lens[r] are padding and never read. Every planner returns verify lens [R] long with
+0 <= lens[r] <= draft_lens[r]; the verify window of request r is its first lens[r] draft tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from specserve.spec.profile import SPSTable
+
+
+def plan_full(draft_lens: Tensor) -> Tensor:
+    """Verify every drafted token: draft_lens [R] -> verify lens [R] (a copy)."""
+    return draft_lens.clone()
+
+
+def plan_threshold(confidences: Tensor, draft_lens: Tensor, threshold: float) -> Tensor:
+    """Verify the positions before the first one whose confidence is below threshold.
+
+    confidences [R, K] float, draft_lens [R] long -> verify lens [R] long.
+    """
+    num_req, k = confidences.shape
+    stop = (confidences < threshold) | ~_window_mask(k, draft_lens)
+    # A sentinel stop column at K makes argmax (first True) defined for every row.
+    stop = torch.cat([stop, torch.ones(num_req, 1, dtype=torch.bool, device=stop.device)], dim=1)
+    return stop.int().argmax(dim=1).long()
+
+
+def plan_scheduler(
+    confidences: Tensor, draft_lens: Tensor, sps: SPSTable, early_stop: bool = True
+) -> Tensor:
+    """The DSpark hardware-aware prefix scheduler (paper Algorithm 1) over all R requests.
+
+    confidences [R, K] float, draft_lens [R] long -> verify lens [R] long.
+    Survival a[r, j] = prod_{i<=j} c[r, i]. All (r, j) with j < draft_lens[r] are sorted by a
+    descending (ties: lower j first, so each request's positions come in order) and admitted one
+    by one. With m admitted: batch tokens B = R + m, expected tokens tau = R + sum of admitted a,
+    throughput = tau * sps(B).
+
+    early_stop=True stops at the first admission that does not raise throughput. This is what
+    keeps speculative sampling lossless: each decision then only reads survivals of positions
+    whose earlier tokens are all in the window, never a confidence that depends on a token that
+    will not be verified. early_stop=False takes the argmax over every prefix of the sorted
+    list; that peeks at tokens it then drops and is lossy (paper Appendix A). Kept for that test.
+    """
+    num_req, k = confidences.shape
+    if num_req == 0 or k == 0:
+        return torch.zeros_like(draft_lens)
+    device = confidences.device
+    valid = _window_mask(k, draft_lens)
+    survival = confidences.double().clamp(0.0, 1.0).cumprod(dim=1)
+    # Flatten j-major so that a stable sort keeps lower j first among equal survivals.
+    flat_a = survival.t().reshape(-1)
+    flat_r = torch.arange(num_req, device=device).repeat(k)
+    flat_valid = valid.t().reshape(-1)
+    flat_a, flat_r = flat_a[flat_valid], flat_r[flat_valid]
+    order = torch.sort(flat_a, descending=True, stable=True).indices
+    sorted_a, sorted_r = flat_a[order], flat_r[order]
+
+    # throughput[m] for m = 0..N admitted positions.
+    admitted = torch.arange(sorted_a.numel() + 1, device=device)
+    tau = num_req + torch.cat([sorted_a.new_zeros(1), sorted_a.cumsum(0)])
+    throughput = tau * sps.evaluate(num_req + admitted)
+    if early_stop:
+        no_gain = (throughput[1:] <= throughput[:-1]).nonzero()
+        m = int(no_gain[0]) if no_gain.numel() else sorted_a.numel()
+    else:
+        m = int(throughput.argmax())
+    return torch.bincount(sorted_r[:m], minlength=num_req).to(draft_lens.dtype)
+
+
+def _window_mask(k: int, draft_lens: Tensor) -> Tensor:
+    """[R, K] bool: True at drafted positions."""
+    return torch.arange(k, device=draft_lens.device)[None, :] < draft_lens[:, None]

@@ -1,0 +1,123 @@
+"""Steps-per-second (SPS) table: how many target verify passes per second at B batch tokens.
+
+Profiled once at engine start-up and read by the hardware-aware prefix scheduler
+(`planner.plan_scheduler`), which trades expected accepted tokens against this cost curve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class SPSTable:
+    """Measured points (B, steps/s), linearly interpolated, flat beyond both ends.
+
+    batch_tokens: strictly ascending positive verify batch sizes B (tokens in one target forward).
+    steps_per_second: positive finite steps/s measured at each B.
+    """
+
+    batch_tokens: tuple[int, ...]
+    steps_per_second: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "batch_tokens", tuple(int(b) for b in self.batch_tokens))
+        object.__setattr__(self, "steps_per_second", tuple(float(s) for s in self.steps_per_second))
+        b, s = self.batch_tokens, self.steps_per_second
+        if not b or len(b) != len(s):
+            raise ValueError(
+                f"SPS table needs the same non-zero number of batch_tokens and steps_per_second, "
+                f"got {len(b)} and {len(s)}"
+            )
+        if b[0] < 1 or any(x >= y for x, y in zip(b, b[1:], strict=False)):
+            raise ValueError(f"batch_tokens must be positive and strictly ascending, got {b}")
+        if not all(math.isfinite(x) and x > 0 for x in s):
+            raise ValueError(f"steps_per_second must be positive and finite, got {s}")
+
+    def __call__(self, b: int) -> float:
+        """Steps per second at b batch tokens."""
+        xs, ys = self.batch_tokens, self.steps_per_second
+        if b <= xs[0]:
+            return ys[0]
+        for i in range(1, len(xs)):
+            if b <= xs[i]:
+                frac = (b - xs[i - 1]) / (xs[i] - xs[i - 1])
+                return ys[i - 1] + frac * (ys[i] - ys[i - 1])
+        return ys[-1]
+
+    def evaluate(self, b: Tensor) -> Tensor:
+        """Vectorised __call__: batch sizes b [...] (any numeric dtype) -> steps/s [...] float64."""
+        xs = torch.tensor(self.batch_tokens, dtype=torch.float64, device=b.device)
+        ys = torch.tensor(self.steps_per_second, dtype=torch.float64, device=b.device)
+        x = b.double().clamp(xs[0], xs[-1])
+        if len(xs) == 1:
+            return torch.full_like(x, self.steps_per_second[0])
+        hi = torch.searchsorted(xs, x).clamp(1, len(xs) - 1)
+        lo = hi - 1
+        frac = (x - xs[lo]) / (xs[hi] - xs[lo])
+        return ys[lo] + frac * (ys[hi] - ys[lo])
+
+    def save(self, path: str | Path) -> None:
+        """Write JSON {"batch_tokens": [...], "steps_per_second": [...]}."""
+        data = {
+            "batch_tokens": list(self.batch_tokens),
+            "steps_per_second": list(self.steps_per_second),
+        }
+        Path(path).write_text(json.dumps(data, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SPSTable:
+        """Read a table written by `save`; ValueError naming the file if it is not one."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"SPS table {path}: not valid JSON ({e})") from e
+        if not isinstance(data, dict) or not {"batch_tokens", "steps_per_second"} <= data.keys():
+            raise ValueError(f"SPS table {path}: need keys 'batch_tokens' and 'steps_per_second'")
+        b, s = data["batch_tokens"], data["steps_per_second"]
+        if not isinstance(b, list) or not all(type(x) is int for x in b):
+            raise ValueError(f"SPS table {path}: 'batch_tokens' must be a list of integers")
+        if not isinstance(s, list) or not all(type(x) in (int, float) for x in s):
+            raise ValueError(f"SPS table {path}: 'steps_per_second' must be a list of numbers")
+        try:
+            return cls(tuple(b), tuple(s))
+        except ValueError as e:
+            raise ValueError(f"SPS table {path}: {e}") from e
+
+
+def profile_sps(
+    step_fn: Callable[[int], None],
+    batch_tokens: Sequence[int],
+    repeats: int = 3,
+    warmup: int = 1,
+    clock: Callable[[], float] = time.perf_counter,
+) -> SPSTable:
+    """Time step_fn(B) (one target forward over B tokens) for each B; steps/s = 1 / median time.
+
+    step_fn must block until its work is done (call torch.cuda.synchronize() on a GPU).
+    batch_tokens may be in any order and contain duplicates; the table is sorted and unique.
+    clock returns seconds (injectable for tests).
+    """
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+    sizes = sorted(set(int(b) for b in batch_tokens))
+    rates = []
+    for b in sizes:
+        for _ in range(warmup):
+            step_fn(b)
+        times = []
+        for _ in range(repeats):
+            start = clock()
+            step_fn(b)
+            times.append(clock() - start)
+        rates.append(1.0 / max(statistics.median(times), 1e-9))
+    return SPSTable(tuple(sizes), tuple(rates))

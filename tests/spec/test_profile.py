@@ -1,0 +1,95 @@
+"""SPS table interpolation, persistence and profiling."""
+
+import time
+
+import pytest
+import torch
+
+from specserve.spec.profile import SPSTable, profile_sps
+
+TABLE = SPSTable((1, 4, 8), (100.0, 40.0, 20.0))
+
+
+def test_interpolation_between_points_and_flat_beyond_ends():
+    assert TABLE(1) == 100.0
+    assert TABLE(4) == 40.0
+    assert TABLE(2) == pytest.approx(80.0)  # 100 + (1/3)(40 - 100)
+    assert TABLE(6) == pytest.approx(30.0)  # halfway 4 -> 8
+    assert TABLE(0) == 100.0
+    assert TABLE(1000) == 20.0
+
+
+def test_vectorised_evaluate_matches_call():
+    b = torch.arange(0, 12)
+    assert TABLE.evaluate(b).tolist() == pytest.approx([TABLE(int(x)) for x in b])
+    single = SPSTable((5,), (3.0,))
+    assert single.evaluate(torch.tensor([1, 5, 9])).tolist() == [3.0, 3.0, 3.0]
+    assert single(2) == 3.0
+
+
+@pytest.mark.parametrize(
+    "b, s, match",
+    [
+        ((), (), "non-zero number"),
+        ((1, 2), (1.0,), "same non-zero number"),
+        ((2, 2), (1.0, 1.0), "strictly ascending"),
+        ((0, 2), (1.0, 1.0), "positive"),
+        ((1, 2), (1.0, -1.0), "positive and finite"),
+        ((1, 2), (1.0, float("inf")), "positive and finite"),
+    ],
+)
+def test_constructor_rejects_bad_tables(b, s, match):
+    with pytest.raises(ValueError, match=match):
+        SPSTable(b, s)
+
+
+def test_save_load_roundtrip(tmp_path):
+    path = tmp_path / "sps.json"
+    TABLE.save(path)
+    assert SPSTable.load(path) == TABLE
+    assert SPSTable.load(str(path))(6) == pytest.approx(30.0)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("not json", "not valid JSON"),
+        ("[1, 2]", "need keys"),
+        ('{"batch_tokens": [1, 2]}', "need keys"),
+        ('{"batch_tokens": [1, 2.5], "steps_per_second": [1, 2]}', "list of integers"),
+        ('{"batch_tokens": [1, 2], "steps_per_second": ["a", 2]}', "list of numbers"),
+        ('{"batch_tokens": [2, 1], "steps_per_second": [1, 2]}', "strictly ascending"),
+    ],
+)
+def test_load_bad_file_names_the_file(tmp_path, text, match):
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=match) as info:
+        SPSTable.load(path)
+    assert "bad.json" in str(info.value)
+
+
+def test_profile_sps_uses_the_median_and_skips_warmup():
+    durations = {1: [100.0, 0.010, 0.030, 0.020], 4: [100.0, 0.05, 0.04, 0.2]}
+    now = [0.0]
+    calls = []
+
+    def step(b: int) -> None:
+        now[0] += durations[b][sum(1 for c in calls if c == b)]
+        calls.append(b)
+
+    table = profile_sps(step, [4, 1, 4], repeats=3, warmup=1, clock=lambda: now[0])
+    assert calls == [1] * 4 + [4] * 4
+    assert table.batch_tokens == (1, 4)
+    assert table.steps_per_second == pytest.approx((50.0, 20.0))
+
+
+def test_profile_sps_with_real_time():
+    table = profile_sps(lambda b: time.sleep(0.001 * b), [1, 20], repeats=3, warmup=0)
+    assert table.steps_per_second[0] > table.steps_per_second[1]
+    assert table.steps_per_second[1] <= 1 / 0.020
+
+
+def test_profile_sps_checks_arguments():
+    with pytest.raises(ValueError, match="repeats"):
+        profile_sps(lambda b: None, [1], repeats=0)
