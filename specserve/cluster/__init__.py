@@ -1,0 +1,1 @@
+"""GPUStack-style control plane: inference backends, deployments, workers, gateway, web UI."""

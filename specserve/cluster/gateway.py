@@ -1,0 +1,113 @@
+"""OpenAI-compatible gateway: `/v1/...` requests routed by model name to running instances.
+
+Round-robin over the deployment's running instances; a request that cannot connect
+moves on to the next instance. Responses (streaming included) are relayed byte for byte.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import httpx
+import sqlalchemy as sa
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
+
+from specserve.cluster.auth import ApiError
+from specserve.cluster.db import Model, ModelInstance
+
+if TYPE_CHECKING:
+    from specserve.cluster.server import ClusterState
+
+
+def gateway_router(state: ClusterState) -> APIRouter:
+    counters: dict[str, itertools.count] = defaultdict(itertools.count)
+
+    def inference(request: Request) -> None:
+        state.auth.require(request, "inference")
+
+    r = APIRouter(dependencies=[Depends(inference)])
+
+    def running(model: str) -> list[ModelInstance]:
+        with state.sessions() as s:
+            return list(
+                s.scalars(
+                    sa.select(ModelInstance)
+                    .where(ModelInstance.model_name == model, ModelInstance.state == "running")
+                    .order_by(ModelInstance.id)
+                )
+            )
+
+    @r.get("/v1/models")
+    def models() -> dict:
+        with state.sessions() as s:
+            names = s.scalars(sa.select(Model.name).order_by(Model.id)).all()
+            created = {m.name: int(m.created_at.timestamp()) for m in s.scalars(sa.select(Model))}
+        live = [n for n in names if running(n)]
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": n,
+                    "object": "model",
+                    "created": created.get(n, int(time.time())),
+                    "owned_by": "specserve",
+                }
+                for n in live
+            ],
+        }
+
+    async def proxy(request: Request, path: str) -> StreamingResponse:
+        body = await request.body()
+        try:
+            model = json.loads(body).get("model")
+        except (ValueError, AttributeError):
+            raise ApiError(400, "request body must be a JSON object", "invalid_json") from None
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "missing 'model'", "missing_model")
+        instances = running(model)
+        if not instances:
+            with state.sessions() as s:
+                exists = s.scalar(sa.select(Model.id).where(Model.name == model)) is not None
+            if not exists:
+                raise ApiError(404, f"model {model!r} does not exist", "model_not_found")
+            raise ApiError(503, f"model {model!r} has no running instance", "model_unavailable")
+        start = next(counters[model])
+        last_error = ""
+        for k in range(len(instances)):
+            inst = instances[(start + k) % len(instances)]
+            req = state.http.build_request(
+                "POST",
+                f"http://{inst.worker_ip}:{inst.port}{path}",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
+            try:
+                resp = await state.http.send(req, stream=True)
+            except httpx.ConnectError as e:
+                last_error = f"{inst.name}: {e}"
+                continue
+            except httpx.HTTPError as e:
+                raise ApiError(502, f"instance {inst.name} failed: {e}", "upstream_error") from e
+            return StreamingResponse(
+                resp.aiter_raw(),
+                status_code=resp.status_code,
+                media_type=resp.headers.get("content-type", "application/json"),
+                background=BackgroundTask(resp.aclose),
+            )
+        raise ApiError(502, f"no instance of {model!r} reachable ({last_error})", "upstream_error")
+
+    @r.post("/v1/completions")
+    async def completions(request: Request) -> StreamingResponse:
+        return await proxy(request, "/v1/completions")
+
+    @r.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> StreamingResponse:
+        return await proxy(request, "/v1/chat/completions")
+
+    return r
