@@ -11,7 +11,12 @@ import importlib
 import sys
 
 # Modules exposing `register(subparsers)`; each adds its parsers with `set_defaults(func=...)`.
-PART_MODULES: tuple[str, ...] = ("specserve.quant.cli", "specserve.bench.cli", "specserve.cluster.cli")
+PART_MODULES: tuple[str, ...] = (
+    "specserve.server.cli",
+    "specserve.quant.cli",
+    "specserve.bench.cli",
+    "specserve.cluster.cli",
+)
 
 
 class CLIError(Exception):

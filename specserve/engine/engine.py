@@ -124,6 +124,12 @@ class LLMEngine:
         self.streams: dict[str, _Stream] = {}
         self.stats = EngineStats()
 
+    def set_speculation(self, drafter: Drafter, planner: Planner) -> None:
+        """Install a drafter (built against this engine's target) before serving starts."""
+        assert not self.has_unfinished(), "set speculation before adding requests"
+        self.drafter, self.planner = drafter, planner
+        self.runner.capture = drafter.capture_layers
+
     # -- requests ----------------------------------------------------------------------
     def add_request(
         self,

@@ -1,0 +1,509 @@
+"""The OpenAI-compatible HTTP server (FastAPI): completions, chat, models, health, metrics."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from specserve import __version__
+from specserve.core import SamplingParams, SamplingParamsError
+from specserve.engine.engine import RequestError, RequestOutput
+from specserve.engine.tokenizer import ChatTemplateError, Tokenizer
+from specserve.server.async_engine import AsyncEngine
+from specserve.server.metrics import ServerMetrics
+from specserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    served_model_name: str
+    api_key: str | None = None
+    speculative_algorithm: str = "NONE"
+
+
+class APIError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = (
+            status,
+            message,
+            type_,
+            param,
+            code,
+        )
+
+
+def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="specserve", version=__version__)
+    metrics = ServerMetrics(engine.engine, config.served_model_name)
+    app.state.engine, app.state.metrics = engine, metrics
+    created = int(time.time())
+
+    def err(status: int, message: str, **kw: Any) -> JSONResponse:
+        code = kw.pop("code", None)
+        metrics.errors.labels(config.served_model_name, str(status)).inc()
+        return JSONResponse(error_body(message, code=code or status, **kw), status_code=status)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, e: APIError) -> JSONResponse:
+        return err(e.status, e.message, type_=e.type, param=e.param, code=e.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+        first = e.errors()[0] if e.errors() else {}
+        loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        msg = first.get("msg", "invalid request")
+        if first.get("type") == "json_invalid":
+            return err(400, "request body is not valid JSON")
+        return err(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
+        return err(e.status_code, str(e.detail), type_=type_)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if config.api_key and request.url.path.startswith("/v1"):
+            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
+                return err(
+                    401,
+                    "invalid or missing API key",
+                    type_="authentication_error",
+                    code="invalid_api_key",
+                )
+        return await call_next(request)
+
+    def check_model(name: str | None) -> None:
+        if name and name != config.served_model_name:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves "
+                f"{config.served_model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.get("/health")
+    async def health() -> Response:
+        if not engine._thread.is_alive():
+            return err(503, "engine loop is not running", type_="server_error")
+        return Response(status_code=200)
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.served_model_name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "specserve",
+                    "root": engine.engine.config.model_path,
+                    "max_model_len": engine.engine.context_length,
+                }
+            ],
+        }
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/get_server_info")
+    async def server_info() -> dict:
+        e = engine.engine
+        return {
+            "version": __version__,
+            "model_path": e.config.model_path,
+            "served_model_name": config.served_model_name,
+            "context_length": e.context_length,
+            "max_running_requests": e.config.scheduler.max_running_requests,
+            "chunked_prefill_size": e.config.scheduler.chunked_prefill_size,
+            "page_size": e.config.cache.page_size,
+            "max_total_num_tokens": e.block_manager.num_blocks * e.block_manager.page_size,
+            "dtype": e.config.dtype,
+            "device": e.config.device,
+            "speculative_algorithm": config.speculative_algorithm,
+            "internal_states": [
+                {
+                    "avg_spec_accept_length": e.stats.avg_accept_length,
+                    "num_running_reqs": len(e.scheduler.running),
+                    "num_waiting_reqs": len(e.scheduler.waiting),
+                    "kv_cache_usage": e.block_manager.usage,
+                }
+            ],
+        }
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        if body.echo:
+            raise APIError(400, "echo is not supported", param="echo")
+        params = _params(body, body.max_tokens, body.logprobs)
+        prompts = body.prompts()
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        runs = await _start_all(prompts, params, rid)
+        fmt = _CompletionFormat(
+            rid, config.served_model_name, created=int(time.time()), tok=engine.engine.tokenizer
+        )
+        return await _respond(request, body.stream, body.stream_options, runs, fmt)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        try:
+            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            prompt = engine.engine.tokenizer.apply_chat_template(
+                messages, body.add_generation_prompt
+            )
+        except (ChatTemplateError, ValueError) as e:
+            raise APIError(400, str(e), param="messages") from None
+        top = body.top_logprobs if body.logprobs else None
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        params = _params(
+            body,
+            body.max_completion_tokens or body.max_tokens,
+            (top or 0) if body.logprobs else None,
+        )
+        rid = f"chatcmpl-{uuid.uuid4().hex}"
+        runs = await _start_all([prompt], params, rid)
+        fmt = _ChatFormat(
+            rid, config.served_model_name, created=int(time.time()), tok=engine.engine.tokenizer
+        )
+        return await _respond(request, body.stream, body.stream_options, runs, fmt)
+
+    async def _start_all(prompts, params: SamplingParams, rid: str) -> list[_Run]:
+        """Submit every (prompt, choice) and wait until the engine accepted all of them."""
+        runs: list[_Run] = []
+        try:
+            for p_idx, prompt in enumerate(prompts):
+                for i in range(params.n):
+                    sub = replace(
+                        params, n=1, seed=None if params.seed is None else params.seed + i
+                    )
+                    stream = engine.generate(prompt, sub, f"{rid}-{p_idx}-{i}")
+                    run = _Run(len(runs), stream, prompt_index=p_idx)
+                    await run.prime()
+                    runs.append(run)
+        except RequestError as e:
+            for r in runs:
+                await r.close()
+            raise APIError(400, str(e)) from None
+        return runs
+
+    async def _respond(request, stream, stream_options, runs, fmt) -> Response:
+        if stream:
+            include_usage = bool(stream_options and stream_options.include_usage)
+            gen = _stream(request, runs, fmt, include_usage)
+            return StreamingResponse(gen, media_type="text/event-stream")
+        watcher = _DisconnectWatch(request, runs)
+        try:
+            results = [await r.collect(metrics) for r in runs]
+        finally:
+            await watcher.stop()
+        if watcher.disconnected:
+            return Response(status_code=499)
+        return JSONResponse(fmt.full(results))
+
+    async def _stream(request, runs, fmt, include_usage) -> AsyncIterator[str]:
+        import asyncio
+
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(run: _Run) -> None:
+            try:
+                async for out in run.outputs(metrics):
+                    await queue.put((run, out))
+            except Exception as e:
+                await queue.put((run, e))
+            await queue.put((run, None))
+
+        tasks = [asyncio.create_task(pump(r)) for r in runs]
+        pending = len(runs)
+        try:
+            for chunk in fmt.first_chunks(len(runs)):
+                yield _sse(chunk)
+            while pending:
+                run, item = await queue.get()
+                if item is None:
+                    pending -= 1
+                    continue
+                if isinstance(item, Exception):
+                    yield _sse(error_body(f"internal error: {item}", "server_error", code=500))
+                    continue
+                chunk = fmt.chunk(run.index, item)
+                if chunk is not None:
+                    yield _sse(chunk)
+            if include_usage:
+                yield _sse(fmt.usage_chunk([r.result for r in runs]))
+            yield "data: [DONE]\n\n"
+        finally:  # normal end, or the client went away (the generator is closed)
+            for t in tasks:
+                t.cancel()
+            for r in runs:
+                await r.close()
+
+    return app
+
+
+def _params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    try:
+        return body.sampling_params(max_tokens, logprobs)
+    except SamplingParamsError as e:
+        raise APIError(400, str(e)) from None
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
+
+
+@dataclass
+class _Result:
+    text: str = ""
+    token_ids: list[int] | None = None
+    finish_reason: str | None = None
+    stop_reason: Any = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    logprobs: list | None = None
+    meta_info: dict | None = None
+    prompt_index: int = 0
+
+
+class _Run:
+    """One choice: its engine stream plus timing for the latency histograms."""
+
+    def __init__(self, index: int, stream: AsyncIterator[RequestOutput], prompt_index: int) -> None:
+        self.index, self.stream = index, stream
+        self.first: RequestOutput | None = None
+        self.result = _Result(token_ids=[], logprobs=[], prompt_index=prompt_index)
+        self.start = time.monotonic()
+        self.last_time: float | None = None
+
+    async def prime(self) -> None:
+        """Wait for the first output, so a refused request fails before any response starts."""
+        try:
+            self.first = await self.stream.__anext__()
+        except StopAsyncIteration:
+            self.first = None
+
+    async def outputs(self, metrics: ServerMetrics) -> AsyncIterator[RequestOutput]:
+        if self.first is not None:
+            out, self.first = self.first, None
+            self._observe(out, metrics)
+            yield out
+            if out.finished:
+                return
+        async for out in self.stream:
+            self._observe(out, metrics)
+            yield out
+
+    def _observe(self, out: RequestOutput, metrics: ServerMetrics) -> None:
+        now, name = time.monotonic(), metrics.model_name
+        if self.last_time is None:
+            metrics.ttft.labels(name).observe(now - self.start)
+        else:
+            metrics.itl.labels(name).observe(now - self.last_time)
+        self.last_time = now
+        r = self.result
+        r.text += out.new_text
+        r.token_ids.extend(out.new_token_ids)
+        r.logprobs.extend(out.logprobs)
+        r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.completion_tokens
+        r.cached_tokens, r.meta_info = out.cached_tokens, out.meta_info
+        if out.finished:
+            r.finish_reason, r.stop_reason = out.finish_reason, out.stop_reason
+            metrics.e2e.labels(name).observe(now - self.start)
+            metrics.requests.labels(name, out.finish_reason).inc()
+
+    async def collect(self, metrics: ServerMetrics) -> _Result:
+        async for _ in self.outputs(metrics):
+            pass
+        return self.result
+
+    async def close(self) -> None:
+        await self.stream.aclose()  # aborts the request in the engine if it is still running
+
+
+class _DisconnectWatch:
+    """Aborts a non-streaming request when its client disconnects."""
+
+    def __init__(self, request: Request, runs: list[_Run]) -> None:
+        import asyncio
+
+        self.disconnected = False
+
+        async def watch() -> None:
+            while True:
+                message = await request.receive()
+                if message["type"] == "http.disconnect":
+                    self.disconnected = True
+                    for r in runs:
+                        await r.close()
+                    return
+
+        self.task = asyncio.create_task(watch())
+
+    async def stop(self) -> None:
+        self.task.cancel()
+
+
+def _usage(results: list[_Result]) -> dict:
+    # the n choices of one prompt share it: count each prompt once
+    prompt = sum({r.prompt_index: r.prompt_tokens for r in results}.values())
+    completion = sum(r.completion_tokens for r in results)
+    cached = sum(r.cached_tokens for r in results)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+class _CompletionFormat:
+    def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+
+    def first_chunks(self, n: int) -> list[dict]:
+        return []
+
+    def chunk(self, index: int, out: RequestOutput) -> dict | None:
+        if not out.new_text and not out.finished:
+            return None
+        choice = {
+            "index": index,
+            "text": out.new_text,
+            "logprobs": None,
+            "finish_reason": out.finish_reason,
+        }
+        if out.logprobs:
+            choice["logprobs"] = _completion_logprobs(out.logprobs, self.tok)
+        if out.finished:
+            choice["stop_reason"] = out.stop_reason
+            choice["meta_info"] = out.meta_info
+        return {**self.base, "choices": [choice]}
+
+    def usage_chunk(self, results: list[_Result]) -> dict:
+        return {**self.base, "choices": [], "usage": _usage(results)}
+
+    def full(self, results: list[_Result]) -> dict:
+        choices = [
+            {
+                "index": i,
+                "text": r.text,
+                "logprobs": _completion_logprobs(r.logprobs, self.tok) if r.logprobs else None,
+                "finish_reason": r.finish_reason,
+                "stop_reason": r.stop_reason,
+                "meta_info": r.meta_info,
+            }
+            for i, r in enumerate(results)
+        ]
+        return {**self.base, "choices": choices, "usage": _usage(results)}
+
+
+class _ChatFormat:
+    def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
+        self.tok = tok
+        self.base = {
+            "id": rid,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+        }
+
+    def first_chunks(self, n: int) -> list[dict]:
+        return [
+            {
+                **self.base,
+                "choices": [
+                    {
+                        "index": i,
+                        "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None,
+                        "finish_reason": None,
+                    }
+                ],
+            }
+            for i in range(n)
+        ]
+
+    def chunk(self, index: int, out: RequestOutput) -> dict | None:
+        if not out.new_text and not out.finished:
+            return None
+        choice = {
+            "index": index,
+            "delta": {"content": out.new_text} if out.new_text else {},
+            "logprobs": None,
+            "finish_reason": out.finish_reason,
+        }
+        if out.logprobs:
+            choice["logprobs"] = _chat_logprobs(out.logprobs, self.tok)
+        if out.finished:
+            choice["meta_info"] = out.meta_info
+        return {**self.base, "choices": [choice]}
+
+    def usage_chunk(self, results: list[_Result]) -> dict:
+        return {**self.base, "choices": [], "usage": _usage(results)}
+
+    def full(self, results: list[_Result]) -> dict:
+        choices = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": r.text},
+                "logprobs": _chat_logprobs(r.logprobs, self.tok) if r.logprobs else None,
+                "finish_reason": r.finish_reason,
+                "meta_info": r.meta_info,
+            }
+            for i, r in enumerate(results)
+        ]
+        return {
+            **self.base,
+            "object": "chat.completion",
+            "choices": choices,
+            "usage": _usage(results),
+        }
+
+
+def _completion_logprobs(entries: list, tok: Tokenizer) -> dict:
+    def s(t: int) -> str:
+        return tok.decode([t], skip_special_tokens=False)
+
+    return {
+        "tokens": [s(t) for t, _, _ in entries],
+        "token_logprobs": [lp for _, lp, _ in entries],
+        "top_logprobs": [{s(t): lp for t, lp in top} for _, _, top in entries],
+    }
+
+
+def _chat_logprobs(entries: list, tok: Tokenizer) -> dict:
+    def item(t: int, lp: float) -> dict:
+        s = tok.decode([t], skip_special_tokens=False)
+        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
+
+    return {
+        "content": [
+            {**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]} for t, lp, top in entries
+        ]
+    }

@@ -1,0 +1,138 @@
+"""Prometheus metrics with vLLM-style names under the `specserve:` prefix.
+
+Engine counters are read from `EngineStats` at scrape time (a custom collector), so the engine
+thread does no metrics work; latency histograms are observed by the HTTP layer.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from specserve.engine.engine import LLMEngine
+
+PREFIX = "specserve:"
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+)
+
+
+class EngineCollector:
+    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+        self.engine, self.labels = engine, {"model_name": model_name}
+
+    def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
+        g = GaugeMetricFamily(PREFIX + name, doc, labels=list(self.labels))
+        g.add_metric(list(self.labels.values()), value)
+        return g
+
+    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
+        c = CounterMetricFamily(PREFIX + name, doc, labels=list(self.labels))
+        c.add_metric(list(self.labels.values()), value)
+        return c
+
+    def collect(self):
+        e, st, bm = self.engine, self.engine.stats, self.engine.block_manager
+        yield self._gauge(
+            "num_requests_running", "Requests in the running batch.", len(e.scheduler.running)
+        )
+        yield self._gauge(
+            "num_requests_waiting", "Requests waiting to be scheduled.", len(e.scheduler.waiting)
+        )
+        yield self._gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use.", bm.usage)
+        yield self._counter("prompt_tokens", "Prompt tokens processed.", st.prompt_tokens)
+        yield self._counter("generation_tokens", "Tokens generated.", st.generation_tokens)
+        yield self._counter("num_preemptions", "Requests preempted.", e.scheduler.num_preemptions)
+        yield self._counter(
+            "prefix_cache_queries", "Tokens looked up in the prefix cache.", bm.prefix_query_tokens
+        )
+        yield self._counter(
+            "prefix_cache_hits", "Tokens served from the prefix cache.", bm.prefix_hit_tokens
+        )
+        yield self._counter("spec_decode_num_drafts", "Draft blocks verified.", st.num_drafts)
+        yield self._counter(
+            "spec_decode_num_draft_tokens", "Draft tokens verified.", st.num_draft_tokens
+        )
+        yield self._counter(
+            "spec_decode_num_accepted_tokens", "Draft tokens accepted.", st.num_accepted_tokens
+        )
+        per_pos = CounterMetricFamily(
+            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by position in the block.",
+            labels=[*self.labels, "position"],
+        )
+        for pos, n in enumerate(st.accepted_per_position):
+            per_pos.add_metric([*self.labels.values(), str(pos)], n)
+        yield per_pos
+        yield self._gauge(
+            "spec_decode_accept_length",
+            "Mean committed tokens per verify pass (bonus included).",
+            st.avg_accept_length,
+        )
+        mean_verify = st.num_verify_tokens_planned / st.num_drafts if st.num_drafts else 0.0
+        yield self._gauge(
+            "spec_decode_mean_verify_length",
+            "Mean draft tokens the verify planner sent to the target.",
+            mean_verify,
+        )
+
+
+class ServerMetrics:
+    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine, model_name))
+        labels = ["model_name"]
+        self.model_name = model_name
+        self.requests = Counter(
+            PREFIX + "request_success",
+            "Finished requests by reason.",
+            [*labels, "finished_reason"],
+            registry=self.registry,
+        )
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Time between streamed outputs.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Request latency.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.errors = Counter(
+            PREFIX + "request_errors",
+            "Requests rejected or failed.",
+            [*labels, "code"],
+            registry=self.registry,
+        )
