@@ -83,6 +83,8 @@ class BenchConfig:
         for name in ("num_prompts", "random_input_len", "random_output_len"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")
+        if not 0.0 <= self.random_range_ratio <= 1.0:
+            problems.append(f"random_range_ratio must be in [0, 1], got {self.random_range_ratio}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             problems.append("max_concurrency must be at least 1")
         if not self.request_rate > 0:
