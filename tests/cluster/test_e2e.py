@@ -9,7 +9,7 @@ import signal
 import httpx
 import pytest
 
-from tests.cluster.conftest import Cluster, fake_backend, wait_for
+from .harness import Cluster, fake_backend, wait_for
 
 pytestmark = pytest.mark.slow
 
