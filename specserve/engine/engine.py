@@ -130,6 +130,14 @@ class LLMEngine:
         self.drafter, self.planner = drafter, planner
         self.runner.capture = drafter.capture_layers
 
+    def profile_step(self, num_tokens: int) -> None:
+        """One target forward over `num_tokens` verify tokens on scratch KV (SPS profiling).
+
+        Only before the engine serves requests: it writes garbage into free KV blocks."""
+        if self.stats.num_steps or self.has_unfinished():
+            raise RuntimeError("profile_step must run before the engine serves requests")
+        self.runner.profile_forward(num_tokens, self.block_manager.num_blocks)
+
     # -- requests ----------------------------------------------------------------------
     def add_request(
         self,

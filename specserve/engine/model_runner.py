@@ -102,3 +102,18 @@ class ModelRunner:
             out.hidden[torch.tensor(rows, dtype=torch.long, device=dev)]
         )
         return ForwardResult(logits, counts, out.hidden, out.captured)
+
+    @torch.inference_mode()
+    def profile_forward(self, num_tokens: int, num_blocks: int, window: int = 8) -> None:
+        """Time-representative forward: num_tokens split into verify windows of `window` tokens
+        over a shared scratch context (all sequences reuse the same blocks; content is garbage)."""
+        context = max(0, min(64, num_blocks * self.page_size - window))
+        table = list(range(-(-(context + window) // self.page_size)))
+        seqs, left = [], num_tokens
+        while left > 0:
+            n = min(window, left)
+            seqs.append(BatchSeq([0] * n, context, table, 0))
+            left -= n
+        self.forward(seqs)
+        if str(self.device).startswith("cuda"):
+            torch.cuda.synchronize()
