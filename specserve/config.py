@@ -179,3 +179,80 @@ class EngineConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+
+SPEC_ALGORITHMS = ("NONE", "NGRAM", "NEXTN", "DFLASH", "DSPARK")
+VERIFY_POLICIES = ("full", "threshold", "scheduler")
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """Speculative decoding (`--speculative-*` flags). MTP is accepted as an alias of NEXTN.
+
+    num_draft_tokens counts the verify window as SGLang does: draft tokens + 1. None: the
+    algorithm's default (NGRAM 5, NEXTN num_steps + 1, DFLASH / DSPARK block size + 1).
+    block_size (DFLASH / DSPARK) None: the drafter checkpoint's. verify_policy None: scheduler
+    for DSPARK, full otherwise.
+    """
+
+    algorithm: str = "NONE"
+    draft_model_path: str | None = None
+    num_steps: int | None = None
+    eagle_topk: int = 1
+    num_draft_tokens: int | None = None
+    block_size: int | None = None
+    verify_policy: str | None = None
+    confidence_threshold: float = 0.5
+    sps_table_path: str | None = None
+    confidence_sts_path: str | None = None
+
+    def __post_init__(self) -> None:
+        algo = self.algorithm.upper()
+        algo = "NEXTN" if algo == "MTP" else algo
+        object.__setattr__(self, "algorithm", algo)
+        if algo not in SPEC_ALGORITHMS:
+            raise ConfigError(
+                f"--speculative-algorithm {self.algorithm!r} is not one of "
+                f"{', '.join(SPEC_ALGORITHMS)}, MTP"
+            )
+        if algo in ("NEXTN", "DFLASH", "DSPARK") and not self.draft_model_path:
+            raise ConfigError(
+                f"--speculative-algorithm {algo} needs --speculative-draft-model-path"
+            )
+        if self.eagle_topk != 1:
+            raise ConfigError(
+                f"--speculative-eagle-topk {self.eagle_topk} is not supported: only chain drafts "
+                "(topk 1) are implemented"
+            )
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ConfigError("--speculative-num-steps must be at least 1")
+        if self.num_draft_tokens is not None and self.num_draft_tokens < 2:
+            raise ConfigError(
+                "--speculative-num-draft-tokens must be at least 2 (the last token + 1 draft)"
+            )
+        if (
+            algo == "NEXTN"
+            and self.num_steps is not None
+            and self.num_draft_tokens is not None
+            and self.num_draft_tokens != self.num_steps + 1
+        ):
+            raise ConfigError(
+                "with --speculative-eagle-topk 1, --speculative-num-draft-tokens must equal "
+                f"--speculative-num-steps + 1 (got {self.num_draft_tokens} and {self.num_steps})"
+            )
+        if self.block_size is not None and self.block_size < 1:
+            raise ConfigError("--speculative-dspark-block-size must be at least 1")
+        if self.verify_policy is not None and self.verify_policy not in VERIFY_POLICIES:
+            raise ConfigError(
+                f"--speculative-verify-policy {self.verify_policy!r} is not one of "
+                f"{', '.join(VERIFY_POLICIES)}"
+            )
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ConfigError("--speculative-dspark-confidence-threshold must be in [0, 1]")
+
+    @property
+    def policy(self) -> str:
+        """The verify policy in effect."""
+        if self.verify_policy is not None:
+            return self.verify_policy
+        return "scheduler" if self.algorithm == "DSPARK" else "full"
