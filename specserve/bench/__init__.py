@@ -1,0 +1,1 @@
+"""`specserve bench`: sglang.bench_serving-compatible load generator and arm comparison."""

@@ -66,7 +66,15 @@ def workload_table(arms: list[str], by_arm: dict[str, dict], pair: tuple[str, st
 
 
 def _workload_line(options: dict) -> str:
-    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in options.items()) or "(defaults)"
+    """The workload as bench serve flags (true booleans as bare flags, false ones left out)."""
+    parts = []
+    for key, value in options.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif value is not False:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts) or "(defaults)"
 
 
 def write_report(

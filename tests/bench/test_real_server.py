@@ -90,6 +90,8 @@ def test_bench_compare_with_a_serve_arm(tiny_model, tmp_path):
     [line] = (out / "results.jsonl").read_text().splitlines()
     result = json.loads(line)
     assert (result["arm"], result["completed"], result["total_output_tokens"]) == ("engine", 4, 16)
-    assert "| Successful requests | 4 |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| Successful requests | 4 |" in report
+    assert "--num-prompts 4 --ignore-eos --disable-tqdm`" in report
     with pytest.raises(httpx.ConnectError):  # the engine was stopped
         httpx.get(result["base_url"] + "/health", timeout=2)
