@@ -63,6 +63,7 @@ class EngineStats:
     num_accepted_tokens: int = 0
     accepted_per_position: list[int] = field(default_factory=list)
     num_verify_tokens_planned: int = 0
+    num_aborted: int = 0
 
     @property
     def avg_accept_length(self) -> float:
@@ -179,6 +180,7 @@ class LLMEngine:
     def abort(self, request_id: str) -> None:
         stream = self.streams.pop(request_id, None)
         if stream is not None:
+            self.stats.num_aborted += 1
             self.drafter.release(stream.request)
             self.scheduler.finish(stream.request, RequestStatus.FINISHED_ABORTED)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -9,7 +10,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -79,17 +80,16 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
         return err(e.status_code, str(e.detail), type_=type_)
 
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if config.api_key and request.url.path.startswith("/v1"):
-            if request.headers.get("authorization", "") != f"Bearer {config.api_key}":
-                return err(
-                    401,
-                    "invalid or missing API key",
-                    type_="authentication_error",
-                    code="invalid_api_key",
-                )
-        return await call_next(request)
+    def check_api_key(request: Request) -> None:
+        if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
+            raise APIError(
+                401,
+                "invalid or missing API key",
+                type_="authentication_error",
+                code="invalid_api_key",
+            )
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
     def check_model(name: str | None) -> None:
         if name and name != config.served_model_name:
@@ -107,7 +107,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             return err(503, "engine loop is not running", type_="server_error")
         return Response(status_code=200)
 
-    @app.get("/v1/models")
+    @v1.get("/models")
     async def models() -> dict:
         return {
             "object": "list",
@@ -152,7 +152,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             ],
         }
 
-    @app.post("/v1/completions")
+    @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         if body.echo:
@@ -166,7 +166,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         )
         return await _respond(request, body.stream, body.stream_options, runs, fmt)
 
-    @app.post("/v1/chat/completions")
+    @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         try:
@@ -200,8 +200,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                     sub = replace(
                         params, n=1, seed=None if params.seed is None else params.seed + i
                     )
-                    stream = engine.generate(prompt, sub, f"{rid}-{p_idx}-{i}")
-                    run = _Run(len(runs), stream, prompt_index=p_idx)
+                    run = _Run(engine, f"{rid}-{p_idx}-{i}", prompt, sub, len(runs), p_idx)
                     await run.prime()
                     runs.append(run)
         except RequestError as e:
@@ -225,8 +224,6 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
         return JSONResponse(fmt.full(results))
 
     async def _stream(request, runs, fmt, include_usage) -> AsyncIterator[str]:
-        import asyncio
-
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(run: _Run) -> None:
@@ -262,6 +259,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             for r in runs:
                 await r.close()
 
+    app.include_router(v1)
     return app
 
 
@@ -293,8 +291,17 @@ class _Result:
 class _Run:
     """One choice: its engine stream plus timing for the latency histograms."""
 
-    def __init__(self, index: int, stream: AsyncIterator[RequestOutput], prompt_index: int) -> None:
-        self.index, self.stream = index, stream
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        request_id: str,
+        prompt,
+        params: SamplingParams,
+        index: int,
+        prompt_index: int,
+    ) -> None:
+        self.engine, self.request_id, self.index = engine, request_id, index
+        self.stream = engine.generate(prompt, params, request_id)
         self.first: RequestOutput | None = None
         self.result = _Result(token_ids=[], logprobs=[], prompt_index=prompt_index)
         self.start = time.monotonic()
@@ -341,26 +348,27 @@ class _Run:
             pass
         return self.result
 
+    def abort(self) -> None:
+        """Safe while another task is reading the stream: that reader then sees its end."""
+        self.engine.abort(self.request_id)
+
     async def close(self) -> None:
-        await self.stream.aclose()  # aborts the request in the engine if it is still running
+        """Called by the stream's reader when it stops reading (aborts if still running)."""
+        await self.stream.aclose()
 
 
 class _DisconnectWatch:
-    """Aborts a non-streaming request when its client disconnects."""
+    """Aborts a non-streaming request when its client disconnects (polled, as vLLM does)."""
 
-    def __init__(self, request: Request, runs: list[_Run]) -> None:
-        import asyncio
-
+    def __init__(self, request: Request, runs: list[_Run], interval: float = 0.1) -> None:
         self.disconnected = False
 
         async def watch() -> None:
-            while True:
-                message = await request.receive()
-                if message["type"] == "http.disconnect":
-                    self.disconnected = True
-                    for r in runs:
-                        await r.close()
-                    return
+            while not await request.is_disconnected():
+                await asyncio.sleep(interval)
+            self.disconnected = True
+            for r in runs:
+                r.abort()
 
         self.task = asyncio.create_task(watch())
 

@@ -39,6 +39,9 @@ class _Abort:
     request_id: str
 
 
+_ABORTED = object()  # ends a request's output stream after an abort
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -70,6 +73,9 @@ class AsyncEngine:
         try:
             while True:
                 item = await out.get()
+                if item is _ABORTED:
+                    finished = True
+                    return
                 if isinstance(item, Exception):
                     raise item
                 yield item
@@ -81,6 +87,7 @@ class AsyncEngine:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
+        """Abort from any thread; the request's stream, if still read, then ends."""
         self._commands.put(_Abort(request_id))
 
     # -- engine thread -------------------------------------------------------------------
@@ -111,7 +118,9 @@ class AsyncEngine:
                 return
             self._sinks[cmd.request_id] = (cmd.out, cmd.loop)
         elif isinstance(cmd, _Abort):
-            self._sinks.pop(cmd.request_id, None)
+            sink = self._sinks.pop(cmd.request_id, None)
+            if sink is not None:
+                sink[1].call_soon_threadsafe(sink[0].put_nowait, _ABORTED)
             self.engine.abort(cmd.request_id)
 
     def _step(self) -> None:

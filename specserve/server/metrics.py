@@ -62,6 +62,9 @@ class EngineCollector:
         yield self._gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use.", bm.usage)
         yield self._counter("prompt_tokens", "Prompt tokens processed.", st.prompt_tokens)
         yield self._counter("generation_tokens", "Tokens generated.", st.generation_tokens)
+        yield self._counter(
+            "num_aborted_requests", "Requests aborted (client gone, errors).", st.num_aborted
+        )
         yield self._counter("num_preemptions", "Requests preempted.", e.scheduler.num_preemptions)
         yield self._counter(
             "prefix_cache_queries", "Tokens looked up in the prefix cache.", bm.prefix_query_tokens

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+import uvicorn
+
+from specserve.config import CacheConfig, EngineConfig
+from specserve.engine.engine import LLMEngine
+from specserve.server.api import ServerConfig, create_app
+from specserve.server.async_engine import AsyncEngine
+
+
+class RunningServer:
+    def __init__(self, model_path: str, api_key: str | None = None, **cache) -> None:
+        config = EngineConfig(model_path=model_path, cache=CacheConfig(**cache))
+        self.engine = AsyncEngine(LLMEngine(config))
+        self.engine.start()
+        app = create_app(self.engine, ServerConfig("tiny", api_key))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+        self.engine.shutdown()
+
+    def wait_idle(self, timeout: float = 10.0) -> None:
+        """Until the engine has no requests left (aborts are processed asynchronously)."""
+        deadline = time.time() + timeout
+        eng = self.engine.engine
+        while eng.has_unfinished() or eng.streams:
+            assert time.time() < deadline, "engine did not become idle"
+            time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path):
+    s = RunningServer(tiny_model_path, max_total_tokens=8192, page_size=8)
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        yield c
+    server.wait_idle()
+    bm = server.engine.engine.block_manager
+    assert bm.num_free_blocks == bm.num_blocks, "KV blocks leaked"
+
+
+@pytest.fixture
+def start_server():
+    """Factory for extra servers in one test; all are stopped at the end."""
+    started: list[RunningServer] = []
+
+    def start(model_path: str, **kwargs) -> RunningServer:
+        s = RunningServer(model_path, **kwargs)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
