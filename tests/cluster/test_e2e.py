@@ -138,3 +138,20 @@ def _alive(pid: int) -> bool:
         return False
     with open(f"/proc/{pid}/stat") as f:  # a zombie is not alive
         return f.read().split()[2] != "Z"
+
+
+def test_builtin_specserve_backend_serves_a_tiny_model(cluster: Cluster, tiny_model_path) -> None:
+    """The real engine (`python -m specserve serve`) as the built-in backend."""
+    cluster.start_server("w1")
+    cluster.workers_ready(1)
+    api = cluster.api
+    r = api.post("/v2/models", json={"name": "tiny-qwen3", "local_path": tiny_model_path})
+    assert r.status_code == 201 and r.json()["backend"] == "specserve"
+    cluster.wait_running("tiny-qwen3", 1, timeout=120)
+    key = api.post("/v2/api-keys", json={"name": "k"}).json()["value"]
+    r = httpx.post(f"{cluster.url}/v1/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                   json={"model": "tiny-qwen3", "max_tokens": 4, "temperature": 0,
+                         "messages": [{"role": "user", "content": "hi"}]}, timeout=60)  # fmt: skip
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    assert r.json()["usage"]["completion_tokens"] >= 1
