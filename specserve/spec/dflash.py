@@ -44,7 +44,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.config import ConfigError, ModelConfig
+from specserve.core import Request
 from specserve.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from specserve.spec.base import Drafter, DraftProposal
+from specserve.spec.sampling import draw, proposal_probs
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 
@@ -345,3 +348,94 @@ def _pad_stack(kvs: list[tuple[torch.Tensor, torch.Tensor]], m: ModelConfig):
         out_k[i, : k.shape[0]] = k
         out_v[i, : v.shape[0]] = v
     return out_k, out_v
+
+
+# -- the engine's drafter ------------------------------------------------------------------------
+class ContextCache:
+    """One request's projected context K/V per draft layer, with the position of each row."""
+
+    def __init__(self) -> None:
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+    def add(self, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor) -> None:
+        """Append rows; rows at positions >= positions[0] are replaced (replay after preemption)."""
+        if self.kv:
+            keep = self.positions < positions[0]
+            if not bool(keep.all()):
+                self.kv = [(k[keep], v[keep]) for k, v in self.kv]
+                self.positions = self.positions[keep]
+            self.kv = [
+                (torch.cat([k0, k1]), torch.cat([v0, v1]))
+                for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)
+            ]
+            self.positions = torch.cat([self.positions, positions.cpu()])
+        else:
+            self.kv, self.positions = kv, positions.cpu()
+
+
+class DFlashDrafter(Drafter):
+    """Drafts `block_size` tokens per step with one backbone forward over [anchor, mask...]."""
+
+    def __init__(self, model: DFlashDraftModel, block_size: int | None = None) -> None:
+        self.model = model
+        self.block_size = block_size or model.config.block_size
+        self.capture_layers = tuple(model.config.target_layer_ids)
+        self.contexts: dict[str, ContextCache] = {}
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.block_size
+
+    @torch.inference_mode()
+    def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
+        rows, pos, owners = [], [], []
+        for req, h in zip(requests, hidden, strict=True):
+            if h is None or h.shape[0] == 0 or req.finished:
+                continue
+            end = req.num_computed_tokens
+            rows.append(h)
+            pos.append(torch.arange(end - h.shape[0], end, device=h.device))
+            owners.append((req.request_id, h.shape[0]))
+        if not rows:
+            return
+        positions = torch.cat(pos)
+        kv = self.model.context_kv(torch.cat(rows).to(self.model.fc.weight.dtype), positions)
+        start = 0
+        for rid, n in owners:
+            part = [(k[start : start + n], v[start : start + n]) for k, v in kv]
+            self.contexts.setdefault(rid, ContextCache()).add(part, positions[start : start + n])
+            start += n
+
+    def release(self, request: Request) -> None:
+        self.contexts.pop(request.request_id, None)
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
+        ks = [min(self.block_size, m) for m in max_tokens]
+        live = [i for i, k in enumerate(ks) if k > 0 and requests[i].request_id in self.contexts]
+        out = [DraftProposal([]) for _ in requests]
+        if not live:
+            return out
+        reqs = [requests[i] for i in live]
+        k = max(ks[i] for i in live)
+        dev = self.model.fc.weight.device
+        hidden = self.model.draft_hidden(
+            torch.tensor([r.last_token_id for r in reqs], device=dev),
+            torch.tensor([r.num_tokens - 1 for r in reqs], device=dev),
+            [self.contexts[r.request_id].kv for r in reqs],
+            k,
+        )
+        tokens, q, conf = self.sample_block(hidden, reqs)
+        for j, i in enumerate(live):
+            n = ks[i]
+            out[i] = DraftProposal(
+                tokens[j, :n].tolist(), proposal_probs(q[j, :n], reqs[j]), conf[j, :n]
+            )
+        return out
+
+    def sample_block(self, hidden: torch.Tensor, reqs: list[Request]):
+        """hidden [R, K, H] -> tokens [R, K], q [R, K, V], confidences [R, K]."""
+        logits = self.model.compute_logits(hidden)
+        steps = [draw(logits[:, k], reqs) for k in range(logits.shape[1])]
+        return tuple(torch.stack(x, dim=1) for x in zip(*steps, strict=True))

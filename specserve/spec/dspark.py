@@ -31,8 +31,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from specserve.core import Request
 from specserve.models.layers import Linear
-from specserve.spec.dflash import DFlashDraftModel, DFlashOutput, DraftConfig, safe_anchors
+from specserve.spec.calibration import apply_sts
+from specserve.spec.dflash import (
+    DFlashDrafter,
+    DFlashDraftModel,
+    DFlashOutput,
+    DraftConfig,
+    safe_anchors,
+)
+from specserve.spec.sampling import draw
 
 
 class MarkovHead(nn.Module):
@@ -144,3 +153,47 @@ class DSparkDraftModel(DFlashDraftModel):
             base_logits=base,
             confidence_logits=self.confidence_logits(hidden, prev),
         )
+
+
+class DSparkDrafter(DFlashDrafter):
+    """DFlash drafting + Markov-corrected sampling left to right + confidence head.
+
+    sts_temperatures [K] (from `calibration.load_sts`) calibrate the confidence logits; without
+    a confidence head, confidences are the drafter's own max_v q_k(v)."""
+
+    def __init__(
+        self,
+        model: DSparkDraftModel,
+        block_size: int | None = None,
+        sts_temperatures: torch.Tensor | None = None,
+    ) -> None:
+        super().__init__(model, block_size)
+        self.sts = sts_temperatures
+
+    def sample_block(self, hidden: torch.Tensor, reqs: list[Request]):
+        m: DSparkDraftModel = self.model
+        base = m.compute_logits(hidden)
+        prev = torch.tensor([r.last_token_id for r in reqs], device=hidden.device)
+        state, steps, conf_logits = None, [], []
+        for k in range(base.shape[1]):
+            logits, state = m.markov_step(base[:, k], prev, hidden[:, k], state)
+            c = m.confidence_logits(hidden[:, k], prev)
+            if c is not None:
+                conf_logits.append(c)
+            tokens, q, proxy = draw(logits, reqs)
+            steps.append((tokens, q, proxy))
+            prev = tokens
+        tokens, q, conf = (torch.stack(x, dim=1) for x in zip(*steps, strict=True))
+        if conf_logits:
+            conf = self.calibrated(torch.stack(conf_logits, dim=1))
+        return tokens, q, conf
+
+    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
+        """Confidence logits [R, K] -> c [R, K] (STS temperatures when given)."""
+        if self.sts is None:
+            return torch.sigmoid(logits)
+        k = logits.shape[1]
+        t = self.sts[:k]
+        if t.numel() < k:  # a block longer than the calibration: reuse the last temperature
+            t = torch.cat([t, t[-1:].expand(k - t.numel())])
+        return apply_sts(logits, t)

@@ -29,9 +29,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from specserve.config import ModelConfig
+from specserve.core import Request
 from specserve.models.attention import AttentionContext, CausalAttention
 from specserve.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from specserve.models.qwen3 import DecoderLayer
+from specserve.spec.base import Drafter, DraftProposal
+from specserve.spec.sampling import draw, proposal_probs
 
 
 @dataclass
@@ -117,3 +120,109 @@ class PrefixAttention(AttentionContext):
             out.append(o.transpose(0, 1))
             start += n
         return torch.cat(out)
+
+
+@dataclass
+class _MTPState:
+    k: torch.Tensor  # [L, kv, d] the layer's keys of committed rows
+    v: torch.Tensor
+    first_pos: int  # position of row 0 (> 0 when the prompt's start came from the prefix cache)
+    last_pos: int  # position of the last committed row
+    last_out: torch.Tensor  # [H] its layer output (scores the token after the anchor)
+
+
+class MTPDrafter(Drafter):
+    """Chains the MTP module `num_steps` times: greedy at temperature 0, else sampled with q."""
+
+    def __init__(self, module: MTPModule, num_target_layers: int, num_steps: int) -> None:
+        self.module = module
+        self.num_steps = num_steps
+        self.capture_layers = (num_target_layers - 1,)
+        self.states: dict[str, _MTPState] = {}
+
+    @property
+    def max_draft_tokens(self) -> int:
+        return self.num_steps
+
+    def release(self, request: Request) -> None:
+        self.states.pop(request.request_id, None)
+
+    def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+        c = self.module.config
+        w = self.module.eh_proj.weight
+        z = w.new_zeros(0, c.num_key_value_heads, c.head_dim)
+        return z, z
+
+    @torch.inference_mode()
+    def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
+        xs, pos, prefixes, owners = [], [], [], []
+        for req, h in zip(requests, hidden, strict=True):
+            if h is None or h.shape[0] == 0 or req.finished:
+                continue
+            end = req.num_computed_tokens
+            start = end - h.shape[0]
+            nxt = req.all_token_ids[start + 1 : end + 1]  # row i pairs h_i with t_{i+1}
+            h = h[: len(nxt)]
+            if h.shape[0] == 0:
+                continue
+            st = self.states.get(req.request_id)
+            if st is not None and st.last_pos < start:  # rows in order: keep the cache
+                prefix, first = (st.k, st.v), st.first_pos
+            elif st is not None and st.first_pos < start:  # a replay: keep rows before it
+                keep = start - st.first_pos
+                prefix, first = (st.k[:keep], st.v[:keep]), st.first_pos
+            else:
+                prefix, first = self._empty(), start
+            dev = h.device
+            xs.append(self.module.combine(torch.tensor(nxt, device=dev), h))
+            pos.append(torch.arange(start, start + h.shape[0], device=dev))
+            prefixes.append(prefix)
+            owners.append((req.request_id, first))
+        if not xs:
+            return
+        ctx = PrefixAttention(prefixes, [x.shape[0] for x in xs])
+        out = self.module.layer(torch.cat(xs), torch.cat(pos), ctx)
+        row = 0
+        for (rid, first), x, p, pre, (k, v) in zip(
+            owners, xs, pos, prefixes, ctx.new_kv, strict=True
+        ):
+            row += x.shape[0]
+            k, v = torch.cat([pre[0], k]), torch.cat([pre[1], v])
+            self.states[rid] = _MTPState(k, v, first, int(p[-1]), out[row - 1])
+
+    @torch.inference_mode()
+    def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
+        ks = [min(self.num_steps, m) for m in max_tokens]
+        live = [
+            i
+            for i, r in enumerate(requests)
+            if ks[i] > 0
+            and (st := self.states.get(r.request_id)) is not None
+            and st.last_pos == r.num_tokens - 2
+        ]
+        out = [DraftProposal([]) for _ in requests]
+        if not live:
+            return out
+        reqs = [requests[i] for i in live]
+        states = [self.states[r.request_id] for r in reqs]
+        prefixes = [(s.k, s.v) for s in states]
+        prev_out = torch.stack([s.last_out for s in states])
+        steps = []
+        for j in range(max(ks[i] for i in live)):
+            if j > 0:
+                x = self.module.combine(steps[-1][0], prev_out)
+                positions = torch.tensor([s.last_pos + j for s in states], device=x.device)
+                ctx = PrefixAttention(prefixes, [1] * len(reqs))
+                prev_out = self.module.layer(x, positions, ctx)
+                prefixes = [
+                    (torch.cat([pk, k]), torch.cat([pv, v]))
+                    for (pk, pv), (k, v) in zip(prefixes, ctx.new_kv, strict=True)
+                ]
+            steps.append(draw(self.module.compute_logits(prev_out), reqs))
+        tokens, q, conf = (torch.stack(x, dim=1) for x in zip(*steps, strict=True))
+        for j, i in enumerate(live):
+            n = ks[i]
+            out[i] = DraftProposal(
+                tokens[j, :n].tolist(), proposal_probs(q[j, :n], reqs[j]), conf[j, :n]
+            )
+        return out

@@ -1,0 +1,192 @@
+"""From `--speculative-*` flags to a (Drafter, Planner) pair for an engine.
+
+add_cli_args(parser)                      # the flags (SGLang names)
+spec = spec_config_from_args(args)        # -> SpecConfig (validated)
+engine = LLMEngine(config)
+engine.set_speculation(*build_speculation(spec, engine))
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from specserve.config import ConfigError, SpecConfig
+from specserve.core import Request
+from specserve.engine.engine import LLMEngine, Planner, plan_full
+from specserve.spec.base import Drafter, DraftProposal, NoDrafter
+from specserve.spec.calibration import load_sts
+from specserve.spec.checkpoint import load_drafter
+from specserve.spec.dflash import DFlashDrafter, DFlashDraftModel
+from specserve.spec.dspark import DSparkDrafter, DSparkDraftModel
+from specserve.spec.mtp import MTPDrafter, MTPModule
+from specserve.spec.ngram import NgramDrafter
+from specserve.spec.planner import plan_scheduler, plan_threshold
+from specserve.spec.profile import SPSTable, profile_sps
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NGRAM_TOKENS = 4
+DEFAULT_MTP_STEPS = 3
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("speculative decoding")
+    g.add_argument(
+        "--speculative-algorithm",
+        default="NONE",
+        metavar="{NONE,NGRAM,NEXTN,MTP,DFLASH,DSPARK}",
+        help="draft algorithm (MTP is an alias of NEXTN); default NONE",
+    )
+    g.add_argument("--speculative-draft-model-path", help="drafter checkpoint folder")
+    g.add_argument("--speculative-num-steps", type=int, help="NEXTN chain length (default 3)")
+    g.add_argument(
+        "--speculative-eagle-topk", type=int, default=1, help="draft tree width (only 1)"
+    )
+    g.add_argument(
+        "--speculative-num-draft-tokens",
+        type=int,
+        help="verify window = draft tokens + 1 (default: NGRAM 5, NEXTN steps + 1, "
+        "DFLASH/DSPARK block size + 1)",
+    )
+    g.add_argument(
+        "--speculative-dspark-block-size",
+        type=int,
+        help="DFLASH/DSPARK draft tokens per step (default: the checkpoint's block_size)",
+    )
+    g.add_argument(
+        "--speculative-verify-policy",
+        help="full | threshold | scheduler (the DSpark prefix scheduler; default for DSPARK)",
+    )
+    g.add_argument(
+        "--speculative-dspark-confidence-threshold",
+        type=float,
+        default=0.5,
+        help="threshold policy: verify up to the first confidence below this (default 0.5)",
+    )
+    g.add_argument(
+        "--speculative-dspark-sps-table-path",
+        help="scheduler policy: SPS table JSON to load; profiled at start-up and written there "
+        "if the file does not exist (no path: profiled, not saved)",
+    )
+    g.add_argument(
+        "--speculative-dspark-confidence-sts-path",
+        help="STS temperatures (sts.json) calibrating the DSpark confidence head",
+    )
+
+
+def spec_config_from_args(args: argparse.Namespace) -> SpecConfig:
+    return SpecConfig(
+        algorithm=args.speculative_algorithm,
+        draft_model_path=args.speculative_draft_model_path,
+        num_steps=args.speculative_num_steps,
+        eagle_topk=args.speculative_eagle_topk,
+        num_draft_tokens=args.speculative_num_draft_tokens,
+        block_size=args.speculative_dspark_block_size,
+        verify_policy=args.speculative_verify_policy,
+        confidence_threshold=args.speculative_dspark_confidence_threshold,
+        sps_table_path=args.speculative_dspark_sps_table_path,
+        confidence_sts_path=args.speculative_dspark_confidence_sts_path,
+    )
+
+
+def build_speculation(spec: SpecConfig, engine: LLMEngine) -> tuple[Drafter, Planner]:
+    """The drafter and verify planner for `engine` (whose target model the drafter shares)."""
+    drafter = build_drafter(spec, engine)
+    return drafter, build_planner(spec, engine, drafter)
+
+
+def build_drafter(spec: SpecConfig, engine: LLMEngine) -> Drafter:
+    algo = spec.algorithm
+    window = None if spec.num_draft_tokens is None else spec.num_draft_tokens - 1
+    if spec.confidence_sts_path and algo != "DSPARK":
+        raise ConfigError(
+            "--speculative-dspark-confidence-sts-path needs --speculative-algorithm DSPARK"
+        )
+    if algo == "NONE":
+        return NoDrafter()
+    if algo == "NGRAM":
+        return NgramDrafter(window or spec.num_steps or DEFAULT_NGRAM_TOKENS)
+    path = Path(spec.draft_model_path or "")
+    if not path.is_dir():
+        raise ConfigError(f"--speculative-draft-model-path {spec.draft_model_path}: no such folder")
+    model = load_drafter(path, engine.model, engine.config.torch_dtype, engine.config.device)
+    if algo == "NEXTN":
+        if not isinstance(model, MTPModule):
+            raise ConfigError(f"--speculative-algorithm NEXTN: {path} is not an MTP drafter")
+        steps = spec.num_steps or window or DEFAULT_MTP_STEPS
+        return MTPDrafter(model, engine.model_config.num_hidden_layers, steps)
+    if not isinstance(model, DFlashDraftModel):
+        raise ConfigError(f"--speculative-algorithm {algo}: {path} is an MTP drafter")
+    block = _block_size(spec, model.config.block_size, window)
+    if algo == "DSPARK" and isinstance(model, DSparkDraftModel):
+        sts = load_sts(spec.confidence_sts_path) if spec.confidence_sts_path else None
+        if sts is not None and model.confidence_head is None:
+            raise ConfigError(f"{spec.confidence_sts_path}: the drafter has no confidence head")
+        return DSparkDrafter(model, block, sts)
+    return DFlashDrafter(model, block)
+
+
+def _block_size(spec: SpecConfig, trained: int, window: int | None) -> int:
+    block = spec.block_size or window or trained
+    if block > trained:
+        raise ConfigError(
+            f"--speculative-dspark-block-size {block} exceeds the drafter's trained block_size "
+            f"{trained}"
+        )
+    if window is not None and spec.block_size is not None and window != spec.block_size:
+        raise ConfigError(
+            f"--speculative-num-draft-tokens {window + 1} must equal "
+            f"--speculative-dspark-block-size + 1 ({spec.block_size + 1})"
+        )
+    return block
+
+
+def build_planner(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> Planner:
+    policy = spec.policy
+    if policy == "full" or drafter.max_draft_tokens == 0:
+        return plan_full
+    if policy == "threshold":
+        return confidence_planner("threshold", threshold=spec.confidence_threshold)
+    return confidence_planner("scheduler", sps=sps_table(spec, engine, drafter))
+
+
+def confidence_planner(policy: str, threshold: float = 0.5, sps: SPSTable | None = None) -> Planner:
+    """A Planner from a confidence policy; proposals without confidences count as certain."""
+
+    def plan(proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
+        lens = torch.tensor([len(p.tokens) for p in proposals], dtype=torch.long)
+        k = int(lens.max()) if len(proposals) else 0
+        if k == 0:
+            return lens.tolist()
+        conf = torch.ones(len(proposals), k)
+        for i, p in enumerate(proposals):
+            if p.confidences is not None and p.tokens:
+                conf[i, : len(p.tokens)] = p.confidences.float().cpu()
+        if policy == "threshold":
+            return plan_threshold(conf, lens, threshold).tolist()
+        return plan_scheduler(conf, lens, sps).tolist()
+
+    return plan
+
+
+def sps_table(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> SPSTable:
+    """Load the SPS table, or profile it on this machine (and save it if a path was given)."""
+    path = spec.sps_table_path
+    if path and Path(path).is_file():
+        return SPSTable.load(path)
+    sched = engine.config.scheduler
+    top = min(
+        sched.chunked_prefill_size,
+        sched.max_running_requests * (drafter.max_draft_tokens + 1),
+        512,
+    )
+    sizes = sorted({1, top, *(2**i for i in range(10) if 2**i <= top)})
+    table = profile_sps(engine.profile_step, sizes)
+    if path:
+        table.save(path)
+        log.info("SPS table profiled at %s batch sizes, saved to %s", len(sizes), path)
+    return table

@@ -1,0 +1,39 @@
+"""Drawing draft tokens from draft logits, one position for a batch of requests.
+
+Greedy requests take the argmax (a deterministic proposal, so no q is needed). Sampled requests
+draw from q = the request's own sampling transform of the draft logits (temperature, top-k,
+top-p, min-p), and q is reported exactly, which is all rejection sampling needs to stay lossless.
+The confidence proxy max_v q(v) depends only on the earlier tokens, never on the drawn one, so a
+verify-length planner may read it without biasing the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from specserve.core import Request
+from specserve.engine.sampler import probs_from_logits, sample
+
+
+def draw(
+    logits: torch.Tensor, requests: list[Request]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [R, V] -> (tokens [R] long, q [R, V], confidence proxy [R]).
+
+    q is one-hot on the argmax for greedy requests."""
+    logits = logits.float()
+    q = probs_from_logits(logits, [r.params for r in requests])
+    greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
+    tokens = logits.argmax(dim=-1)
+    if not bool(greedy.all()):
+        drawn = sample(q, [r.generator for r in requests])
+        tokens = torch.where(greedy, tokens, drawn)
+    conf = torch.where(
+        greedy, torch.softmax(logits, dim=-1).max(dim=-1).values, q.max(dim=-1).values
+    )
+    return tokens, q, conf
+
+
+def proposal_probs(q: torch.Tensor, request: Request) -> torch.Tensor | None:
+    """q [K, V] of one request -> what its DraftProposal carries (None when greedy)."""
+    return None if request.params.greedy else q
