@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 test: $(STAMP)
+	bash scripts/install-test-deps.sh
 	$(PY) -m ruff check specserve tests benchmarks
-	$(PY) -m pytest -q -x --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check specserve tests benchmarks
