@@ -61,9 +61,9 @@ class ModelRunner:
         device: str,
         capture: tuple[int, ...] = (),
     ) -> None:
-        cfg = model.config
+        attn = model.model.layers[0].self_attn  # this rank's KV heads under tensor parallelism
         self.model, self.page_size, self.device, self.capture = model, page_size, device, capture
-        shape = (num_blocks * page_size, cfg.num_key_value_heads, cfg.head_dim)
+        shape = (num_blocks * page_size, attn.num_kv_heads, attn.head_dim)
         self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.model.layers]
         self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.model.layers]
 

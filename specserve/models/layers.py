@@ -113,9 +113,13 @@ class GatedMLP(nn.Module):
         self._fused: torch.Tensor | None = None
 
     def fuse(self) -> None:
-        """Concatenate gate and up weights for inference (one matmul instead of two)."""
+        """Concatenate gate and up weights for inference (one matmul instead of two); the two
+        weights become views of the fused tensor, so no second copy is kept."""
         if self.gate_proj.bias is None:
-            self._fused = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
+            fused = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
+            self.gate_proj.weight.data = fused[: self.intermediate]
+            self.up_proj.weight.data = fused[self.intermediate :]
+            self._fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
 from specserve.config import ConfigError, ModelConfig
+from specserve.models.parallel import Parallel, shard_of
 from specserve.models.registry import model_class
 
 
-def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of the folder's *.safetensors files."""
+def load_state_dict(
+    path: str | Path, keep: Callable[[str], bool] | None = None
+) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's *.safetensors files (only names `keep` accepts, if given)."""
     path = Path(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
@@ -21,30 +26,40 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for f in files:
         try:
-            state.update(load_file(str(f)))
+            if keep is None:
+                state.update(load_file(str(f)))
+                continue
+            with safe_open(str(f), framework="pt") as h:
+                state.update({k: h.get_tensor(k) for k in h.keys() if keep(k)})
         except Exception as e:  # safetensors raises its own error types
             raise ConfigError(f"{f}: cannot read safetensors file ({e})") from None
     return state
 
 
 def load_model(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    path: str | Path,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+    par: Parallel | None = None,
+    moe_backend: str | None = None,
 ) -> tuple[nn.Module, ModelConfig]:
-    """Build the registered class for the folder's architecture and load its weights."""
+    """Build the registered class for the folder's architecture and load its weights.
+
+    `par`: build and load only this rank's shard. `moe_backend` (torch | mxfp4): the expert
+    weight format to serve, converting on load if the checkpoint's differs (None: as stored)."""
     cfg = ModelConfig.from_pretrained(path)
     try:
         cls = model_class(cfg.architecture)
     except ValueError as e:
         raise ConfigError(f"{path}: {e}") from None
     with torch.device("meta"):
-        model = cls(cfg)
+        model = cls(cfg) if par is None else cls(cfg, par)
     model = model.to_empty(device=device)
-    state = load_state_dict(path)
+    state = load_state_dict(path, getattr(model, "holds_weight", None))
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
-    expected = {
-        k for k in model.state_dict() if not (cfg.tie_word_embeddings and k == "lm_head.weight")
-    }
+    targets = model.state_dict(keep_vars=True)  # parameters and (MXFP4) buffers
+    expected = {k for k in targets if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - state.keys())
     unexpected = sorted(k for k in state.keys() - expected if "rotary_emb" not in k)
     if missing:
@@ -53,7 +68,7 @@ def load_model(
         raise ConfigError(f"{path}: checkpoint has unknown weights, e.g. {unexpected[:3]}")
     for name, tensor in state.items():
         if name in expected:
-            param = model.get_parameter(name)
+            param, tensor = targets[name], shard_of(model, name, tensor)
             if param.shape != tensor.shape:
                 raise ConfigError(
                     f"{path}: {name} has shape {tuple(tensor.shape)}, config implies "
@@ -62,6 +77,10 @@ def load_model(
             param.data.copy_(tensor)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
+    if moe_backend is not None:
+        from specserve.models.qwen3_moe import set_moe_backend
+
+        set_moe_backend(model, moe_backend)
     model = model.to(dtype=dtype).eval()
     # Buffers (rotary tables) were created on meta: rebuild them, in float32, on the device.
     model.model.rotary.__init__(

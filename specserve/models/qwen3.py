@@ -13,7 +13,15 @@ from torch import nn
 
 from specserve.config import ModelConfig
 from specserve.models.attention import AttentionContext
-from specserve.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding, linear
+from specserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
+from specserve.models.parallel import (
+    Parallel,
+    column_linear,
+    embedding,
+    gated_mlp,
+    lm_head,
+    row_linear,
+)
 
 
 @dataclass
@@ -23,14 +31,15 @@ class ModelOutput:
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, par: Parallel | None = None) -> None:
         super().__init__()
         h, kv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = h, kv, d
-        self.q_proj = Linear(cfg.hidden_size, h * d, cfg.attention_bias)
-        self.k_proj = Linear(cfg.hidden_size, kv * d, cfg.attention_bias)
-        self.v_proj = Linear(cfg.hidden_size, kv * d, cfg.attention_bias)
-        self.o_proj = Linear(h * d, cfg.hidden_size, cfg.attention_bias)
+        tp, bias, hidden = (par.tp_size if par else 1), cfg.attention_bias, cfg.hidden_size
+        self.num_heads, self.num_kv_heads, self.head_dim = h // tp, kv // tp, d  # this rank's
+        self.q_proj = column_linear(hidden, h * d, bias, par)
+        self.k_proj = column_linear(hidden, kv * d, bias, par)
+        self.v_proj = column_linear(hidden, kv * d, bias, par)
+        self.o_proj = row_linear(h * d, hidden, bias, par)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
@@ -69,9 +78,9 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, mlp: nn.Module) -> None:
+    def __init__(self, cfg: ModelConfig, mlp: nn.Module, par: Parallel | None = None) -> None:
         super().__init__()
-        self.self_attn = Attention(cfg)
+        self.self_attn = Attention(cfg, par)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -82,11 +91,11 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, make_mlp) -> None:
+    def __init__(self, cfg: ModelConfig, make_mlp, par: Parallel | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, par)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, make_mlp(cfg, i)) for i in range(cfg.num_hidden_layers)
+            DecoderLayer(cfg, make_mlp(cfg, i, par), par) for i in range(cfg.num_hidden_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(
@@ -94,21 +103,22 @@ class DecoderModel(nn.Module):
         )
 
 
-def dense_mlp(cfg: ModelConfig, layer_idx: int) -> nn.Module:
-    return GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+def dense_mlp(cfg: ModelConfig, layer_idx: int, par: Parallel | None = None) -> nn.Module:
+    return gated_mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, par)
 
 
 class CausalLM(nn.Module):
     """A decoder-only LM. `forward` runs the N tokens of a flattened batch; `compute_logits`
-    applies the LM head to chosen rows only (the engine never needs logits for every token)."""
+    applies the LM head to chosen rows only (the engine never needs logits for every token).
+    `par` (tensor / expert parallelism) makes this rank's shard; None is one process."""
 
     make_mlp = staticmethod(dense_mlp)
 
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, par: Parallel | None = None) -> None:
         super().__init__()
         self.config = cfg
-        self.model = DecoderModel(cfg, self.make_mlp)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        self.model = DecoderModel(cfg, self.make_mlp, par)
+        self.lm_head = lm_head(cfg.hidden_size, cfg.vocab_size, par)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 

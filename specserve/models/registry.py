@@ -5,10 +5,12 @@ from __future__ import annotations
 from torch import nn
 
 from specserve.models.qwen3 import LlamaForCausalLM, Qwen3ForCausalLM
+from specserve.models.qwen3_moe import Qwen3MoeForCausalLM
 
 MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
+    "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
 }
 
 

@@ -68,6 +68,20 @@ def save_tokenizer(
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
 
 
+# Defaults for `model_type="qwen3_moe"`: 8 experts, top 2; sizes are multiples of 64 so that
+# MXFP4 (blocks of 32) works with experts split over two ranks.
+TINY_MOE: dict[str, Any] = {
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 64,
+    "norm_topk_prob": True,
+    "decoder_sparse_step": 1,
+    "mlp_only_layers": [],
+    "router_aux_loss_coef": 0.001,
+    "output_router_logits": False,
+}
+
+
 def tiny_config(**overrides: Any) -> dict[str, Any]:
     cfg: dict[str, Any] = {
         "architectures": ["Qwen3ForCausalLM"],
@@ -92,6 +106,10 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
     cfg.update(overrides)
     if cfg.get("model_type") == "llama":
         cfg["architectures"] = ["LlamaForCausalLM"]
+    if cfg.get("model_type") == "qwen3_moe":
+        cfg["architectures"] = ["Qwen3MoeForCausalLM"]
+        for key, value in TINY_MOE.items():
+            cfg.setdefault(key, value)
     return cfg
 
 
