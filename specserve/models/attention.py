@@ -46,7 +46,8 @@ class _Group:
 
     q_index: torch.Tensor  # [G, Qmax] rows of the flattened batch (N = a zero pad row)
     kv_slots: torch.Tensor  # [G, Lmax] cache slots (padding points at slot 0, masked out)
-    mask: torch.Tensor | None  # [G, 1, Qmax, Lmax] True = may attend; None = plain causal
+    mask: torch.Tensor | None  # [G, 1, Qmax, Lmax] True = may attend
+    causal: bool  # with mask None: causal (prefill without prefix) or not (a single query)
     out_index: torch.Tensor  # [valid] positions in the flattened [G*Qmax] output that are real
     out_rows: torch.Tensor  # [valid] matching rows of the batch
 
@@ -103,8 +104,8 @@ class PagedAttention(AttentionContext):
         kv = torch.zeros(g, lmax, dtype=torch.long, device=device)
         for i, s in enumerate(slots):
             kv[i, : len(s)] = s
-        if g == 1 and qlens[0] == lens[0]:
-            mask = None
+        if g == 1 and (qlens[0] == lens[0] or qlens[0] == 1):
+            mask = None  # plain causal (no cached prefix) or one query that sees every key
         else:
             # key l visible to query j iff l <= (L - Q) + j and l < L
             limit = (kl - ql)[:, None] + ar_q[None, :]  # [G, Qmax]
@@ -118,6 +119,7 @@ class PagedAttention(AttentionContext):
             q_index=q_index,
             kv_slots=kv,
             mask=mask,
+            causal=mask is None and qmax > 1,
             out_index=flat_valid.nonzero().squeeze(1),
             out_rows=q_index.reshape(-1)[flat_valid],
         )
@@ -133,7 +135,7 @@ class PagedAttention(AttentionContext):
             kg = kc[grp.kv_slots].transpose(1, 2).to(q.dtype)  # [G, kv, Lmax, d]
             vg = vc[grp.kv_slots].transpose(1, 2).to(q.dtype)
             o = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=grp.mask, is_causal=grp.mask is None, enable_gqa=True
+                qg, kg, vg, attn_mask=grp.mask, is_causal=grp.causal, enable_gqa=True
             )
             o = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
             out[grp.out_rows] = o[grp.out_index]
