@@ -110,7 +110,8 @@ class DraftConfig:
     ) -> DraftConfig:
         """A drafter for the target whose config.json is `target` (a dict)."""
         raw = {**target, "num_hidden_layers": num_hidden_layers}
-        model = ModelConfig.from_dict(raw)
+        arch = fields_.get("architecture", cls.architecture)
+        model = ModelConfig.from_dict({**raw, "architectures": [arch]})
         fields_.setdefault("num_target_layers", int(target["num_hidden_layers"]))
         fields_["target_layer_ids"] = tuple(int(i) for i in fields_["target_layer_ids"])
         return cls(model=replace(model, qk_norm=True), raw=raw, **fields_)
