@@ -121,6 +121,14 @@ class MXFP4MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
+def _fuse_in_place(mlp: GatedMLP) -> None:
+    """GatedMLP.fuse, with gate and up re-pointed into the fused tensor: experts are most of an
+    MoE model's memory, so no second copy of them is kept."""
+    mlp.fuse()
+    n = mlp.intermediate
+    mlp.gate_proj.weight.data, mlp.up_proj.weight.data = mlp._fused[:n], mlp._fused[n:]
+
+
 class SparseMoeBlock(nn.Module):
     """Router + this rank's experts. forward: x [N, H] -> [N, H] (all experts combined)."""
 
@@ -156,7 +164,10 @@ class SparseMoeBlock(nn.Module):
 
     def fuse(self) -> None:
         for mlp in self.experts.values():
-            mlp.fuse()
+            if isinstance(mlp, GatedMLP):
+                _fuse_in_place(mlp)
+            else:
+                mlp.fuse()
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (weights [N, k] in x.dtype, expert ids [N, k])."""
@@ -174,15 +185,14 @@ class SparseMoeBlock(nn.Module):
         starts = [0]
         for c in counts:
             starts.append(starts[-1] + c)
-        out = torch.zeros_like(x)
-        w = weights.reshape(-1)
+        # One row per (token, slot); rows of other ranks' experts stay zero. (Row assignment,
+        # not index_add_: on CPU the latter's parallel path costs milliseconds per call.)
+        ys = x.new_zeros(flat.shape[0], x.shape[-1])
         for e in self.local:
-            if not counts[e]:
-                continue
-            pairs = order[starts[e] : starts[e + 1]]
-            tokens = pairs // self.top_k
-            y = self.experts[str(e)](x[tokens]) * w[pairs].unsqueeze(-1)
-            out.index_add_(0, tokens, y)
+            if counts[e]:
+                pairs = order[starts[e] : starts[e + 1]]
+                ys[pairs] = self.experts[str(e)](x[pairs // self.top_k])
+        out = (ys.view(*ids.shape, -1) * weights.unsqueeze(-1)).sum(dim=1)
         return self.par.world_all_reduce(out)
 
 
