@@ -1,0 +1,125 @@
+"""Speculative decoding on one machine, in one run: accept length, tok/s and speedup over NONE.
+
+    python benchmarks/spec_decode.py --target models/demo/target \\
+        --drafter NEXTN=models/demo/mtp --drafter DSPARK=models/demo/dspark --drafter NGRAM
+
+Without --target it builds a tiny random target and random drafters in a temporary folder and
+says so: the pipeline runs, but random drafters are (almost) never accepted, so the speedups
+it prints say nothing about trained drafters. Greedy outputs are checked against NONE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from specserve.config import SpecConfig
+from specserve.core import SamplingParams
+from specserve.llm import LLM
+from specserve.spec.factory import build_speculation
+
+
+def _random_bundle(root: Path) -> tuple[Path, dict[str, Path | None]]:
+    from specserve.models.tiny import make_checkpoint
+    from specserve.spec.checkpoint import new_drafter, save_drafter
+
+    target = make_checkpoint(root / "target", init_std=0.2)
+    raw = json.loads((target / "config.json").read_text())
+    common = dict(block_size=7, mask_token_id=3, target_layer_ids=[-1, 1])
+    save_drafter(new_drafter(raw, "mtp"), root / "mtp")
+    save_drafter(new_drafter(raw, "dflash", **common), root / "dflash")
+    dspark = new_drafter(raw, "dspark", markov_rank=64, enable_confidence_head=True, **common)
+    save_drafter(dspark, root / "dspark")
+    return target, {
+        "NGRAM": None,
+        "NEXTN": root / "mtp",
+        "DFLASH": root / "dflash",
+        "DSPARK": root / "dspark",
+    }
+
+
+def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+    import random
+
+    rng = random.Random(0)
+    out = []
+    for _ in range(n):
+        motif = [rng.randrange(4, vocab) for _ in range(8)]
+        out.append((motif * (length // 8 + 1))[:length])  # some repetition, as in real text
+    return out
+
+
+def run_one(target, algorithm, path, policy, prompts, params, max_running):
+    llm = LLM(str(target), max_running_requests=max_running)
+    if algorithm != "NONE":
+        spec = SpecConfig(algorithm, str(path) if path else None, verify_policy=policy)
+        llm.engine.set_speculation(*build_speculation(spec, llm.engine))
+    llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    stats = llm.engine.stats
+    return {
+        "tok_s": tokens / elapsed,
+        "accept": stats.avg_accept_length,
+        "outputs": [o.outputs[0].token_ids for o in outs],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--target", help="target model folder (default: a tiny random one)")
+    ap.add_argument(
+        "--drafter",
+        action="append",
+        default=[],
+        help="ALGO=folder (NEXTN, DFLASH, DSPARK) or NGRAM; repeatable",
+    )
+    ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument("--output-len", type=int, default=64)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--verify-policy", default=None, help="full | threshold | scheduler")
+    args = ap.parse_args()
+
+    tmp = None
+    if args.target:
+        target = Path(args.target)
+        drafters = {}
+        for item in args.drafter:
+            algo, _, folder = item.partition("=")
+            drafters[algo.upper()] = Path(folder) if folder else None
+    else:
+        tmp = tempfile.TemporaryDirectory()
+        target, drafters = _random_bundle(Path(tmp.name))
+        print("NOTE: no --target given: tiny RANDOM target and RANDOM drafters (pipeline check,")
+        print("      not a measurement of trained drafters; expect accept length ~1).")
+    vocab = json.loads((target / "config.json").read_text())["vocab_size"]
+    params = SamplingParams(
+        max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True, seed=0
+    )
+    print(f"target {target}  output {args.output_len} tokens  temperature {args.temperature}")
+    print(f"{'algorithm':<10}{'conc':>6}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
+    for conc in (int(c) for c in args.concurrency.split(",")):
+        prompts = _prompts(conc, args.input_len, vocab)
+        base = run_one(target, "NONE", None, None, prompts, params, conc)
+        print(f"{'NONE':<10}{conc:>6}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
+        for algo, path in drafters.items():
+            r = run_one(target, algo, path, args.verify_policy, prompts, params, conc)
+            same = "yes" if r["outputs"] == base["outputs"] else "NO"
+            if args.temperature > 0:
+                same = "n/a"
+            print(
+                f"{algo:<10}{conc:>6}{r['accept']:>9.2f}{r['tok_s']:>10.1f}"
+                f"{r['tok_s'] / base['tok_s']:>9.2f}  {same}"
+            )
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
