@@ -9,6 +9,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -22,6 +23,9 @@ from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.models.loader import load_model
 from specserve.spec.base import Drafter, DraftProposal, NoDrafter
 from specserve.spec.verify import greedy_verify, rejection_verify
+
+if TYPE_CHECKING:
+    from specserve.engine.distributed import RankGroup
 
 # (proposals, requests) -> verify length per request (<= len(proposal.tokens))
 Planner = Callable[[list[DraftProposal], list[Request]], list[int]]
@@ -91,22 +95,33 @@ class LLMEngine:
         config: EngineConfig,
         drafter: Drafter | None = None,
         planner: Planner = plan_full,
+        *,
+        moe_backend: str | None = None,
+        group: RankGroup | None = None,
     ) -> None:
+        """`moe_backend`: expert weight format (torch | mxfp4; None: as the checkpoint stores
+        it). `group`: this is rank 0 of a tensor / expert parallel group (`start_ranks`)."""
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.config = config
+        self.config, self.group = config, group
         self.model, self.model_config = load_model(
-            config.model_path, config.torch_dtype, config.device
+            config.model_path,
+            config.torch_dtype,
+            config.device,
+            group.parallel if group else None,
+            moe_backend,
         )
         self.model.fuse()
         self.tokenizer = Tokenizer(config.model_path)
         cache = config.cache
         blocks = num_kv_blocks(self.model_config, cache, config.torch_dtype)
+        if group is not None:
+            blocks = group.agree_num_blocks(blocks)
         self.block_manager = BlockManager(blocks, cache.page_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.drafter = drafter or NoDrafter()
         self.planner = planner
-        self.runner = ModelRunner(
+        self.runner = (group.make_runner if group else ModelRunner)(
             self.model,
             blocks,
             cache.page_size,
@@ -124,6 +139,11 @@ class LLMEngine:
         )
         self.streams: dict[str, _Stream] = {}
         self.stats = EngineStats()
+
+    def close(self) -> None:
+        """Stop the other ranks of a parallel group (nothing to do in one process)."""
+        if self.group is not None:
+            self.group.close()
 
     def set_speculation(self, drafter: Drafter, planner: Planner) -> None:
         """Install a drafter (built against this engine's target) before serving starts."""

@@ -50,8 +50,66 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
+    _add_parallel_args(p)
     _add_spec_args(p)
     p.set_defaults(func=run)
+
+
+MOE_BACKEND_CHOICES = ("auto", "torch", "mxfp4", "flashinfer_mxfp4")
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("MoE and parallelism")
+    g.add_argument(
+        "--moe-runner-backend",
+        default="auto",
+        choices=MOE_BACKEND_CHOICES,
+        help="expert weights: torch (dense) or mxfp4 (4-bit; quantises a bf16/fp32 checkpoint "
+        "on load); auto: as the checkpoint stores them; flashinfer_mxfp4 = mxfp4",
+    )
+    g.add_argument(
+        "--speculative-moe-runner-backend",
+        default="auto",
+        choices=MOE_BACKEND_CHOICES,
+        help="the same for the drafter's MoE layers",
+    )
+    g.add_argument("--tp-size", type=int, default=1, help="tensor-parallel ranks")
+    g.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks")
+    g.add_argument("--nnodes", type=int, default=1, help="nodes the ranks are spread over")
+    g.add_argument("--node-rank", type=int, default=0, help="this node's index (0 serves HTTP)")
+    g.add_argument("--dist-init-addr", default=None, help="HOST:PORT where rank 0 meets the others")
+    g.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for all ranks to join and for any collective (default 300)",
+    )
+
+
+def _moe_backend(name: str) -> str | None:
+    return {"auto": None, "flashinfer_mxfp4": "mxfp4"}.get(name, name)
+
+
+def _rank_spec(args: argparse.Namespace, cache):
+    from specserve.engine.distributed import RankSpec
+    from specserve.models.parallel import ParallelConfig
+
+    parallel = ParallelConfig(
+        tp_size=args.tp_size,
+        ep_size=args.ep_size,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        dist_init_addr=args.dist_init_addr,
+        timeout_s=args.dist_timeout,
+    )
+    return RankSpec(
+        str(args.model_path),
+        parallel,
+        args.dtype,
+        args.device,
+        cache,
+        _moe_backend(args.moe_runner_backend),
+    )
 
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +124,7 @@ def build_engine(args: argparse.Namespace):
     """Flags -> a ready LLMEngine (and the speculative algorithm's name)."""
     from specserve.cli import CLIError
     from specserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+    from specserve.engine.distributed import DistributedError, start_ranks
     from specserve.engine.engine import LLMEngine
 
     path = Path(args.model_path)
@@ -94,21 +153,55 @@ def build_engine(args: argparse.Namespace):
             cache=cache,
             scheduler=sched,
         )
-        algorithm = "NONE"
-        extra = {}
+        ranks = _rank_spec(args, cache)
+        ranks.parallel.check_model(model_cfg)
+        spec = None
         if hasattr(args, "speculative_algorithm"):
-            from specserve.spec.factory import build_speculation, spec_config_from_args
+            from specserve.spec.factory import spec_config_from_args
 
             spec = spec_config_from_args(args)
-            algorithm = spec.algorithm
-            engine = LLMEngine(config)
-            if algorithm != "NONE":
-                drafter, planner = build_speculation(spec, engine)
-                engine.set_speculation(drafter, planner)
-            return engine, algorithm
-        return LLMEngine(config, **extra), algorithm
-    except (ConfigError, ValueError) as e:
+            _check_parallel_drafter(spec.algorithm, ranks.parallel.tp_size)
+        group = start_ranks(ranks) if ranks.parallel.world_size > 1 else None
+        try:
+            engine = LLMEngine(config, moe_backend=ranks.moe_backend, group=group)
+        except BaseException:
+            if group is not None:
+                group.abort()
+            raise
+        if spec is None or spec.algorithm == "NONE":
+            return engine, "NONE"
+        from specserve.spec.factory import build_speculation
+
+        drafter, planner = build_speculation(spec, engine)
+        _set_drafter_moe_backend(drafter, _moe_backend(args.speculative_moe_runner_backend))
+        engine.set_speculation(drafter, planner)
+        return engine, spec.algorithm
+    except (ConfigError, ValueError, DistributedError) as e:
         raise CLIError(str(e)) from None
+
+
+def _check_parallel_drafter(algorithm: str, tp_size: int) -> None:
+    from specserve.config import ConfigError
+
+    # Model drafters share the target's embedding and LM head, which --tp-size splits by vocab.
+    if tp_size > 1 and algorithm not in ("NONE", "NGRAM"):
+        raise ConfigError(
+            f"--speculative-algorithm {algorithm} with --tp-size {tp_size} is not supported yet "
+            "(NGRAM is; model drafters work with --ep-size)"
+        )
+
+
+def _set_drafter_moe_backend(drafter, backend: str | None) -> None:
+    """Convert the MoE experts of the drafter's networks (if any) to `backend`."""
+    from torch import nn
+
+    from specserve.models.qwen3_moe import set_moe_backend
+
+    if backend is None:
+        return
+    for module in vars(drafter).values():
+        if isinstance(module, nn.Module):
+            set_moe_backend(module, backend)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -122,6 +215,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.node_rank > 0:
+        return _run_worker_node(args)
     engine, algorithm = build_engine(args)
     name = args.served_model_name or Path(args.model_path).resolve().name
     async_engine = AsyncEngine(engine)
@@ -131,4 +226,23 @@ def run(args: argparse.Namespace) -> int:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
         async_engine.shutdown()
+        engine.close()
+    return 0
+
+
+def _run_worker_node(args: argparse.Namespace) -> int:
+    """A node other than 0: its ranks only run the batches rank 0 broadcasts; no HTTP."""
+    from specserve.cli import CLIError
+    from specserve.config import CacheConfig, ConfigError
+    from specserve.engine.distributed import DistributedError, serve_steps, start_ranks
+
+    try:
+        cache = CacheConfig(
+            page_size=args.page_size,
+            max_total_tokens=args.max_total_tokens,
+            mem_fraction_static=args.mem_fraction_static or 0.1,
+        )
+        serve_steps(start_ranks(_rank_spec(args, cache)))
+    except (ConfigError, DistributedError) as e:
+        raise CLIError(str(e)) from None
     return 0
