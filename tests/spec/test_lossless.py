@@ -18,7 +18,7 @@ from .conftest import (
     make_llm,
 )
 
-MAX_TOKENS = [24, 6, 14, 28, 10, 18]
+MAX_TOKENS = [20, 6, 12, 24, 8, 16]
 
 
 def _params(**kw):
@@ -121,7 +121,7 @@ def test_eos_inside_accepted_block(bundle, reference, tmp_path):
     assert_kv_baseline(llm)
 
 
-@pytest.mark.parametrize("algorithm", ["DSPARK", "NEXTN", "NGRAM"])
+@pytest.mark.parametrize("algorithm", ["DSPARK", "NEXTN"])
 def test_preemption_under_speculation(bundle, reference, algorithm):
     llm = make_llm(bundle, algorithm, max_total_tokens=128, page_size=16)
     outs = llm.generate(PROMPTS, _params())
