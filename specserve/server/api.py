@@ -389,109 +389,107 @@ def _usage(results: list[_Result]) -> dict:
     }
 
 
-class _CompletionFormat:
+class _Format:
+    """OpenAI response bodies for one request id: stream chunks, the usage chunk, the full body."""
+
+    object_full = object_chunk = ""
+
     def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
         self.tok = tok
-        self.base = {"id": rid, "object": "text_completion", "created": created, "model": model}
+        self.meta = {"id": rid, "created": created, "model": model}
+
+    def _content(self, text: str, streaming: bool) -> dict: ...
+
+    def _logprobs(self, entries: list) -> dict: ...
 
     def first_chunks(self, n: int) -> list[dict]:
         return []
 
+    def _body(self, streaming: bool, **fields: Any) -> dict:
+        kind = self.object_chunk if streaming else self.object_full
+        return {
+            "id": self.meta["id"],
+            "object": kind,
+            "created": self.meta["created"],
+            "model": self.meta["model"],
+            **fields,
+        }
+
+    def _choice(
+        self,
+        index: int,
+        text: str,
+        logprobs: list,
+        finish_reason: str | None,
+        stop_reason: Any,
+        meta_info: dict | None,
+        streaming: bool,
+    ) -> dict:
+        choice = {
+            "index": index,
+            **self._content(text, streaming),
+            "logprobs": self._logprobs(logprobs) if logprobs else None,
+            "finish_reason": finish_reason,
+        }
+        if finish_reason is not None:
+            choice.update(stop_reason=stop_reason, meta_info=meta_info)
+        return choice
+
     def chunk(self, index: int, out: RequestOutput) -> dict | None:
         if not out.new_text and not out.finished:
             return None
-        choice = {
-            "index": index,
-            "text": out.new_text,
-            "logprobs": None,
-            "finish_reason": out.finish_reason,
-        }
-        if out.logprobs:
-            choice["logprobs"] = _completion_logprobs(out.logprobs, self.tok)
-        if out.finished:
-            choice["stop_reason"] = out.stop_reason
-            choice["meta_info"] = out.meta_info
-        return {**self.base, "choices": [choice]}
+        choice = self._choice(
+            index,
+            out.new_text,
+            out.logprobs,
+            out.finish_reason,
+            out.stop_reason,
+            out.meta_info,
+            streaming=True,
+        )
+        return self._body(True, choices=[choice])
 
     def usage_chunk(self, results: list[_Result]) -> dict:
-        return {**self.base, "choices": [], "usage": _usage(results)}
+        return self._body(True, choices=[], usage=_usage(results))
 
     def full(self, results: list[_Result]) -> dict:
         choices = [
-            {
-                "index": i,
-                "text": r.text,
-                "logprobs": _completion_logprobs(r.logprobs, self.tok) if r.logprobs else None,
-                "finish_reason": r.finish_reason,
-                "stop_reason": r.stop_reason,
-                "meta_info": r.meta_info,
-            }
+            self._choice(
+                i, r.text, r.logprobs, r.finish_reason, r.stop_reason, r.meta_info, streaming=False
+            )
             for i, r in enumerate(results)
         ]
-        return {**self.base, "choices": choices, "usage": _usage(results)}
+        return self._body(False, choices=choices, usage=_usage(results))
 
 
-class _ChatFormat:
-    def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
-        self.tok = tok
-        self.base = {
-            "id": rid,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-        }
+class _CompletionFormat(_Format):
+    object_full = object_chunk = "text_completion"
+
+    def _content(self, text: str, streaming: bool) -> dict:
+        return {"text": text}
+
+    def _logprobs(self, entries: list) -> dict:
+        return _completion_logprobs(entries, self.tok)
+
+
+class _ChatFormat(_Format):
+    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
+
+    def _content(self, text: str, streaming: bool) -> dict:
+        if streaming:
+            return {"delta": {"content": text} if text else {}}
+        return {"message": {"role": "assistant", "content": text}}
+
+    def _logprobs(self, entries: list) -> dict:
+        return _chat_logprobs(entries, self.tok)
 
     def first_chunks(self, n: int) -> list[dict]:
-        return [
-            {
-                **self.base,
-                "choices": [
-                    {
-                        "index": i,
-                        "delta": {"role": "assistant", "content": ""},
-                        "logprobs": None,
-                        "finish_reason": None,
-                    }
-                ],
-            }
-            for i in range(n)
-        ]
-
-    def chunk(self, index: int, out: RequestOutput) -> dict | None:
-        if not out.new_text and not out.finished:
-            return None
-        choice = {
-            "index": index,
-            "delta": {"content": out.new_text} if out.new_text else {},
+        first = {
+            "delta": {"role": "assistant", "content": ""},
             "logprobs": None,
-            "finish_reason": out.finish_reason,
+            "finish_reason": None,
         }
-        if out.logprobs:
-            choice["logprobs"] = _chat_logprobs(out.logprobs, self.tok)
-        if out.finished:
-            choice["meta_info"] = out.meta_info
-        return {**self.base, "choices": [choice]}
-
-    def usage_chunk(self, results: list[_Result]) -> dict:
-        return {**self.base, "choices": [], "usage": _usage(results)}
-
-    def full(self, results: list[_Result]) -> dict:
-        choices = [
-            {
-                "index": i,
-                "message": {"role": "assistant", "content": r.text},
-                "logprobs": _chat_logprobs(r.logprobs, self.tok) if r.logprobs else None,
-                "finish_reason": r.finish_reason,
-                "meta_info": r.meta_info,
-            }
-            for i, r in enumerate(results)
-        ]
-        return {
-            **self.base,
-            "object": "chat.completion",
-            "choices": choices,
-            "usage": _usage(results),
-        }
+        return [self._body(True, choices=[{"index": i, **first}]) for i in range(n)]
 
 
 def _completion_logprobs(entries: list, tok: Tokenizer) -> dict:
