@@ -24,10 +24,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from specserve.config import DTYPES, CacheConfig
 from specserve.engine.model_runner import BatchSeq, ForwardResult, ModelRunner, num_kv_blocks
-from specserve.models.loader import load_model
+from specserve.models.layers import Linear
+from specserve.models.loader import load_model, load_state_dict
 from specserve.models.parallel import Parallel, ParallelConfig
 
 log = logging.getLogger("specserve.distributed")
@@ -170,14 +172,23 @@ def join(spec: RankSpec, rank: int, procs: list | None = None) -> RankGroup:
         )
         return RankGroup(spec, rank, procs or [])
     except Exception as e:  # the store and gloo raise several error types
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        _forget_failed_init()
         raise DistributedError(
             f"rank {rank} of {par.world_size}: the ranks did not all meet at "
             f"{par.dist_init_addr} within {par.timeout_s:g} s (--dist-timeout). Check that "
             f"every node was started with the same --nnodes ({par.nnodes}) and --dist-init-addr, "
             f"and that this address is reachable. ({type(e).__name__}: {e})"
         ) from None
+
+
+def _forget_failed_init() -> None:
+    """Leave this process able to join a group again. A failed init_process_group has already
+    used a group name from torch's per-process counter (names must match across ranks), and
+    only destroy_process_group, which needs a group, resets it."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    else:
+        dist.distributed_c10d._world.group_count = 0
 
 
 def worker_main(spec: RankSpec, rank: int) -> None:
@@ -207,3 +218,29 @@ def serve_steps(group: RankGroup) -> None:
             runner.forward(seqs)
     finally:
         group.close()
+
+
+class DrafterTarget(nn.Module):
+    """The target as a drafter on rank 0 sees it under --tp-size > 1: drafters share the
+    target's embedding and LM head, which tensor parallelism splits by vocab (and computes with
+    collectives only rank 0 would join), so rank 0 keeps unsplit copies for the drafter."""
+
+    def __init__(self, target: nn.Module, path: str, dtype: torch.dtype, device: str) -> None:
+        super().__init__()
+        cfg = self.config = target.config
+        names = ("model.embed_tokens.weight", "lm_head.weight")
+        state = load_state_dict(path, lambda k: k in names)
+        embed = state[names[0]].to(device, dtype)
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding.from_pretrained(embed, freeze=True)
+        self.model.norm = target.model.norm  # replicated on every rank
+        self.model.layers = target.model.layers
+        with torch.device("meta"):
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        weight = embed if cfg.tie_word_embeddings else state[names[1]].to(device, dtype)
+        self.lm_head.weight = nn.Parameter(weight, requires_grad=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden).float()

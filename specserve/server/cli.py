@@ -160,35 +160,33 @@ def build_engine(args: argparse.Namespace):
             from specserve.spec.factory import spec_config_from_args
 
             spec = spec_config_from_args(args)
-            _check_parallel_drafter(spec.algorithm, ranks.parallel.tp_size)
         group = start_ranks(ranks) if ranks.parallel.world_size > 1 else None
         try:
             engine = LLMEngine(config, moe_backend=ranks.moe_backend, group=group)
+            if spec is not None and spec.algorithm != "NONE":
+                _install_speculation(engine, spec, args.speculative_moe_runner_backend)
         except BaseException:
             if group is not None:
                 group.abort()
             raise
-        if spec is None or spec.algorithm == "NONE":
-            return engine, "NONE"
-        from specserve.spec.factory import build_speculation
-
-        drafter, planner = build_speculation(spec, engine)
-        _set_drafter_moe_backend(drafter, _moe_backend(args.speculative_moe_runner_backend))
-        engine.set_speculation(drafter, planner)
-        return engine, spec.algorithm
+        return engine, "NONE" if spec is None else spec.algorithm
     except (ConfigError, ValueError, DistributedError) as e:
         raise CLIError(str(e)) from None
 
 
-def _check_parallel_drafter(algorithm: str, tp_size: int) -> None:
-    from specserve.config import ConfigError
+def _install_speculation(engine, spec, moe_backend: str) -> None:
+    from specserve.engine.distributed import DrafterTarget
+    from specserve.spec.factory import build_speculation
 
-    # Model drafters share the target's embedding and LM head, which --tp-size splits by vocab.
-    if tp_size > 1 and algorithm not in ("NONE", "NGRAM"):
-        raise ConfigError(
-            f"--speculative-algorithm {algorithm} with --tp-size {tp_size} is not supported yet "
-            "(NGRAM is; model drafters work with --ep-size)"
+    group = engine.group
+    if group is not None and group.parallel.tp_size > 1 and spec.algorithm != "NGRAM":
+        # Drafters share the target's embedding and LM head, which --tp-size splits by vocab.
+        engine.model = DrafterTarget(
+            engine.model, engine.config.model_path, engine.config.torch_dtype, engine.config.device
         )
+    drafter, planner = build_speculation(spec, engine)
+    _set_drafter_moe_backend(drafter, _moe_backend(moe_backend))
+    engine.set_speculation(drafter, planner)
 
 
 def _set_drafter_moe_backend(drafter, backend: str | None) -> None:
