@@ -63,8 +63,9 @@ class ParallelConfig:
     def ranks_per_node(self) -> int:
         return self.world_size // self.nnodes
 
-    def check_model(self, cfg: ModelConfig) -> None:
-        """Refuse a split the model cannot take, naming the flag and the numbers."""
+    def check_model(self, cfg: ModelConfig, mxfp4: bool = False) -> None:
+        """Refuse a split the model cannot take, naming the flag and the numbers. `mxfp4`:
+        experts are served in MXFP4, whose blocks of 32 inputs cannot be cut."""
         tp = self.tp_size
         for name in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
             if getattr(cfg, name) % tp:
@@ -85,6 +86,11 @@ class ParallelConfig:
                 raise ConfigError(
                     f"{split} ranks per expert group do not divide moe_intermediate_size "
                     f"({cfg.moe_intermediate_size}); raise --ep-size"
+                )
+            if mxfp4 and cfg.moe_intermediate_size // split % 32:
+                raise ConfigError(
+                    f"MXFP4 experts split over {split} ranks need moe_intermediate_size / {split} "
+                    f"to be a multiple of 32 (it is {cfg.moe_intermediate_size}); raise --ep-size"
                 )
         elif self.ep_size > 1:
             raise ConfigError(f"--ep-size {self.ep_size} needs an MoE model (num_experts > 0)")

@@ -154,7 +154,12 @@ def build_engine(args: argparse.Namespace):
             scheduler=sched,
         )
         ranks = _rank_spec(args, cache)
-        ranks.parallel.check_model(model_cfg)
+        from specserve.models.qwen3_moe import is_mxfp4_checkpoint
+
+        mxfp4 = ranks.moe_backend == "mxfp4" or (
+            ranks.moe_backend is None and is_mxfp4_checkpoint(model_cfg)
+        )
+        ranks.parallel.check_model(model_cfg, mxfp4)
         spec = None
         if hasattr(args, "speculative_algorithm"):
             from specserve.spec.factory import spec_config_from_args

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +21,13 @@ def tiny_moe_path(tmp_path_factory) -> str:
             mlp_only_layers=[0],
         )
     )
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on this shared 2-core machine two threads can be 10x slower (spinning
+    OpenMP workers compete with other processes); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

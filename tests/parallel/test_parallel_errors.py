@@ -43,3 +43,11 @@ def test_missing_rank_times_out_with_a_message(tiny_moe_tp_path, capsys, node_ra
     assert code == 2 and time.monotonic() - start < 30
     err = capsys.readouterr().err
     assert "did not all meet" in err and "--dist-timeout" in err
+
+
+def test_mxfp4_blocks_cannot_be_split(tmp_path, capsys):
+    from specserve.models.tiny import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "m", model_type="qwen3_moe", moe_intermediate_size=32)
+    assert _serve(str(path), "--tp-size", "2", "--moe-runner-backend", "mxfp4") == 2
+    assert "multiple of 32 (it is 32); raise --ep-size" in capsys.readouterr().err

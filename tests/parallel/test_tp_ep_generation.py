@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +13,7 @@ import torch
 
 from specserve.cli import build_parser
 from specserve.core import SamplingParams
+from specserve.engine.distributed import free_local_addr
 from specserve.engine.engine import EngineStats
 from specserve.server.cli import build_engine
 
@@ -81,3 +85,22 @@ def test_tp2_model_drafter_is_lossless(tiny_moe_tp_path, single, drafters, algor
     tokens, stats = _generate(tiny_moe_tp_path, "--tp-size", "2", *spec)
     assert tokens == single
     assert stats.num_draft_tokens > 0
+
+
+def test_two_nodes_on_one_machine(tiny_moe_tp_path, single):
+    """--nnodes 2: node 1 is its own `specserve serve` process (no HTTP), node 0 serves."""
+    addr = free_local_addr()
+    node = ["--tp-size", "2", "--ep-size", "2", "--nnodes", "2", "--dist-init-addr", addr]
+    node1 = subprocess.Popen(
+        [sys.executable, "-m", "specserve", "serve", "--model-path", tiny_moe_tp_path,
+         "--max-total-tokens", "1024", "--page-size", "8", "--dist-timeout", "60",
+         "--node-rank", "1", *node],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        tokens, _ = _generate(tiny_moe_tp_path, "--node-rank", "0", *node)
+        assert node1.wait(timeout=30) == 0  # rank 0's shutdown stops the other node cleanly
+    finally:
+        if node1.poll() is None:
+            node1.kill()
+    assert tokens == single
