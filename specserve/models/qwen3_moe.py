@@ -86,12 +86,11 @@ class MXFP4MLP(nn.Module):
 
     @classmethod
     def from_dense(cls, mlp: GatedMLP) -> MXFP4MLP:
-        new = cls.__new__(cls)
-        nn.Module.__init__(new)
+        """Quantise a dense expert (as `specserve quantize mxfp4` does, bit for bit)."""
+        new = cls(mlp.gate_proj.weight.shape[1], mlp.intermediate)
         for name in ("gate_proj", "up_proj", "down_proj"):
             w = MXFP4Weight.from_dense(getattr(mlp, name).weight.detach())
             setattr(new, name, MXFP4Linear.from_weight(w))
-        new.intermediate, new._fused = mlp.intermediate, False
         return new
 
     def to_dense(self, dtype: torch.dtype) -> GatedMLP:
