@@ -177,6 +177,9 @@ class SparseMoeBlock(nn.Module):
         return weights.to(x.dtype), ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., H] (a flattened batch, or a drafter's [B, K, H] blocks) -> [..., H]."""
+        if x.dim() != 2:
+            return self.forward(x.reshape(-1, x.shape[-1])).view(x.shape)
         weights, ids = self.route(x)
         flat = ids.reshape(-1)
         order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert

@@ -45,7 +45,8 @@ from torch import nn
 
 from specserve.config import ConfigError, ModelConfig
 from specserve.core import Request
-from specserve.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from specserve.models.layers import Linear, RMSNorm, RotaryEmbedding
+from specserve.models.qwen3_moe import make_mlp
 from specserve.spec.base import Drafter, DraftProposal
 from specserve.spec.sampling import draw, proposal_probs
 
@@ -180,10 +181,10 @@ class DraftAttention(nn.Module):
 
 
 class DraftLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.self_attn = DraftAttention(cfg)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias)
+        self.mlp = make_mlp(cfg, layer_idx)  # MoE when the drafter's config says so
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -210,7 +211,7 @@ class DFlashDraftModel(nn.Module):
         self.config = cfg
         self.block_size = cfg.block_size
         self.embed_tokens = nn.Embedding(m.vocab_size, m.hidden_size)
-        self.layers = nn.ModuleList(DraftLayer(m) for _ in range(m.num_hidden_layers))
+        self.layers = nn.ModuleList(DraftLayer(m, i) for i in range(m.num_hidden_layers))
         self.norm = RMSNorm(m.hidden_size, m.rms_norm_eps)
         self.fc = Linear(len(cfg.target_layer_ids) * m.hidden_size, m.hidden_size)
         self.hidden_norm = RMSNorm(m.hidden_size, m.rms_norm_eps)

@@ -31,8 +31,9 @@ from torch import nn
 from specserve.config import ModelConfig
 from specserve.core import Request
 from specserve.models.attention import AttentionContext, CausalAttention
-from specserve.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
+from specserve.models.layers import Linear, RMSNorm, RotaryEmbedding
 from specserve.models.qwen3 import DecoderLayer
+from specserve.models.qwen3_moe import make_mlp
 from specserve.spec.base import Drafter, DraftProposal
 from specserve.spec.sampling import draw, proposal_probs
 
@@ -54,8 +55,8 @@ class MTPModule(nn.Module):
         self.enorm = RMSNorm(h, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(h, cfg.rms_norm_eps)
         self.eh_proj = Linear(2 * h, h)
-        mlp = GatedMLP(h, cfg.intermediate_size, cfg.mlp_bias)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, mlp)])
+        # DeepSeek numbers the MTP layer after the target's layers (sparse in a MoE target)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, make_mlp(cfg, cfg.num_hidden_layers))])
         self.final_norm = RMSNorm(h, cfg.rms_norm_eps)
         self.lm_head = Linear(h, cfg.vocab_size)
         self.rotary = RotaryEmbedding(
