@@ -16,6 +16,7 @@ PART_MODULES: tuple[str, ...] = (
     "specserve.quant.cli",
     "specserve.bench.cli",
     "specserve.cluster.cli",
+    "specserve.train.cli",
 )
 
 

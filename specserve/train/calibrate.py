@@ -1,0 +1,74 @@
+"""Calibrate a DSpark confidence head by sequential temperature scaling on held-out data.
+
+Every position of the held-out continuations is an anchor; the drafter drafts a block there
+and each slot's accept flag is drawn as in serving (greedy match at temperature 0, a
+min(1, p/q) coin at temperature 1). The first half of the sequences fits the temperatures
+(`spec/calibration.fit_sts`), the second half reports the survival ECE before and after.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from specserve.spec.calibration import fit_sts, save_sts, survival_ece
+from specserve.train.evaluate import continuations, drafts_and_alpha
+
+
+@torch.no_grad()
+def collect(target, drafter, seqs, prompt_len, k, temperature, batch_size=8, seed=0):
+    """-> confidence logits [N, K], accept flags [N, K] bool, sequence index [N]."""
+    gen = torch.Generator().manual_seed(seed)
+    logits, flags, owner = [], [], []
+    for i in range(0, len(seqs), batch_size):
+        batch = seqs[i : i + batch_size]
+        drafts, alpha = drafts_and_alpha(
+            target, drafter, "dspark", batch, prompt_len, k, temperature, gen
+        )
+        if drafts.confidence_logits is None:
+            raise ValueError("the drafter has no confidence head (enable_confidence_head)")
+        flips = torch.rand(alpha.shape, generator=gen) < alpha.cpu()
+        logits.append(drafts.confidence_logits.cpu().reshape(-1, k))
+        flags.append(flips.reshape(-1, k))
+        b, a = alpha.shape[:2]
+        owner.append((torch.arange(b)[:, None] + i).expand(b, a).reshape(-1))
+    return torch.cat(logits), torch.cat(flags), torch.cat(owner)
+
+
+def calibrate(
+    drafter_dir,
+    data_dir,
+    target_dir=None,
+    temperature: float = 1.0,
+    out=None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Fit, write `sts.json` (default: in the drafter folder) and return the report."""
+    from specserve.models.loader import load_model
+    from specserve.spec.checkpoint import load_drafter
+    from specserve.train.gendata import dataset_meta
+
+    target_dir = target_dir or dataset_meta(data_dir).get("target")
+    if not target_dir:
+        raise ValueError(f"{data_dir}: meta.json names no target; pass --target")
+    target, _ = load_model(target_dir, device=device)
+    drafter = load_drafter(drafter_dir, target, device=device)
+    seqs, p, _ = continuations(target, data_dir, temperature, seed=seed)
+    k = drafter.block_size
+    conf, acc, owner = collect(target, drafter, seqs.to(device), p, k, temperature, seed=seed)
+    fit = owner < len(seqs) // 2
+    temps = fit_sts(conf[fit], acc[fit])
+    before = survival_ece(conf[~fit], acc[~fit])
+    after = survival_ece(conf[~fit], acc[~fit], temps)
+    out = Path(out) if out else Path(drafter_dir) / "sts.json"
+    save_sts(out, temps, before, after)
+    return {
+        "sts": str(out),
+        "temperatures": [round(float(t), 4) for t in temps],
+        "ece_before": [round(e, 4) for e in before],
+        "ece_after": [round(e, 4) for e in after],
+        "fit_blocks": int(fit.sum()),
+        "report_blocks": int((~fit).sum()),
+    }

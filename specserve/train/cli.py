@@ -1,0 +1,280 @@
+"""`specserve train ...` and `specserve eval drafter`: the drafter-training command line.
+
+Imports stay inside the handlers so `specserve --help` does not load torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    train = sub.add_parser("train", help="train a tokenizer, target LM or drafter")
+    tsub = train.add_subparsers(dest="train_command", required=True, metavar="STEP")
+
+    p = tsub.add_parser("corpus", help="export the demo corpus (stdlib code, man-page prose)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--max-mb", type=float, default=24.0, help="cap per domain")
+    p.set_defaults(func=_corpus)
+
+    p = tsub.add_parser("tokenizer", help="byte-level BPE on the corpora's train split")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="DIR")
+    p.add_argument("--vocab-size", type=int, required=True)
+    p.add_argument("--out", required=True)
+    _threads(p)
+    p.set_defaults(func=_tokenizer)
+
+    p = tsub.add_parser("target", help="pre-train a Qwen3 target LM")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="DIR")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--config", required=True, help='JSON: {"model": {...}, "train": {...}}')
+    p.add_argument("--out", required=True)
+    p.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _common(p, resume=True)
+    p.set_defaults(func=_target)
+
+    p = tsub.add_parser("prompts", help="cut prompts (token windows) from corpus files")
+    p.add_argument("--corpus", nargs="+", required=True, metavar="DIR")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--split", choices=["train", "heldout"], default="train")
+    p.add_argument("--per-corpus", type=int, default=1000)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    _threads(p)
+    p.set_defaults(func=_prompts)
+
+    p = tsub.add_parser("gen-data", help="continue prompts with the target (training data)")
+    p.add_argument("--target", required=True)
+    p.add_argument("--prompts", required=True, help="JSON lines with token_ids or text")
+    p.add_argument("--out", required=True)
+    p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=int, default=96)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=64)
+    _common(p, resume=False)
+    p.set_defaults(func=_gendata)
+
+    p = tsub.add_parser("drafter", help="train an MTP, DFlash or DSpark drafter")
+    p.add_argument("--algorithm", required=True, choices=["mtp", "dflash", "dspark"])
+    p.add_argument("--target", required=True)
+    p.add_argument("--data", required=True, help="a gen-data folder")
+    p.add_argument("--out", required=True)
+    p.add_argument("--block-size", type=int, default=7)
+    p.add_argument("--num-layers", type=int, default=1)
+    p.add_argument("--target-layer-ids", type=int, nargs="+")
+    p.add_argument("--markov-rank", type=int, default=128)
+    p.add_argument("--markov-head-type", choices=["vanilla", "gated", "rnn"], default="vanilla")
+    p.add_argument("--anchors-per-seq", type=int, default=16)
+    p.add_argument("--mtp-depth", type=int, default=3)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    _common(p, resume=True)
+    p.set_defaults(func=_drafter)
+
+    p = tsub.add_parser("calibrate", help="fit STS temperatures of a DSpark confidence head")
+    p.add_argument("--drafter", required=True)
+    p.add_argument("--data", required=True, help="a gen-data folder of held-out prompts")
+    p.add_argument("--target", help="default: the target named in the data's meta.json")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--out", help="default: DRAFTER/sts.json")
+    _common(p, resume=False)
+    p.set_defaults(func=_calibrate)
+
+    ev = sub.add_parser("eval", help="offline evaluation")
+    esub = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+    p = esub.add_parser("drafter", help="accept length per domain, no server")
+    p.add_argument("--target", required=True)
+    p.add_argument("--drafter", required=True)
+    p.add_argument("--data", required=True, help="a gen-data folder (its prompts are used)")
+    p.add_argument("--temperature", type=float, default=0.0, choices=[0.0, 1.0])
+    p.add_argument("--block-size", type=int, help="draft tokens per round (MTP: chained steps)")
+    p.add_argument("--json", help="also write the result here")
+    _common(p, resume=False)
+    p.set_defaults(func=_eval)
+
+
+def _threads(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+
+
+def _common(p: argparse.ArgumentParser, resume: bool) -> None:
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    _threads(p)
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from out/checkpoint.pt")
+
+
+def _run(args, fn):
+    """Set up torch, run `fn`, and turn bad input into a one-line CLI error."""
+    import torch
+
+    from specserve.cli import CLIError
+    from specserve.config import ConfigError
+
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    if getattr(args, "device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        raise CLIError("--device cuda: no CUDA device is available")
+    try:
+        return fn()
+    except (ValueError, ConfigError, FileNotFoundError) as e:
+        raise CLIError(str(e)) from None
+
+
+def _need_dirs(*paths: str) -> None:
+    from specserve.cli import CLIError
+
+    for path in paths:
+        if not Path(path).is_dir():
+            raise CLIError(f"{path}: no such folder")
+
+
+def _print(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _corpus(args):
+    from specserve.train.data import export_corpus
+
+    _print(export_corpus(args.out, int(args.max_mb * (1 << 20))))
+
+
+def _tokenizer(args):
+    from specserve.train.tokenizer import train_tokenizer
+
+    _need_dirs(*args.corpus)
+    _run(args, lambda: train_tokenizer(args.corpus, args.vocab_size, args.out))
+    print(f"tokenizer written to {args.out}")
+
+
+def _target(args):
+    from specserve.cli import CLIError
+    from specserve.train.target import train_target
+
+    _need_dirs(*args.corpus, args.tokenizer)
+    try:
+        run_config = json.loads(Path(args.config).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CLIError(f"--config {args.config}: {e}") from None
+    summary = _run(
+        args,
+        lambda: train_target(
+            args.corpus,
+            args.tokenizer,
+            run_config,
+            args.out,
+            args.resume,
+            args.device,
+            args.save_dtype,
+        ),
+    )
+    _print({k: v for k, v in summary.items() if k != "log"})
+
+
+def _prompts(args):
+    from specserve.train.gendata import make_prompts
+
+    _need_dirs(*args.corpus, args.tokenizer)
+    n = _run(
+        args,
+        lambda: make_prompts(
+            args.corpus,
+            args.tokenizer,
+            args.split,
+            args.per_corpus,
+            args.prompt_len,
+            args.out,
+            args.seed,
+        ),
+    )
+    print(f"{n} prompts written to {args.out}")
+
+
+def _gendata(args):
+    from specserve.train.gendata import generate_dataset
+
+    _need_dirs(args.target)
+    meta = _run(
+        args,
+        lambda: generate_dataset(
+            args.target,
+            args.prompts,
+            args.out,
+            args.prompt_len,
+            args.max_new_tokens,
+            args.temperature,
+            args.batch_size,
+            device=args.device,
+        ),
+    )
+    _print(meta)
+
+
+def _drafter(args):
+    from specserve.train.drafter import DrafterSpec, train_drafter
+    from specserve.train.loop import TrainConfig
+
+    _need_dirs(args.target, args.data)
+
+    def go():
+        spec = DrafterSpec(
+            algorithm=args.algorithm,
+            block_size=args.block_size,
+            num_layers=args.num_layers,
+            target_layer_ids=tuple(args.target_layer_ids) if args.target_layer_ids else None,
+            markov_rank=args.markov_rank,
+            markov_head_type=args.markov_head_type,
+            anchors_per_seq=args.anchors_per_seq,
+            mtp_depth=args.mtp_depth,
+        )
+        train = TrainConfig(
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            min_lr=args.lr / 10,
+            warmup=max(1, args.steps // 20),
+            checkpoint_minutes=args.checkpoint_minutes,
+        )
+        return train_drafter(
+            spec, args.target, args.data, args.out, train, args.resume, args.device
+        )
+
+    summary = _run(args, go)
+    _print({k: v for k, v in summary.items() if k != "log"} | {"last": summary["log"][-1]})
+
+
+def _calibrate(args):
+    from specserve.train.calibrate import calibrate
+
+    _need_dirs(args.drafter, args.data)
+    _print(
+        _run(
+            args,
+            lambda: calibrate(
+                args.drafter, args.data, args.target, args.temperature, args.out, args.device
+            ),
+        )
+    )
+
+
+def _eval(args):
+    from specserve.train.evaluate import evaluate_drafter
+
+    _need_dirs(args.target, args.drafter, args.data)
+    result = _run(
+        args,
+        lambda: evaluate_drafter(
+            args.target, args.drafter, args.data, args.temperature, args.block_size, args.device
+        ),
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"{result['algorithm']}  block {result['block_size']}  temperature {args.temperature:g}")
+    for dom, r in result["domains"].items():
+        cond = " ".join(f"{x:.2f}" for x in r["conditional"])
+        print(f"  {dom:8s} tau {r['tau']:.3f}  rounds {r['rounds']:5d}  accept|prev {cond}")

@@ -1,0 +1,351 @@
+"""Offline evaluation of a drafter against its target: accept length and per-position acceptance.
+
+For each sequence `prompt + target continuation` (generated at the evaluation temperature),
+every position a of the continuation is an anchor: the drafter drafts K tokens from the
+committed prefix x_0..x_a exactly as at serving time (DFlash/DSpark: one block over the target
+context before a; DSpark: the Markov head left to right over its own draft tokens; MTP: the
+module chained K times over its own draft tokens). Then:
+
+* temperature 0: draft token k is accepted iff it equals the target's greedy token, which is the
+  continuation itself, so the rounds walked along it are exactly those of greedy speculative
+  decoding;
+* temperature 1: the target scores the drafted tokens (one extra forward over all branches) and
+  slot k is accepted with probability min(1, p_k / q_k) (lossless rejection sampling); a round
+  counts its expected accept length, and the next round starts where seeded coin flips say.
+  The committed history is the sampled continuation, a target sample like the real one.
+
+Rounds start at the first generated token and advance by the accepted count + 1 (the bonus
+token), so tau = committed tokens / rounds, as the engine reports it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from specserve.models.attention import AttentionContext, CausalAttention
+from specserve.train.drafter import target_states
+
+
+class RecordingCausal(CausalAttention):
+    """Causal attention over [B, T] that keeps every layer's K/V ([B, T, kv, d]) for branches."""
+
+    def __init__(self, batch: int, seq_len: int) -> None:
+        super().__init__(batch, seq_len)
+        self.kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attend(self, layer_idx, q, k, v):
+        b, t = self.batch, self.seq_len
+        self.kv[layer_idx] = (k.view(b, t, *k.shape[1:]), v.view(b, t, *v.shape[1:]))
+        return super().attend(layer_idx, q, k, v)
+
+
+class BranchAttention(AttentionContext):
+    """A branches per sequence growing off a recorded prefix: branch (b, a) sees prefix rows
+    < visible[b, a] and its own rows so far (causally). Each forward adds n rows per branch;
+    rows are flattened as [B, A, n]."""
+
+    def __init__(self, prefix: RecordingCausal, visible: torch.Tensor) -> None:
+        self.prefix, self.visible = prefix, visible
+        self.rows: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def attend(self, layer_idx, q, k, v):
+        b, a = self.visible.shape
+        n = q.shape[0] // (b * a)
+        pk, pv = self.prefix.kv[layer_idx]  # [B, T, kv, d]
+        k, v = k.view(b, a, n, *k.shape[1:]), v.view(b, a, n, *v.shape[1:])
+        if layer_idx in self.rows:
+            old_k, old_v = self.rows[layer_idx]
+            k, v = torch.cat([old_k, k], 2), torch.cat([old_v, v], 2)
+        self.rows[layer_idx] = (k, v)
+        s = k.shape[2]  # rows per branch so far; the new ones are the last n
+        t = pk.shape[1]
+        dev = q.device
+        keys = torch.cat([pk[:, None].expand(b, a, *pk.shape[1:]), k], 2)  # [B, A, T+S, kv, d]
+        vals = torch.cat([pv[:, None].expand(b, a, *pv.shape[1:]), v], 2)
+        see_prefix = (
+            torch.arange(t, device=dev)[None, None, None, :] < self.visible[..., None, None]
+        )
+        own = torch.arange(s, device=dev)[None, :] <= (s - n + torch.arange(n, device=dev))[:, None]
+        mask = torch.cat([see_prefix.expand(b, a, n, t), own.expand(b, a, n, s)], -1)
+        qq = q.view(b * a, n, *q.shape[1:]).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            qq,
+            keys.reshape(b * a, t + s, *k.shape[3:]).transpose(1, 2),
+            vals.reshape(b * a, t + s, *v.shape[3:]).transpose(1, 2),
+            attn_mask=mask.reshape(b * a, 1, n, t + s),
+            enable_gqa=True,
+        )
+        return out.transpose(1, 2).reshape(b * a * n, *q.shape[1:])
+
+
+@dataclass
+class Drafts:
+    tokens: torch.Tensor  # [B, A, K] draft token for position anchor + k + 1
+    q: torch.Tensor  # [B, A, K] probability the drafter gave that token
+    confidence_logits: torch.Tensor | None  # [B, A, K] (DSpark)
+
+
+def _pick(logits: torch.Tensor, temperature: float, gen: torch.Generator):
+    """-> token [...], its probability [...] under softmax(logits) (greedy: 1). Sampling draws
+    on the CPU with `gen`, so results do not depend on the device."""
+    if temperature == 0:
+        tok = logits.argmax(-1)
+        return tok, torch.ones(tok.shape, device=tok.device)
+    probs = F.softmax(logits.float(), -1)
+    flat = probs.reshape(-1, probs.shape[-1]).cpu()
+    tok = torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1]).to(probs.device)
+    return tok, probs.gather(-1, tok[..., None]).squeeze(-1)
+
+
+@torch.no_grad()
+def draft_blocks(drafter, seqs, feats, anchors, k, temperature, gen) -> Drafts:
+    """DFlash / DSpark drafts of K tokens at every anchor [B, A]."""
+    hidden, _, _ = drafter.run_blocks(seqs, feats, anchors)
+    hidden = hidden[:, :, :k]
+    base = drafter.compute_logits(hidden)
+    markov = getattr(drafter, "markov_head", None)
+    if markov is None:
+        tokens, q = _pick(base, temperature, gen)
+        prev = torch.cat([seqs.gather(1, anchors)[..., None], tokens[..., :-1]], -1)
+    else:
+        prev_tok, state, toks, qs = seqs.gather(1, anchors), None, [], []
+        for j in range(k):
+            logits, state = drafter.markov_step(base[:, :, j], prev_tok, hidden[:, :, j], state)
+            tok, qj = _pick(logits, temperature, gen)
+            toks.append(tok), qs.append(qj)
+            prev_tok = tok
+        tokens, q = torch.stack(toks, -1), torch.stack(qs, -1)
+        prev = torch.cat([seqs.gather(1, anchors)[..., None], tokens[..., :-1]], -1)
+    conf = (
+        drafter.confidence_logits(hidden, prev) if hasattr(drafter, "confidence_logits") else None
+    )
+    return Drafts(tokens, q, conf)
+
+
+@torch.no_grad()
+def draft_mtp(mtp, seqs, last, anchors, k, temperature, gen) -> Drafts:
+    """MTP chained k times at every anchor a: step 1 reads row a-1 (h_{a-1}, x_a); step s
+    feeds back its own hidden state and draft token, seeing the module's K/V of rows < a."""
+    b, t = seqs.shape
+    rec = RecordingCausal(b, t - 1)
+    x = mtp.combine(seqs[:, 1:], last[:, :-1]).reshape(b * (t - 1), -1)
+    pos = torch.arange(t - 1, device=seqs.device).repeat(b)
+    rows = mtp.layer(x, pos, rec).view(b, t - 1, -1)
+    a = anchors.shape[1]
+    h = rows.gather(1, (anchors - 1)[..., None].expand(-1, -1, rows.shape[-1]))  # [B, A, H]
+    tok, q = _pick(mtp.compute_logits(h), temperature, gen)
+    toks, qs = [tok], [q]
+    branch = BranchAttention(rec, anchors)  # rows < a of the module's own cache
+    for s in range(1, k):
+        xin = mtp.combine(toks[-1], h).reshape(b * a, -1)
+        pos = (anchors + s - 1).reshape(-1)
+        h = mtp.layer(xin, pos, branch).view(b, a, -1)
+        tok, q = _pick(mtp.compute_logits(h), temperature, gen)
+        toks.append(tok), qs.append(q)
+    return Drafts(torch.stack(toks, -1), torch.stack(qs, -1), None)
+
+
+@torch.no_grad()
+def target_accept_probs(target, seqs, anchors, drafts: Drafts) -> torch.Tensor:
+    """min(1, p_k / q_k) for every slot: p from one target pass over the drafted branches."""
+    b, t = seqs.shape
+    a, k = drafts.tokens.shape[1:]
+    rec = RecordingCausal(b, t)
+    pos = torch.arange(t, device=seqs.device).repeat(b)
+    main = target(seqs.reshape(-1), pos, rec).hidden.view(b, t, -1)
+    h0 = main.gather(1, anchors[..., None].expand(-1, -1, main.shape[-1]))  # p for slot 1
+    hs = [h0[:, :, None]]
+    if k > 1:
+        branch = BranchAttention(rec, anchors + 1)  # rows 0..a, then the drafted tokens
+        ids = drafts.tokens[:, :, : k - 1].reshape(-1)
+        bpos = (anchors[..., None] + 1 + torch.arange(k - 1, device=seqs.device)).reshape(-1)
+        hs.append(target(ids, bpos, branch).hidden.view(b, a, k - 1, -1))
+    p = F.softmax(target.compute_logits(torch.cat(hs, 2)), -1)
+    p_tok = p.gather(-1, drafts.tokens[..., None]).squeeze(-1)
+    return (p_tok / drafts.q.clamp_min(1e-12)).clamp(max=1.0)
+
+
+@dataclass
+class RoundStats:
+    """Sums over rounds; `tau` and `conditional` read them."""
+
+    k: int
+    rounds: int = 0
+    committed: float = 0.0
+    reached: torch.Tensor | None = None  # [K] expected rounds reaching slot k
+    accepted: torch.Tensor | None = None  # [K] expected rounds accepting slot k
+
+    def __post_init__(self) -> None:
+        self.reached = torch.zeros(self.k, dtype=torch.float64)
+        self.accepted = torch.zeros(self.k, dtype=torch.float64)
+
+    def add(self, alpha: torch.Tensor) -> None:
+        """alpha [K]: per-slot acceptance probabilities (0/1 when greedy) of one round."""
+        alive = torch.cumprod(torch.cat([alpha.new_ones(1), alpha[:-1]]), 0).double()
+        self.reached += alive
+        self.accepted += alive * alpha.double()
+        self.committed += 1.0 + float(torch.cumprod(alpha.double(), 0).sum())
+        self.rounds += 1
+
+    def merge(self, other: RoundStats) -> None:
+        self.rounds += other.rounds
+        self.committed += other.committed
+        self.reached += other.reached
+        self.accepted += other.accepted
+
+    @property
+    def tau(self) -> float:
+        return self.committed / max(1, self.rounds)
+
+    @property
+    def conditional(self) -> list[float]:
+        return [float(x) for x in self.accepted / self.reached.clamp_min(1e-12)]
+
+
+def walk_rounds(alpha: torch.Tensor, start: int, gen: torch.Generator, stats: RoundStats) -> None:
+    """alpha [A, K] for anchors start, start+1, ...: walk the rounds of one sequence."""
+    i, n = 0, alpha.shape[0]
+    while i < n:
+        al = alpha[i]
+        stats.add(al)
+        flips = torch.rand(al.shape, generator=gen) < al
+        acc = int(torch.cumprod(flips.long(), 0).sum())
+        i += acc + 1
+
+
+@torch.no_grad()
+def drafts_and_alpha(target, drafter, kind, seqs, prompt_len, k, temperature, gen):
+    """Drafts and acceptance probabilities [B, A, K] at anchors prompt_len .. T - k - 1."""
+    b, t = seqs.shape
+    anchors = torch.arange(prompt_len, t - k, device=seqs.device).expand(b, -1).contiguous()
+    if kind == "mtp":
+        _, last = target_states(target, seqs, (target.config.num_hidden_layers - 1,))
+        drafts = draft_mtp(drafter, seqs, last, anchors, k, temperature, gen)
+    else:
+        feats, _ = target_states(target, seqs, drafter.config.target_layer_ids)
+        drafts = draft_blocks(drafter, seqs, feats, anchors, k, temperature, gen)
+    if temperature == 0:
+        labels = seqs.gather(
+            1, (anchors[..., None] + 1 + torch.arange(k, device=seqs.device)).view(b, -1)
+        )
+        alpha = (drafts.tokens == labels.view(b, -1, k)).float()
+    else:
+        alpha = target_accept_probs(target, seqs, anchors, drafts)
+    return drafts, alpha
+
+
+def evaluate_sequences(
+    target,
+    drafter,
+    kind: str,
+    seqs: torch.Tensor,
+    prompt_len: int,
+    k: int,
+    temperature: float,
+    batch_size: int = 8,
+    seed: int = 0,
+) -> RoundStats:
+    """Accept-length statistics of one set of sequences [N, T] (see the module docstring)."""
+    gen = torch.Generator().manual_seed(seed)
+    stats = RoundStats(k)
+    for i in range(0, len(seqs), batch_size):
+        _, alpha = drafts_and_alpha(
+            target, drafter, kind, seqs[i : i + batch_size], prompt_len, k, temperature, gen
+        )
+        for row in alpha.cpu():
+            walk_rounds(row, 0, gen, stats)
+    return stats
+
+
+# -- folders in, tables out --------------------------------------------------------------------
+def continuations(target, data_dir, temperature: float, batch_size: int = 32, seed: int = 0):
+    """The data set's prompts continued by the target at `temperature` (cached in data_dir).
+    -> seqs [N, T] long, prompt_len, domains."""
+    from pathlib import Path
+
+    from specserve.train.gendata import dataset_meta, generate, load_dataset
+
+    data = load_dataset(data_dir)
+    p = int(data["prompt_len"])
+    new = int(dataset_meta(data_dir).get("max_new_tokens", data["input_ids"].shape[1] - p))
+    cache = Path(data_dir) / f"eval_t{temperature:g}_s{seed}.pt"
+    if cache.is_file():
+        seqs = torch.load(cache)
+    else:
+        prompts = data["input_ids"][:, :p].long()
+        dev = next(target.parameters()).device
+        parts = [
+            generate(target, prompts[i : i + batch_size].to(dev), new, temperature, seed + i).cpu()
+            for i in range(0, len(prompts), batch_size)
+        ]
+        seqs = torch.cat(parts)
+        torch.save(seqs, cache)
+    return seqs, p, list(data["domains"])
+
+
+def evaluate_drafter(
+    target_dir,
+    drafter_dir,
+    data_dir,
+    temperature: float = 0.0,
+    block_size: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> dict:
+    """Per domain (and 'all'): tau, conditional acceptance per position, rounds."""
+    from specserve.models.loader import load_model
+    from specserve.spec.checkpoint import kind_of, load_drafter, read_config
+
+    target, _ = load_model(target_dir, device=device)
+    drafter = load_drafter(drafter_dir, target, device=device)
+    kind = kind_of(read_config(drafter_dir))
+    k = block_size or (1 if kind == "mtp" else drafter.block_size)
+    if kind != "mtp" and k > drafter.block_size:
+        raise ValueError(f"block size {k} exceeds the drafter's block_size {drafter.block_size}")
+    seqs, p, domains = continuations(target, data_dir, temperature, seed=seed)
+    result = {"algorithm": kind, "block_size": k, "temperature": temperature, "domains": {}}
+    total = RoundStats(k)
+    for dom in sorted(set(domains)):
+        rows = torch.tensor([i for i, d in enumerate(domains) if d == dom])
+        st = evaluate_sequences(
+            target, drafter, kind, seqs[rows].to(device), p, k, temperature, seed=seed
+        )
+        total.merge(st)
+        result["domains"][dom] = _summary(st)
+    result["domains"]["all"] = _summary(total)
+    return result
+
+
+def _summary(st: RoundStats) -> dict:
+    return {
+        "tau": round(st.tau, 3),
+        "conditional": [round(x, 3) for x in st.conditional],
+        "rounds": st.rounds,
+    }
+
+
+def engine_accept_length(
+    target_dir, drafter_dir, algorithm: str, prompts: list[list[int]], k: int, max_tokens: int
+) -> float:
+    """The same measurement through the serving engine (greedy, every draft verified): a
+    cross-check of the offline numbers. Returns the engine's average accept length."""
+    from specserve.config import SpecConfig
+    from specserve.core import SamplingParams
+    from specserve.llm import LLM
+    from specserve.spec.factory import build_speculation
+
+    llm = LLM(str(target_dir), max_total_tokens=8192)
+    mtp = algorithm == "mtp"
+    spec = SpecConfig(
+        algorithm={"mtp": "NEXTN", "dflash": "DFLASH", "dspark": "DSPARK"}[algorithm],
+        draft_model_path=str(drafter_dir),
+        num_steps=k if mtp else None,
+        block_size=None if mtp else k,
+        verify_policy="full",
+    )
+    llm.engine.set_speculation(*build_speculation(spec, llm.engine))
+    llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))
+    return float(llm.engine.stats.avg_accept_length)

@@ -1,0 +1,191 @@
+"""Pre-train a small target LM (our Qwen3 class) on the corpora; save it in Hugging Face format.
+
+The run config is one JSON file: `{"model": {Hugging Face config fields}, "train": {TrainConfig
+fields}, "max_bytes_per_corpus": N}`. Sequences are packed documents of every corpus's train
+split, mixed and shuffled with the run's seed; step s always reads the same rows, so a resumed
+run sees exactly the data an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from specserve.config import DTYPES, ModelConfig
+from specserve.models.attention import CausalAttention
+from specserve.models.qwen3 import CausalLM
+from specserve.train.data import corpus_files, pack, read_texts, tokenize
+from specserve.train.loop import Checkpointer, Progress, TrainConfig, make_optimizer, write_json
+from specserve.train.tokenizer import load_tokenizer
+
+DEFAULT_MAX_BYTES = 8 << 20
+
+
+def model_config_dict(model: dict[str, Any], tokenizer) -> dict[str, Any]:
+    """A complete Qwen3 `config.json` from the run config's model fields."""
+    cfg = {
+        "architectures": ["Qwen3ForCausalLM"],
+        "model_type": "qwen3",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-6,
+        "rope_theta": 10000.0,
+        "tie_word_embeddings": False,
+        "attention_bias": False,
+        "hidden_act": "silu",
+        "torch_dtype": "float32",
+        "bos_token_id": None,
+        "eos_token_id": [
+            tokenizer.token_to_id("<|endoftext|>"),
+            tokenizer.token_to_id("<|im_end|>"),
+        ],
+    }
+    cfg.update(model)
+    return cfg
+
+
+def token_rows(
+    corpora: list[str | Path], tokenizer, split: str, seq_len: int, max_bytes: int, seed: int
+) -> torch.Tensor:
+    """Packed [n, seq_len] rows of a split of every corpus, shuffled with `seed`."""
+    eos = tokenizer.token_to_id("<|endoftext|>")
+    rows = []
+    for corpus in corpora:
+        files = corpus_files(corpus, split)
+        random.Random(seed).shuffle(files)  # a varied sample when max_bytes cuts the list
+        rows.append(pack(tokenize(read_texts(files, max_bytes), tokenizer, eos), seq_len))
+    allrows = torch.cat(rows)
+    perm = torch.randperm(len(allrows), generator=torch.Generator().manual_seed(seed))
+    return allrows[perm]
+
+
+def lm_loss(model: CausalLM, batch: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of a [B, T] batch."""
+    b, t = batch.shape
+    x = batch[:, :-1].reshape(-1)
+    pos = torch.arange(t - 1, device=batch.device).repeat(b)
+    out = model(x, pos, CausalAttention(b, t - 1))
+    return F.cross_entropy(model.compute_logits(out.hidden), batch[:, 1:].reshape(-1).long())
+
+
+def save_hf(
+    model: CausalLM, config: dict[str, Any], out: str | Path, dtype: str = "float32"
+) -> None:
+    """config.json + model.safetensors (weights cast to `dtype`; they load back to any dtype)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()
+    }
+    if config.get("tie_word_embeddings"):
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    (out / "config.json").write_text(json.dumps(config | {"torch_dtype": dtype}, indent=2) + "\n")
+
+
+def copy_tokenizer(src: str | Path, out: str | Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (Path(out) / name).write_bytes((Path(src) / name).read_bytes())
+
+
+@torch.no_grad()
+def heldout_loss(model: CausalLM, rows: torch.Tensor, batch_size: int, device: str) -> float:
+    losses = [
+        lm_loss(model, rows[i : i + batch_size].to(device)).item()
+        for i in range(0, len(rows), batch_size)
+    ]
+    return sum(losses) / max(1, len(losses))
+
+
+def train_target(
+    corpora: list[str | Path],
+    tokenizer_dir: str | Path,
+    run_config: dict[str, Any],
+    out: str | Path,
+    resume: bool = False,
+    device: str = "cpu",
+    save_dtype: str = "float32",
+) -> dict[str, Any]:
+    """Train and save the target; returns the run summary also written to `out/train_log.json`."""
+    out = Path(out)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    tcfg = TrainConfig.from_dict(run_config.get("train", {}))
+    config = model_config_dict(run_config.get("model", {}), tokenizer)
+    max_bytes = int(run_config.get("max_bytes_per_corpus", DEFAULT_MAX_BYTES))
+    torch.manual_seed(tcfg.seed)
+    model = CausalLM(ModelConfig.from_dict(config))
+    _init_weights(model)
+    model.to(device).train()
+    opt = make_optimizer(model.parameters(), tcfg)
+    ckpt = Checkpointer(out, tcfg.checkpoint_minutes)
+    start, log, elapsed = 0, [], 0.0
+    if resume and ckpt.exists():
+        state = ckpt.load()
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        start, log, elapsed = state["step"], state["log"], state["elapsed"]
+    rows = token_rows(corpora, tokenizer, "train", tcfg.seq_len + 1, max_bytes, tcfg.seed)
+    bar = Progress(tcfg.steps, start, "target")
+    t0 = time.monotonic()
+    for step in range(start, tcfg.steps):
+        idx = torch.arange(step * tcfg.batch_size, (step + 1) * tcfg.batch_size) % len(rows)
+        batch = rows[idx].to(device)
+        for g in opt.param_groups:
+            g["lr"] = tcfg.lr_at(step)
+        loss = lm_loss(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
+        opt.step()
+        bar.update(batch.numel(), loss=loss.item())
+        if step % 10 == 0 or step + 1 == tcfg.steps:
+            log.append({"step": step, "loss": round(loss.item(), 4)})
+        done = step + 1 == tcfg.steps
+        ckpt.maybe_save(_state(model, opt, step + 1, log, elapsed + time.monotonic() - t0), done)
+    bar.close()
+    elapsed += time.monotonic() - t0
+    model.eval()
+    held = {}
+    for corpus in corpora:
+        rows_h = token_rows([corpus], tokenizer, "heldout", tcfg.seq_len + 1, 1 << 20, 0)[:32]
+        held[Path(corpus).name] = round(heldout_loss(model, rows_h, tcfg.batch_size, device), 4)
+    save_hf(model, config, out, save_dtype)
+    copy_tokenizer(tokenizer_dir, out)
+    summary = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_tokens": tcfg.steps * tcfg.batch_size * tcfg.seq_len,
+        "train_seconds": round(elapsed, 1),
+        "heldout_loss": held,
+        "train": tcfg,
+        "log": log,
+    }
+    write_json(out / "train_log.json", summary)
+    return summary
+
+
+def _state(model, opt, step: int, log: list, elapsed: float) -> dict[str, Any]:
+    return {
+        "model": model.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": step,
+        "log": log,
+        "elapsed": elapsed,
+    }
+
+
+def _init_weights(model: CausalLM, std: float = 0.02) -> None:
+    """GPT-style init: normal(0, std) for matrices, output projections scaled by depth."""
+    depth = len(model.model.layers)
+    for name, p in model.named_parameters():
+        if p.dim() >= 2:
+            scale = (
+                (2 * depth) ** -0.5 if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+            )
+            torch.nn.init.normal_(p, 0.0, std * scale)

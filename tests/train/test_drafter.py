@@ -1,0 +1,153 @@
+"""Drafter training: losses go down, no draft slot sees the future, folders load, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specserve.models.loader import load_model
+from specserve.spec.checkpoint import load_drafter, save_drafter
+from specserve.train.anchors import sample_anchors
+from specserve.train.drafter import (
+    DrafterSpec,
+    build_drafter,
+    step_loss,
+    target_states,
+    train_drafter,
+    trainable,
+)
+from specserve.train.gendata import load_dataset
+from specserve.train.loop import TrainConfig, make_optimizer
+
+from .conftest import PROMPT_LEN
+
+SPECS = {
+    "mtp": DrafterSpec("mtp", mtp_depth=2),
+    "dflash": DrafterSpec("dflash", block_size=4, anchors_per_seq=4, target_layer_ids=(0, 2)),
+    "dspark": DrafterSpec(
+        "dspark", block_size=4, anchors_per_seq=4, target_layer_ids=(0, 2), markov_rank=16
+    ),
+}
+
+
+def _setup(tiny_target, algorithm):
+    target, cfg = load_model(tiny_target)
+    torch.manual_seed(0)
+    drafter = build_drafter(SPECS[algorithm], target, cfg.raw)
+    return target, drafter
+
+
+@pytest.mark.parametrize("algorithm", ["mtp", "dflash", "dspark"])
+def test_one_step_lowers_the_loss(tiny_target, tiny_data, algorithm):
+    target, drafter = _setup(tiny_target, algorithm)
+    batch = load_dataset(tiny_data)["input_ids"][:8].long()
+    spec = SPECS[algorithm]
+
+    def loss():
+        gen = torch.Generator().manual_seed(1)
+        return step_loss(drafter, target, batch, PROMPT_LEN, spec, gen)
+
+    opt = make_optimizer(drafter.parameters(), TrainConfig(lr=3e-3, weight_decay=0.0))
+    before = loss()
+    before.total.backward()
+    opt.step()
+    with torch.no_grad():
+        after = loss()
+    assert after.total.item() < before.total.item()
+    assert not any(p.requires_grad for p in target.parameters())
+    assert drafter.lm_head is target.lm_head  # shared and frozen
+
+
+def test_anchors_stay_in_the_generated_part():
+    gen = torch.Generator().manual_seed(0)
+    anchors, mask = sample_anchors(64, 40, 12, 8, gen)
+    assert mask.all()
+    assert (anchors >= 11).all() and (anchors <= 38).all()
+    assert all(len(set(row.tolist())) == 8 for row in anchors)
+    few, fmask = sample_anchors(2, 14, 12, 8, gen)  # only anchors 11 and 12 exist
+    assert fmask.sum(1).tolist() == [2, 2] and sorted(few[0, :2].tolist()) == [11, 12]
+
+
+@pytest.mark.parametrize("algorithm", ["dflash", "dspark"])
+def test_a_block_never_sees_the_future(tiny_target, tiny_data, algorithm):
+    """Block at anchor a: slot k's outputs depend only on tokens <= a + k (slot k's input is
+    the true token at a + k under teacher forcing) and on target features < a."""
+    target, drafter = _setup(tiny_target, algorithm)
+    ids = load_dataset(tiny_data)["input_ids"][:1].long()
+    t = ids.shape[1]
+    anchors = torch.tensor([[14, 20]])
+    feats, _ = target_states(target, ids, drafter.config.target_layer_ids)
+    base = drafter(ids, feats, anchors)
+    for k in range(drafter.block_size):
+        cut = 14 + k + 1  # slot k predicts the token here: change it and everything after
+        ids2 = ids.clone()
+        ids2[0, cut:] = (ids2[0, cut:] + 7) % 500 + 3
+        feats2 = feats.clone()
+        feats2[0, 14:] = torch.randn_like(feats2[0, 14:])  # the anchor's own features too
+        out = drafter(ids2, feats2, anchors)
+        assert torch.allclose(out.logits[0, 0, : k + 1], base.logits[0, 0, : k + 1], atol=1e-5)
+        if algorithm == "dspark":
+            c, c0 = out.confidence_logits[0, 0, : k + 1], base.confidence_logits[0, 0, : k + 1]
+            assert torch.allclose(c, c0, atol=1e-5)
+        assert t > cut
+
+
+def test_mtp_rows_never_see_the_future(tiny_target, tiny_data):
+    target, mtp = _setup(tiny_target, "mtp")
+    ids = load_dataset(tiny_data)["input_ids"][:1].long()
+    _, last = target_states(target, ids, (3,))
+    base = mtp(ids, last)
+    ids2, last2 = ids.clone(), last.clone()
+    ids2[0, 18:] = (ids2[0, 18:] + 5) % 500 + 3
+    last2[0, 17:] = torch.randn_like(last2[0, 17:])
+    out = mtp(ids2, last2)  # row i reads h_i and t_{i+1}: rows <= 16 are unaffected
+    assert torch.allclose(out.logits[0, :17], base.logits[0, :17], atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["mtp", "dflash", "dspark"])
+def test_saved_drafter_loads_and_saves_back(tiny_target, tiny_data, tmp_path, algorithm):
+    spec = SPECS[algorithm]
+    cfg = TrainConfig(steps=2, batch_size=4, warmup=1)
+    train_drafter(spec, tiny_target, tiny_data, tmp_path / "a", cfg)
+    target, _ = load_model(tiny_target)
+    loaded = load_drafter(tmp_path / "a", target)
+    save_drafter(loaded, tmp_path / "b")
+    again = load_drafter(tmp_path / "b", target)
+    a, b = trainable(loaded), trainable(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    raw = json.loads((tmp_path / "a" / "config.json").read_text())
+    if algorithm != "mtp":
+        assert raw["block_size"] == 4 and raw["target_layer_ids"] == [0, 2]
+        assert raw["enable_confidence_head"] == (algorithm == "dspark")
+
+
+def test_resume_continues_from_the_last_checkpoint(tiny_target, tiny_data, tmp_path, monkeypatch):
+    from specserve.train import loop
+
+    spec = SPECS["dspark"]
+    cfg = TrainConfig(steps=4, batch_size=4, warmup=1, checkpoint_minutes=0.0)
+    train_drafter(spec, tiny_target, tiny_data, tmp_path / "full", cfg)
+    # Interrupt the same run during its third step (after two checkpoints), then resume.
+    calls = []
+    real_update = loop.Progress.update
+
+    def update(self, *args, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_update(self, *args, **kw)
+
+    monkeypatch.setattr(loop.Progress, "update", update)
+    with pytest.raises(KeyboardInterrupt):
+        train_drafter(spec, tiny_target, tiny_data, tmp_path / "resumed", cfg)
+    monkeypatch.setattr(loop.Progress, "update", real_update)
+    ck = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)
+    assert ck["step"] == 2 and not (tmp_path / "resumed" / "model.safetensors").exists()
+    log = train_drafter(spec, tiny_target, tiny_data, tmp_path / "resumed", cfg, resume=True)
+    assert log["log"][-1]["step"] == 3
+    target, _ = load_model(tiny_target)
+    a = trainable(load_drafter(tmp_path / "full", target))
+    b = trainable(load_drafter(tmp_path / "resumed", target))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)

@@ -1,0 +1,130 @@
+"""Offline evaluation and the calibrate / eval commands."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from specserve.cli import main
+from specserve.models.attention import CausalAttention
+from specserve.models.loader import load_model
+from specserve.train.evaluate import (
+    BranchAttention,
+    Drafts,
+    RecordingCausal,
+    RoundStats,
+    target_accept_probs,
+    walk_rounds,
+)
+from specserve.train.gendata import generate
+
+
+def test_branch_probabilities_equal_a_direct_forward(tiny_target):
+    target, _ = load_model(tiny_target)
+    seqs = torch.randint(3, 500, (2, 14))
+    anchors = torch.tensor([[4, 9], [6, 7]])
+    tokens = torch.randint(3, 500, (2, 2, 3))
+    q = torch.full((2, 2, 3), 0.5)
+    alpha = target_accept_probs(target, seqs, anchors, Drafts(tokens, q, None))
+    for b in range(2):
+        for a in range(2):
+            i = int(anchors[b, a])
+            ids = torch.cat([seqs[b, : i + 1], tokens[b, a, :2]])
+            out = target(ids, torch.arange(len(ids)), CausalAttention(1, len(ids)))
+            p = target.compute_logits(out.hidden[i:]).softmax(-1)  # rows i, i+1, i+2
+            want = (p[torch.arange(3), tokens[b, a]] / 0.5).clamp(max=1)
+            assert torch.allclose(alpha[b, a], want, atol=1e-5)
+
+
+def test_branch_attention_grows_row_by_row(tiny_target):
+    """Two one-row forwards through a BranchAttention equal one two-row forward."""
+    target, _ = load_model(tiny_target)
+    seqs = torch.randint(3, 500, (1, 10))
+    rec = RecordingCausal(1, 10)
+    target(seqs[0], torch.arange(10), rec)
+    anchors = torch.tensor([[5]])
+    toks = torch.tensor([11, 12])
+    both = target(toks, torch.tensor([6, 7]), BranchAttention(rec, anchors + 1)).hidden
+    br = BranchAttention(rec, anchors + 1)
+    one = target(toks[:1], torch.tensor([6]), br).hidden
+    two = target(toks[1:], torch.tensor([7]), br).hidden
+    assert torch.allclose(torch.cat([one, two]), both, atol=1e-5)
+
+
+def test_rounds_walk_hand_case():
+    alpha = torch.tensor(
+        [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [1.0, 1.0, 1.0], [0, 0, 0], [0, 0, 0]]
+    )
+    st = RoundStats(3)
+    walk_rounds(alpha, 0, torch.Generator(), st)  # rounds at 0 (3 tokens), 3 (4 tokens)
+    assert st.rounds == 2 and st.tau == 3.5
+    assert st.conditional == [1.0, 1.0, 0.5]
+
+
+def test_generate_with_cache_equals_full_recompute(tiny_target):
+    target, _ = load_model(tiny_target)
+    prompts = torch.randint(3, 500, (3, 6))
+    fast = generate(target, prompts, 8, 0.0)
+    seq = prompts
+    for _ in range(8):
+        b, t = seq.shape
+        out = target(seq.reshape(-1), torch.arange(t).repeat(b), CausalAttention(b, t))
+        nxt = target.compute_logits(out.hidden.view(b, t, -1)[:, -1]).argmax(-1)
+        seq = torch.cat([seq, nxt[:, None]], 1)
+    assert torch.equal(fast, seq)
+
+
+def test_calibrate_and_eval_commands(tiny_target, tiny_data, tmp_path, capsys):
+    common = ["--target", tiny_target, "--data", tiny_data]
+    assert (
+        main(
+            [
+                "train",
+                "drafter",
+                "--algorithm",
+                "dspark",
+                *common,
+                "--out",
+                str(tmp_path / "d"),
+                "--block-size",
+                "3",
+                "--markov-rank",
+                "8",
+                "--steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--target-layer-ids",
+                "0",
+                "2",
+            ]
+        )
+        == 0
+    )
+    assert main(["train", "calibrate", "--drafter", str(tmp_path / "d"), "--data", tiny_data]) == 0
+    sts = json.loads((tmp_path / "d" / "sts.json").read_text())
+    assert len(sts["temperatures"]) == 3 and len(sts["ece_after"]) == 3
+    assert all(t > 0 for t in sts["temperatures"])
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                "eval",
+                "drafter",
+                *common,
+                "--drafter",
+                str(tmp_path / "d"),
+                "--temperature",
+                "1",
+                "--json",
+                str(tmp_path / "e.json"),
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "code" in text and "prose" in text and "tau" in text
+    res = json.loads((tmp_path / "e.json").read_text())
+    assert 1.0 <= res["domains"]["all"]["tau"] <= 4.0
+    assert main(["eval", "drafter", *common, "--drafter", str(tmp_path / "nope")]) == 2
