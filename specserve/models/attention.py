@@ -50,6 +50,7 @@ class _Group:
     causal: bool  # with mask None: causal (prefill without prefix) or not (a single query)
     out_index: torch.Tensor  # [valid] positions in the flattened [G*Qmax] output that are real
     out_rows: torch.Tensor  # [valid] matching rows of the batch
+    whole: bool = False  # the group is the whole batch with no padding: plain reshapes
 
 
 class PagedAttention(AttentionContext):
@@ -115,7 +116,9 @@ class PagedAttention(AttentionContext):
             mask[..., 0] |= ~valid_q  # padded queries look at slot 0 to avoid NaN rows
             mask = mask.unsqueeze(1)
         flat_valid = valid_q.reshape(-1)
+        whole = sum(qlens) == self.num_tokens and all(q == qmax for q in qlens)
         return _Group(
+            whole=whole,
             q_index=q_index,
             kv_slots=kv,
             mask=mask,
@@ -128,15 +131,29 @@ class PagedAttention(AttentionContext):
         kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
         kc.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
         vc.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
-        q_pad = torch.cat([q, q.new_zeros(1, q.shape[1], q.shape[2])])
+        h, d = q.shape[1], q.shape[2]
+        if len(self.groups) == 1 and self.groups[0].whole:  # e.g. a decode batch
+            grp = self.groups[0]
+            return self._attend_group(grp, q.view(*grp.q_index.shape, h, d), kc, vc).view(-1, h, d)
+        q_pad = torch.cat([q, q.new_zeros(1, h, d)])
         out = q.new_empty(q.shape)
         for grp in self.groups:
-            qg = q_pad[grp.q_index].transpose(1, 2)  # [G, h, Qmax, d]
-            kg = kc[grp.kv_slots].transpose(1, 2).to(q.dtype)  # [G, kv, Lmax, d]
-            vg = vc[grp.kv_slots].transpose(1, 2).to(q.dtype)
-            o = F.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=grp.mask, is_causal=grp.causal, enable_gqa=True
-            )
-            o = o.transpose(1, 2).reshape(-1, q.shape[1], q.shape[2])
+            o = self._attend_group(grp, q_pad[grp.q_index], kc, vc).reshape(-1, h, d)
             out[grp.out_rows] = o[grp.out_index]
         return out
+
+    @staticmethod
+    def _attend_group(grp: _Group, qg: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor):
+        """qg [G, Qmax, h, d] -> [G, Qmax, h, d] over the group's cached keys and values."""
+        kg, vg = kc[grp.kv_slots], vc[grp.kv_slots]  # [G, Lmax, kv, d]
+        if kg.dtype != qg.dtype:
+            kg, vg = kg.to(qg.dtype), vg.to(qg.dtype)
+        o = F.scaled_dot_product_attention(
+            qg.transpose(1, 2),
+            kg.transpose(1, 2),
+            vg.transpose(1, 2),
+            attn_mask=grp.mask,
+            is_causal=grp.causal,
+            enable_gqa=True,
+        )
+        return o.transpose(1, 2)

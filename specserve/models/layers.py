@@ -1,8 +1,10 @@
 """Building blocks shared by every model: linear, RMSNorm, rotary embedding, gated MLP.
 
-All matrix products go through `linear()`, so the choice of kernel form per batch size lives in
-one place (on this CPU's MKL, `F.linear` is fastest for one row while `W @ x.T` keeps small
-batches near one-row cost).
+All matrix products go through `linear()`, so the choice of kernel form lives in one place.
+At inference, `to_input_major` stores weights input-major ([in, out] contiguous; the `weight`
+parameter stays an [out, in] view of it, so names and shapes are unchanged): on this CPU's MKL
+`x @ W_t` streams a large weight at ~22 GB/s for one row where `F.linear` reaches ~12 GB/s
+(benchmarks/engine_decode.py measures the effect end to end).
 """
 
 from __future__ import annotations
@@ -13,16 +15,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Row counts for which `W @ x.T` beats `F.linear` on MKL (measured in benchmarks/linear_forms.py).
-_MM_ROWS = range(2, 33)
-
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias for x [N, in], weight [out, in] -> [N, out]."""
-    if x.dim() == 2 and x.shape[0] in _MM_ROWS and x.device.type == "cpu":
-        y = torch.mm(weight, x.t()).t()
-        return y + bias if bias is not None else y
+    if weight.stride(0) == 1 and weight.dim() == 2:  # input-major storage
+        w_t = weight.t()
+        return torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
     return F.linear(x, weight, bias)
+
+
+def to_input_major(*weights: torch.Tensor) -> torch.Tensor:
+    """Store `weights` ([out_i, in] each) in one input-major block [in, sum out_i] and make each
+    an [out_i, in] view of it. Returns the whole block as an [sum out_i, in] view (a fused
+    weight for one product over all of them)."""
+    block = torch.cat([w.detach().t() for w in weights], dim=1).contiguous()
+    start = 0
+    for w in weights:
+        w.data = block[:, start : start + w.shape[0]].t()
+        start += w.shape[0]
+    return block.t()
 
 
 class Linear(nn.Module):
@@ -88,11 +99,26 @@ class RotaryEmbedding(nn.Module):
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [N]; q [N, h, d], k [N, kv, d] -> rotated q, k (one pass over both)."""
-        cos = self.cos[positions].unsqueeze(1)
-        sin = self.sin[positions].unsqueeze(1)
-        x = torch.cat([q, k], dim=1).float()
-        x1, x2 = x.chunk(2, dim=-1)
+        """positions [N]; q [N, h, d], k [N, kv, d] -> rotated q, k."""
+        return self.bind(positions)(positions, q, k)
+
+    def bind(self, positions: torch.Tensor) -> BoundRotary:
+        """The cos/sin rows of `positions`, looked up once for all layers of one forward."""
+        return BoundRotary(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+
+
+class BoundRotary:
+    """A rotary embedding for fixed positions; called like `RotaryEmbedding`."""
+
+    def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        self.cos, self.sin = cos, sin
+
+    def __call__(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat([q, k], dim=1)  # one pass over q and k
+        x1, x2 = x.float().chunk(2, dim=-1)
+        cos, sin = self.cos, self.sin
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(q.dtype)
         return out.split([q.shape[1], k.shape[1]], dim=1)
 

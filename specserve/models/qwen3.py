@@ -13,7 +13,7 @@ from torch import nn
 
 from specserve.config import ModelConfig
 from specserve.models.attention import AttentionContext
-from specserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear
+from specserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear, to_input_major
 from specserve.models.parallel import (
     Parallel,
     column_linear,
@@ -47,11 +47,12 @@ class Attention(nn.Module):
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
 
     def fuse(self) -> None:
-        """One product for q, k and v at inference."""
+        """Inference layout: q, k and v in one input-major block (one product), o too."""
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in projs]).detach()
+        weight = to_input_major(*(p.weight for p in projs))
         bias = torch.cat([p.bias for p in projs]).detach() if self.q_proj.bias is not None else None
         self._qkv = (weight, bias)
+        to_input_major(self.o_proj.weight)
 
     def forward(
         self,
@@ -123,10 +124,13 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
 
     def fuse(self) -> None:
+        """Switch to the inference weight layout (see layers.to_input_major)."""
         for layer in self.model.layers:
             layer.self_attn.fuse()
             if isinstance(layer.mlp, GatedMLP):
                 layer.mlp.fuse()
+        if not self.config.tie_word_embeddings:
+            to_input_major(self.lm_head.weight)
 
     def forward(
         self,
@@ -140,8 +144,9 @@ class CausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         kept: dict[int, torch.Tensor] = {-1: x} if -1 in capture else {}
         last = len(self.model.layers) - 1
+        rotary = self.model.rotary.bind(positions)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, self.model.rotary, ctx, i)
+            x = layer(x, positions, rotary, ctx, i)
             if i in capture and i != last:
                 kept[i] = x
         x = self.model.norm(x)
