@@ -5,6 +5,7 @@ No speculation is the same loop with a drafter that proposes nothing.
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from specserve.spec.verify import greedy_verify, rejection_verify
 
 if TYPE_CHECKING:
     from specserve.engine.distributed import RankGroup
+
+log = logging.getLogger("specserve.engine")
 
 # (proposals, requests) -> verify length per request (<= len(proposal.tokens))
 Planner = Callable[[list[DraftProposal], list[Request]], list[int]]
@@ -150,6 +153,11 @@ class LLMEngine:
         assert not self.has_unfinished(), "set speculation before adding requests"
         self.drafter, self.planner = drafter, planner
         self.runner.capture = drafter.capture_layers
+        if drafter.capture_layers and self.block_manager.enable_prefix_caching:
+            # A cached prefix skips the target forward, so the drafter would never see those
+            # tokens' hidden states and would draft from a partial context.
+            log.info("prefix caching is off: the drafter needs every token's hidden states")
+            self.block_manager.enable_prefix_caching = False
 
     def profile_step(self, num_tokens: int) -> None:
         """One target forward over `num_tokens` verify tokens on scratch KV (SPS profiling).

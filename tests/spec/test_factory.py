@@ -197,3 +197,15 @@ def test_ngram_lookup():
     assert lookup([1, 2, 7, 1, 2, 8, 0, 2], 1) == [8]  # most recent 1-gram occurrence
     assert lookup([1, 2, 3], 4) == []
     assert lookup([4, 4, 4], 3) == [4]  # overlapping: the tokens that followed
+
+
+def test_hidden_state_drafters_turn_prefix_caching_off(bundle):
+    """A prefix-cache hit skips the target forward over the cached tokens, so a drafter that
+    reads target hidden states would lack them: such drafters run without prefix caching."""
+    llm = make_llm(bundle, "DFLASH", "full")
+    assert not llm.engine.block_manager.enable_prefix_caching
+    prompt = list(range(10, 60))
+    llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0))
+    out = llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0))[0]
+    assert out.meta_info[0]["cached_tokens"] == 0
+    assert make_llm(bundle, "NGRAM", "full").engine.block_manager.enable_prefix_caching
