@@ -46,7 +46,9 @@ DRAFTER_ARGS = {
     "dflash": ["--block-size", "7"],
     "dspark": ["--block-size", "7", "--markov-rank", "128", "--markov-head-type", "vanilla"],
 }
-DRAFTER_STEPS = 300
+# About the same wall-clock budget each (~12 min on one thread): an MTP step covers every
+# position of a sequence at three depths and costs about twice a DFlash / DSpark step.
+DRAFTER_STEPS = {"mtp": 300, "dflash": 900, "dspark": 900}
 EVAL_RUNS = [("mtp", 1), ("mtp", 3), ("dflash", 7), ("dspark", 7)]
 
 
@@ -198,7 +200,7 @@ def train_drafters(out: Path, work: Path, jobs: int, device: str) -> None:
                 "--out",
                 str(work / alg),
                 "--steps",
-                str(DRAFTER_STEPS),
+                str(DRAFTER_STEPS[alg]),
                 "--resume",
                 "--device",
                 device,
@@ -337,7 +339,7 @@ def write_readme(out: Path, work: Path, results: dict) -> None:
         lines.append(
             f"| `{alg}/` | {alg} drafter, 1 layer, shares the target's embedding and LM head | "
             f"{logs[alg]['params'] / 1e6:.2f} M | {_size_mb(out / alg):.1f} MB | "
-            f"{logs[alg]['train_seconds'] / 60:.1f} min ({DRAFTER_STEPS} steps) |"
+            f"{logs[alg]['train_seconds'] / 60:.1f} min ({DRAFTER_STEPS[alg]} steps) |"
         )
     cost = results["cost"]
     lines += [
@@ -417,7 +419,7 @@ def write_readme(out: Path, work: Path, results: dict) -> None:
     for alg, extra in DRAFTER_ARGS.items():
         lines.append(
             f"specserve train drafter --algorithm {alg} --target models/demo/target --data build/demo/data_train "
-            f"--out build/demo/{alg} --steps {DRAFTER_STEPS} {' '.join(extra)}"
+            f"--out build/demo/{alg} --steps {DRAFTER_STEPS[alg]} {' '.join(extra)}"
         )
     lines += [
         "specserve train calibrate --drafter models/demo/dspark --data build/demo/data_heldout",
