@@ -2,7 +2,7 @@
 
 With `models/demo/` present, it runs `bench compare` with three arms (NONE, NEXTN = the seed's
 MTP baseline, DSPARK) and two workloads (the seed's A: 1K in / 1K out, one stream; B: 64K in /
-3K out, 10 users; both scaled down as `WORKLOADS` says) and prints the report. Without the
+3K out, 10 users; both scaled down as `write_workloads` says) and prints the report. Without the
 bundle it serves a small random model and sends a few requests, so the command always shows
 something real.
 """
@@ -20,34 +20,43 @@ import yaml
 
 BUNDLE = Path(__file__).resolve().parent.parent / "models" / "demo"
 
-# The seed's workloads, scaled to a 2-core CPU and the demo model's context length.
-WORKLOADS = [
-    {
-        "name": "A: 256 in / 256 out, 1 stream (seed: 1K/1K x1)",
-        "dataset_name": "random-ids",
-        "random_input_len": 256,
-        "random_output_len": 256,
-        "random_range_ratio": 1.0,
-        "num_prompts": 4,
-        "max_concurrency": 1,
-        "ignore_eos": True,
-        "temperature": 0.0,
-    },
-    {
-        "name": "B: 1024 in / 192 out, 10 users (seed: 64K/3K x10)",
-        "dataset_name": "random-ids",
-        "random_input_len": 1024,
-        "random_output_len": 192,
-        "random_range_ratio": 1.0,
-        "num_prompts": 10,
-        "max_concurrency": 10,
-        "ignore_eos": True,
-        "temperature": 0.0,
-    },
-]
+PROMPTS = "prompts_heldout.jsonl"  # held-out code and prose the bundle never trained on
 
 
-def compare_config(bundle: Path) -> dict:
+def write_workloads(bundle: Path, out: Path) -> list[dict]:
+    """The seed's two workloads, scaled to a 2-core CPU, on held-out text of the bundle:
+    A (seed: 1K in / 1K out, one stream) -> one 64-token prompt, 256 out, one stream;
+    B (seed: 64K in / 3K out, 10 users) -> 16 prompts joined to 1024 tokens, 192 out, 10 users.
+    """
+    rows = [json.loads(line) for line in (bundle / PROMPTS).read_text().splitlines() if line]
+    ids = [r["token_ids"] for r in rows]
+    code = [p for p, r in zip(ids, rows, strict=True) if r["domain"] == "code"]
+    prose = [p for p, r in zip(ids, rows, strict=True) if r["domain"] != "code"]
+    single = [p for pair in zip(code, prose, strict=False) for p in pair][:6]
+    joined = [sum((ids[(16 * i + j) % len(ids)] for j in range(16)), []) for i in range(10)]
+    a, b = out / "workload_a.jsonl", out / "workload_b.jsonl"
+    a.write_text("".join(json.dumps({"prompt": p, "output_len": 256}) + "\n" for p in single))
+    b.write_text("".join(json.dumps({"prompt": p, "output_len": 192}) + "\n" for p in joined))
+    common = {"dataset_name": "jsonl", "ignore_eos": True, "temperature": 0.0}
+    return [
+        {
+            "name": "A: 64 in / 256 out, 1 stream (seed: 1K/1K x1)",
+            "dataset_path": str(a),
+            "num_prompts": len(single),
+            "max_concurrency": 1,
+            **common,
+        },
+        {
+            "name": "B: 1024 in / 192 out, 10 users (seed: 64K/3K x10)",
+            "dataset_path": str(b),
+            "num_prompts": len(joined),
+            "max_concurrency": 10,
+            **common,
+        },
+    ]
+
+
+def compare_config(bundle: Path, workloads: list[dict]) -> dict:
     target = str(bundle / "target")
     common = f"--model-path {target} --served-model-name demo --max-total-tokens 32768"
     arms = [{"name": "NONE", "serve": common}]
@@ -71,12 +80,13 @@ def compare_config(bundle: Path) -> dict:
             }
         )
     return {
-        "notes": "The seed's workloads scaled to a 2-core CPU and the demo model: "
-        "A 1K/1K x1 -> 256/256 x1; B 64K/3K x10 -> 1024/192 x10. Greedy, ignore_eos. "
-        "Gain = last arm vs the baseline arm.",
+        "notes": "The seed's workloads scaled to a 2-core CPU and the demo model, on held-out "
+        "code and prose the bundle never trained on: A 1K/1K x1 -> 64/256 x1; B 64K/3K x10 -> "
+        "1024/192 x10. Greedy, ignore_eos. Gain = last arm vs the baseline arm (the seed's "
+        "MTP).",
         "baseline": arms[1]["name"] if len(arms) > 2 else arms[0]["name"],
         "arms": arms,
-        "workloads": WORKLOADS,
+        "workloads": workloads,
     }
 
 
@@ -85,7 +95,8 @@ def run_bundle(out: Path) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "compare.yaml"
-    cfg_path.write_text(yaml.safe_dump(compare_config(BUNDLE), sort_keys=False))
+    config = compare_config(BUNDLE, write_workloads(BUNDLE, out))
+    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"bench compare --config {cfg_path} --out {out}", flush=True)
     code = run_compare(cfg_path, out)
     report = out / "report.md"

@@ -185,7 +185,7 @@ def sps_table(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> SPSTable
         512,
     )
     sizes = sorted({1, top, *(2**i for i in range(10) if 2**i <= top)})
-    table = profile_sps(engine.profile_step, sizes)
+    table = profile_sps(engine.profile_step, sizes, repeats=5)
     if path:
         table.save(path)
         log.info("SPS table profiled at %s batch sizes, saved to %s", len(sizes), path)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import statistics
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -101,7 +100,12 @@ def profile_sps(
     warmup: int = 1,
     clock: Callable[[], float] = time.perf_counter,
 ) -> SPSTable:
-    """Time step_fn(B) (one target forward over B tokens) for each B; steps/s = 1 / median time.
+    """Time step_fn(B) (one target forward over B tokens) for each B.
+
+    steps/s = 1 / the fastest of `repeats` runs: other load on the machine only ever slows a
+    run down, so the minimum is the estimate least disturbed by it (a single slow outlier at
+    B = 1 would otherwise make every verify token look unaffordable). Times are then made
+    non-decreasing in B, since a larger forward cannot be cheaper.
 
     step_fn must block until its work is done (call torch.cuda.synchronize() on a GPU).
     batch_tokens may be in any order and contain duplicates; the table is sorted and unique.
@@ -110,7 +114,7 @@ def profile_sps(
     if repeats < 1 or warmup < 0:
         raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     sizes = sorted(set(int(b) for b in batch_tokens))
-    rates = []
+    rates, slowest = [], 1e-9
     for b in sizes:
         for _ in range(warmup):
             step_fn(b)
@@ -119,5 +123,6 @@ def profile_sps(
             start = clock()
             step_fn(b)
             times.append(clock() - start)
-        rates.append(1.0 / max(statistics.median(times), 1e-9))
+        slowest = max(slowest, min(times))
+        rates.append(1.0 / slowest)
     return SPSTable(tuple(sizes), tuple(rates))

@@ -69,8 +69,8 @@ def test_load_bad_file_names_the_file(tmp_path, text, match):
     assert "bad.json" in str(info.value)
 
 
-def test_profile_sps_uses_the_median_and_skips_warmup():
-    durations = {1: [100.0, 0.010, 0.030, 0.020], 4: [100.0, 0.05, 0.04, 0.2]}
+def test_profile_sps_uses_the_fastest_run_and_skips_warmup():
+    durations = {1: [100.0, 0.020, 0.030, 0.010], 4: [100.0, 0.05, 0.04, 0.2]}
     now = [0.0]
     calls = []
 
@@ -81,7 +81,21 @@ def test_profile_sps_uses_the_median_and_skips_warmup():
     table = profile_sps(step, [4, 1, 4], repeats=3, warmup=1, clock=lambda: now[0])
     assert calls == [1] * 4 + [4] * 4
     assert table.batch_tokens == (1, 4)
-    assert table.steps_per_second == pytest.approx((50.0, 20.0))
+    assert table.steps_per_second == pytest.approx((100.0, 25.0))
+
+
+def test_profile_sps_never_lets_a_larger_batch_be_faster():
+    # B=1 caught a slow moment on every run; B=2 did not: B=2 must not look cheaper than B=1
+    durations = {1: [0.020, 0.020], 2: [0.010, 0.011], 8: [0.030, 0.030]}
+    now = [0.0]
+    counts = dict.fromkeys(durations, 0)
+
+    def step(b: int) -> None:
+        now[0] += durations[b][counts[b]]
+        counts[b] += 1
+
+    table = profile_sps(step, [1, 2, 8], repeats=2, warmup=0, clock=lambda: now[0])
+    assert table.steps_per_second == pytest.approx((50.0, 50.0, 1 / 0.030))
 
 
 def test_profile_sps_with_real_time():
