@@ -24,6 +24,17 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field."""
 
 
+def read_config_json(folder: str | Path, label: str = "") -> dict[str, Any]:
+    """A checkpoint folder's config.json; one clear error for a missing or corrupt file."""
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise ConfigError(f"{label}{folder}: no config.json (is this a Hugging Face folder?)")
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{label}{file}: not valid JSON ({e})") from None
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -109,13 +120,7 @@ class ModelConfig:
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ConfigError(f"{path}: no config.json (is this a Hugging Face model folder?)")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_file}: not valid JSON ({e})") from None
+        cfg = read_config_json(path)
         gen = path / "generation_config.json"
         if gen.is_file() and "eos_token_id" in (g := json.loads(gen.read_text())):
             eos = g["eos_token_id"]

@@ -8,6 +8,16 @@ import torch
 torch.set_num_threads(2)
 
 
+@pytest.fixture
+def one_thread():
+    """One torch thread: on a shared 2-core machine two threads can be 10x slower (spinning
+    OpenMP workers compete with other processes); restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
     from specserve.models.tiny import make_checkpoint

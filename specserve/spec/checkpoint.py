@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from specserve.config import ConfigError, ModelConfig
+from specserve.config import ConfigError, ModelConfig, read_config_json
 from specserve.models.layers import RotaryEmbedding
 from specserve.models.loader import load_state_dict
 from specserve.spec.dflash import DFlashDraftModel, DraftConfig
@@ -46,13 +46,7 @@ _DRAFT_FIELDS = (
 def read_config(path: str | Path) -> dict[str, Any]:
     """config.json of a drafter folder, `dspark_`-prefixed keys folded into DeepSpec names."""
     path = Path(path)
-    file = path / "config.json"
-    if not file.is_file():
-        raise ConfigError(f"drafter {path}: no config.json")
-    try:
-        raw = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"drafter {file}: not valid JSON ({e})") from None
+    raw = read_config_json(path, label="drafter ")
     prefixed = {k[len("dspark_") :]: v for k, v in raw.items() if k.startswith("dspark_")}
     if prefixed:
         prefixed = {_ALIASES.get(k, k): v for k, v in prefixed.items()}

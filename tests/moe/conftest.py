@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session")
@@ -24,10 +23,5 @@ def tiny_moe_path(tmp_path_factory) -> str:
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on this shared 2-core machine two threads can be 10x slower (spinning
-    OpenMP workers compete with other processes); restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(before)
