@@ -79,6 +79,11 @@ def main() -> None:
         default=[],
         help="ALGO=folder (NEXTN, DFLASH, DSPARK) or NGRAM; repeatable",
     )
+    ap.add_argument(
+        "--prompts",
+        help="JSON lines with token_ids (e.g. the bundle's held-out "
+        "prompts_heldout.jsonl); default: synthetic repeated motifs",
+    )
     ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=64)
@@ -105,7 +110,13 @@ def main() -> None:
     print(f"target {target}  output {args.output_len} tokens  temperature {args.temperature}")
     print(f"{'algorithm':<10}{'conc':>6}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
     for conc in (int(c) for c in args.concurrency.split(",")):
-        prompts = _prompts(conc, args.input_len, vocab)
+        if args.prompts:
+            rows = [
+                json.loads(x)["token_ids"] for x in Path(args.prompts).read_text().split("\n") if x
+            ]
+            prompts = [rows[i % len(rows)][: args.input_len] for i in range(conc)]
+        else:
+            prompts = _prompts(conc, args.input_len, vocab)
         base = run_one(target, "NONE", None, None, prompts, params, conc)
         print(f"{'NONE':<10}{conc:>6}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
         for algo, path in drafters.items():
