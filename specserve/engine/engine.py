@@ -305,20 +305,16 @@ class LLMEngine:
             vocab = logits.shape[1]
             draft_tokens = torch.zeros(len(group), k, dtype=torch.long)
             lens = torch.tensor([len(p.tokens) for p in props])
-            raw = logits.new_zeros(len(group), k + 1, vocab)
+            # greedy: penalised logits (only their argmax is used); else target probabilities
             probs = logits.new_zeros(len(group), k + 1, vocab)
             for i, (r, p) in enumerate(zip(group, props, strict=True)):
                 draft_tokens[i, : len(p.tokens)] = torch.tensor(p.tokens, dtype=torch.long)
                 rows = rows_of[r.request_id]
-                raw[i, : rows.shape[0]] = rows
-                hist = [r.output_token_ids + p.tokens[:j] for j in range(rows.shape[0])]
-                pen = apply_penalties(
-                    rows, [r.params] * rows.shape[0], [r.prompt_token_ids] * rows.shape[0], hist
-                )
-                if greedy:
-                    probs[i, : rows.shape[0]] = pen
-                else:
-                    probs[i, : rows.shape[0]] = probs_from_logits(pen, [r.params] * rows.shape[0])
+                n = rows.shape[0]
+                if r.params.has_penalties:  # row j follows the drafts before it
+                    hist = [r.output_token_ids + p.tokens[:j] for j in range(n)]
+                    rows = apply_penalties(rows, [r.params] * n, [r.prompt_token_ids] * n, hist)
+                probs[i, :n] = rows if greedy else probs_from_logits(rows, [r.params] * n)
             if greedy:
                 tokens, num = greedy_verify(draft_tokens, lens, probs.argmax(dim=-1))
             else:
@@ -337,9 +333,8 @@ class LLMEngine:
                 toks = tokens[i, : num[i]].tolist()
                 lp = []
                 if r.params.logprobs is not None:
-                    lp = top_logprobs(
-                        raw[i, : len(toks)], tokens[i, : len(toks)], r.params.logprobs
-                    )
+                    raw = rows_of[r.request_id][: len(toks)]
+                    lp = top_logprobs(raw, tokens[i, : len(toks)], r.params.logprobs)
                 out[r.request_id] = (toks, lp)
                 self._count_spec(r, len(props[i].tokens), len(toks) - 1)
         return out

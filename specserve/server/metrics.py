@@ -112,30 +112,17 @@ class ServerMetrics:
             [*labels, "finished_reason"],
             registry=self.registry,
         )
-        self.ttft = Histogram(
-            PREFIX + "time_to_first_token_seconds",
-            "Time to first token.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.itl = Histogram(
-            PREFIX + "inter_token_latency_seconds",
-            "Time between streamed outputs.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.e2e = Histogram(
-            PREFIX + "e2e_request_latency_seconds",
-            "Request latency.",
-            labels,
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
+        self.ttft = self._latency("time_to_first_token_seconds", "Time to first token.")
+        self.itl = self._latency("inter_token_latency_seconds", "Time between streamed outputs.")
+        self.e2e = self._latency("e2e_request_latency_seconds", "Request latency.")
         self.errors = Counter(
             PREFIX + "request_errors",
             "Requests rejected or failed.",
             [*labels, "code"],
             registry=self.registry,
+        )
+
+    def _latency(self, name: str, doc: str) -> Histogram:
+        return Histogram(
+            PREFIX + name, doc, ["model_name"], buckets=_LATENCY_BUCKETS, registry=self.registry
         )
