@@ -40,15 +40,28 @@ TARGET_RUN = {
 VOCAB_SIZE = 2048
 PROMPT_LEN, NEW_TOKENS = 64, 96
 TRAIN_PROMPTS, HELDOUT_PROMPTS = 1000, 48  # per domain
+# (folder, prompts, temperature): the drafters train on both a sampled and a greedy
+# continuation of every training prompt, as they are evaluated (and served) at both
+# temperatures; the held-out continuations are regenerated at each evaluation temperature.
+DATA_SETS = [
+    ("data_train", "train", 1.0),
+    ("data_train_greedy", "train", 0.0),
+    ("data_heldout", "heldout", 1.0),
+]
+TRAIN_DATA = [name for name, split, _ in DATA_SETS if split == "train"]
 ENGINE_CHECK_PROMPTS = 8  # per domain: greedy tau through the serving engine
+ANCHORS = 48  # of the 96 generated positions of a sequence, drafted as packed blocks per step
 DRAFTER_ARGS = {
     "mtp": ["--mtp-depth", "3"],
-    "dflash": ["--block-size", "7"],
-    "dspark": ["--block-size", "7", "--markov-rank", "128", "--markov-head-type", "vanilla"],
+    "dflash": ["--block-size", "7", "--anchors-per-seq", str(ANCHORS), "--loss-decay-gamma", "4"],
+    "dspark": [
+        *("--block-size", "7", "--anchors-per-seq", str(ANCHORS), "--loss-decay-gamma", "4"),
+        *("--markov-rank", "128", "--markov-head-type", "vanilla"),
+    ],
 }
-# About the same wall-clock budget each (~12 min on one thread): an MTP step covers every
-# position of a sequence at three depths and costs about twice a DFlash / DSpark step.
-DRAFTER_STEPS = {"mtp": 300, "dflash": 900, "dspark": 900}
+# About the same wall-clock budget each (12-18 min on one thread with cached target states):
+# an MTP step covers every position of a sequence at three depths.
+DRAFTER_STEPS = {"mtp": 900, "dflash": 1200, "dspark": 1200}
 EVAL_RUNS = [("mtp", 1), ("mtp", 3), ("dflash", 7), ("dspark", 7)]
 
 
@@ -109,7 +122,7 @@ def build(out: Path, work: Path, jobs: int, device: str) -> None:
     if not (target / "model.safetensors").is_file():
         export_target(work / "target", target, run_cfg)
     for split, n in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
-        prompts, data = work / f"prompts_{split}.jsonl", work / f"data_{split}"
+        prompts = work / f"prompts_{split}.jsonl"
         if not prompts.is_file():
             run(
                 cli(
@@ -129,7 +142,8 @@ def build(out: Path, work: Path, jobs: int, device: str) -> None:
                     str(prompts),
                 )
             )
-        if not (data / "data.pt").is_file():
+    for name, split, temp in DATA_SETS:
+        if not (work / name / "data.pt").is_file():
             run(
                 cli(
                     "train",
@@ -137,13 +151,15 @@ def build(out: Path, work: Path, jobs: int, device: str) -> None:
                     "--target",
                     str(target),
                     "--prompts",
-                    str(prompts),
+                    str(work / f"prompts_{split}.jsonl"),
                     "--out",
-                    str(data),
+                    str(work / name),
                     "--prompt-len",
                     str(PROMPT_LEN),
                     "--max-new-tokens",
                     str(NEW_TOKENS),
+                    "--temperature",
+                    str(temp),
                     "--device",
                     device,
                 )
@@ -196,9 +212,10 @@ def train_drafters(out: Path, work: Path, jobs: int, device: str) -> None:
                 "--target",
                 str(out / "target"),
                 "--data",
-                str(work / "data_train"),
+                *(str(work / name) for name in TRAIN_DATA),
                 "--out",
                 str(work / alg),
+                "--cache-target-states",
                 "--steps",
                 str(DRAFTER_STEPS[alg]),
                 "--resume",
@@ -412,14 +429,16 @@ def write_readme(out: Path, work: Path, results: dict) -> None:
         f"specserve train tokenizer --corpus build/demo/corpus/code build/demo/corpus/prose --vocab-size {VOCAB_SIZE} --out build/demo/tokenizer",
         "specserve train target --corpus ... --tokenizer build/demo/tokenizer --config target/train_config.json --out build/demo/target --resume",
         f"specserve train prompts --corpus ... --tokenizer build/demo/tokenizer --split train --per-corpus {TRAIN_PROMPTS} --out build/demo/prompts_train.jsonl",
-        "specserve train gen-data --target models/demo/target --prompts build/demo/prompts_train.jsonl --out build/demo/data_train",
+        "specserve train gen-data --target models/demo/target --prompts build/demo/prompts_train.jsonl --out build/demo/data_train --temperature 1",
+        "specserve train gen-data --target models/demo/target --prompts build/demo/prompts_train.jsonl --out build/demo/data_train_greedy --temperature 0",
         f"specserve train prompts ... --split heldout --per-corpus {HELDOUT_PROMPTS} --out build/demo/prompts_heldout.jsonl",
         "specserve train gen-data --target models/demo/target --prompts build/demo/prompts_heldout.jsonl --out build/demo/data_heldout",
     ]
     for alg, extra in DRAFTER_ARGS.items():
         lines.append(
-            f"specserve train drafter --algorithm {alg} --target models/demo/target --data build/demo/data_train "
-            f"--out build/demo/{alg} --steps {DRAFTER_STEPS[alg]} {' '.join(extra)}"
+            f"specserve train drafter --algorithm {alg} --target models/demo/target "
+            f"--data {' '.join('build/demo/' + n for n in TRAIN_DATA)} --out build/demo/{alg} "
+            f"--cache-target-states --steps {DRAFTER_STEPS[alg]} {' '.join(extra)}"
         )
     lines += [
         "specserve train calibrate --drafter models/demo/dspark --data build/demo/data_heldout",
@@ -427,10 +446,11 @@ def write_readme(out: Path, work: Path, results: dict) -> None:
         "```",
         "",
         "Every drafter: 1 transformer layer, frozen shared embedding / LM head, AdamW, batch 16",
-        "target-generated sequences (64-token prompt + 96 sampled tokens), 16 random anchors per",
-        "sequence, position weights exp(-(k-1)/7), target layers [1, 4, 7] as DFlash/DSpark",
-        "context; DSpark loss 0.1 CE + 0.9 TV + 1.0 BCE, DFlash",
-        "and MTP 0.1 CE + 0.9 TV (MTP chained 3 steps). Training logs are in each `train_log.json`.",
+        "target-generated sequences (64-token prompt + 96 tokens; half sampled at temperature 1,",
+        "half greedy, 4000 in all), target states computed once (`--cache-target-states`);",
+        f"DFlash/DSpark: {ANCHORS} random anchors per sequence, position weights exp(-(k-1)/4),",
+        "target layers [1, 4, 7] as context; DSpark loss 0.1 CE + 0.9 TV + 1.0 BCE, DFlash and",
+        "MTP 0.1 CE + 0.9 TV (MTP chained 3 steps). Training logs are in each `train_log.json`.",
         "",
     ]
     (out / "README.md").write_text("\n".join(lines))

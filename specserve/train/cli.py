@@ -60,7 +60,7 @@ def register(sub) -> None:
     p = tsub.add_parser("drafter", help="train an MTP, DFlash or DSpark drafter")
     p.add_argument("--algorithm", required=True, choices=["mtp", "dflash", "dspark"])
     p.add_argument("--target", required=True)
-    p.add_argument("--data", required=True, help="a gen-data folder")
+    p.add_argument("--data", required=True, nargs="+", help="gen-data folders (several are pooled)")
     p.add_argument("--out", required=True)
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--num-layers", type=int, default=1)
@@ -68,11 +68,23 @@ def register(sub) -> None:
     p.add_argument("--markov-rank", type=int, default=128)
     p.add_argument("--markov-head-type", choices=["vanilla", "gated", "rnn"], default="vanilla")
     p.add_argument("--anchors-per-seq", type=int, default=16)
+    p.add_argument(
+        "--loss-decay-gamma",
+        type=float,
+        default=4.0,
+        help="DFlash/DSpark slot weights exp(-(k-1)/gamma) (DeepSpec's block-7 default: 4)",
+    )
     p.add_argument("--mtp-depth", type=int, default=3)
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    p.add_argument(
+        "--cache-target-states",
+        action="store_true",
+        help="run the frozen target once over the data and keep its states in host memory "
+        "(faster steps; N x T x (layers + 1) x hidden floats)",
+    )
     _common(p, resume=True)
     p.set_defaults(func=_drafter)
 
@@ -219,7 +231,7 @@ def _drafter(args):
     from specserve.train.drafter import DrafterSpec, train_drafter
     from specserve.train.loop import TrainConfig
 
-    _need_dirs(args.target, args.data)
+    _need_dirs(args.target, *args.data)
 
     def go():
         spec = DrafterSpec(
@@ -230,6 +242,7 @@ def _drafter(args):
             markov_rank=args.markov_rank,
             markov_head_type=args.markov_head_type,
             anchors_per_seq=args.anchors_per_seq,
+            loss_decay_gamma=args.loss_decay_gamma,
             mtp_depth=args.mtp_depth,
         )
         train = TrainConfig(
@@ -241,7 +254,14 @@ def _drafter(args):
             checkpoint_minutes=args.checkpoint_minutes,
         )
         return train_drafter(
-            spec, args.target, args.data, args.out, train, args.resume, args.device
+            spec,
+            args.target,
+            args.data,
+            args.out,
+            train,
+            args.resume,
+            args.device,
+            cache_states=args.cache_target_states,
         )
 
     summary = _run(args, go)

@@ -190,8 +190,23 @@ def generate_dataset(
     return meta
 
 
-def load_dataset(data_dir: str | Path) -> dict[str, Any]:
-    """`data.pt` of a `generate_dataset` folder: input_ids [N, T] int32, prompt_len, domains."""
+def load_dataset(data_dir: str | Path | list[str | Path]) -> dict[str, Any]:
+    """`data.pt` of a `generate_dataset` folder: input_ids [N, T] int32, prompt_len, domains.
+    Several folders (e.g. sampled and greedy continuations) are pooled; their prompt and
+    sequence lengths must agree."""
+    if isinstance(data_dir, (list, tuple)):
+        parts = [load_dataset(d) for d in data_dir]
+        shapes = {(p["prompt_len"], p["input_ids"].shape[1]) for p in parts}
+        if len(shapes) > 1:
+            raise ValueError(
+                f"data folders {[str(d) for d in data_dir]} differ in (prompt_len, seq_len): "
+                f"{sorted(shapes)}"
+            )
+        return {
+            "input_ids": torch.cat([p["input_ids"] for p in parts]),
+            "prompt_len": parts[0]["prompt_len"],
+            "domains": [d for p in parts for d in p["domains"]],
+        }
     path = Path(data_dir) / "data.pt"
     if not path.is_file():
         raise ValueError(f"{data_dir}: no data.pt (run `specserve train gen-data` first)")

@@ -1,7 +1,8 @@
 """Drafter training losses (DeepSpec recipe), as pure functions of logits and labels.
 
 Every loss is a weighted mean over the valid draft slots of a batch of blocks `[..., K]`, with
-position weights `w_k = exp(-(k-1)/gamma)` (k = 1 .. K, gamma = K): early slots matter more
+position weights `w_k = exp(-(k-1)/gamma)` (k = 1 .. K; gamma defaults to K here, and drafter
+training passes `--loss-decay-gamma`, DeepSpec's 4 for block 7): early slots matter more
 because a later slot only counts when every earlier one was accepted.
 
 * CE:  -log p_d(x_k), x_k the target-generated token.

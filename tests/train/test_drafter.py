@@ -151,3 +151,45 @@ def test_resume_continues_from_the_last_checkpoint(tiny_target, tiny_data, tmp_p
     a = trainable(load_drafter(tmp_path / "full", target))
     b = trainable(load_drafter(tmp_path / "resumed", target))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.parametrize("algorithm", ["mtp", "dspark"])
+def test_cached_target_states_train_the_same_drafter(tiny_target, tiny_data, tmp_path, algorithm):
+    """`--cache-target-states` runs the frozen target once up front; the steps must see exactly
+    the states a per-step forward gives, so both runs end with the same weights."""
+    spec = SPECS[algorithm]
+    cfg = TrainConfig(steps=3, batch_size=4, warmup=1)
+    plain = train_drafter(spec, tiny_target, tiny_data, tmp_path / "plain", cfg)
+    cached = train_drafter(
+        spec, tiny_target, tiny_data, tmp_path / "cached", cfg, cache_states=True
+    )
+    assert [r["total"] for r in cached["log"]] == pytest.approx(
+        [r["total"] for r in plain["log"]], abs=1e-4
+    )
+    target, _ = load_model(tiny_target)
+    a = trainable(load_drafter(tmp_path / "plain", target))
+    b = trainable(load_drafter(tmp_path / "cached", target))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_several_data_folders_are_pooled(tiny_target, tiny_data, tmp_path):
+    from specserve.train.gendata import generate_dataset
+
+    greedy = tmp_path / "greedy"
+    generate_dataset(
+        tiny_target, _prompts_file(tiny_data), greedy, PROMPT_LEN, 16, 0.0, batch_size=16
+    )
+    one, two = load_dataset(tiny_data), load_dataset(greedy)
+    both = load_dataset([tiny_data, greedy])
+    assert torch.equal(both["input_ids"], torch.cat([one["input_ids"], two["input_ids"]]))
+    assert both["domains"] == one["domains"] + two["domains"]
+    short = tmp_path / "short"
+    generate_dataset(tiny_target, _prompts_file(tiny_data), short, PROMPT_LEN, 8, 0.0)
+    with pytest.raises(ValueError, match="differ in"):
+        load_dataset([tiny_data, short])
+
+
+def _prompts_file(data_dir: str):
+    from specserve.train.gendata import dataset_meta
+
+    return dataset_meta(data_dir)["prompts"]
