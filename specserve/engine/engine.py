@@ -226,10 +226,13 @@ class LLMEngine:
         if not scheduled:
             return []
         self.stats.num_steps += 1
+        t_step = time.perf_counter()
         drafts = self._draft(scheduled)
+        t_fwd = time.perf_counter()
         result = self.runner.forward(
             [self._batch_seq(s, drafts.get(s.request.request_id)) for s in scheduled]
         )
+        t_fwd = time.perf_counter() - t_fwd
         outputs: list[RequestOutput] = []
         committed_hidden: list[torch.Tensor | None] = []
         finishing = [s for s in scheduled if s.reaches_end]
@@ -254,6 +257,9 @@ class LLMEngine:
             if tokens:
                 outputs.append(self._append(req, tokens, logprobs))
         self.drafter.update([s.request for s in scheduled], committed_hidden)
+        overhead = getattr(self.planner, "overhead", None)
+        if overhead is not None and drafts:  # what this step cost besides the target forward
+            overhead.observe(len(drafts), time.perf_counter() - t_step - t_fwd)
         for req in [s.request for s in scheduled]:
             if req.finished:
                 self.drafter.release(req)

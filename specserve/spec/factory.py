@@ -24,7 +24,7 @@ from specserve.spec.dflash import DFlashDrafter, DFlashDraftModel
 from specserve.spec.dspark import DSparkDrafter, DSparkDraftModel
 from specserve.spec.mtp import MTPDrafter, MTPModule
 from specserve.spec.ngram import NgramDrafter
-from specserve.spec.planner import plan_scheduler, plan_threshold
+from specserve.spec.planner import StepOverhead, plan_scheduler, plan_threshold
 from specserve.spec.profile import SPSTable, profile_sps
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,9 @@ def build_planner(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> Plan
 
 
 def confidence_planner(policy: str, threshold: float = 0.5, sps: SPSTable | None = None) -> Planner:
-    """A Planner from a confidence policy; proposals without confidences count as certain."""
+    """A Planner from a confidence policy; proposals without confidences count as certain.
+    The scheduler's planner carries a `StepOverhead` (`plan.overhead`) the engine feeds."""
+    overhead = StepOverhead()
 
     def plan(proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
         lens = torch.tensor([len(p.tokens) for p in proposals], dtype=torch.long)
@@ -168,8 +170,10 @@ def confidence_planner(policy: str, threshold: float = 0.5, sps: SPSTable | None
                 conf[i, : len(p.tokens)] = p.confidences.float().cpu()
         if policy == "threshold":
             return plan_threshold(conf, lens, threshold).tolist()
-        return plan_scheduler(conf, lens, sps).tolist()
+        return plan_scheduler(conf, lens, sps, overhead_s=overhead.get(len(proposals))).tolist()
 
+    if policy == "scheduler":
+        plan.overhead = overhead
     return plan
 
 

@@ -32,7 +32,11 @@ def plan_threshold(confidences: Tensor, draft_lens: Tensor, threshold: float) ->
 
 
 def plan_scheduler(
-    confidences: Tensor, draft_lens: Tensor, sps: SPSTable, early_stop: bool = True
+    confidences: Tensor,
+    draft_lens: Tensor,
+    sps: SPSTable,
+    early_stop: bool = True,
+    overhead_s: float = 0.0,
 ) -> Tensor:
     """The DSpark hardware-aware prefix scheduler (paper Algorithm 1) over all R requests.
 
@@ -40,7 +44,10 @@ def plan_scheduler(
     Survival a[r, j] = prod_{i<=j} c[r, i]. All (r, j) with j < draft_lens[r] are sorted by a
     descending (ties: lower j first, so each request's positions come in order) and admitted one
     by one. With m admitted: batch tokens B = R + m, expected tokens tau = R + sum of admitted a,
-    throughput = tau * sps(B).
+    throughput = tau / (overhead_s + 1 / sps(B)). `overhead_s` is the part of a step that does
+    not grow with B (drafting, sampling, bookkeeping; the engine measures it, `StepOverhead`);
+    with 0 this is the paper's tau * sps(B). Where that fixed part is a large share of the step
+    (small targets, CPUs), leaving it out makes every verify token look too expensive.
 
     early_stop=True stops at the first admission that does not raise throughput. This is what
     keeps speculative sampling lossless: each decision then only reads survivals of positions
@@ -65,13 +72,39 @@ def plan_scheduler(
     # throughput[m] for m = 0..N admitted positions.
     admitted = torch.arange(sorted_a.numel() + 1, device=device)
     tau = num_req + torch.cat([sorted_a.new_zeros(1), sorted_a.cumsum(0)])
-    throughput = tau * sps.evaluate(num_req + admitted)
+    throughput = tau / (overhead_s + 1.0 / sps.evaluate(num_req + admitted))
     if early_stop:
         no_gain = (throughput[1:] <= throughput[:-1]).nonzero()
         m = int(no_gain[0]) if no_gain.numel() else sorted_a.numel()
     else:
         m = int(throughput.argmax())
     return torch.bincount(sorted_r[:m], minlength=num_req).to(draft_lens.dtype)
+
+
+class StepOverhead:
+    """Seconds per step outside the target forward, by number of requests drafted for.
+
+    The engine reports every speculative step (`observe`); `get` gives an exponential moving
+    average for that request count (the nearest count seen, or 0 before any). It reads only wall
+    time, never a token, so a planner using it stays lossless."""
+
+    def __init__(self, decay: float = 0.8) -> None:
+        self.decay = decay
+        self.by_requests: dict[int, float] = {}
+
+    def observe(self, num_requests: int, seconds: float) -> None:
+        old = self.by_requests.get(num_requests)
+        seconds = max(0.0, seconds)
+        new = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        self.by_requests[num_requests] = new
+
+    def get(self, num_requests: int) -> float:
+        if not self.by_requests:
+            return 0.0
+        if num_requests in self.by_requests:
+            return self.by_requests[num_requests]
+        near = min(self.by_requests, key=lambda r: (abs(r - num_requests), r))
+        return self.by_requests[near]
 
 
 def _window_mask(k: int, draft_lens: Tensor) -> Tensor:

@@ -2,10 +2,11 @@
 
 import math
 
+import pytest
 import torch
 from scipy.stats import chisquare
 
-from specserve.spec.planner import plan_full, plan_scheduler, plan_threshold
+from specserve.spec.planner import StepOverhead, plan_full, plan_scheduler, plan_threshold
 from specserve.spec.profile import SPSTable
 from specserve.spec.verify import rejection_verify
 
@@ -91,6 +92,35 @@ def test_scheduler_single_request_appendix_numbers():
     assert plan_scheduler(conf, lens, sps, early_stop=False).tolist() == [2]
     conf = torch.tensor([[0.9, 0.1]])  # 0.45 * (1 + 0.9 + 0.09) = 0.8955 < 1
     assert plan_scheduler(conf, lens, sps, early_stop=False).tolist() == [0]
+
+
+def test_scheduler_counts_the_fixed_part_of_a_step():
+    """Verify time 1 s per batch token (sps = 1/B), two requests with c = 0.9 everywhere.
+
+    Without overhead: B = 2 gives 2 tokens / 2 s = 1 tok/s and admitting (0.9 for 1 more second)
+    gives 2.9 / 3 < 1, so nothing is verified. With 10 s of drafting per step that does not
+    depend on B: 2 / 12 = 0.167, 2.9 / 13 = 0.223, ... every position pays off."""
+    sps = SPSTable(tuple(range(1, 9)), tuple(1.0 / b for b in range(1, 9)))
+    conf, lens = torch.full((2, 3), 0.9), torch.tensor([3, 3])
+    assert plan_scheduler(conf, lens, sps).tolist() == [0, 0]
+    assert plan_scheduler(conf, lens, sps, overhead_s=10.0).tolist() == [3, 3]
+    # 2.5 s: 2/4.5 = .444, 2.9/5.5 = .527, 3.8/6.5 = .585, 4.61/7.5 = .615, 5.42/8.5 = .638,
+    # 6.149/9.5 = .647, 6.878/10.5 = .655: still rising at the end -> all six.
+    assert plan_scheduler(conf, lens, sps, overhead_s=2.5).tolist() == [3, 3]
+    # 0.5 s: 2/2.5 = .8, 2.9/3.5 = .829, 3.8/4.5 = .844, 4.61/5.5 = .838: first positions only.
+    assert plan_scheduler(conf, lens, sps, overhead_s=0.5).tolist() == [1, 1]
+
+
+def test_step_overhead_average_by_request_count():
+    oh = StepOverhead(decay=0.5)
+    assert oh.get(4) == 0.0  # nothing seen yet
+    oh.observe(4, 0.010)
+    oh.observe(4, 0.020)
+    assert oh.get(4) == pytest.approx(0.015)
+    oh.observe(16, 0.040)
+    assert oh.get(5) == pytest.approx(0.015) and oh.get(20) == pytest.approx(0.040)
+    oh.observe(8, -1.0)  # clock noise never makes a negative cost
+    assert oh.get(8) == 0.0
 
 
 # ---------------------------------------------------------------- Appendix A
