@@ -41,6 +41,17 @@ def _random_bundle(root: Path) -> tuple[Path, dict[str, Path | None]]:
     }
 
 
+def _interleaved(path: Path) -> list[list[int]]:
+    """token_ids of a JSON-lines file, domains taken in turn (code, prose, code, ...)."""
+    by_domain: dict[str, list[list[int]]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            item = json.loads(line)
+            by_domain.setdefault(item.get("domain", ""), []).append(item["token_ids"])
+    groups = list(by_domain.values())
+    return [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
+
+
 def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     import random
 
@@ -85,6 +96,12 @@ def main() -> None:
         "prompts_heldout.jsonl); default: synthetic repeated motifs",
     )
     ap.add_argument("--concurrency", default="1,4,16,32")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="prompts per concurrency slot: conc x rounds prompts, at most conc running at once",
+    )
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -111,12 +128,11 @@ def main() -> None:
     print(f"{'algorithm':<10}{'conc':>6}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
     for conc in (int(c) for c in args.concurrency.split(",")):
         if args.prompts:
-            rows = [
-                json.loads(x)["token_ids"] for x in Path(args.prompts).read_text().split("\n") if x
-            ]
-            prompts = [rows[i % len(rows)][: args.input_len] for i in range(conc)]
+            rows = _interleaved(Path(args.prompts))
+            n = conc * args.rounds
+            prompts = [rows[i % len(rows)][: args.input_len] for i in range(n)]
         else:
-            prompts = _prompts(conc, args.input_len, vocab)
+            prompts = _prompts(conc * args.rounds, args.input_len, vocab)
         base = run_one(target, "NONE", None, None, prompts, params, conc)
         print(f"{'NONE':<10}{conc:>6}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
         for algo, path in drafters.items():
