@@ -16,6 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from specserve.bench.datasets import domains_in_turn
 from specserve.config import SpecConfig
 from specserve.core import SamplingParams
 from specserve.llm import LLM
@@ -39,17 +40,6 @@ def _random_bundle(root: Path) -> tuple[Path, dict[str, Path | None]]:
         "DFLASH": root / "dflash",
         "DSPARK": root / "dspark",
     }
-
-
-def _interleaved(path: Path) -> list[list[int]]:
-    """token_ids of a JSON-lines file, domains taken in turn (code, prose, code, ...)."""
-    by_domain: dict[str, list[list[int]]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            item = json.loads(line)
-            by_domain.setdefault(item.get("domain", ""), []).append(item["token_ids"])
-    groups = list(by_domain.values())
-    return [g[i] for i in range(max(map(len, groups))) for g in groups if i < len(g)]
 
 
 def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
@@ -128,7 +118,7 @@ def main() -> None:
     print(f"{'algorithm':<10}{'conc':>6}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
     for conc in (int(c) for c in args.concurrency.split(",")):
         if args.prompts:
-            rows = _interleaved(Path(args.prompts))
+            rows = domains_in_turn(args.prompts)
             n = conc * args.rounds
             prompts = [rows[i % len(rows)][: args.input_len] for i in range(n)]
         else:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import argparse
 import cProfile
-import json
 import pstats
 import time
-from pathlib import Path
 
 import torch
 
+from specserve.bench.datasets import domains_in_turn
 from specserve.config import SpecConfig
 from specserve.core import SamplingParams
 from specserve.llm import LLM
@@ -46,10 +45,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=256)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rows = [json.loads(x) for x in Path(args.prompts_file).read_text().splitlines() if x]
-    code = [r["token_ids"] for r in rows if r.get("domain") == "code"]
-    other = [r["token_ids"] for r in rows if r.get("domain") != "code"]
-    prompts = [p for pair in zip(code, other, strict=False) for p in pair][: args.prompts]
+    prompts = domains_in_turn(args.prompts_file)[: args.prompts]
     llm = LLM(args.target)
     spec = SpecConfig(args.algorithm, args.drafter, verify_policy=args.verify_policy)
     llm.engine.set_speculation(*build_speculation(spec, llm.engine))

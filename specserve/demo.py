@@ -18,6 +18,8 @@ from pathlib import Path
 
 import yaml
 
+from specserve.bench.datasets import domains_in_turn
+
 BUNDLE = Path(__file__).resolve().parent.parent / "models" / "demo"
 
 PROMPTS = "prompts_heldout.jsonl"  # held-out code and prose the bundle never trained on
@@ -30,9 +32,7 @@ def write_workloads(bundle: Path, out: Path) -> list[dict]:
     """
     rows = [json.loads(line) for line in (bundle / PROMPTS).read_text().splitlines() if line]
     ids = [r["token_ids"] for r in rows]
-    code = [p for p, r in zip(ids, rows, strict=True) if r["domain"] == "code"]
-    prose = [p for p, r in zip(ids, rows, strict=True) if r["domain"] != "code"]
-    single = [p for pair in zip(code, prose, strict=False) for p in pair][:6]
+    single = domains_in_turn(bundle / PROMPTS)[:6]
     joined = [sum((ids[(16 * i + j) % len(ids)] for j in range(16)), []) for i in range(10)]
     a, b = out / "workload_a.jsonl", out / "workload_b.jsonl"
     a.write_text("".join(json.dumps({"prompt": p, "output_len": 256}) + "\n" for p in single))

@@ -186,6 +186,23 @@ def load_sharegpt(
     return _enough(rows, num, path)
 
 
+def domains_in_turn(path: str | Path) -> list[list[int]]:
+    """`token_ids` of a prompts file with a `domain` field (the demo bundle's held-out prompts),
+    the domains taken in turn (code, prose, code, ...), so any first N mix them evenly."""
+    by_domain: dict[str, list[list[int]]] = {}
+    for n, line in enumerate(_read(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+            by_domain.setdefault(str(item.get("domain", "")), []).append(list(item["token_ids"]))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise DatasetError(f"{path}:{n}: expected a JSON object with 'token_ids'") from None
+    groups = list(by_domain.values())
+    longest = max(map(len, groups), default=0)
+    return [g[i] for i in range(longest) for g in groups if i < len(g)]
+
+
 def _read(path: str | Path) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")

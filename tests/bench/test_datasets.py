@@ -88,3 +88,13 @@ def test_missing_files(tmp_path):
         Tokenizer(tmp_path)
     with pytest.raises(DatasetError, match="cannot read"):
         datasets.load_jsonl(tmp_path / "nope.jsonl", 1, 1, None)
+
+
+def test_domains_in_turn(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [("code", [1]), ("code", [2]), ("code", [3]), ("prose", [10]), ("prose", [20])]
+    path.write_text("".join(json.dumps({"domain": d, "token_ids": t}) + "\n" for d, t in rows))
+    assert datasets.domains_in_turn(path) == [[1], [10], [2], [20], [3]]
+    path.write_text('{"domain": "code"}\n')
+    with pytest.raises(DatasetError, match=r"prompts.jsonl:1: expected"):
+        datasets.domains_in_turn(path)
