@@ -59,8 +59,8 @@ DRAFTER_ARGS = {
         *("--markov-rank", "128", "--markov-head-type", "vanilla"),
     ],
 }
-# About the same wall-clock budget each (12-18 min on one thread with cached target states):
-# an MTP step covers every position of a sequence at three depths.
+# About the same wall-clock budget each (16-20 min of steps on one thread, plus ~3 min for the
+# one-time target pass): an MTP step covers every position of a sequence at three depths.
 DRAFTER_STEPS = {"mtp": 1150, "dflash": 1200, "dspark": 1200}
 EVAL_RUNS = [("mtp", 1), ("mtp", 3), ("dflash", 7), ("dspark", 7)]
 
