@@ -23,6 +23,13 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+def _lingering(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def test_serve_tp2_ep2_mxfp4_over_http(tiny_moe_tp_path):
     port = _port()
     cmd = [sys.executable, "-m", "specserve", "serve", "--model-path", tiny_moe_tp_path,
@@ -54,7 +61,9 @@ def test_serve_tp2_ep2_mxfp4_over_http(tiny_moe_tp_path):
         except subprocess.TimeoutExpired:
             server.kill()
             raise
-    assert all(not p.is_running() or p.status() == psutil.STATUS_ZOMBIE for p in ranks)
+    # Rank 1 exits on its own once rank 0 is gone; on a loaded machine that can take a moment.
+    _, alive = psutil.wait_procs(ranks, timeout=20)
+    assert not [p for p in alive if _lingering(p)]
     cfg = EngineConfig(tiny_moe_tp_path, cache=CacheConfig(page_size=8, max_total_tokens=1024))
     engine = LLMEngine(cfg, moe_backend="mxfp4")
     req = engine.add_request([5, 17, 300, 42], SamplingParams(max_tokens=16, temperature=0,
