@@ -4,8 +4,10 @@
 
 For each evaluation temperature, the held-out prompts are continued by the target (as
 `specserve eval drafter` does) and the mean entropy (nats) and mean top probability of the
-target's distribution over the generated positions are printed per domain. Flat distributions
-are what make a parallel draft slot (DFlash) lose acceptance at temperature 1.
+target's distribution over the generated positions are printed per domain, with the share of
+generated tokens that close a 4-gram already seen earlier in the same sequence (repetition,
+which a drafter predicts easily). Flat distributions are what make a parallel draft slot
+(DFlash) lose acceptance at temperature 1.
 """
 
 from __future__ import annotations
@@ -18,6 +20,17 @@ import torch.nn.functional as F
 from specserve.models.loader import load_model
 from specserve.train.drafter import target_states
 from specserve.train.evaluate import continuations
+
+
+def repeated_ngram_share(seq: list[int], start: int, n: int = 4) -> float:
+    """Share of positions >= start whose n-gram ending there occurred earlier in `seq`."""
+    seen = {tuple(seq[j - n + 1 : j + 1]) for j in range(n - 1, start)}
+    hits = 0
+    for i in range(start, len(seq)):
+        gram = tuple(seq[i - n + 1 : i + 1])
+        hits += gram in seen
+        seen.add(gram)
+    return hits / max(1, len(seq) - start)
 
 
 @torch.no_grad()
@@ -36,11 +49,13 @@ def main() -> None:
         logp = F.log_softmax(logits.float(), -1).view(len(seqs), -1, logits.shape[-1])
         entropy = -(logp.exp() * logp).sum(-1)
         top = logp.exp().amax(-1)
+        rep = torch.tensor([repeated_ngram_share(row.tolist(), p) for row in seqs])
         for d in sorted(set(domains)):
             idx = torch.tensor([i for i, x in enumerate(domains) if x == d])
             print(
                 f"t={temp:g} {d:<6} mean entropy {entropy[idx].mean():.3f} nats, "
-                f"mean top probability {top[idx].mean():.3f}"
+                f"mean top probability {top[idx].mean():.3f}, "
+                f"repeated 4-grams {rep[idx].mean():.3f}"
             )
 
 

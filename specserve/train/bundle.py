@@ -336,6 +336,8 @@ def _size_mb(path: Path) -> float:
 
 
 def write_readme(out: Path, work: Path, results: dict) -> None:
+    from specserve.train.drafter import default_layer_ids
+
     tgt = json.loads((out / "target" / "train_log.json").read_text())
     logs = {a: json.loads((out / a / "train_log.json").read_text()) for a in DRAFTER_ARGS}
     sts = json.loads((out / "dspark" / "sts.json").read_text())
@@ -460,7 +462,8 @@ def write_readme(out: Path, work: Path, results: dict) -> None:
         "target-generated sequences (64-token prompt + 96 tokens; half sampled at temperature 1,",
         "half greedy, 4000 in all), target states computed once (`--cache-target-states`);",
         f"DFlash/DSpark: {ANCHORS} random anchors per sequence, position weights exp(-(k-1)/4),",
-        "target layers [1, 4, 7] as context; DSpark loss 0.1 CE + 0.9 TV + 1.0 BCE, DFlash and",
+        f"target layers {list(default_layer_ids(TARGET_RUN['model']['num_hidden_layers']))} "
+        "as context; DSpark loss 0.1 CE + 0.9 TV + 1.0 BCE, DFlash and",
         "MTP 0.1 CE + 0.9 TV (MTP chained 3 steps). Training logs are in each `train_log.json`.",
         "",
     ]
