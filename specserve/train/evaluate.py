@@ -260,6 +260,81 @@ def evaluate_sequences(
     return stats
 
 
+# -- the ceiling of a parallel drafter ---------------------------------------------------------
+def expected_tau(alpha: torch.Tensor) -> torch.Tensor:
+    """alpha [..., K] per-slot acceptance probabilities of one round -> its expected accept
+    length (bonus included) [...]."""
+    return 1.0 + torch.cumprod(alpha, -1).sum(-1)
+
+
+def best_single_q(p: torch.Tensor, init: torch.Tensor, steps: int = 80) -> torch.Tensor:
+    """p [A, N, V]: the target's distributions for one slot after N sampled prefixes. -> the
+    single q [A, V] with the highest mean acceptance sum_v min(q_v, p_nv) over those N, by
+    gradient ascent from `init`. Fitted on the same samples, so it overstates the best a q
+    drawn without the prefix can do, if anything."""
+    with torch.enable_grad():
+        z = init.clamp_min(1e-9).log().clone().requires_grad_(True)
+        opt = torch.optim.Adam([z], lr=0.05)
+        for _ in range(steps):
+            loss = -torch.minimum(F.softmax(z, -1)[:, None], p).sum(-1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return F.softmax(z.detach(), -1)
+
+
+@torch.no_grad()
+def parallel_oracle_alpha(target, seq, anchors, k, rollouts, gen, betas=(1.0,), best=False):
+    """What a parallel drafter (DFlash: slot k drawn without the tokens drawn at slots < k)
+    could at best accept at temperature 1, at each anchor of one sequence [T].
+
+    Its ideal slot-k distribution is the target's marginal over that slot: the target's
+    next-token distribution averaged over `rollouts` target samples of slots 1..k-1 (full
+    distributions averaged, not counts). Drafts are drawn from it (raised to each beta and
+    renormalized; with `best`, also from `best_single_q`), `rollouts` per anchor, and verified
+    as `target_accept_probs` does. -> per-slot acceptance [len(betas) (+1), A, rollouts, K]."""
+    t, a = seq.shape[0], anchors.shape[0]
+    rec = RecordingCausal(1, t)
+    main = target(seq, torch.arange(t, device=seq.device), rec).hidden
+    p1 = F.softmax(target.compute_logits(main[anchors]).float(), -1)  # [A, V]
+    visible = (anchors + 1)[:, None].expand(a, rollouts).reshape(1, -1)
+
+    def sample(probs):
+        flat = probs.reshape(-1, probs.shape[-1]).cpu()
+        return torch.multinomial(flat, 1, generator=gen).view(probs.shape[:-1]).to(seq.device)
+
+    marg, fitted = [p1], [p1]
+    branch = BranchAttention(rec, visible)
+    tok = sample(p1[:, None].expand(a, rollouts, -1))  # [A, N]
+    for s in range(1, k):
+        pos = (anchors[:, None] + s).expand(a, rollouts).reshape(-1)
+        h = target(tok.reshape(-1), pos, branch).hidden
+        p = F.softmax(target.compute_logits(h).float(), -1).view(a, rollouts, -1)
+        marg.append(p.mean(1))
+        if best:
+            fitted.append(best_single_q(p, marg[-1]))
+        tok = sample(p)
+    marg = torch.stack(marg, 1)  # [A, K, V]
+    qs = [marg.pow(b) / marg.pow(b).sum(-1, keepdim=True) for b in betas]
+    if best:
+        qs.append(torch.stack(fitted, 1))
+    out = []
+    for q in qs:
+        qe = q[:, None].expand(a, rollouts, k, -1)
+        drafts = sample(qe)  # [A, M, K]
+        q_tok = qe.gather(-1, drafts[..., None])[..., 0]
+        ids = drafts[..., : k - 1].reshape(-1)
+        pos = anchors[:, None, None] + 1 + torch.arange(k - 1, device=seq.device)
+        h = target(ids, pos.expand(a, rollouts, k - 1).reshape(-1), BranchAttention(rec, visible))
+        p_rest = F.softmax(target.compute_logits(h.hidden).float(), -1)
+        p = torch.cat(
+            [p1[:, None, None].expand(a, rollouts, 1, -1), p_rest.view(a, rollouts, k - 1, -1)], 2
+        )
+        p_tok = p.gather(-1, drafts[..., None])[..., 0]
+        out.append((p_tok / q_tok.clamp_min(1e-12)).clamp(max=1.0))
+    return torch.stack(out)
+
+
 # -- folders in, tables out --------------------------------------------------------------------
 def continuations(target, data_dir, temperature: float, batch_size: int = 32, seed: int = 0):
     """The data set's prompts continued by the target at `temperature` (cached in data_dir).

@@ -128,3 +128,30 @@ def test_calibrate_and_eval_commands(tiny_target, tiny_data, tmp_path, capsys):
     res = json.loads((tmp_path / "e.json").read_text())
     assert 1.0 <= res["domains"]["all"]["tau"] <= 4.0
     assert main(["eval", "drafter", *common, "--drafter", str(tmp_path / "nope")]) == 2
+
+
+def test_parallel_oracle_matches_exact_enumeration(tiny_target):
+    """Block 2: the Monte Carlo oracle's expected accept length equals the exact one, where the
+    slot-2 marginal and the acceptance are summed over the whole vocabulary."""
+    from specserve.train.evaluate import expected_tau, parallel_oracle_alpha
+
+    target, _ = load_model(tiny_target)
+    seq = torch.randint(3, 500, (12,), generator=torch.Generator().manual_seed(1))
+    anchors = torch.tensor([4, 9])
+    gen = torch.Generator().manual_seed(0)
+    alpha = parallel_oracle_alpha(target, seq, anchors, 2, 4096, gen, betas=(1.0, 3.0))
+    for j, a in enumerate(anchors.tolist()):
+        ctx = seq[: a + 1]
+        out = target(ctx, torch.arange(a + 1), CausalAttention(1, a + 1))
+        p1 = target.compute_logits(out.hidden[-1:]).softmax(-1)[0]  # [V]
+        v = p1.shape[0]
+        ids = torch.cat([ctx.expand(v, -1), torch.arange(v)[:, None]], 1)  # every x1
+        out = target(ids.reshape(-1), torch.arange(a + 2).repeat(v), CausalAttention(v, a + 2))
+        p2 = target.compute_logits(out.hidden.view(v, a + 2, -1)[:, -1]).softmax(-1)  # [x1, V]
+        m2 = p1 @ p2
+        slot2 = float(p1 @ torch.minimum(m2[None], p2).sum(-1))  # P(accept slot 2)
+        assert slot2 < 0.9  # the target's next token depends on x1: not a trivial case
+        assert abs(float(alpha[0, j, :, 0].mean()) - 1.0) < 1e-6  # slot 1 is the target's own
+        assert abs(float(expected_tau(alpha[0, j]).mean()) - (2.0 + slot2)) < 0.03
+        # a sharpened marginal accepts less than the marginal itself
+        assert float(expected_tau(alpha[1, j]).mean()) < 2.0 + slot2 - 0.03
