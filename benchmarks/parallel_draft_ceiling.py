@@ -28,18 +28,12 @@ import time
 import torch
 
 from specserve.models.loader import load_model
-from specserve.train.evaluate import continuations, expected_tau, parallel_oracle_alpha
-
-
-@torch.no_grad()
-def drafter_alpha(target, drafter, seqs, anchors, k, gen):
-    """The trained parallel drafter's per-slot acceptance [B, A, K] at the same anchors."""
-    from specserve.train.drafter import target_states
-    from specserve.train.evaluate import draft_blocks, target_accept_probs
-
-    feats, _ = target_states(target, seqs, drafter.config.target_layer_ids)
-    drafts = draft_blocks(drafter, seqs, feats, anchors, k, 1.0, gen)
-    return target_accept_probs(target, seqs, anchors, drafts)
+from specserve.train.evaluate import (
+    continuations,
+    drafts_and_alpha,
+    expected_tau,
+    parallel_oracle_alpha,
+)
 
 
 def main() -> None:
@@ -48,8 +42,8 @@ def main() -> None:
     ap.add_argument("--data", required=True, help="a gen-data folder of held-out prompts")
     ap.add_argument("--drafter", help="a trained DFlash drafter to score on the same anchors")
     ap.add_argument("--block-size", type=int, default=7)
-    ap.add_argument("--rollouts", type=int, default=64, help="target samples per anchor")
-    ap.add_argument("--anchor-stride", type=int, default=4)
+    ap.add_argument("--rollouts", type=int, default=32, help="target samples per anchor")
+    ap.add_argument("--anchor-stride", type=int, default=8)
     ap.add_argument("--betas", type=float, nargs="+", default=[1.0, 0.75])
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
@@ -72,19 +66,12 @@ def main() -> None:
     oracle = torch.stack(per_seq, 1)  # [betas, B, A, M, K]
     trained = None
     if drafter is not None:
-        trained = torch.cat(
-            [
-                drafter_alpha(
-                    target,
-                    drafter,
-                    seqs[i : i + 8],
-                    anchors.expand(len(seqs[i : i + 8]), -1),
-                    k,
-                    gen,
-                )
-                for i in range(0, len(seqs), 8)
-            ]
-        )  # [B, A, K]
+        parts = []
+        for i in range(0, len(seqs), 8):
+            rows = seqs[i : i + 8]
+            at = anchors.expand(len(rows), -1)
+            parts.append(drafts_and_alpha(target, drafter, "dflash", rows, p, k, 1.0, gen, at)[1])
+        trained = torch.cat(parts)  # [B, A, K]
     print(
         f"{len(seqs)} sequences, {len(anchors)} anchors each (stride {args.anchor_stride}), "
         f"{args.rollouts} rollouts per anchor, block {k}, {time.time() - start:.0f} s"

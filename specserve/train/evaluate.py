@@ -168,6 +168,12 @@ def target_accept_probs(target, seqs, anchors, drafts: Drafts) -> torch.Tensor:
     return (p_tok / drafts.q.clamp_min(1e-12)).clamp(max=1.0)
 
 
+def expected_tau(alpha: torch.Tensor) -> torch.Tensor:
+    """alpha [..., K] per-slot acceptance probabilities of one round -> its expected accept
+    length (bonus included) [...]."""
+    return 1.0 + torch.cumprod(alpha, -1).sum(-1)
+
+
 @dataclass
 class RoundStats:
     """Sums over rounds; `tau` and `conditional` read them."""
@@ -187,7 +193,7 @@ class RoundStats:
         alive = torch.cumprod(torch.cat([alpha.new_ones(1), alpha[:-1]]), 0).double()
         self.reached += alive
         self.accepted += alive * alpha.double()
-        self.committed += 1.0 + float(torch.cumprod(alpha.double(), 0).sum())
+        self.committed += float(expected_tau(alpha.double()))
         self.rounds += 1
 
     def merge(self, other: RoundStats) -> None:
@@ -217,10 +223,12 @@ def walk_rounds(alpha: torch.Tensor, start: int, gen: torch.Generator, stats: Ro
 
 
 @torch.no_grad()
-def drafts_and_alpha(target, drafter, kind, seqs, prompt_len, k, temperature, gen):
-    """Drafts and acceptance probabilities [B, A, K] at anchors prompt_len .. T - k - 1."""
+def drafts_and_alpha(target, drafter, kind, seqs, prompt_len, k, temperature, gen, anchors=None):
+    """Drafts and acceptance probabilities [B, A, K] at `anchors` [B, A] (default: every
+    position prompt_len .. T - k - 1)."""
     b, t = seqs.shape
-    anchors = torch.arange(prompt_len, t - k, device=seqs.device).expand(b, -1).contiguous()
+    if anchors is None:
+        anchors = torch.arange(prompt_len, t - k, device=seqs.device).expand(b, -1).contiguous()
     if kind == "mtp":
         _, last = target_states(target, seqs, (target.config.num_hidden_layers - 1,))
         drafts = draft_mtp(drafter, seqs, last, anchors, k, temperature, gen)
@@ -261,12 +269,6 @@ def evaluate_sequences(
 
 
 # -- the ceiling of a parallel drafter ---------------------------------------------------------
-def expected_tau(alpha: torch.Tensor) -> torch.Tensor:
-    """alpha [..., K] per-slot acceptance probabilities of one round -> its expected accept
-    length (bonus included) [...]."""
-    return 1.0 + torch.cumprod(alpha, -1).sum(-1)
-
-
 def best_single_q(p: torch.Tensor, init: torch.Tensor, steps: int = 80) -> torch.Tensor:
     """p [A, N, V]: the target's distributions for one slot after N sampled prefixes. -> the
     single q [A, V] with the highest mean acceptance sum_v min(q_v, p_nv) over those N, by

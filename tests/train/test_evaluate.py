@@ -139,7 +139,7 @@ def test_parallel_oracle_matches_exact_enumeration(tiny_target):
     seq = torch.randint(3, 500, (12,), generator=torch.Generator().manual_seed(1))
     anchors = torch.tensor([4, 9])
     gen = torch.Generator().manual_seed(0)
-    alpha = parallel_oracle_alpha(target, seq, anchors, 2, 4096, gen, betas=(1.0, 3.0))
+    alpha = parallel_oracle_alpha(target, seq, anchors, 2, 4096, gen, (1.0, 3.0), best=True)
     for j, a in enumerate(anchors.tolist()):
         ctx = seq[: a + 1]
         out = target(ctx, torch.arange(a + 1), CausalAttention(1, a + 1))
@@ -153,5 +153,7 @@ def test_parallel_oracle_matches_exact_enumeration(tiny_target):
         assert slot2 < 0.9  # the target's next token depends on x1: not a trivial case
         assert abs(float(alpha[0, j, :, 0].mean()) - 1.0) < 1e-6  # slot 1 is the target's own
         assert abs(float(expected_tau(alpha[0, j]).mean()) - (2.0 + slot2)) < 0.03
-        # a sharpened marginal accepts less than the marginal itself
+        # a sharpened marginal accepts less than the marginal itself; the q fitted to the
+        # rollouts at least as much
         assert float(expected_tau(alpha[1, j]).mean()) < 2.0 + slot2 - 0.03
+        assert float(expected_tau(alpha[2, j]).mean()) > 2.0 + slot2 - 0.02
