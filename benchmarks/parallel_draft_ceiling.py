@@ -51,7 +51,7 @@ def main() -> None:
     target, _ = load_model(args.target)
     drafter = None
     if args.drafter:
-        from specserve.spec.checkpoint import load_drafter
+        from specserve.speculative.checkpoint import load_drafter
 
         drafter = load_drafter(args.drafter, target)
     k = args.block_size

@@ -20,12 +20,12 @@ from specserve.bench.datasets import domains_in_turn
 from specserve.config import SpecConfig
 from specserve.core import SamplingParams
 from specserve.llm import LLM
-from specserve.spec.factory import build_speculation
+from specserve.speculative.factory import build_speculation
 
 
 def _random_bundle(root: Path) -> tuple[Path, dict[str, Path | None]]:
     from specserve.models.tiny import make_checkpoint
-    from specserve.spec.checkpoint import new_drafter, save_drafter
+    from specserve.speculative.checkpoint import new_drafter, save_drafter
 
     target = make_checkpoint(root / "target", init_std=0.2)
     raw = json.loads((target / "config.json").read_text())

@@ -21,7 +21,7 @@ from specserve.bench.datasets import domains_in_turn
 from specserve.config import SpecConfig
 from specserve.core import SamplingParams
 from specserve.llm import LLM
-from specserve.spec.factory import build_speculation
+from specserve.speculative.factory import build_speculation
 
 PARTS = {  # label -> (file suffix, function name)
     "engine step": ("engine/engine.py", "step"),

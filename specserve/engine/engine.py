@@ -22,8 +22,8 @@ from specserve.engine.sampler import apply_penalties, probs_from_logits, top_log
 from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.models.loader import load_model
-from specserve.spec.base import Drafter, DraftProposal, NoDrafter
-from specserve.spec.verify import greedy_verify, rejection_verify
+from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
+from specserve.speculative.verify import greedy_verify, rejection_verify
 
 if TYPE_CHECKING:
     from specserve.engine.distributed import RankGroup

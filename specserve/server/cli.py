@@ -114,7 +114,7 @@ def _rank_spec(args: argparse.Namespace, cache):
 
 def _add_spec_args(p: argparse.ArgumentParser) -> None:
     try:
-        from specserve.spec.factory import add_cli_args
+        from specserve.speculative.factory import add_cli_args
     except ImportError:  # speculative decoding not built yet
         return
     add_cli_args(p)
@@ -162,7 +162,7 @@ def build_engine(args: argparse.Namespace):
         ranks.parallel.check_model(model_cfg, mxfp4)
         spec = None
         if hasattr(args, "speculative_algorithm"):
-            from specserve.spec.factory import spec_config_from_args
+            from specserve.speculative.factory import spec_config_from_args
 
             spec = spec_config_from_args(args)
         group = start_ranks(ranks) if ranks.parallel.world_size > 1 else None
@@ -181,7 +181,7 @@ def build_engine(args: argparse.Namespace):
 
 def _install_speculation(engine, spec, moe_backend: str) -> None:
     from specserve.engine.distributed import DrafterTarget
-    from specserve.spec.factory import build_speculation
+    from specserve.speculative.factory import build_speculation
 
     group = engine.group
     if group is not None and group.parallel.tp_size > 1 and spec.algorithm != "NGRAM":

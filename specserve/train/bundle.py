@@ -273,7 +273,7 @@ def engine_check(out: Path, work: Path, alg: str, k: int) -> dict:
     import torch
 
     from specserve.models.loader import load_model
-    from specserve.spec.checkpoint import load_drafter
+    from specserve.speculative.checkpoint import load_drafter
     from specserve.train.evaluate import continuations, engine_accept_length, evaluate_sequences
 
     target, _ = load_model(out / "target")
@@ -309,7 +309,7 @@ PER_POSITION = (
 def forward_costs(out: Path) -> dict:
     """Multiply-accumulates per token of one forward (target) or one draft position."""
     from specserve.models.loader import load_model
-    from specserve.spec.checkpoint import load_drafter
+    from specserve.speculative.checkpoint import load_drafter
 
     target, cfg = load_model(out / "target")
     v, h = cfg.vocab_size, cfg.hidden_size

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from specserve.spec.calibration import fit_sts, save_sts, survival_ece
+from specserve.speculative.calibration import fit_sts, save_sts, survival_ece
 from specserve.train.evaluate import continuations, drafts_and_alpha
 
 
@@ -47,7 +47,7 @@ def calibrate(
 ) -> dict:
     """Fit, write `sts.json` (default: in the drafter folder) and return the report."""
     from specserve.models.loader import load_model
-    from specserve.spec.checkpoint import load_drafter
+    from specserve.speculative.checkpoint import load_drafter
     from specserve.train.gendata import dataset_meta
 
     target_dir = target_dir or dataset_meta(data_dir).get("target")

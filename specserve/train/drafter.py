@@ -60,9 +60,9 @@ def default_layer_ids(num_target_layers: int, count: int = 3) -> tuple[int, ...]
 def build_drafter(spec: DrafterSpec, target, target_config: dict[str, Any]) -> torch.nn.Module:
     """A freshly initialised drafter sharing the target's (frozen) embedding and LM head."""
     from specserve.config import ModelConfig
-    from specserve.spec.dflash import DFlashDraftModel, DraftConfig
-    from specserve.spec.dspark import DSparkDraftModel
-    from specserve.spec.mtp import MTPModule
+    from specserve.speculative.dflash import DFlashDraftModel, DraftConfig
+    from specserve.speculative.dspark import DSparkDraftModel
+    from specserve.speculative.mtp import MTPModule
 
     if spec.algorithm == "mtp":
         model = MTPModule(ModelConfig.from_dict(target_config))
@@ -226,7 +226,7 @@ def train_drafter(
 
     `data_dir`: one gen-data folder or several (their sequences are pooled). `cache_states`:
     run the frozen target once over the whole data set (`StateCache`) instead of every step."""
-    from specserve.spec.checkpoint import save_drafter
+    from specserve.speculative.checkpoint import save_drafter
 
     out = Path(out)
     target, _ = load_model(target_dir, device=device)

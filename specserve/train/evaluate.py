@@ -374,7 +374,7 @@ def evaluate_drafter(
 ) -> dict:
     """Per domain (and 'all'): tau, conditional acceptance per position, rounds."""
     from specserve.models.loader import load_model
-    from specserve.spec.checkpoint import kind_of, load_drafter, read_config
+    from specserve.speculative.checkpoint import kind_of, load_drafter, read_config
 
     target, _ = load_model(target_dir, device=device)
     drafter = load_drafter(drafter_dir, target, device=device)
@@ -412,7 +412,7 @@ def engine_accept_length(
     from specserve.config import SpecConfig
     from specserve.core import SamplingParams
     from specserve.llm import LLM
-    from specserve.spec.factory import build_speculation
+    from specserve.speculative.factory import build_speculation
 
     llm = LLM(str(target_dir), max_total_tokens=8192)
     mtp = algorithm == "mtp"

@@ -12,8 +12,8 @@ from specserve.config import SpecConfig
 from specserve.core import SamplingParams
 from specserve.llm import LLM
 from specserve.models.qwen3_moe import SparseMoeBlock, set_moe_backend
-from specserve.spec.checkpoint import new_drafter, save_drafter
-from specserve.spec.factory import build_speculation
+from specserve.speculative.checkpoint import new_drafter, save_drafter
+from specserve.speculative.factory import build_speculation
 
 PROMPTS = [[5, 6, 7, 8, 9, 10, 5, 6, 7], [20, 21, 22], list(range(40, 70))]
 PARAMS = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)

@@ -67,7 +67,7 @@ def test_parallel_ngram_speculation_is_lossless(tiny_moe_tp_path, single, flags)
 def drafters(tiny_moe_tp_path, tmp_path_factory) -> dict[str, str]:
     """Random MTP and DFlash drafters for the tiny MoE target (their proposals are mostly
     rejected: what matters is that verify windows run across the ranks losslessly)."""
-    from specserve.spec.checkpoint import new_drafter, save_drafter
+    from specserve.speculative.checkpoint import new_drafter, save_drafter
 
     raw = json.loads((Path(tiny_moe_tp_path) / "config.json").read_text())
     root = tmp_path_factory.mktemp("drafters")

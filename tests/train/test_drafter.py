@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from specserve.models.loader import load_model
-from specserve.spec.checkpoint import load_drafter, save_drafter
+from specserve.speculative.checkpoint import load_drafter, save_drafter
 from specserve.train.anchors import sample_anchors
 from specserve.train.drafter import (
     DrafterSpec,

@@ -34,8 +34,8 @@ from specserve.models.attention import AttentionContext, CausalAttention
 from specserve.models.layers import Linear, RMSNorm, RotaryEmbedding
 from specserve.models.qwen3 import DecoderLayer
 from specserve.models.qwen3_moe import make_mlp
-from specserve.spec.base import Drafter, DraftProposal
-from specserve.spec.sampling import draw, proposal_probs
+from specserve.speculative.base import Drafter, DraftProposal
+from specserve.speculative.sampling import draw, proposal_probs
 
 
 @dataclass

@@ -47,8 +47,8 @@ from specserve.config import ConfigError, ModelConfig
 from specserve.core import Request
 from specserve.models.layers import Linear, RMSNorm, RotaryEmbedding
 from specserve.models.qwen3_moe import make_mlp
-from specserve.spec.base import Drafter, DraftProposal
-from specserve.spec.sampling import draw, proposal_probs
+from specserve.speculative.base import Drafter, DraftProposal
+from specserve.speculative.sampling import draw, proposal_probs
 
 MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")
 

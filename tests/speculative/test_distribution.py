@@ -14,8 +14,8 @@ from specserve.config import SpecConfig
 from specserve.core import SamplingParams
 from specserve.llm import LLM
 from specserve.models.tiny import make_checkpoint
-from specserve.spec.checkpoint import load_drafter, save_drafter
-from specserve.spec.factory import build_speculation
+from specserve.speculative.checkpoint import load_drafter, save_drafter
+from specserve.speculative.factory import build_speculation
 
 from .conftest import OracleDrafter, _bigram_boost, make_llm
 

@@ -22,9 +22,9 @@ from torch import nn
 from specserve.config import ConfigError, ModelConfig, read_config_json
 from specserve.models.layers import RotaryEmbedding
 from specserve.models.loader import load_state_dict
-from specserve.spec.dflash import DFlashDraftModel, DraftConfig
-from specserve.spec.dspark import DSparkDraftModel
-from specserve.spec.mtp import MTPModule
+from specserve.speculative.dflash import DFlashDraftModel, DraftConfig
+from specserve.speculative.dspark import DSparkDraftModel
+from specserve.speculative.mtp import MTPModule
 
 DraftModel = DFlashDraftModel | MTPModule
 

@@ -9,7 +9,7 @@ tokens that followed it are proposed. Deterministic, so proposals carry no proba
 from __future__ import annotations
 
 from specserve.core import Request
-from specserve.spec.base import Drafter, DraftProposal
+from specserve.speculative.base import Drafter, DraftProposal
 
 
 def lookup(tokens: list[int], k: int, max_ngram: int = 3, min_ngram: int = 1) -> list[int]:

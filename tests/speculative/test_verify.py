@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specserve.spec.verify import greedy_verify, rejection_verify
+from specserve.speculative.verify import greedy_verify, rejection_verify
 
 NAN = math.nan
 

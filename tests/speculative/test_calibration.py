@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from specserve.spec.calibration import (
+from specserve.speculative.calibration import (
     apply_sts,
     expected_calibration_error,
     fit_sts,

@@ -12,12 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from specserve.config import ConfigError, SpecConfig
 from specserve.core import SamplingParams
-from specserve.spec.checkpoint import load_drafter, new_drafter, read_config, save_drafter
-from specserve.spec.dspark import DSparkDrafter, DSparkDraftModel
-from specserve.spec.factory import add_cli_args, build_speculation, spec_config_from_args
-from specserve.spec.mtp import MTPDrafter
-from specserve.spec.ngram import NgramDrafter, lookup
-from specserve.spec.profile import SPSTable
+from specserve.speculative.checkpoint import load_drafter, new_drafter, read_config, save_drafter
+from specserve.speculative.dspark import DSparkDrafter, DSparkDraftModel
+from specserve.speculative.factory import add_cli_args, build_speculation, spec_config_from_args
+from specserve.speculative.mtp import MTPDrafter
+from specserve.speculative.ngram import NgramDrafter, lookup
+from specserve.speculative.profile import SPSTable
 
 from .conftest import make_llm
 

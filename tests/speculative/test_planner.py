@@ -6,9 +6,9 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specserve.spec.planner import StepOverhead, plan_full, plan_scheduler, plan_threshold
-from specserve.spec.profile import SPSTable
-from specserve.spec.verify import rejection_verify
+from specserve.speculative.planner import StepOverhead, plan_full, plan_scheduler, plan_threshold
+from specserve.speculative.profile import SPSTable
+from specserve.speculative.verify import rejection_verify
 
 NAN = math.nan
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from specserve.spec.profile import SPSTable
+from specserve.speculative.profile import SPSTable
 
 
 def plan_full(draft_lens: Tensor) -> Tensor:

@@ -6,9 +6,9 @@ import torch
 
 from specserve.config import ModelConfig
 from specserve.models.tiny import tiny_config
-from specserve.spec.dflash import DraftConfig
-from specserve.spec.dspark import DSparkDraftModel
-from specserve.spec.mtp import MTPModule, PrefixAttention
+from specserve.speculative.dflash import DraftConfig
+from specserve.speculative.dspark import DSparkDraftModel
+from specserve.speculative.mtp import MTPModule, PrefixAttention
 
 TARGET = tiny_config(
     vocab_size=64,

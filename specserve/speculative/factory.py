@@ -17,15 +17,15 @@ import torch
 from specserve.config import ConfigError, SpecConfig
 from specserve.core import Request
 from specserve.engine.engine import LLMEngine, Planner, plan_full
-from specserve.spec.base import Drafter, DraftProposal, NoDrafter
-from specserve.spec.calibration import load_sts
-from specserve.spec.checkpoint import load_drafter
-from specserve.spec.dflash import DFlashDrafter, DFlashDraftModel
-from specserve.spec.dspark import DSparkDrafter, DSparkDraftModel
-from specserve.spec.mtp import MTPDrafter, MTPModule
-from specserve.spec.ngram import NgramDrafter
-from specserve.spec.planner import StepOverhead, plan_scheduler, plan_threshold
-from specserve.spec.profile import SPSTable, profile_sps
+from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
+from specserve.speculative.calibration import load_sts
+from specserve.speculative.checkpoint import load_drafter
+from specserve.speculative.dflash import DFlashDrafter, DFlashDraftModel
+from specserve.speculative.dspark import DSparkDrafter, DSparkDraftModel
+from specserve.speculative.mtp import MTPDrafter, MTPModule
+from specserve.speculative.ngram import NgramDrafter
+from specserve.speculative.planner import StepOverhead, plan_scheduler, plan_threshold
+from specserve.speculative.profile import SPSTable, profile_sps
 
 log = logging.getLogger(__name__)
 

@@ -33,15 +33,15 @@ from torch import nn
 
 from specserve.core import Request
 from specserve.models.layers import Linear
-from specserve.spec.calibration import apply_sts
-from specserve.spec.dflash import (
+from specserve.speculative.calibration import apply_sts
+from specserve.speculative.dflash import (
     DFlashDrafter,
     DFlashDraftModel,
     DFlashOutput,
     DraftConfig,
     safe_anchors,
 )
-from specserve.spec.sampling import draw
+from specserve.speculative.sampling import draw
 
 
 class MarkovHead(nn.Module):

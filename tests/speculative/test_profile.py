@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from specserve.spec.profile import SPSTable, profile_sps
+from specserve.speculative.profile import SPSTable, profile_sps
 
 TABLE = SPSTable((1, 4, 8), (100.0, 40.0, 20.0))
 
