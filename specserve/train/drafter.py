@@ -2,9 +2,11 @@
 
 Per step: B target-generated sequences; one no-grad target forward gives the hidden states of
 `target_layer_ids` (the drafter's context) and the target's distribution at every position
-(the TV / confidence labels). DFlash and DSpark then draft A random anchor blocks per sequence
-in one packed forward (block-sparse mask, see `spec/dflash.py`); MTP runs its module over every
-position, chained `mtp_depth` times. The embedding and LM head are the target's, frozen.
+(the TV / confidence labels), or a `TargetStateCache` on disk holds them. DFlash and DSpark
+then draft A random anchor blocks per sequence in one packed forward (block-sparse mask, see
+`speculative/dflash.py`); MTP runs its module over every position, chained `mtp_depth` times.
+The embedding and LM head are the target's, frozen. The step loop itself (data parallel under
+torchrun, accumulation, clipping, checkpoints, logs) is `loop.fit`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from specserve.models.attention import CausalAttention
 from specserve.models.loader import load_model
 from specserve.train.anchors import sample_anchors
 from specserve.train.gendata import load_dataset
-from specserve.train.loop import Checkpointer, Progress, TrainConfig, make_optimizer, write_json
+from specserve.train.loop import TrainConfig, fit, trainable, write_json
 from specserve.train.losses import DFLASH_WEIGHTS, DSPARK_WEIGHTS, LossParts, draft_loss
+from specserve.train.parallel import World
+from specserve.train.state_cache import INDEX_NAME, CacheKey, TargetStateCache, write_cache
 
 ALGORITHMS = ("mtp", "dflash", "dspark")
 
@@ -40,10 +44,23 @@ class DrafterSpec:
     anchors_per_seq: int = 16
     loss_decay_gamma: float = 4.0  # block position weights exp(-(k-1)/gamma); DeepSpec's DSpark
     mtp_depth: int = 3  # MTP: chained steps trained (and drafted at most)
+    # Loss weights (DeepSpec's names); None: the algorithm's default (`losses.py`).
+    ce_loss_alpha: float | None = None
+    l1_loss_alpha: float | None = None
+    confidence_head_alpha: float | None = None
 
     def __post_init__(self) -> None:
         if self.algorithm not in ALGORITHMS:
             raise ValueError(f"algorithm must be one of {', '.join(ALGORITHMS)}")
+
+    def loss_weights(self) -> dict[str, float]:
+        base = DSPARK_WEIGHTS if self.algorithm == "dspark" else DFLASH_WEIGHTS
+        given = {
+            "ce": self.ce_loss_alpha,
+            "tv": self.l1_loss_alpha,
+            "bce": self.confidence_head_alpha,
+        }
+        return base | {k: v for k, v in given.items() if v is not None}
 
 
 def default_layer_ids(num_target_layers: int, count: int = 3) -> tuple[int, ...]:
@@ -99,25 +116,6 @@ def target_states(target, input_ids: torch.Tensor, capture: tuple[int, ...]):
     return out.captured.view(b, t, -1), out.hidden.view(b, t, -1)
 
 
-class StateCache:
-    """The frozen target's states of every training sequence, computed once (in batches of
-    `chunk`) and kept in host memory, so a step runs the drafter only. The target is frozen,
-    so these are exactly the states a per-step forward would give. Memory: N x T x (n+1) x H
-    floats (about 2.6 GB for 4000 sequences of 160 tokens, 3 layers of width 256)."""
-
-    def __init__(self, target, ids_all: torch.Tensor, capture: tuple[int, ...], chunk: int = 64):
-        device = next(target.parameters()).device
-        feats, last = [], []
-        for i in range(0, len(ids_all), chunk):
-            f, h = target_states(target, ids_all[i : i + chunk].to(device), capture)
-            feats.append(f.cpu())
-            last.append(h.cpu())
-        self.feats, self.last = torch.cat(feats), torch.cat(last)
-
-    def batch(self, idx: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.feats[idx].to(device), self.last[idx].to(device)
-
-
 def block_loss(
     drafter,
     target,
@@ -141,9 +139,14 @@ def block_loss(
         h = last.gather(1, rows.reshape(b, -1, 1).expand(-1, -1, last.shape[-1]))
         t_logits = target.compute_logits(h.reshape(-1, h.shape[-1])).view(*rows.shape, -1)
     conf = getattr(out, "confidence_logits", None)
-    weights = DSPARK_WEIGHTS if conf is not None else DFLASH_WEIGHTS
     return draft_loss(
-        out.logits, t_logits, out.target_ids, out.valid, conf, weights, spec.loss_decay_gamma
+        out.logits,
+        t_logits,
+        out.target_ids,
+        out.valid,
+        conf,
+        spec.loss_weights(),
+        spec.loss_decay_gamma,
     )
 
 
@@ -154,6 +157,7 @@ def mtp_loss(
     prompt_len: int,
     depth: int,
     states: tuple[torch.Tensor, torch.Tensor] | None = None,
+    weights: dict[str, float] = DFLASH_WEIGHTS,
 ) -> LossParts:
     """MTP loss, chained `depth` steps (as `MTPModule.forward` chains); step d (1-based)
     predicts the token d + 1 ahead, weighted like block slot d. Only target-generated labels
@@ -182,7 +186,7 @@ def mtp_loss(
                 labels[..., None],
                 valid[..., None],
                 None,
-                DFLASH_WEIGHTS,
+                weights,
             )
         )
         hidden = out
@@ -201,17 +205,13 @@ def capture_layers(drafter, algorithm: str) -> tuple[int, ...]:
 
 def step_loss(drafter, target, batch, prompt_len, spec, generator, states=None) -> LossParts:
     if spec.algorithm == "mtp":
-        return mtp_loss(drafter, target, batch, prompt_len, spec.mtp_depth, states)
+        return mtp_loss(
+            drafter, target, batch, prompt_len, spec.mtp_depth, states, spec.loss_weights()
+        )
     return block_loss(drafter, target, batch, prompt_len, spec, generator, states)
 
 
 # -- the run -----------------------------------------------------------------------------------
-def trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The drafter's own weights (shared target modules excluded)."""
-    shared = tuple(f"{name}." for name in getattr(model, "SHARED", ()))
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(shared)}
-
-
 def train_drafter(
     spec: DrafterSpec,
     target_dir: str | Path,
@@ -221,11 +221,16 @@ def train_drafter(
     resume: bool = False,
     device: str = "cpu",
     cache_states: bool = False,
+    target_cache: str | Path | None = None,
+    cache_dtype: str = "bfloat16",
+    world: World = World(),
 ) -> dict[str, Any]:
     """Train, save (`save_drafter`) and return the run summary (also in out/train_log.json).
 
-    `data_dir`: one gen-data folder or several (their sequences are pooled). `cache_states`:
-    run the frozen target once over the whole data set (`StateCache`) instead of every step."""
+    `data_dir`: one gen-data folder or several (their sequences are pooled). `target_cache`: read
+    the target's states from this cache (`specserve train cache-target`) instead of running the
+    target every step; `cache_states`: first write one to out/target_cache (kept for --resume).
+    Under torchrun (`world`) every rank runs its share of each global batch; rank 0 saves."""
     from specserve.speculative.checkpoint import save_drafter
 
     out = Path(out)
@@ -237,68 +242,52 @@ def train_drafter(
     torch.manual_seed(train.seed)
     drafter = build_drafter(spec, target, target_config).to(device).train()
     t_cache = time.monotonic()
-    cache = (
-        StateCache(target, ids_all, capture_layers(drafter, spec.algorithm))
-        if cache_states
-        else None
-    )
+    if cache_states and target_cache is None:
+        target_cache = out / "target_cache"
+    cache = None
+    if target_cache is not None:
+        key = CacheKey.of(
+            target_dir,
+            ids_all,
+            capture_layers(drafter, spec.algorithm),
+            target_config["hidden_size"],
+        )
+        if cache_states and not (Path(target_cache) / INDEX_NAME).exists():
+            write_cache(target, key, ids_all, target_cache, world, cache_dtype)
+        cache = TargetStateCache(target_cache)
+        cache.check(key, ignore=("target_layer_ids",) if spec.algorithm == "mtp" else ())
     t_cache = time.monotonic() - t_cache
-    opt = make_optimizer(drafter.parameters(), train)
-    ckpt = Checkpointer(out, train.checkpoint_minutes)
-    start, log, elapsed = 0, [], 0.0
-    if resume and ckpt.exists():
-        state = ckpt.load()
-        drafter.load_state_dict(state["model"], strict=False)
-        opt.load_state_dict(state["optimizer"])
-        start, log, elapsed = state["step"], state["log"], state["elapsed"]
-    n = len(ids_all)
-    bar = Progress(train.steps, start, spec.algorithm)
-    t0 = time.monotonic()
-    for step in range(start, train.steps):
-        idx = _batch_indices(step, train.batch_size, n, train.seed)
-        batch = ids_all[idx].to(device)
-        gen = torch.Generator().manual_seed(train.seed * 1_000_003 + step)
-        for g in opt.param_groups:
-            g["lr"] = train.lr_at(step)
+
+    def loss_fn(idx: torch.Tensor, gen: torch.Generator):
         states = cache.batch(idx, device) if cache is not None else None
-        parts = step_loss(drafter, target, batch, prompt_len, spec, gen, states)
-        opt.zero_grad(set_to_none=True)
-        parts.total.backward()
-        torch.nn.utils.clip_grad_norm_(drafter.parameters(), train.grad_clip)
-        opt.step()
-        bar.update(batch.numel(), loss=parts.total.item(), acc=parts.accept.item())
-        if step % 10 == 0 or step + 1 == train.steps:
-            log.append(
-                {
-                    "step": step,
-                    **{
-                        k: round(getattr(parts, k).item(), 4)
-                        for k in ("total", "ce", "tv", "bce", "accept")
-                    },
-                }
-            )
-        done = step + 1 == train.steps
-        state = {
-            "model": trainable(drafter),
-            "optimizer": opt.state_dict(),
-            "step": step + 1,
-            "log": log,
-            "elapsed": elapsed + time.monotonic() - t0,
-        }
-        ckpt.maybe_save(state, force=done)
-    bar.close()
-    elapsed += time.monotonic() - t0
-    save_drafter(drafter, out)
+        parts = step_loss(drafter, target, ids_all[idx].to(device), prompt_len, spec, gen, states)
+        return parts.total, {k: getattr(parts, k) for k in ("total", "ce", "tv", "bce", "accept")}
+
+    log, elapsed = fit(
+        drafter,
+        loss_fn,
+        lambda step: _batch_indices(step, train.batch_size, len(ids_all), train.seed),
+        train,
+        out,
+        world,
+        resume,
+        device,
+        spec.algorithm,
+        ids_all.shape[1],
+    )
     summary = {
         "algorithm": spec.algorithm,
         "params": sum(v.numel() for v in trainable(drafter).values()),
         "train_seconds": round(elapsed, 1),
-        "state_cache_seconds": round(t_cache, 1),  # the one-time target pass of this run
+        "state_cache_seconds": round(t_cache, 1),  # writing / opening the target-state cache
+        "processes": world.size,
         "spec": spec,
         "train": train,
         "log": log,
     }
-    write_json(out / "train_log.json", summary)
+    if world.main:
+        save_drafter(drafter, out)
+        write_json(out / "train_log.json", summary)
     return summary
 
 

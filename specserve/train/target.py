@@ -3,14 +3,13 @@
 The run config is one JSON file: `{"model": {Hugging Face config fields}, "train": {TrainConfig
 fields}, "max_bytes_per_corpus": N}`. Sequences are packed documents of every corpus's train
 split, mixed and shuffled with the run's seed; step s always reads the same rows, so a resumed
-run sees exactly the data an uninterrupted one would.
+run sees exactly the data an uninterrupted one would, with any number of processes.
 """
 
 from __future__ import annotations
 
 import json
 import random
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,8 @@ from specserve.config import DTYPES, ModelConfig
 from specserve.models.attention import CausalAttention
 from specserve.models.qwen3 import CausalLM
 from specserve.train.data import corpus_files, pack, read_texts, tokenize
-from specserve.train.loop import Checkpointer, Progress, TrainConfig, make_optimizer, write_json
+from specserve.train.loop import TrainConfig, fit, write_json
+from specserve.train.parallel import World
 from specserve.train.tokenizer import load_tokenizer
 
 DEFAULT_MAX_BYTES = 8 << 20
@@ -112,8 +112,10 @@ def train_target(
     resume: bool = False,
     device: str = "cpu",
     save_dtype: str = "float32",
+    world: World = World(),
 ) -> dict[str, Any]:
-    """Train and save the target; returns the run summary also written to `out/train_log.json`."""
+    """Train and save the target; returns the run summary also written to `out/train_log.json`.
+    Under torchrun (`world`) every rank runs its share of each global batch; rank 0 saves."""
     out = Path(out)
     tokenizer = load_tokenizer(tokenizer_dir)
     tcfg = TrainConfig.from_dict(run_config.get("train", {}))
@@ -123,34 +125,28 @@ def train_target(
     model = CausalLM(ModelConfig.from_dict(config))
     _init_weights(model)
     model.to(device).train()
-    opt = make_optimizer(model.parameters(), tcfg)
-    ckpt = Checkpointer(out, tcfg.checkpoint_minutes)
-    start, log, elapsed = 0, [], 0.0
-    if resume and ckpt.exists():
-        state = ckpt.load()
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, log, elapsed = state["step"], state["log"], state["elapsed"]
     rows = token_rows(corpora, tokenizer, "train", tcfg.seq_len + 1, max_bytes, tcfg.seed)
-    bar = Progress(tcfg.steps, start, "target")
-    t0 = time.monotonic()
-    for step in range(start, tcfg.steps):
-        idx = torch.arange(step * tcfg.batch_size, (step + 1) * tcfg.batch_size) % len(rows)
-        batch = rows[idx].to(device)
-        for g in opt.param_groups:
-            g["lr"] = tcfg.lr_at(step)
-        loss = lm_loss(model, batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip)
-        opt.step()
-        bar.update(batch.numel(), loss=loss.item())
-        if step % 10 == 0 or step + 1 == tcfg.steps:
-            log.append({"step": step, "loss": round(loss.item(), 4)})
-        done = step + 1 == tcfg.steps
-        ckpt.maybe_save(_state(model, opt, step + 1, log, elapsed + time.monotonic() - t0), done)
-    bar.close()
-    elapsed += time.monotonic() - t0
+
+    def rows_of_step(step: int) -> torch.Tensor:
+        return rows[torch.arange(step * tcfg.batch_size, (step + 1) * tcfg.batch_size) % len(rows)]
+
+    def loss_fn(batch: torch.Tensor, _gen: torch.Generator):
+        loss = lm_loss(model, batch.to(device))
+        return loss, {"loss": loss}
+
+    log, elapsed = fit(
+        model, loss_fn, rows_of_step, tcfg, out, world, resume, device, "target", tcfg.seq_len
+    )
+    summary = {
+        "params": sum(p.numel() for p in model.parameters()),
+        "train_tokens": tcfg.steps * tcfg.batch_size * tcfg.seq_len,
+        "train_seconds": round(elapsed, 1),
+        "processes": world.size,
+        "train": tcfg,
+        "log": log,
+    }
+    if not world.main:
+        return summary
     model.eval()
     held = {}
     for corpus in corpora:
@@ -158,26 +154,9 @@ def train_target(
         held[Path(corpus).name] = round(heldout_loss(model, rows_h, tcfg.batch_size, device), 4)
     save_hf(model, config, out, save_dtype)
     copy_tokenizer(tokenizer_dir, out)
-    summary = {
-        "params": sum(p.numel() for p in model.parameters()),
-        "train_tokens": tcfg.steps * tcfg.batch_size * tcfg.seq_len,
-        "train_seconds": round(elapsed, 1),
-        "heldout_loss": held,
-        "train": tcfg,
-        "log": log,
-    }
+    summary = summary | {"heldout_loss": held}
     write_json(out / "train_log.json", summary)
     return summary
-
-
-def _state(model, opt, step: int, log: list, elapsed: float) -> dict[str, Any]:
-    return {
-        "model": model.state_dict(),
-        "optimizer": opt.state_dict(),
-        "step": step,
-        "log": log,
-        "elapsed": elapsed,
-    }
 
 
 def _init_weights(model: CausalLM, std: float = 0.02) -> None:
