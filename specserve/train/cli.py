@@ -11,8 +11,12 @@ from pathlib import Path
 
 
 def register(sub) -> None:
+    from specserve.train.recipe import RecipeParser
+
     train = sub.add_parser("train", help="train a tokenizer, target LM or drafter")
-    tsub = train.add_subparsers(dest="train_command", required=True, metavar="STEP")
+    tsub = train.add_subparsers(
+        dest="train_command", required=True, metavar="STEP", parser_class=RecipeParser
+    )
 
     p = tsub.add_parser("corpus", help="export the demo corpus (stdlib code, man-page prose)")
     p.add_argument("--out", required=True)
@@ -27,11 +31,17 @@ def register(sub) -> None:
     p.set_defaults(func=_tokenizer)
 
     p = tsub.add_parser("target", help="pre-train a Qwen3 target LM")
+    p.run_sections = ("model", "train", "max_bytes_per_corpus")
+    p.add_argument(
+        "--config",
+        required=True,
+        help='YAML or JSON: {"model": {...}, "train": {...}} and any flags of this command',
+    )
     p.add_argument("--corpus", nargs="+", required=True, metavar="DIR")
     p.add_argument("--tokenizer", required=True)
-    p.add_argument("--config", required=True, help='JSON: {"model": {...}, "train": {...}}')
     p.add_argument("--out", required=True)
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    _parallel(p, overrides=True)
     _common(p, resume=True)
     p.set_defaults(func=_target)
 
@@ -58,6 +68,7 @@ def register(sub) -> None:
     p.set_defaults(func=_gendata)
 
     p = tsub.add_parser("drafter", help="train an MTP, DFlash or DSpark drafter")
+    _recipe(p)
     p.add_argument("--algorithm", required=True, choices=["mtp", "dflash", "dspark"])
     p.add_argument("--target", required=True)
     p.add_argument("--data", required=True, nargs="+", help="gen-data folders (several are pooled)")
@@ -65,6 +76,7 @@ def register(sub) -> None:
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--num-layers", type=int, default=1)
     p.add_argument("--target-layer-ids", type=int, nargs="+")
+    p.add_argument("--mask-token-id", type=int, help="default: <|im_start|> (id 1)")
     p.add_argument("--markov-rank", type=int, default=128)
     p.add_argument("--markov-head-type", choices=["vanilla", "gated", "rnn"], default="vanilla")
     p.add_argument("--anchors-per-seq", type=int, default=16)
@@ -74,19 +86,59 @@ def register(sub) -> None:
         default=4.0,
         help="DFlash/DSpark slot weights exp(-(k-1)/gamma) (DeepSpec's block-7 default: 4)",
     )
+    for flag, loss in (
+        ("--ce-loss-alpha", "CE"),
+        ("--l1-loss-alpha", "TV (L1)"),
+        ("--confidence-head-alpha", "confidence BCE"),
+    ):
+        p.add_argument(flag, type=float, help=f"{loss} loss weight (default: the algorithm's)")
     p.add_argument("--mtp-depth", type=int, default=3)
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, help="optimizer steps (default 300)")
+    p.add_argument(
+        "--num-train-epochs", type=float, help="instead of --steps: passes over the data"
+    )
     p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--min-lr", type=float, help="end of the cosine decay (default: lr / 10)")
+    p.add_argument("--warmup-ratio", type=float, default=0.05, help="share of steps warming up")
+    p.add_argument("--weight-decay", type=float, default=0.1)
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global grad norm")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
+    _parallel(p, overrides=False)
     p.add_argument(
         "--cache-target-states",
         action="store_true",
-        help="run the frozen target once over the data and keep its states in host memory "
-        "(faster steps; N x T x (layers + 1) x hidden floats)",
+        help="first write the target's states of the data to OUT/target_cache, then train from "
+        "it (kept for --resume)",
     )
+    p.add_argument("--target-cache", help="train from this cache (`specserve train cache-target`)")
+    _cache_dtype(p)
     _common(p, resume=True)
     p.set_defaults(func=_drafter)
+
+    p = tsub.add_parser(
+        "cache-target", help="write the target's states of drafter data to disk (once)"
+    )
+    _recipe(p)
+    p.add_argument("--target", required=True)
+    p.add_argument("--data", required=True, nargs="+", help="gen-data folders (several are pooled)")
+    p.add_argument("--out", required=True, help="a new folder")
+    p.add_argument(
+        "--target-layer-ids",
+        type=int,
+        nargs="+",
+        help="layers the drafter reads (default: as `train drafter` picks them)",
+    )
+    p.add_argument("--batch-size", type=int, default=16, help="sequences per target forward")
+    _cache_dtype(p)
+    _common(p, resume=False)
+    p.set_defaults(func=_cache_target)
+
+    p = tsub.add_parser("plot", help="draw a run's train_log.jsonl or TensorBoard log as a PNG")
+    p.add_argument("--log", required=True, help="a run folder, train_log.jsonl or tensorboard/")
+    p.add_argument("--out", required=True, help="PNG file")
+    p.add_argument("--metrics", nargs="+", help="default: every logged metric but lr")
+    p.set_defaults(func=_plot)
 
     p = tsub.add_parser("calibrate", help="fit STS temperatures of a DSpark confidence head")
     p.add_argument("--drafter", required=True)
@@ -108,6 +160,34 @@ def register(sub) -> None:
     p.add_argument("--json", help="also write the result here")
     _common(p, resume=False)
     p.set_defaults(func=_eval)
+
+
+def _recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="recipe YAML holding flags of this command (flags win)")
+
+
+def _parallel(p: argparse.ArgumentParser, overrides: bool) -> None:
+    """Batching and precision flags; `overrides`: they override the run config's `train`."""
+    p.add_argument(
+        "--global-batch-size",
+        "--batch-size",
+        dest="global_batch_size",
+        type=int,
+        default=None if overrides else 16,
+        help="sequences per optimizer step, over all processes",
+    )
+    p.add_argument(
+        "--local-batch-size",
+        type=int,
+        default=None if overrides else 0,
+        help="sequences per micro-batch and process; gradients accumulate up to the global "
+        "batch (0: global batch / processes)",
+    )
+    p.add_argument("--precision", choices=["fp32", "bf16"], default=None if overrides else "fp32")
+
+
+def _cache_dtype(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache-dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
 
 
 def _threads(p: argparse.ArgumentParser) -> None:
@@ -134,8 +214,20 @@ def _run(args, fn):
         raise CLIError("--device cuda: no CUDA device is available")
     try:
         return fn()
-    except (ValueError, ConfigError, FileNotFoundError) as e:
+    except (ValueError, ConfigError, FileNotFoundError, FileExistsError) as e:
         raise CLIError(str(e)) from None
+
+
+def _run_parallel(args, fn):
+    """`_run` inside torchrun's process group (a world of one without torchrun):
+    `fn(world, device)`; -> (world, its result)."""
+    from specserve.train.parallel import close_world, init_world
+
+    world, device = init_world(args.device)
+    try:
+        return world, _run(args, lambda: fn(world, device))
+    finally:
+        close_world()
 
 
 def _need_dirs(*paths: str) -> None:
@@ -166,26 +258,38 @@ def _tokenizer(args):
 
 def _target(args):
     from specserve.cli import CLIError
+    from specserve.train.recipe import load_recipe
     from specserve.train.target import train_target
 
     _need_dirs(*args.corpus, args.tokenizer)
     try:
-        run_config = json.loads(Path(args.config).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CLIError(f"--config {args.config}: {e}") from None
-    summary = _run(
+        recipe = load_recipe(args.config)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    run_config = {k: recipe[k] for k in ("model", "train", "max_bytes_per_corpus") if k in recipe}
+    flags = {
+        "batch_size": args.global_batch_size,
+        "local_batch_size": args.local_batch_size,
+        "precision": args.precision,
+    }
+    run_config["train"] = run_config.get("train", {}) | {
+        k: v for k, v in flags.items() if v is not None
+    }
+    world, summary = _run_parallel(
         args,
-        lambda: train_target(
+        lambda world, device: train_target(
             args.corpus,
             args.tokenizer,
             run_config,
             args.out,
             args.resume,
-            args.device,
+            device,
             args.save_dtype,
+            world,
         ),
     )
-    _print({k: v for k, v in summary.items() if k != "log"})
+    if world.main:
+        _print({k: v for k, v in summary.items() if k != "log"})
 
 
 def _prompts(args):
@@ -228,12 +332,14 @@ def _gendata(args):
 
 
 def _drafter(args):
+    from specserve.cli import CLIError
     from specserve.train.drafter import DrafterSpec, train_drafter
-    from specserve.train.loop import TrainConfig
 
     _need_dirs(args.target, *args.data)
+    if args.steps is not None and args.num_train_epochs is not None:
+        raise CLIError("give --steps or --num-train-epochs, not both")
 
-    def go():
+    def go(world, device):
         spec = DrafterSpec(
             algorithm=args.algorithm,
             block_size=args.block_size,
@@ -241,31 +347,82 @@ def _drafter(args):
             target_layer_ids=tuple(args.target_layer_ids) if args.target_layer_ids else None,
             markov_rank=args.markov_rank,
             markov_head_type=args.markov_head_type,
+            mask_token_id=args.mask_token_id,
             anchors_per_seq=args.anchors_per_seq,
             loss_decay_gamma=args.loss_decay_gamma,
             mtp_depth=args.mtp_depth,
-        )
-        train = TrainConfig(
-            steps=args.steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            min_lr=args.lr / 10,
-            warmup=max(1, args.steps // 20),
-            checkpoint_minutes=args.checkpoint_minutes,
+            ce_loss_alpha=args.ce_loss_alpha,
+            l1_loss_alpha=args.l1_loss_alpha,
+            confidence_head_alpha=args.confidence_head_alpha,
         )
         return train_drafter(
             spec,
             args.target,
             args.data,
             args.out,
-            train,
+            _drafter_schedule(args),
             args.resume,
-            args.device,
+            device,
             cache_states=args.cache_target_states,
+            target_cache=args.target_cache,
+            cache_dtype=args.cache_dtype,
+            world=world,
         )
 
-    summary = _run(args, go)
-    _print({k: v for k, v in summary.items() if k != "log"} | {"last": summary["log"][-1]})
+    world, summary = _run_parallel(args, go)
+    if world.main:
+        _print({k: v for k, v in summary.items() if k != "log"} | {"last": summary["log"][-1]})
+
+
+def _drafter_schedule(args):
+    from specserve.train.gendata import load_dataset
+    from specserve.train.loop import TrainConfig
+
+    steps = args.steps or 300
+    if args.num_train_epochs is not None:
+        n = len(load_dataset(args.data)["input_ids"])
+        steps = max(1, int(args.num_train_epochs * (n // args.global_batch_size)))
+    return TrainConfig(
+        steps=steps,
+        batch_size=args.global_batch_size,
+        local_batch_size=args.local_batch_size,
+        precision=args.precision,
+        lr=args.lr,
+        min_lr=args.lr / 10 if args.min_lr is None else args.min_lr,
+        warmup=max(1, round(steps * args.warmup_ratio)),
+        weight_decay=args.weight_decay,
+        grad_clip=args.max_grad_norm,
+        seed=args.seed,
+        checkpoint_minutes=args.checkpoint_minutes,
+    )
+
+
+def _cache_target(args):
+    from specserve.models.loader import load_model
+    from specserve.train.drafter import default_layer_ids
+    from specserve.train.gendata import load_dataset
+    from specserve.train.state_cache import CacheKey, write_cache
+
+    _need_dirs(args.target, *args.data)
+
+    def go(world, device):
+        target, cfg = load_model(args.target, device=device)
+        ids = load_dataset(args.data)["input_ids"].long()
+        layers = args.target_layer_ids or default_layer_ids(cfg.num_hidden_layers)
+        key = CacheKey.of(args.target, ids, layers, cfg.hidden_size)
+        write_cache(target, key, ids, args.out, world, args.cache_dtype, args.batch_size)
+        return key
+
+    world, key = _run_parallel(args, go)
+    if world.main:
+        _print({"out": args.out, "dtype": args.cache_dtype} | vars(key))
+
+
+def _plot(args):
+    from specserve.train.runlog import plot_log
+
+    drawn = _run(args, lambda: plot_log(args.log, args.out, args.metrics))
+    print(f"{', '.join(drawn)} written to {args.out}")
 
 
 def _calibrate(args):
