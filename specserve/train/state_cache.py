@@ -44,15 +44,15 @@ SAMPLE_BYTES = 1 << 20
 
 @dataclass(frozen=True)
 class CacheKey:
-    """What a cache was built from; a run must match it field by field."""
+    """What a cache was built from; a run must match it field by field (shapes first)."""
 
-    target_config: str
-    target_weights: str
-    data: str
     num_seqs: int
     seq_len: int
     hidden_size: int
     target_layer_ids: tuple[int, ...]
+    target_config: str
+    target_weights: str
+    data: str
 
     @classmethod
     def of(cls, target_dir: str | Path, ids: torch.Tensor, layer_ids, hidden: int) -> CacheKey:
