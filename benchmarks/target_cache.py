@@ -33,9 +33,7 @@ from specserve.train.state_cache import CacheKey, TargetStateCache, write_cache
 
 
 def memory_mb() -> dict[str, float]:
-    status = dict(
-        line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
-    )
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
     return {k: int(status[k].split()[0]) / 1024 for k in ("RssAnon", "RssFile")}
 
 

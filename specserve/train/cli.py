@@ -223,11 +223,14 @@ def _run_parallel(args, fn):
     `fn(world, device)`; -> (world, its result)."""
     from specserve.train.parallel import close_world, init_world
 
-    world, device = init_world(args.device)
-    try:
-        return world, _run(args, lambda: fn(world, device))
-    finally:
-        close_world()
+    def go():
+        world, device = init_world(args.device)
+        try:
+            return world, fn(world, device)
+        finally:
+            close_world()
+
+    return _run(args, go)
 
 
 def _need_dirs(*paths: str) -> None:
@@ -378,7 +381,7 @@ def _drafter_schedule(args):
     from specserve.train.gendata import load_dataset
     from specserve.train.loop import TrainConfig
 
-    steps = args.steps or 300
+    steps = 300 if args.steps is None else args.steps
     if args.num_train_epochs is not None:
         n = len(load_dataset(args.data)["input_ids"])
         steps = max(1, int(args.num_train_epochs * (n // args.global_batch_size)))
