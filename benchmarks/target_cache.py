@@ -4,8 +4,9 @@
 
 Writes a bf16 cache (`specserve train cache-target`'s format) of random token rows for each
 data size, then, in a fresh process per size and reader, reads random batches as a drafter
-run does and reports the process's anonymous memory (RssAnon: what the run owns; mapped file
-pages are page cache the kernel can drop) and sequences per second:
+run does and reports sequences per second and how much the process's anonymous memory grew
+from before the cache was opened to after the reads (RssAnon: memory the run owns; mapped file
+pages are page cache the kernel can drop, reported as RssFile):
 
 * `mmap`:  `TargetStateCache.batch` (memory-mapped shards);
 * `ram`:   the same states loaded whole into host memory first (what an in-memory cache costs);
@@ -42,9 +43,11 @@ def measure(target_dir: str, cache_dir: str, reader: str, batches: int, batch: i
     """One reader in this (fresh) process -> memory after reading and sequences/s."""
     torch.set_num_threads(1)
     target, _ = load_model(target_dir)
+    key = TargetStateCache(cache_dir).key
+    n, layers = key.num_seqs, key.target_layer_ids
+    ids = torch.randint(3, target.config.vocab_size, (n, key.seq_len), generator=_gen())
+    before = memory_mb()
     cache = TargetStateCache(cache_dir)
-    n, layers = cache.key.num_seqs, cache.key.target_layer_ids
-    ids = torch.randint(3, target.config.vocab_size, (n, cache.key.seq_len), generator=_gen())
     if reader == "ram":
         everything = cache.read(torch.arange(n)).clone()
     gen = _gen()
@@ -58,7 +61,12 @@ def measure(target_dir: str, cache_dir: str, reader: str, batches: int, batch: i
         else:
             target_states(target, ids[idx], layers)
     seconds = time.perf_counter() - t0
-    return {"seqs_per_s": round(batches * batch / seconds, 1)} | memory_mb()
+    after = memory_mb()
+    return {
+        "seqs_per_s": round(batches * batch / seconds, 1),
+        "anon_growth_mb": round(after["RssAnon"] - before["RssAnon"], 1),
+        "file_mb": round(after["RssFile"] - before["RssFile"], 1),
+    }
 
 
 def main() -> None:
@@ -79,7 +87,10 @@ def main() -> None:
         target, cfg = load_model(target_dir)
         layers = default_layer_ids(cfg.num_hidden_layers)
         print(f"target {target_dir}: hidden {cfg.hidden_size}, layers {list(layers)}")
-        print(f"{'seqs':>6} {'cache MB':>9} {'reader':>6} {'seqs/s':>8} {'RssAnon MB':>11}")
+        print(
+            f"{'seqs':>6} {'cache MB':>9} {'reader':>6} {'seqs/s':>8} {'RssAnon +MB':>12}", end=""
+        )
+        print(f" {'RssFile +MB':>12}")
         for n in args.sizes:
             ids = torch.randint(3, cfg.vocab_size, (n, args.seq_len), generator=_gen())
             key = CacheKey.of(target_dir, ids, layers, cfg.hidden_size)
@@ -87,7 +98,10 @@ def main() -> None:
             size = sum(p.stat().st_size for p in cache.glob("*.bin")) / 2**20
             for reader in ("mmap", "ram", "live"):
                 r = _child(args, target_dir, cache, reader)
-                print(f"{n:6d} {size:9.1f} {reader:>6} {r['seqs_per_s']:8.1f} {r['RssAnon']:11.1f}")
+                print(
+                    f"{n:6d} {size:9.1f} {reader:>6} {r['seqs_per_s']:8.1f} "
+                    f"{r['anon_growth_mb']:12.1f} {r['file_mb']:12.1f}"
+                )
 
 
 def _child(args, target_dir, cache: Path, reader: str) -> dict:

@@ -15,7 +15,12 @@ from typing import Any
 
 import torch
 
-from specserve.train.parallel import World, average_gradients, average_metrics
+from specserve.train.parallel import (
+    World,
+    average_gradients,
+    average_metrics,
+    broadcast_parameters,
+)
 from specserve.train.runlog import RunLog
 
 PRECISIONS = ("fp32", "bf16")
@@ -122,7 +127,8 @@ def fit(
         model.load_state_dict(state["model"], strict=False)
         opt.load_state_dict(state["optimizer"])
         start, log, elapsed = state["step"], state["log"], state["elapsed"]
-    local, accum = cfg.micro_batches(world.size)
+    cfg.micro_batches(world.size)  # a batch that does not split fails before the first step
+    broadcast_parameters(params, world)
     runlog = RunLog(out, start) if world.main else None
     bar = Progress(cfg.steps, start, desc) if world.main else None
     t0 = time.monotonic()
@@ -131,14 +137,7 @@ def fit(
         lr = cfg.lr_at(step)
         for g in opt.param_groups:
             g["lr"] = lr
-        metrics = {}
-        for m in range(world.rank * accum, (world.rank + 1) * accum):
-            gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 65_536 + m)
-            with torch.autocast(torch.device(device).type, torch.bfloat16, cfg.precision == "bf16"):
-                objective, parts = loss_fn(rows[m * local : (m + 1) * local], gen)
-            (objective / accum).backward()
-            for name, value in parts.items():
-                metrics[name] = metrics.get(name, 0.0) + value.item() / accum
+        metrics = _accumulate(loss_fn, rows, step, cfg, world, device)
         average_gradients(params, world)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
         opt.step()
@@ -162,6 +161,23 @@ def fit(
         bar.close()
         runlog.close()
     return log, elapsed + time.monotonic() - t0
+
+
+def _accumulate(
+    loss_fn: LossFn, rows: torch.Tensor, step: int, cfg: TrainConfig, world: World, device: str
+) -> dict[str, float]:
+    """Backward of this rank's micro-batches of one step (each scaled by 1 / their number);
+    -> their mean metrics."""
+    local, accum = cfg.micro_batches(world.size)
+    metrics: dict[str, float] = {}
+    for m in range(world.rank * accum, (world.rank + 1) * accum):
+        gen = torch.Generator().manual_seed((cfg.seed * 1_000_003 + step) * 65_536 + m)
+        with torch.autocast(torch.device(device).type, torch.bfloat16, cfg.precision == "bf16"):
+            objective, parts = loss_fn(rows[m * local : (m + 1) * local], gen)
+        (objective / accum).backward()
+        for name, value in parts.items():
+            metrics[name] = metrics.get(name, 0.0) + value.item() / accum
+    return metrics
 
 
 class Checkpointer:

@@ -73,6 +73,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def broadcast_parameters(params: Iterable[torch.nn.Parameter], world: World) -> None:
+    """Every rank starts from rank 0's weights (as DDP does when it wraps a model)."""
+    if world.size == 1:
+        return
+    with torch.no_grad():
+        for p in params:
+            dist.broadcast(p.data, src=0)
+
+
 def average_gradients(params: Iterable[torch.nn.Parameter], world: World) -> None:
     """Replace every gradient by its mean over ranks (a missing gradient counts as zero)."""
     if world.size == 1:
