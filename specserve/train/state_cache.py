@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -145,13 +146,18 @@ class TargetStateCache:
         self.starts = np.array([s["start"] for s in index["shards"]])
         self.shards = [self._map(s) for s in index["shards"]]
 
-    def _map(self, shard: dict) -> np.memmap | None:
+    def _map(self, shard: dict) -> np.ndarray | None:
         path = self.path / shard["file"]
         shape = (shard["count"], self.key.seq_len, self.width)
         expected = int(np.prod(shape)) * np.dtype(self.np_dtype).itemsize
         if not path.is_file() or path.stat().st_size != expected:
             raise ValueError(f"{path}: missing or not {expected} bytes; rebuild the cache")
-        return np.memmap(path, self.np_dtype, "r", shape=shape) if shard["count"] else None
+        if not shard["count"]:
+            return None
+        with path.open("rb") as f:
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        mapped.madvise(mmap.MADV_RANDOM)  # rows are read in random order: no read-ahead
+        return np.ndarray(shape, self.np_dtype, buffer=mapped)
 
     def check(self, expected: CacheKey, ignore: tuple[str, ...] = ()) -> None:
         """Refuse a cache built from another target, data set or layer choice, naming the field."""
