@@ -70,8 +70,9 @@ def test_two_gloo_processes_match_one_and_resume_with_one(tiny_target, tiny_data
     resumed = read_jsonl(two / "train_log.jsonl")
     assert [r["step"] for r in resumed] == [0, 1, 2, 3]
     for a, b in zip(ref, resumed, strict=True):
-        for name in ("total", "ce", "tv", "bce", "grad_norm"):
+        for name in ("total", "ce", "tv", "bce"):
             assert abs(a[name] - b[name]) < 1e-5, (a["step"], name, a[name], b[name])
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)  # sums in another order
     assert ref[3]["total"] != ref[0]["total"]  # the steps did change the drafter
     target, _ = load_model(tiny_target)
     wa = trainable(load_drafter(one, target))
