@@ -70,3 +70,15 @@ def test_a_recipe_key_that_is_no_flag_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         _parse("--config", str(path))
     assert "not a mapping of flags" in capsys.readouterr().err
+
+
+def test_a_recipe_becomes_deepspecs_schedule(tiny_data):
+    """10 epochs of the 16 tiny sequences at global batch 4 = 40 steps, 4% of them warm-up,
+    cosine to 0, clipping at 1.0, bf16, one sequence per micro-batch."""
+    from specserve.train.cli import _drafter_schedule
+
+    recipe = str(RECIPES / "dspark_qwen3_8b.yaml")
+    cfg = _drafter_schedule(_parse("--config", recipe, "--data", tiny_data, "--batch-size", "4"))
+    assert (cfg.steps, cfg.warmup, cfg.batch_size, cfg.local_batch_size) == (40, 2, 4, 1)
+    assert (cfg.lr, cfg.min_lr, cfg.grad_clip, cfg.precision) == (6e-4, 0.0, 1.0, "bf16")
+    assert cfg.lr_at(39) < 1e-5 and cfg.micro_batches(2) == (1, 2)
