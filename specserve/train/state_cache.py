@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from specserve.train.loop import Progress
 from specserve.train.parallel import World, barrier
 
 CACHE_VERSION = 1
@@ -99,14 +100,19 @@ def write_cache(
     device = next(target.parameters()).device
     rows = world.slice(len(ids))
     path = out / _shard_name(world.rank, world.size)
+    starts = range(rows.start, rows.stop, chunk)
+    bar = Progress(len(starts), 0, "cache-target") if world.main else None
     with open(f"{path}.tmp", "wb") as f:
-        for i in range(rows.start, rows.stop, chunk):
-            feats, last = target_states(
-                target, ids[i : min(i + chunk, rows.stop)].to(device), key.target_layer_ids
-            )
+        for i in starts:
+            batch = ids[i : min(i + chunk, rows.stop)].to(device)
+            feats, last = target_states(target, batch, key.target_layer_ids)
             rec = torch.cat([feats, last], -1).to("cpu", CACHE_DTYPES[dtype][0]).contiguous()
             raw = rec.view(torch.int16) if dtype == "bfloat16" else rec  # numpy has no bf16
             f.write(raw.numpy().tobytes())
+            if bar is not None:
+                bar.update(batch.numel())
+    if bar is not None:
+        bar.close()
     os.replace(f"{path}.tmp", path)
     barrier()
     if world.main:
