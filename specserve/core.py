@@ -14,6 +14,15 @@ class SamplingParamsError(ValueError):
     """An out-of-range sampling parameter; the message names it (HTTP 400)."""
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of an n > 1 request: seed + index, wrapped into 64 bits
+    (as torch wraps a negative seed), so every accepted seed gives every choice a valid one."""
+    return None if seed is None else (seed + index) % 2**64
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
@@ -42,7 +51,11 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (1 <= self.n <= 128, "n must be in [1, 128]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs must be at least 0"),
+            (
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                f"seed must be in [{SEED_MIN}, {SEED_MAX}]",
+            ),
             (all(s for s in self.stop), "stop strings must be non-empty"),
         ]
         for ok, message in checks:
