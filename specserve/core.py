@@ -15,6 +15,7 @@ class SamplingParamsError(ValueError):
 
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+TOP_K_MAX = 2**31 - 1  # a 32-bit k; any k beyond the vocabulary keeps every token
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -45,7 +46,10 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.top_k == -1 or self.top_k >= 1, "top_k must be -1 (disabled) or >= 1"),
+            (
+                self.top_k == -1 or 1 <= self.top_k <= TOP_K_MAX,
+                f"top_k must be -1 (disabled) or in [1, {TOP_K_MAX}]",
+            ),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),

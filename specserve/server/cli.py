@@ -27,6 +27,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="max prompt + output tokens (default: the model's)",
     )
     p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=4096,
+        help="requests submitted and not yet streaming beyond which new ones get HTTP 429 with "
+        "Retry-After; also the most completions (n × prompts) one request may ask for "
+        "(default 4096)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may wait for its first output before it is aborted with "
+        "HTTP 503 (default: no limit)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds open requests get to finish after SIGTERM/SIGINT before they are aborted "
+        "with a final error event (default 30)",
+    )
+    p.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="the most top logprobs a request may ask for (default 20)",
+    )
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
     mem.add_argument(
@@ -45,7 +73,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--disable-radix-cache", action="store_true", help="turn off prefix caching")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(/docs and /openapi.json included)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -144,6 +177,7 @@ def build_engine(args: argparse.Namespace):
             max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size,
             context_length=args.context_length or model_cfg.max_position_embeddings,
+            max_queued_requests=args.max_queued_requests,
         )
         config = EngineConfig(
             model_path=str(path),
@@ -207,30 +241,39 @@ def _set_drafter_moe_backend(drafter, backend: str | None) -> None:
             set_moe_backend(module, backend)
 
 
+def _check_server_args(args: argparse.Namespace) -> None:
+    from specserve.cli import CLIError
+
+    if args.queue_timeout is not None and not args.queue_timeout > 0:
+        raise CLIError("--queue-timeout must be positive")
+    if not args.shutdown_timeout >= 0:
+        raise CLIError("--shutdown-timeout must be at least 0")
+    if args.max_logprobs < 0:
+        raise CLIError("--max-logprobs must be at least 0")
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from specserve.server.api import ServerConfig, create_app
     from specserve.server.async_engine import AsyncEngine
+    from specserve.server.lifecycle import serve
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.node_rank > 0:
         return _run_worker_node(args)
+    _check_server_args(args)
     engine, algorithm = build_engine(args)
     name = args.served_model_name or Path(args.model_path).resolve().name
     async_engine = AsyncEngine(engine)
-    async_engine.start()
-    app = create_app(async_engine, ServerConfig(name, args.api_key, algorithm))
+    config = ServerConfig(name, args.api_key, algorithm, args.max_logprobs, args.queue_timeout)
+    app = create_app(async_engine, config)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return serve(async_engine, app, args.host, args.port, args.log_level, args.shutdown_timeout)
     finally:
-        async_engine.shutdown()
         engine.close()
-    return 0
 
 
 def _run_worker_node(args: argparse.Namespace) -> int:
