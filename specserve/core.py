@@ -19,8 +19,8 @@ TOP_K_MAX = 2**31 - 1  # a 32-bit k; any k beyond the vocabulary keeps every tok
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
-    """The seed of choice `index` of an n > 1 request: seed + index, wrapped into 64 bits
-    (as torch wraps a negative seed), so every accepted seed gives every choice a valid one."""
+    """The seed of choice `index` of an n > 1 request: (seed + index) mod 2**64, so every
+    accepted seed gives every choice a valid one (choice 1 of seed 2**64 - 1 uses seed 0)."""
     return None if seed is None else (seed + index) % 2**64
 
 
