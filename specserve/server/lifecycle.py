@@ -4,8 +4,10 @@ exit when the engine loop dies (so a supervisor restarts the process)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
@@ -35,7 +37,13 @@ class GracefulServer(uvicorn.Server):
     async def serve(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
-        self._captured_signals.clear()  # handled: return normally instead of re-raising
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            yield
+            # handled by the drain: return, so the caller cleans up, instead of re-raising
+            self._captured_signals.clear()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if not self._draining and self._loop is not None:
