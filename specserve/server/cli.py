@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import replace
 from pathlib import Path
+
+log = logging.getLogger("specserve.server")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -199,11 +208,17 @@ def build_engine(args: argparse.Namespace):
             from specserve.speculative.factory import spec_config_from_args
 
             spec = spec_config_from_args(args)
+            if spec.sps_table_path is None:
+                spec = replace(spec, sps_table_path=str(sps_cache_path(args)))
         group = start_ranks(ranks) if ranks.parallel.world_size > 1 else None
         try:
+            start = time.perf_counter()
             engine = LLMEngine(config, moe_backend=ranks.moe_backend, group=group)
+            log.info("target loaded in %.1f s", time.perf_counter() - start)
             if spec is not None and spec.algorithm != "NONE":
+                start = time.perf_counter()
                 _install_speculation(engine, spec, args.speculative_moe_runner_backend)
+                log.info("speculation ready in %.1f s", time.perf_counter() - start)
         except BaseException:
             if group is not None:
                 group.abort()
@@ -211,6 +226,40 @@ def build_engine(args: argparse.Namespace):
         return engine, "NONE" if spec is None else spec.algorithm
     except (ConfigError, ValueError, DistributedError) as e:
         raise CLIError(str(e)) from None
+
+
+def sps_cache_path(args: argparse.Namespace, cache_dir: Path | None = None) -> Path:
+    """Where the SPS table of this model, these flags and this machine is kept: profiled at the
+    first start, loaded at the next ones. Anything that changes step times changes the key."""
+    import torch
+
+    def files(folder: str | None) -> list:
+        if folder is None or not Path(folder).is_dir():
+            return []
+        found = sorted(Path(folder).resolve().glob("*.json")) + sorted(
+            Path(folder).resolve().glob("*.safetensors")
+        )
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in found]
+
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IN_SPS_KEY}
+    key = {
+        "target": files(args.model_path),
+        "drafter": files(getattr(args, "speculative_draft_model_path", None)),
+        "flags": {k: str(v) for k, v in flags.items()},
+        "machine": [platform.node(), platform.machine(), platform.processor(), os.cpu_count()],
+        "torch": [torch.__version__, torch.get_num_threads()],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (cache_dir or home / "specserve" / "sps") / f"{digest}.json"
+
+
+# flags that cannot change a target step's time
+_NOT_IN_SPS_KEY = frozenset(
+    {"func", "host", "port", "served_model_name", "api_key", "log_level", "seed", "command"}
+    | {"max_queued_requests", "queue_timeout", "shutdown_timeout", "max_logprobs"}
+    | {"speculative_dspark_sps_table_path", "dist_init_addr", "node_rank", "dist_timeout"}
+)
 
 
 def _install_speculation(engine, spec, moe_backend: str) -> None:
