@@ -16,6 +16,7 @@ class SamplingParamsError(ValueError):
 
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
 TOP_K_MAX = 2**31 - 1  # a 32-bit k; any k beyond the vocabulary keeps every token
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs; `--max-logprobs` may lower it
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -55,7 +56,10 @@ class SamplingParams:
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (1 <= self.n <= 128, "n must be in [1, 128]"),
-            (self.logprobs is None or self.logprobs >= 0, "logprobs must be at least 0"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
             (
                 self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
                 f"seed must be in [{SEED_MIN}, {SEED_MAX}]",

@@ -62,7 +62,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--max-logprobs",
         type=int,
         default=20,
-        help="the most top logprobs a request may ask for (default 20)",
+        help="the most top logprobs a request may ask for, at most 20 (default 20)",
     )
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
@@ -292,13 +292,14 @@ def _set_drafter_moe_backend(drafter, backend: str | None) -> None:
 
 def _check_server_args(args: argparse.Namespace) -> None:
     from specserve.cli import CLIError
+    from specserve.core import MAX_LOGPROBS
 
     if args.queue_timeout is not None and not args.queue_timeout > 0:
         raise CLIError("--queue-timeout must be positive")
     if not args.shutdown_timeout >= 0:
         raise CLIError("--shutdown-timeout must be at least 0")
-    if args.max_logprobs < 0:
-        raise CLIError("--max-logprobs must be at least 0")
+    if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
+        raise CLIError(f"--max-logprobs must be in [0, {MAX_LOGPROBS}]")
 
 
 def run(args: argparse.Namespace) -> int:
