@@ -62,6 +62,7 @@ class ServerConfig:
     speculative_algorithm: str = "NONE"
     max_logprobs: int = 20  # --max-logprobs (vLLM's default)
     queue_timeout: float | None = None  # --queue-timeout: seconds to the first output
+    disable_docs: bool = False  # --disable-fastapi-docs: no /docs, /redoc, /openapi.json
 
 
 class APIError(Exception):
@@ -90,7 +91,8 @@ _GENERATION_ERRORS = _errors(400, 401, 404, 429, 500, 503)
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="specserve", version=__version__)
+    off = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="specserve", version=__version__, **(off if config.disable_docs else {}))
     app.add_middleware(RequestGuard, api_key=config.api_key)
     metrics = ServerMetrics(lambda: engine.snapshot, config.served_model_name)
     app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False

@@ -88,6 +88,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="require 'Authorization: Bearer KEY' on every route but /health "
         "(/docs and /openapi.json included)",
     )
+    p.add_argument(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="serve no /docs, /redoc or /openapi.json (with --api-key they need the key)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -258,6 +263,7 @@ def sps_cache_path(args: argparse.Namespace, cache_dir: Path | None = None) -> P
 _NOT_IN_SPS_KEY = frozenset(
     {"func", "host", "port", "served_model_name", "api_key", "log_level", "seed", "command"}
     | {"max_queued_requests", "queue_timeout", "shutdown_timeout", "max_logprobs"}
+    | {"disable_fastapi_docs"}
     | {"speculative_dspark_sps_table_path", "dist_init_addr", "node_rank", "dist_timeout"}
 )
 
@@ -318,7 +324,14 @@ def run(args: argparse.Namespace) -> int:
     engine, algorithm = build_engine(args)
     name = args.served_model_name or Path(args.model_path).resolve().name
     async_engine = AsyncEngine(engine)
-    config = ServerConfig(name, args.api_key, algorithm, args.max_logprobs, args.queue_timeout)
+    config = ServerConfig(
+        name,
+        args.api_key,
+        algorithm,
+        args.max_logprobs,
+        args.queue_timeout,
+        args.disable_fastapi_docs,
+    )
     app = create_app(async_engine, config)
     try:
         return serve(async_engine, app, args.host, args.port, args.log_level, args.shutdown_timeout)

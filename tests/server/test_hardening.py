@@ -281,6 +281,15 @@ def test_internal_errors_are_json_500s_with_the_request_id(keyed):
     assert "trace-42" in _error(r, 500)
 
 
+def test_docs_can_be_turned_off(tiny_model_path, start_server):
+    s = start_server(
+        tiny_model_path, max_total_tokens=1024, server=ServerConfig("tiny", disable_docs=True)
+    )
+    for path in ("/docs", "/redoc", "/openapi.json"):
+        assert _error(httpx.get(s.url + path), 404)
+    assert httpx.get(s.url + "/v1/models").status_code == 200
+
+
 def test_openapi_documents_400s_and_response_models(server):
     schema = TestClient(server.app).get("/openapi.json").json()
     for path, model in (
