@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import sys
@@ -75,21 +76,28 @@ async def one(
             async with http.stream("POST", route, json=body) as r:
                 if r.status_code != 200:
                     await r.aread()
-                    return f"HTTP {r.status_code}", time.monotonic() - t0
+                    return _status(r), time.monotonic() - t0
                 cut = rng.randint(1, 4) if disconnect else None
                 async for i, line in _enumerate(r.aiter_lines()):
-                    if '"error"' in line:
-                        return "stream error event", time.monotonic() - t0
+                    if line.startswith("data: {") and "error" in json.loads(line[6:]):
+                        return f"stream error event: {line[6:200]}", time.monotonic() - t0
                     if cut is not None and i >= cut:
                         return "disconnected", time.monotonic() - t0
             return "HTTP 200", time.monotonic() - t0
         timeout = rng.uniform(0.05, 1.0) if disconnect else None
         r = await asyncio.wait_for(http.post(route, json=body), timeout)
-        return f"HTTP {r.status_code}", time.monotonic() - t0
+        return _status(r), time.monotonic() - t0
     except TimeoutError:
         return "disconnected", time.monotonic() - t0
     except httpx.HTTPError as e:
         return f"client error {type(e).__name__}", time.monotonic() - t0
+
+
+def _status(r: httpx.Response) -> str:
+    """ "HTTP 200", or for an unexpected failure the status with its message."""
+    if r.status_code in (200, 400):
+        return f"HTTP {r.status_code}"
+    return f"HTTP {r.status_code}: {r.text[:200]}"
 
 
 async def _enumerate(it):
@@ -101,10 +109,11 @@ async def _enumerate(it):
 
 async def run_load(url: str, args: argparse.Namespace) -> tuple[Counter, list[float], int]:
     rng = random.Random(args.seed)
-    plan = [
-        (*make_request(rng, args.max_tokens), rng.random() < args.disconnect_rate)
-        for _ in range(args.requests)
-    ]
+    plan = []
+    for _ in range(args.requests):
+        route, body, expect_400 = make_request(rng, args.max_tokens)
+        disconnect = not expect_400 and rng.random() < args.disconnect_rate
+        plan.append((route, body, expect_400, disconnect))
     outcomes: Counter = Counter()
     latencies: list[float] = []
     wrong_400 = 0
