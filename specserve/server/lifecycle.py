@@ -52,6 +52,7 @@ class GracefulServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     def _start_drain(self) -> None:
+        # kept on self: the event loop holds only a weak reference to a task
         self._drain = asyncio.ensure_future(drain(self.app, self.shutdown_timeout))
 
     def engine_died(self, reason: str) -> None:

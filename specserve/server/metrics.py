@@ -7,10 +7,10 @@ layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from specserve.server.async_engine import EngineSnapshot
 
@@ -54,7 +54,7 @@ class EngineCollector:
         c.add_metric(list(self.labels.values()), value)
         return c
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         snap = self.snapshot()
         st = snap.stats
         yield self._gauge(
