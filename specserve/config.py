@@ -35,6 +35,39 @@ def read_config_json(folder: str | Path, label: str = "") -> dict[str, Any]:
         raise ConfigError(f"{label}{file}: not valid JSON ({e})") from None
 
 
+ROPE_TYPES = (None, "default", "linear", "llama3")
+
+
+def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
+    """(theta, scaling): transformers 5 writes `rope_parameters` ({rope_theta, rope_type, ...});
+    earlier versions `rope_theta` and `rope_scaling`."""
+    params = cfg.get("rope_parameters") or {}
+    theta = float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+    scaling = cfg.get("rope_scaling")
+    if scaling is None and params.get("rope_type", "default") != "default":
+        scaling = params
+    return theta, scaling
+
+
+def _check_full_attention(cfg: dict[str, Any]) -> None:
+    """Sliding-window layers are not implemented: refuse them rather than attend too far."""
+    if cfg.get("use_sliding_window"):
+        raise ConfigError(
+            "config.json: use_sliding_window (sliding-window attention) is not supported"
+        )
+    other = {t for t in cfg.get("layer_types") or () if t != "full_attention"}
+    if other:
+        raise ConfigError(f"config.json: layer_types {sorted(other)} are not supported")
+
+
+def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
+    """The first of `names` that config.json sets (spellings differ between versions)."""
+    for name in names:
+        if cfg.get(name) is not None:
+            return cfg[name]
+    return default
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
@@ -75,14 +108,19 @@ class ModelConfig:
             )
         if self.hidden_act != "silu":
             raise ConfigError(f"config.json: hidden_act {self.hidden_act!r} is not supported")
+        kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
+        if kind not in ROPE_TYPES:
+            raise ConfigError(f"config.json: rope type {kind!r} is not supported")
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ConfigError("config.json has no 'architectures' entry")
+        _check_full_attention(cfg)
         try:
             heads = int(cfg["num_attention_heads"])
+            rope_theta, rope_scaling = _rope(cfg)
             hidden = int(cfg["hidden_size"])
             eos = cfg.get("eos_token_id")
             eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
@@ -97,8 +135,8 @@ class ModelConfig:
                 head_dim=int(cfg.get("head_dim") or hidden // heads),
                 max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
                 rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(cfg.get("rope_theta", 10000.0)),
-                rope_scaling=cfg.get("rope_scaling"),
+                rope_theta=rope_theta,
+                rope_scaling=rope_scaling,
                 tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
                 attention_bias=bool(cfg.get("attention_bias", False)),
                 mlp_bias=bool(cfg.get("mlp_bias", False)),
@@ -106,7 +144,7 @@ class ModelConfig:
                 hidden_act=cfg.get("hidden_act", "silu"),
                 eos_token_ids=tuple(int(e) for e in eos_ids),
                 bos_token_id=cfg.get("bos_token_id"),
-                num_experts=int(cfg.get("num_experts", 0) or 0),
+                num_experts=int(_get(cfg, "num_experts", "num_local_experts", default=0)),
                 num_experts_per_tok=int(cfg.get("num_experts_per_tok", 0) or 0),
                 moe_intermediate_size=int(cfg.get("moe_intermediate_size", 0) or 0),
                 norm_topk_prob=bool(cfg.get("norm_topk_prob", True)),
@@ -116,6 +154,10 @@ class ModelConfig:
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from None
+        except ConfigError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.json has a field of the wrong type ({e})") from None
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
@@ -162,6 +204,8 @@ class SchedulerConfig:
             raise ConfigError("--chunked-prefill-size must be positive")
         if self.context_length <= 1:
             raise ConfigError("--context-length must be at least 2")
+        if self.max_queued_requests <= 0:
+            raise ConfigError("--max-queued-requests must be positive")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,17 @@ class SamplingParamsError(ValueError):
     """An out-of-range sampling parameter; the message names it (HTTP 400)."""
 
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1  # what torch.Generator.manual_seed accepts
+TOP_K_MAX = 2**31 - 1  # a 32-bit k; any k beyond the vocabulary keeps every token
+MAX_LOGPROBS = 20  # OpenAI's limit on top logprobs; `--max-logprobs` may lower it
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of choice `index` of an n > 1 request: (seed + index) mod 2**64, so every
+    accepted seed gives every choice a valid one (choice 1 of seed 2**64 - 1 uses seed 0)."""
+    return None if seed is None else (seed + index) % 2**64
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int | None = 16  # None: up to the context length
@@ -36,13 +47,23 @@ class SamplingParams:
             (self.max_tokens is None or self.max_tokens >= 1, "max_tokens must be at least 1"),
             (0.0 <= self.temperature <= 100.0, "temperature must be in [0, 100]"),
             (0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]"),
-            (self.top_k == -1 or self.top_k >= 1, "top_k must be -1 (disabled) or >= 1"),
+            (
+                self.top_k == -1 or 1 <= self.top_k <= TOP_K_MAX,
+                f"top_k must be -1 (disabled) or in [1, {TOP_K_MAX}]",
+            ),
             (0.0 <= self.min_p <= 1.0, "min_p must be in [0, 1]"),
             (0.0 < self.repetition_penalty <= 10.0, "repetition_penalty must be in (0, 10]"),
             (-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty must be in [-2, 2]"),
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (1 <= self.n <= 128, "n must be in [1, 128]"),
-            (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
+            (
+                self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
+                f"seed must be in [{SEED_MIN}, {SEED_MAX}]",
+            ),
             (all(s for s in self.stop), "stop strings must be non-empty"),
         ]
         for ok, message in checks:

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from specserve.config import CacheConfig, EngineConfig, SchedulerConfig
-from specserve.core import SamplingParams
+from specserve.core import SamplingParams, choice_seed
 from specserve.engine.engine import LLMEngine
 
 
@@ -53,7 +53,7 @@ class LLM:
         for prompt, p in zip(prompts, plist, strict=True):
             group = []
             for i in range(p.n):
-                sub = replace(p, n=1, seed=None if p.seed is None else p.seed + i)
+                sub = replace(p, n=1, seed=choice_seed(p.seed, i))
                 group.append(self.engine.add_request(prompt, sub))
             requests.append(group)
         texts: dict[str, list[str]] = {}

@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -42,6 +43,23 @@ class RequestError(ValueError):
     """A request the engine cannot serve as asked (HTTP 400)."""
 
 
+class RequestFailed(RuntimeError):
+    """A step failed in work that belongs to one request alone. Nothing of the step was
+    committed yet, so the caller fails that request and steps again for the others."""
+
+    def __init__(self, request_id: str, cause: Exception) -> None:
+        super().__init__(f"request {request_id}: {type(cause).__name__}: {cause}")
+        self.request_id = request_id
+
+
+@contextmanager
+def _blame(req: Request) -> Iterator[None]:
+    try:
+        yield
+    except Exception as e:
+        raise RequestFailed(req.request_id, e) from e
+
+
 @dataclass
 class RequestOutput:
     request_id: str
@@ -55,6 +73,7 @@ class RequestOutput:
     cached_tokens: int = 0
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     meta_info: dict = field(default_factory=dict)
+    error: str | None = None  # set when the request failed inside the engine (finished)
 
 
 @dataclass
@@ -175,6 +194,24 @@ class LLMEngine:
         request_id: str | None = None,
     ) -> Request:
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_request(ids, params)
+        req = Request(
+            prompt_token_ids=ids,
+            params=params,
+            max_new_tokens=params.max_tokens or self.context_length - len(ids),
+            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
+        )
+        if request_id is not None:
+            req.request_id = request_id
+        if req.request_id in self.streams:
+            raise RequestError(f"duplicate request id {req.request_id!r}")
+        self.streams[req.request_id] = _Stream(req, self.tokenizer)
+        self.scheduler.add(req)
+        return req
+
+    def check_request(self, ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if the prompt cannot be served. Reads only what is fixed at
+        start-up, so the server calls it from its own threads before submitting."""
         if not ids:
             raise RequestError("the prompt is empty")
         vocab = self.model_config.vocab_size
@@ -191,19 +228,6 @@ class LLMEngine:
                 f"max_tokens ({params.max_tokens}) + prompt tokens ({len(ids)}) exceeds the "
                 f"context length ({self.context_length})"
             )
-        req = Request(
-            prompt_token_ids=ids,
-            params=params,
-            max_new_tokens=params.max_tokens or room,
-            eos_token_ids=frozenset() if params.ignore_eos else self.eos_token_ids,
-        )
-        if request_id is not None:
-            req.request_id = request_id
-        if req.request_id in self.streams:
-            raise RequestError(f"duplicate request id {req.request_id!r}")
-        self.streams[req.request_id] = _Stream(req, self.tokenizer)
-        self.scheduler.add(req)
-        return req
 
     def abort(self, request_id: str) -> None:
         stream = self.streams.pop(request_id, None)
@@ -255,7 +279,7 @@ class LLMEngine:
             self.block_manager.rollback(req, req.num_computed_tokens)
             self.block_manager.commit(req, req.num_computed_tokens)
             if tokens:
-                outputs.append(self._append(req, tokens, logprobs))
+                outputs.append(self._append_or_fail(req, tokens, logprobs))
         self.drafter.update([s.request for s in scheduled], committed_hidden)
         overhead = getattr(self.planner, "overhead", None)
         if overhead is not None and drafts:  # what this step cost besides the target forward
@@ -317,10 +341,11 @@ class LLMEngine:
                 draft_tokens[i, : len(p.tokens)] = torch.tensor(p.tokens, dtype=torch.long)
                 rows = rows_of[r.request_id]
                 n = rows.shape[0]
-                if r.params.has_penalties:  # row j follows the drafts before it
-                    hist = [r.output_token_ids + p.tokens[:j] for j in range(n)]
-                    rows = apply_penalties(rows, [r.params] * n, [r.prompt_token_ids] * n, hist)
-                probs[i, :n] = rows if greedy else probs_from_logits(rows, [r.params] * n)
+                with _blame(r):
+                    if r.params.has_penalties:  # row j follows the drafts before it
+                        hist = [r.output_token_ids + p.tokens[:j] for j in range(n)]
+                        rows = apply_penalties(rows, [r.params] * n, [r.prompt_token_ids] * n, hist)
+                    probs[i, :n] = rows if greedy else probs_from_logits(rows, [r.params] * n)
             if greedy:
                 tokens, num = greedy_verify(draft_tokens, lens, probs.argmax(dim=-1))
             else:
@@ -340,7 +365,8 @@ class LLMEngine:
                 lp = []
                 if r.params.logprobs is not None:
                     raw = rows_of[r.request_id][: len(toks)]
-                    lp = top_logprobs(raw, tokens[i, : len(toks)], r.params.logprobs)
+                    with _blame(r):
+                        lp = top_logprobs(raw, tokens[i, : len(toks)], r.params.logprobs)
                 out[r.request_id] = (toks, lp)
                 self._count_spec(r, len(props[i].tokens), len(toks) - 1)
         return out
@@ -367,6 +393,18 @@ class LLMEngine:
         hist[accepted] += 1
 
     # -- output --------------------------------------------------------------------------
+    def _append_or_fail(self, req: Request, tokens: list[int], logprobs: list) -> RequestOutput:
+        """`_append`, or, if that fails, a finished output carrying the error: the step's other
+        requests are already committed, so their outputs must not be lost with it."""
+        try:
+            return self._append(req, tokens, logprobs)
+        except Exception as e:
+            log.exception("request %s failed while appending tokens", req.request_id)
+            req.status = RequestStatus.FINISHED_ABORTED
+            self.stats.num_aborted += 1
+            error = f"{type(e).__name__}: {e}"
+            return RequestOutput(req.request_id, [], "", True, "abort", error=error)
+
     def _append(self, req: Request, tokens: list[int], logprobs: list) -> RequestOutput:
         """Append tokens one by one, stopping exactly where plain decoding would."""
         stream = self.streams[req.request_id]

@@ -63,7 +63,10 @@ def probs_from_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) ->
 def _top_k_top_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     sorted_p, idx = probs.sort(dim=-1, descending=True)
     vocab = probs.shape[1]
-    k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=probs.device)
+    # top_k beyond the vocabulary keeps everything (and would overflow an int64 tensor)
+    k = torch.tensor(
+        [min(p.top_k, vocab) if p.top_k > 0 else vocab for p in params], device=probs.device
+    )
     top_p = torch.tensor([p.top_p for p in params], device=probs.device)
     rank = torch.arange(vocab, device=probs.device)[None, :]
     # keep a token while the mass strictly before it is below top_p (the first always stays)
@@ -88,7 +91,7 @@ def top_logprobs(
     logp = torch.log_softmax(logits.float(), dim=-1)
     chosen = logp.gather(1, tokens[:, None]).squeeze(1).tolist()
     if k > 0:
-        vals, ids = logp.topk(k, dim=-1)
+        vals, ids = logp.topk(min(k, logp.shape[-1]), dim=-1)
         tops = [
             list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), vals.tolist(), strict=True)
         ]

@@ -6,13 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from specserve.config import ConfigError, ModelConfig
 from specserve.models.parallel import Parallel, shard_of
 from specserve.models.registry import model_class
+
+_ReadError = (SafetensorError, OSError)
 
 
 def load_state_dict(
@@ -20,20 +21,32 @@ def load_state_dict(
 ) -> dict[str, torch.Tensor]:
     """All tensors of the folder's *.safetensors files (only names `keep` accepts, if given)."""
     path = Path(path)
+    keep = None if keep is None else _lenient(keep)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise ConfigError(f"{path}: no *.safetensors weight files")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        try:
-            if keep is None:
-                state.update(load_file(str(f)))
-                continue
+        try:  # only reading is guarded: a failing `keep` is not a file problem
             with safe_open(str(f), framework="pt") as h:
-                state.update({k: h.get_tensor(k) for k in h.keys() if keep(k)})
-        except Exception as e:  # safetensors raises its own error types
+                names = [k for k in h.keys() if keep is None or keep(k)]
+                state.update({k: h.get_tensor(k) for k in names})
+        except _ReadError as e:
             raise ConfigError(f"{f}: cannot read safetensors file ({e})") from None
     return state
+
+
+def _lenient(keep: Callable[[str], bool]) -> Callable[[str], bool]:
+    """`keep` that keeps a name it cannot place (say, an expert weight where config.json
+    describes a dense layer), so the name check below reports it instead of a crash."""
+
+    def check(name: str) -> bool:
+        try:
+            return keep(name)
+        except (AttributeError, IndexError, KeyError, ValueError):
+            return True
+
+    return check
 
 
 def load_model(
@@ -62,10 +75,11 @@ def load_model(
     expected = {k for k in targets if not (cfg.tie_word_embeddings and k == "lm_head.weight")}
     missing = sorted(expected - state.keys())
     unexpected = sorted(k for k in state.keys() - expected if "rotary_emb" not in k)
-    if missing:
-        raise ConfigError(f"{path}: checkpoint lacks weights, e.g. {missing[:3]}")
+    problems = [f"lacks weights, e.g. {missing[:3]}"] if missing else []
     if unexpected:
-        raise ConfigError(f"{path}: checkpoint has unknown weights, e.g. {unexpected[:3]}")
+        problems.append(f"has weights config.json does not describe, e.g. {unexpected[:3]}")
+    if problems:
+        raise ConfigError(f"{path}: checkpoint {'; '.join(problems)}")
     for name, tensor in state.items():
         if name in expected:
             param, tensor = targets[name], shard_of(model, name, tensor)

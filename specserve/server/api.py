@@ -1,28 +1,58 @@
-"""The OpenAI-compatible HTTP server (FastAPI): completions, chat, models, health, metrics."""
+"""The OpenAI-compatible HTTP server (FastAPI): completions, chat, models, health, metrics.
+
+Every request gets an id (`X-Request-Id`) and passes the `--api-key` check in middleware. Bad
+input is a 400 with an OpenAI error body, a full queue a 429 with `Retry-After`, an internal error
+a JSON 500 naming the request id and nothing else. Prompts are tokenised and checked off the
+event loop and off the engine thread; a streaming response sends its headers at once.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from specserve import __version__
-from specserve.core import SamplingParams, SamplingParamsError
+from specserve.core import SamplingParams, SamplingParamsError, choice_seed
 from specserve.engine.engine import RequestError, RequestOutput
-from specserve.engine.tokenizer import ChatTemplateError, Tokenizer
-from specserve.server.async_engine import AsyncEngine
+from specserve.engine.tokenizer import ChatTemplateError
+from specserve.server.async_engine import (
+    AsyncEngine,
+    EngineDeadError,
+    QueueFullError,
+    QueueTimeoutError,
+    RequestStream,
+    ShutdownError,
+)
+from specserve.server.formats import ChatFormat, CompletionFormat, Format, Result
 from specserve.server.metrics import ServerMetrics
-from specserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from specserve.server.middleware import RequestGuard, request_id
+from specserve.server.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionRequest,
+    CompletionResponse,
+    ErrorResponse,
+    ModelList,
+    error_body,
+)
+
+log = logging.getLogger("specserve.server")
+
+RETRY_AFTER_S = 1  # what a 429 asks the client to wait; the queue drains in step-sized bites
 
 
 @dataclass(frozen=True)
@@ -30,6 +60,9 @@ class ServerConfig:
     served_model_name: str
     api_key: str | None = None
     speculative_algorithm: str = "NONE"
+    max_logprobs: int = 20  # --max-logprobs (vLLM's default)
+    queue_timeout: float | None = None  # --queue-timeout: seconds to the first output
+    disable_docs: bool = False  # --disable-fastapi-docs: no /docs, /redoc, /openapi.json
 
 
 class APIError(Exception):
@@ -40,195 +73,339 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = (
-            status,
-            message,
-            type_,
-            param,
-            code,
-        )
+        self.status, self.message, self.type, self.param = status, message, type_, param
+        self.code, self.headers = code, headers
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code or self.status)
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {c: {"model": ErrorResponse, "description": "OpenAI error body"} for c in codes}
+
+
+_GENERATION_ERRORS = _errors(400, 401, 404, 429, 500, 503)
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    app = FastAPI(title="specserve", version=__version__)
-    metrics = ServerMetrics(engine.engine, config.served_model_name)
-    app.state.engine, app.state.metrics = engine, metrics
-    created = int(time.time())
+    off = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="specserve", version=__version__, **(off if config.disable_docs else {}))
+    app.add_middleware(RequestGuard, api_key=config.api_key)
+    metrics = ServerMetrics(lambda: engine.snapshot, config.served_model_name)
+    app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
+    _add_error_handlers(app, metrics)
+    app.include_router(_info_router(app, config, metrics))
+    app.include_router(_Generation(app, config, metrics).router())
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
 
-    def err(status: int, message: str, **kw: Any) -> JSONResponse:
-        code = kw.pop("code", None)
-        metrics.errors.labels(config.served_model_name, str(status)).inc()
-        return JSONResponse(error_body(message, code=code or status, **kw), status_code=status)
+
+async def drain(app: FastAPI, timeout: float) -> None:
+    """Graceful shutdown: refuse new requests (503), give open ones `timeout` seconds, then
+    abort the rest; their streams end with an error event."""
+    app.state.draining = True
+    engine: AsyncEngine = app.state.engine
+    deadline = time.monotonic() + timeout
+    while engine.num_open and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if engine.num_open:
+        log.warning("shutdown: aborting %d unfinished requests", engine.num_open)
+        engine.abort_all(ShutdownError("the server is shutting down"))
+
+
+# -- errors ------------------------------------------------------------------------------------
+def _add_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
+    def respond(request: Request, e: APIError) -> JSONResponse:
+        metrics.errors.labels(metrics.model_name, str(e.status)).inc()
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
 
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, e: APIError) -> JSONResponse:
-        return err(e.status, e.message, type_=e.type, param=e.param, code=e.code)
+    async def _api_error(request: Request, e: APIError) -> JSONResponse:
+        return respond(request, e)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, e: RequestValidationError) -> JSONResponse:
+    async def _validation(request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {}
+        if first.get("type") == "json_invalid":
+            return respond(request, APIError(400, "request body is not valid JSON"))
         loc = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
         msg = first.get("msg", "invalid request")
-        if first.get("type") == "json_invalid":
-            return err(400, "request body is not valid JSON")
-        return err(400, f"{loc}: {msg}" if loc else msg, param=loc or None)
+        return respond(request, APIError(400, f"{loc}: {msg}" if loc else msg, param=loc or None))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         type_ = "invalid_request_error" if e.status_code < 500 else "server_error"
-        return err(e.status_code, str(e.detail), type_=type_)
+        return respond(request, APIError(e.status_code, str(e.detail), type_=type_))
 
-    def check_api_key(request: Request) -> None:
-        if config.api_key and request.headers.get("authorization") != f"Bearer {config.api_key}":
-            raise APIError(
-                401,
-                "invalid or missing API key",
-                type_="authentication_error",
-                code="invalid_api_key",
-            )
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, e: Exception) -> JSONResponse:
+        rid = request_id(request.scope)
+        log.error("request %s failed: %s", rid, e, exc_info=e)
+        resp = respond(request, _internal_error(rid))
+        resp.headers["x-request-id"] = rid  # sent outside the middleware that adds it
+        return resp
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_api_key)])
 
-    def check_model(name: str | None) -> None:
-        if name and name != config.served_model_name:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server serves "
-                f"{config.served_model_name!r}",
-                param="model",
-                code="model_not_found",
-            )
+def _internal_error(rid: str) -> APIError:
+    return APIError(500, f"internal server error (request id {rid})", type_="server_error")
 
-    @app.get("/health")
+
+def _engine_error(e: Exception, rid: str) -> APIError:
+    """The client's view of why the engine did not (fully) serve a request."""
+    if isinstance(e, RequestError):
+        return APIError(400, str(e))
+    if isinstance(e, QueueFullError):
+        headers = {"Retry-After": str(RETRY_AFTER_S)}
+        return APIError(
+            429, str(e), "rate_limit_error", code="rate_limit_exceeded", headers=headers
+        )
+    if isinstance(e, QueueTimeoutError | ShutdownError | EngineDeadError):
+        return APIError(503, str(e), type_="server_error", code="service_unavailable")
+    log.error("request %s failed in the engine: %s", rid, e)
+    return _internal_error(rid)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema without its 422 responses: this server answers bad input with 400."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                op.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+# -- health, metrics, server info, models ------------------------------------------------------
+def _info_router(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> APIRouter:
+    engine: AsyncEngine = app.state.engine
+    router, created = APIRouter(), int(time.time())
+
+    @router.get("/health", responses={200: {"description": "serving"}, **_errors(503)})
     async def health() -> Response:
-        if not engine._thread.is_alive():
-            return err(503, "engine loop is not running", type_="server_error")
+        snap = engine.snapshot
+        if not snap.alive:
+            raise APIError(503, f"the engine loop is not running: {snap.error}", "server_error")
+        if app.state.draining:
+            raise APIError(503, "the server is shutting down", type_="server_error")
         return Response(status_code=200)
 
-    @v1.get("/models")
-    async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": config.served_model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "specserve",
-                    "root": engine.engine.config.model_path,
-                    "max_model_len": engine.engine.context_length,
-                }
-            ],
-        }
-
-    @app.get("/metrics")
+    @router.get("/metrics", response_class=Response)
     async def prometheus() -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/get_server_info")
-    async def server_info() -> dict:
-        e = engine.engine
+    @router.get("/get_server_info")
+    async def server_info() -> dict[str, Any]:
+        e, snap = engine.engine, engine.snapshot  # only the engine's frozen config is read
         return {
             "version": __version__,
             "model_path": e.config.model_path,
             "served_model_name": config.served_model_name,
             "context_length": e.context_length,
             "max_running_requests": e.config.scheduler.max_running_requests,
+            "max_queued_requests": engine.max_queued,
             "chunked_prefill_size": e.config.scheduler.chunked_prefill_size,
             "page_size": e.config.cache.page_size,
-            "max_total_num_tokens": e.block_manager.num_blocks * e.block_manager.page_size,
+            "max_total_num_tokens": snap.max_total_num_tokens,
             "dtype": e.config.dtype,
             "device": e.config.device,
             "speculative_algorithm": config.speculative_algorithm,
             "internal_states": [
                 {
-                    "avg_spec_accept_length": e.stats.avg_accept_length,
-                    "num_running_reqs": len(e.scheduler.running),
-                    "num_waiting_reqs": len(e.scheduler.waiting),
-                    "kv_cache_usage": e.block_manager.usage,
+                    "avg_spec_accept_length": snap.stats.avg_accept_length,
+                    "num_running_reqs": snap.num_running,
+                    "num_waiting_reqs": snap.num_waiting,
+                    "kv_cache_usage": snap.kv_cache_usage,
+                    "alive": snap.alive,
+                    "error": snap.error,
                 }
             ],
         }
 
-    @v1.post("/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Response:
-        check_model(body.model)
+    @router.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401)})
+    async def models() -> dict[str, Any]:
+        card = {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "specserve",
+            "root": engine.engine.config.model_path,
+            "max_model_len": engine.engine.context_length,
+        }
+        return {"object": "list", "data": [card]}
+
+    return router
+
+
+# -- completions and chat ----------------------------------------------------------------------
+class _Generation:
+    """The two generation routes and what they share: checks, tokenising, submission, and the
+    streamed or collected response."""
+
+    def __init__(self, app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> None:
+        self.app, self.config, self.metrics = app, config, metrics
+        self.engine: AsyncEngine = app.state.engine
+
+    def router(self) -> APIRouter:
+        r = APIRouter(prefix="/v1")
+        sse = {"text/event-stream": {"schema": {"type": "string"}}}
+        r.post(
+            "/completions",
+            responses={200: {"model": CompletionResponse, "content": sse}, **_GENERATION_ERRORS},
+        )(self.completions)
+        r.post(
+            "/chat/completions",
+            responses={
+                200: {"model": ChatCompletionResponse, "content": sse},
+                **_GENERATION_ERRORS,
+            },
+        )(self.chat)
+        return r
+
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
         if body.echo:
             raise APIError(400, "echo is not supported", param="echo")
-        params = _params(body, body.max_tokens, body.logprobs)
-        prompts = body.prompts()
-        rid = f"cmpl-{uuid.uuid4().hex}"
-        runs = await _start_all(prompts, params, rid)
-        fmt = _CompletionFormat(
-            rid, config.served_model_name, created=int(time.time()), tok=engine.engine.tokenizer
+        if body.best_of is not None and body.best_of != body.n:
+            raise APIError(400, "best_of other than n is not supported", param="best_of")
+        params = self._params(body, body.max_tokens, body.logprobs, "logprobs")
+        fmt = CompletionFormat(
+            f"cmpl-{uuid.uuid4().hex}",
+            self.config.served_model_name,
+            int(time.time()),
+            self.engine.engine.tokenizer,
         )
-        return await _respond(request, body.stream, body.stream_options, runs, fmt)
+        return await self._generate(request, body, body.prompts(), params, fmt)
 
-    @v1.post("/chat/completions")
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        check_model(body.model)
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        self._check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        max_tokens = body.max_tokens
+        if body.max_completion_tokens is not None:
+            max_tokens = body.max_completion_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self._params(body, max_tokens, logprobs, "top_logprobs")
         try:
             messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-            prompt = engine.engine.tokenizer.apply_chat_template(
-                messages, body.add_generation_prompt
+            prompt = await asyncio.to_thread(
+                self.engine.engine.tokenizer.apply_chat_template,
+                messages,
+                body.add_generation_prompt,
             )
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
-        top = body.top_logprobs if body.logprobs else None
-        if body.top_logprobs is not None and not body.logprobs:
-            raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
-        params = _params(
-            body,
-            body.max_completion_tokens or body.max_tokens,
-            (top or 0) if body.logprobs else None,
+        fmt = ChatFormat(
+            f"chatcmpl-{uuid.uuid4().hex}",
+            self.config.served_model_name,
+            int(time.time()),
+            self.engine.engine.tokenizer,
         )
-        rid = f"chatcmpl-{uuid.uuid4().hex}"
-        runs = await _start_all([prompt], params, rid)
-        fmt = _ChatFormat(
-            rid, config.served_model_name, created=int(time.time()), tok=engine.engine.tokenizer
-        )
-        return await _respond(request, body.stream, body.stream_options, runs, fmt)
+        return await self._generate(request, body, [prompt], params, fmt)
 
-    async def _start_all(prompts, params: SamplingParams, rid: str) -> list[_Run]:
-        """Submit every (prompt, choice) and wait until the engine accepted all of them."""
-        runs: list[_Run] = []
+    def _check_model(self, name: str | None) -> None:
+        served = self.config.served_model_name
+        if name and name != served:
+            raise APIError(
+                404,
+                f"the model {name!r} does not exist; this server serves {served!r}",
+                param="model",
+                code="model_not_found",
+            )
+
+    def _params(
+        self, body: Any, max_tokens: int | None, logprobs: int | None, logprobs_field: str
+    ) -> SamplingParams:
+        cap = self.config.max_logprobs
+        if logprobs is not None and logprobs > cap:
+            msg = f"{logprobs_field} must be at most {cap} (--max-logprobs)"
+            raise APIError(400, msg, param=logprobs_field)
         try:
-            for p_idx, prompt in enumerate(prompts):
-                for i in range(params.n):
-                    sub = replace(
-                        params, n=1, seed=None if params.seed is None else params.seed + i
-                    )
-                    run = _Run(engine, f"{rid}-{p_idx}-{i}", prompt, sub, len(runs), p_idx)
-                    await run.prime()
-                    runs.append(run)
-        except RequestError as e:
-            for r in runs:
-                await r.close()
+            return body.sampling_params(max_tokens, logprobs)
+        except SamplingParamsError as e:
             raise APIError(400, str(e)) from None
-        return runs
 
-    async def _respond(request, stream, stream_options, runs, fmt) -> Response:
-        if stream:
-            include_usage = bool(stream_options and stream_options.include_usage)
-            gen = _stream(request, runs, fmt, include_usage)
-            return StreamingResponse(gen, media_type="text/event-stream")
+    async def _generate(
+        self,
+        request: Request,
+        body: Any,
+        prompts: list[str | list[int]],
+        params: SamplingParams,
+        fmt: Format,
+    ) -> Response:
+        if self.app.state.draining:
+            raise APIError(503, "the server is shutting down", type_="server_error")
+        total = len(prompts) * params.n
+        if total > self.engine.max_queued:
+            raise APIError(
+                400,
+                f"this request asks for {total} completions (n × prompts); at most "
+                f"{self.engine.max_queued} (--max-queued-requests)",
+                param="n",
+            )
+        ids = await asyncio.to_thread(self._tokenize, prompts, params)
+        runs = self._submit(ids, params, fmt.meta["id"], request_id(request.scope))
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            stream = self._stream(runs, fmt, include_usage, request_id(request.scope))
+            return _EventStream(stream, lambda: _close(runs))
+        return await self._collect(request, runs, fmt)
+
+    def _tokenize(self, prompts: list[str | list[int]], params: SamplingParams) -> list[list[int]]:
+        """Runs in a worker thread: tokenising a long prompt stalls neither loop."""
+        engine = self.engine.engine
+        out = []
+        for p in prompts:
+            ids = engine.tokenizer.encode(p) if isinstance(p, str) else list(p)
+            try:
+                engine.check_request(ids, params)
+            except RequestError as e:
+                raise APIError(400, str(e)) from None
+            out.append(ids)
+        return out
+
+    def _submit(
+        self, prompts: list[list[int]], params: SamplingParams, rid: str, http_id: str
+    ) -> list[_Run]:
+        """Every (prompt, choice) as one engine request, all admitted or none."""
+        pairs = [(p, i) for p in range(len(prompts)) for i in range(params.n)]
+        subs = [replace(params, n=1, seed=choice_seed(params.seed, i)) for _, i in pairs]
+        ids = [f"{rid}-{p}-{i}" for p, i in pairs]
+        try:
+            streams = self.engine.add(
+                [prompts[p] for p, _ in pairs], subs, ids, self.config.queue_timeout
+            )
+        except Exception as e:
+            raise _engine_error(e, http_id) from None
+        return [_Run(s, i, pairs[i][0], self.metrics) for i, s in enumerate(streams)]
+
+    async def _collect(self, request: Request, runs: list[_Run], fmt: Format) -> Response:
         watcher = _DisconnectWatch(request, runs)
         try:
-            results = [await r.collect(metrics) for r in runs]
+            results = [await r.collect() for r in runs]
+        except Exception as e:
+            raise _engine_error(e, request_id(request.scope)) from None
         finally:
             await watcher.stop()
+            _close(runs)
         if watcher.disconnected:
             return Response(status_code=499)
         return JSONResponse(fmt.full(results))
 
-    async def _stream(request, runs, fmt, include_usage) -> AsyncIterator[str]:
+    async def _stream(
+        self, runs: list[_Run], fmt: Format, include_usage: bool, http_id: str
+    ) -> AsyncIterator[str]:
         queue: asyncio.Queue = asyncio.Queue()
 
         async def pump(run: _Run) -> None:
             try:
-                async for out in run.outputs(metrics):
+                async for out in run.stream:
+                    run.observe(out)
                     await queue.put((run, out))
             except Exception as e:
                 await queue.put((run, e))
@@ -243,90 +420,52 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                 run, item = await queue.get()
                 if item is None:
                     pending -= 1
-                    continue
-                if isinstance(item, Exception):
-                    yield _sse(error_body(f"internal error: {item}", "server_error", code=500))
-                    continue
-                chunk = fmt.chunk(run.index, item)
-                if chunk is not None:
+                elif isinstance(item, Exception):
+                    yield _sse(_engine_error(item, http_id).body())
+                elif (chunk := fmt.chunk(run.index, item)) is not None:
                     yield _sse(chunk)
             if include_usage:
                 yield _sse(fmt.usage_chunk([r.result for r in runs]))
             yield "data: [DONE]\n\n"
-        finally:  # normal end, or the client went away (the generator is closed)
+        finally:  # normal end, or the client went away: stop the pumps before closing
             for t in tasks:
                 t.cancel()
-            for r in runs:
-                await r.close()
-
-    app.include_router(v1)
-    return app
-
-
-def _params(body, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
-    try:
-        return body.sampling_params(max_tokens, logprobs)
-    except SamplingParamsError as e:
-        raise APIError(400, str(e)) from None
+            await asyncio.gather(*tasks, return_exceptions=True)
+            _close(runs)
 
 
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-@dataclass
-class _Result:
-    text: str = ""
-    token_ids: list[int] | None = None
-    finish_reason: str | None = None
-    stop_reason: Any = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    cached_tokens: int = 0
-    logprobs: list | None = None
-    meta_info: dict | None = None
-    prompt_index: int = 0
+class _EventStream(StreamingResponse):
+    """An SSE response that runs `on_close` however it ends, even if the body never started."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream")
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
 
 
 class _Run:
     """One choice: its engine stream plus timing for the latency histograms."""
 
     def __init__(
-        self,
-        engine: AsyncEngine,
-        request_id: str,
-        prompt,
-        params: SamplingParams,
-        index: int,
-        prompt_index: int,
+        self, stream: RequestStream, index: int, prompt_index: int, metrics: ServerMetrics
     ) -> None:
-        self.engine, self.request_id, self.index = engine, request_id, index
-        self.stream = engine.generate(prompt, params, request_id)
-        self.first: RequestOutput | None = None
-        self.result = _Result(token_ids=[], logprobs=[], prompt_index=prompt_index)
+        self.stream, self.index, self.metrics = stream, index, metrics
+        self.result = Result(token_ids=[], logprobs=[], prompt_index=prompt_index)
         self.start = time.monotonic()
         self.last_time: float | None = None
 
-    async def prime(self) -> None:
-        """Wait for the first output, so a refused request fails before any response starts."""
-        try:
-            self.first = await self.stream.__anext__()
-        except StopAsyncIteration:
-            self.first = None
-
-    async def outputs(self, metrics: ServerMetrics) -> AsyncIterator[RequestOutput]:
-        if self.first is not None:
-            out, self.first = self.first, None
-            self._observe(out, metrics)
-            yield out
-            if out.finished:
-                return
-        async for out in self.stream:
-            self._observe(out, metrics)
-            yield out
-
-    def _observe(self, out: RequestOutput, metrics: ServerMetrics) -> None:
-        now, name = time.monotonic(), metrics.model_name
+    def observe(self, out: RequestOutput) -> None:
+        now, metrics = time.monotonic(), self.metrics
+        name = metrics.model_name
         if self.last_time is None:
             metrics.ttft.labels(name).observe(now - self.start)
         else:
@@ -343,18 +482,15 @@ class _Run:
             metrics.e2e.labels(name).observe(now - self.start)
             metrics.requests.labels(name, out.finish_reason).inc()
 
-    async def collect(self, metrics: ServerMetrics) -> _Result:
-        async for _ in self.outputs(metrics):
-            pass
+    async def collect(self) -> Result:
+        async for out in self.stream:
+            self.observe(out)
         return self.result
 
-    def abort(self) -> None:
-        """Safe while another task is reading the stream: that reader then sees its end."""
-        self.engine.abort(self.request_id)
 
-    async def close(self) -> None:
-        """Called by the stream's reader when it stops reading (aborts if still running)."""
-        await self.stream.aclose()
+def _close(runs: list[_Run]) -> None:
+    for r in runs:
+        r.stream.close()
 
 
 class _DisconnectWatch:
@@ -367,149 +503,10 @@ class _DisconnectWatch:
             while not await request.is_disconnected():
                 await asyncio.sleep(interval)
             self.disconnected = True
-            for r in runs:
-                r.abort()
+            _close(runs)
 
         self.task = asyncio.create_task(watch())
 
     async def stop(self) -> None:
         self.task.cancel()
-
-
-def _usage(results: list[_Result]) -> dict:
-    # the n choices of one prompt share it: count each prompt once
-    prompt = sum({r.prompt_index: r.prompt_tokens for r in results}.values())
-    completion = sum(r.completion_tokens for r in results)
-    cached = sum(r.cached_tokens for r in results)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": cached},
-    }
-
-
-class _Format:
-    """OpenAI response bodies for one request id: stream chunks, the usage chunk, the full body."""
-
-    object_full = object_chunk = ""
-
-    def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
-        self.tok = tok
-        self.meta = {"id": rid, "created": created, "model": model}
-
-    def _content(self, text: str, streaming: bool) -> dict: ...
-
-    def _logprobs(self, entries: list) -> dict: ...
-
-    def first_chunks(self, n: int) -> list[dict]:
-        return []
-
-    def _body(self, streaming: bool, **fields: Any) -> dict:
-        kind = self.object_chunk if streaming else self.object_full
-        return {
-            "id": self.meta["id"],
-            "object": kind,
-            "created": self.meta["created"],
-            "model": self.meta["model"],
-            **fields,
-        }
-
-    def _choice(
-        self,
-        index: int,
-        text: str,
-        logprobs: list,
-        finish_reason: str | None,
-        stop_reason: Any,
-        meta_info: dict | None,
-        streaming: bool,
-    ) -> dict:
-        choice = {
-            "index": index,
-            **self._content(text, streaming),
-            "logprobs": self._logprobs(logprobs) if logprobs else None,
-            "finish_reason": finish_reason,
-        }
-        if finish_reason is not None:
-            choice.update(stop_reason=stop_reason, meta_info=meta_info)
-        return choice
-
-    def chunk(self, index: int, out: RequestOutput) -> dict | None:
-        if not out.new_text and not out.finished:
-            return None
-        choice = self._choice(
-            index,
-            out.new_text,
-            out.logprobs,
-            out.finish_reason,
-            out.stop_reason,
-            out.meta_info,
-            streaming=True,
-        )
-        return self._body(True, choices=[choice])
-
-    def usage_chunk(self, results: list[_Result]) -> dict:
-        return self._body(True, choices=[], usage=_usage(results))
-
-    def full(self, results: list[_Result]) -> dict:
-        choices = [
-            self._choice(
-                i, r.text, r.logprobs, r.finish_reason, r.stop_reason, r.meta_info, streaming=False
-            )
-            for i, r in enumerate(results)
-        ]
-        return self._body(False, choices=choices, usage=_usage(results))
-
-
-class _CompletionFormat(_Format):
-    object_full = object_chunk = "text_completion"
-
-    def _content(self, text: str, streaming: bool) -> dict:
-        return {"text": text}
-
-    def _logprobs(self, entries: list) -> dict:
-        return _completion_logprobs(entries, self.tok)
-
-
-class _ChatFormat(_Format):
-    object_full, object_chunk = "chat.completion", "chat.completion.chunk"
-
-    def _content(self, text: str, streaming: bool) -> dict:
-        if streaming:
-            return {"delta": {"content": text} if text else {}}
-        return {"message": {"role": "assistant", "content": text}}
-
-    def _logprobs(self, entries: list) -> dict:
-        return _chat_logprobs(entries, self.tok)
-
-    def first_chunks(self, n: int) -> list[dict]:
-        first = {
-            "delta": {"role": "assistant", "content": ""},
-            "logprobs": None,
-            "finish_reason": None,
-        }
-        return [self._body(True, choices=[{"index": i, **first}]) for i in range(n)]
-
-
-def _completion_logprobs(entries: list, tok: Tokenizer) -> dict:
-    def s(t: int) -> str:
-        return tok.decode([t], skip_special_tokens=False)
-
-    return {
-        "tokens": [s(t) for t, _, _ in entries],
-        "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [{s(t): lp for t, lp in top} for _, _, top in entries],
-    }
-
-
-def _chat_logprobs(entries: list, tok: Tokenizer) -> dict:
-    def item(t: int, lp: float) -> dict:
-        s = tok.decode([t], skip_special_tokens=False)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode())}
-
-    return {
-        "content": [
-            {**item(t, lp), "top_logprobs": [item(a, b) for a, b in top]} for t, lp, top in entries
-        ]
-    }
+        await asyncio.gather(self.task, return_exceptions=True)

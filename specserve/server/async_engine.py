@@ -1,8 +1,11 @@
 """Runs the engine loop on its own thread and hands each request's outputs to asyncio.
 
 The engine is only ever touched from that thread: the server sends it commands (add, abort)
-through a queue and receives `RequestOutput`s on a per-request asyncio queue. A failure inside a
-step fails the requests of that step, never the server.
+through a queue, receives `RequestOutput`s on a per-request `RequestStream`, and reads the engine's
+state only from the `EngineSnapshot` the thread publishes after every iteration. A failure inside
+a step fails the request it belongs to (or, when it cannot be narrowed, the requests of that step),
+never the server; if the loop itself dies, every open request fails, the snapshot says why and
+`on_death` is called so the process can exit.
 """
 
 from __future__ import annotations
@@ -11,45 +14,146 @@ import asyncio
 import logging
 import queue
 import threading
-import traceback
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 
 from specserve.core import SamplingParams
-from specserve.engine.engine import LLMEngine, RequestError, RequestOutput
+from specserve.engine.engine import (
+    EngineStats,
+    LLMEngine,
+    RequestError,
+    RequestFailed,
+    RequestOutput,
+)
 
 log = logging.getLogger("specserve.engine")
 
 
 class EngineDeadError(RuntimeError):
-    pass
+    """The engine loop is not running; no request can be served (HTTP 503)."""
 
 
-@dataclass
-class _Add:
-    request_id: str
-    prompt: str | list[int]
-    params: SamplingParams
-    out: asyncio.Queue
-    loop: asyncio.AbstractEventLoop
+class QueueFullError(RuntimeError):
+    """More requests are queued than `--max-queued-requests` allows (HTTP 429)."""
 
 
-@dataclass
-class _Abort:
-    request_id: str
+class QueueTimeoutError(RuntimeError):
+    """A request produced no output within `--queue-timeout` and was aborted (HTTP 503)."""
+
+
+class GenerationError(RuntimeError):
+    """A request failed inside the engine; the message is for the log, not the client (500)."""
+
+
+class ShutdownError(RuntimeError):
+    """The server shut down before the request finished (HTTP 503)."""
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """What the HTTP layer may read about the engine; replaced (never mutated) by its thread."""
+
+    alive: bool = True
+    error: str | None = None  # why the loop died
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_cache_usage: float = 0.0
+    max_total_num_tokens: int = 0
+    num_preemptions: int = 0
+    prefix_query_tokens: int = 0
+    prefix_hit_tokens: int = 0
+    num_step_errors: int = 0
+    stats: EngineStats = field(default_factory=EngineStats)
 
 
 _ABORTED = object()  # ends a request's output stream after an abort
 
 
+class RequestStream:
+    """One request's outputs on the event loop: `async for out in stream`. Raises the request's
+    error, if any; `close()` aborts it unless it has finished."""
+
+    def __init__(
+        self, engine: AsyncEngine, request_id: str, queue_timeout: float | None = None
+    ) -> None:
+        self.engine, self.request_id = engine, request_id
+        self.items: asyncio.Queue = asyncio.Queue()
+        self.finished = self.started = False
+        self.deadline = None if queue_timeout is None else time.monotonic() + queue_timeout
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await (self.items.get() if self.started else self._first())
+        self._leave_queue()
+        if item is _ABORTED or isinstance(item, Exception) or item.finished:
+            self._finish()
+        if item is _ABORTED:
+            raise StopAsyncIteration
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def _first(self) -> object:
+        if self.deadline is None:
+            return await self.items.get()
+        try:
+            return await asyncio.wait_for(self.items.get(), self.deadline - time.monotonic())
+        except TimeoutError:
+            self.close()
+            raise QueueTimeoutError(
+                "the request waited in the queue beyond --queue-timeout"
+            ) from None
+
+    def _leave_queue(self) -> None:
+        if not self.started:
+            self.started = True
+            self.engine.num_queued -= 1
+
+    def _finish(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.engine.num_open -= 1
+
+    def close(self) -> None:
+        """Stop reading: abort the request if it is still running."""
+        self._leave_queue()
+        if not self.finished:
+            self._finish()
+            self.engine.abort(self.request_id)
+
+
+@dataclass
+class _Add:
+    prompt: list[int]
+    params: SamplingParams
+    stream: RequestStream
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str | None  # None: every open request
+    error: Exception | None = None  # delivered to the stream instead of a plain end
+
+
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
+    def __init__(self, engine: LLMEngine, on_death: Callable[[str], None] | None = None) -> None:
+        self.engine, self.on_death = engine, on_death
+        self.max_queued = engine.config.scheduler.max_queued_requests
+        self.num_queued = 0  # submitted, no output yet (event-loop side)
+        self.num_open = 0  # submitted, not finished or closed (event-loop side)
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, tuple[asyncio.Queue, asyncio.AbstractEventLoop]] = {}
+        self._sinks: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # orders submissions against the loop's death
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self.num_step_errors = 0
+        self._num_step_errors = 0
+        self._publish()
 
     def start(self) -> None:
         self._thread.start()
@@ -60,87 +164,146 @@ class AsyncEngine:
         self._thread.join(timeout=10)
 
     # -- asyncio side --------------------------------------------------------------------
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Yields outputs until the request finishes. Raises RequestError before the first
-        output if the engine refuses the request. Cancelling the iteration aborts it."""
-        if not self._thread.is_alive():
-            raise EngineDeadError("the engine loop is not running")
-        out: asyncio.Queue = asyncio.Queue()
-        self._commands.put(_Add(request_id, prompt, params, out, asyncio.get_running_loop()))
-        finished = False
-        try:
-            while True:
-                item = await out.get()
-                if item is _ABORTED:
-                    finished = True
-                    return
-                if isinstance(item, Exception):
-                    raise item
-                yield item
-                if item.finished:
-                    finished = True
-                    return
-        finally:
-            if not finished:
-                self.abort(request_id)
+    def add(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        request_ids: list[str],
+        queue_timeout: float | None = None,
+    ) -> list[RequestStream]:
+        """Submit requests together (all or none): raises QueueFullError or EngineDeadError.
+        Prompts are token ids already checked with `LLMEngine.check_request`."""
+        if self.num_queued + len(prompts) > self.max_queued:
+            raise QueueFullError(
+                f"{self.num_queued} requests are queued (--max-queued-requests "
+                f"{self.max_queued}); retry later"
+            )
+        loop = asyncio.get_running_loop()
+        streams = [RequestStream(self, rid, queue_timeout) for rid in request_ids]
+        with self._lock:
+            if not self.snapshot.alive:
+                raise EngineDeadError(f"the engine loop is not running: {self.snapshot.error}")
+            for prompt, p, s in zip(prompts, params, streams, strict=True):
+                self._commands.put(_Add(prompt, p, s, loop))
+        self.num_queued += len(streams)
+        self.num_open += len(streams)
+        return streams
 
-    def abort(self, request_id: str) -> None:
-        """Abort from any thread; the request's stream, if still read, then ends."""
-        self._commands.put(_Abort(request_id))
+    def abort(self, request_id: str, error: Exception | None = None) -> None:
+        """Abort from any thread; the request's stream, if still read, ends (or raises error)."""
+        self._commands.put(_Abort(request_id, error))
+
+    def abort_all(self, error: Exception) -> None:
+        """Abort every open request; their streams raise `error` (used at shutdown)."""
+        self._commands.put(_Abort(None, error))
 
     # -- engine thread -------------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop.is_set():
-            busy = self.engine.has_unfinished()
-            try:  # block only while there is nothing to step
-                cmd = self._commands.get_nowait() if busy else self._commands.get()
+        try:
+            while not self._stop.is_set():
+                self._iterate()
+        except BaseException as e:  # a bug in the loop itself: fail loudly, never hang
+            log.exception("the engine loop died")
+            self._die(f"{type(e).__name__}: {e}")
+
+    def _iterate(self) -> None:
+        busy = self.engine.has_unfinished()
+        try:  # block only while there is nothing to step
+            cmd = self._commands.get_nowait() if busy else self._commands.get()
+        except queue.Empty:
+            cmd = None
+        while cmd is not None:
+            self._handle(cmd)
+            try:
+                cmd = self._commands.get_nowait()
             except queue.Empty:
                 cmd = None
-            while cmd is not None:
-                self._handle(cmd)
-                try:
-                    cmd = self._commands.get_nowait()
-                except queue.Empty:
-                    cmd = None
-            if self._stop.is_set():
-                break
-            if self.engine.has_unfinished():
-                self._step()
+        if not self._stop.is_set() and self.engine.has_unfinished():
+            self._step()
+        self._publish()
 
     def _handle(self, cmd: _Add | _Abort | None) -> None:
         if isinstance(cmd, _Add):
-            try:
-                self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id)
-            except RequestError as e:
-                cmd.loop.call_soon_threadsafe(cmd.out.put_nowait, e)
-                return
-            self._sinks[cmd.request_id] = (cmd.out, cmd.loop)
+            self._add(cmd)
         elif isinstance(cmd, _Abort):
-            sink = self._sinks.pop(cmd.request_id, None)
-            if sink is not None:
-                sink[1].call_soon_threadsafe(sink[0].put_nowait, _ABORTED)
-            self.engine.abort(cmd.request_id)
+            ids = list(self._sinks) if cmd.request_id is None else [cmd.request_id]
+            for rid in ids:
+                self._end(rid, _ABORTED if cmd.error is None else cmd.error)
+                self.engine.abort(rid)
+
+    def _add(self, cmd: _Add) -> None:
+        rid = cmd.stream.request_id
+        try:
+            self.engine.add_request(cmd.prompt, cmd.params, rid)
+        except Exception as e:
+            if not isinstance(e, RequestError):
+                log.exception("adding request %s failed", rid)
+                e = GenerationError(f"adding the request failed: {type(e).__name__}: {e}")
+            cmd.loop.call_soon_threadsafe(cmd.stream.items.put_nowait, e)
+            return
+        self._sinks[rid] = (cmd.stream, cmd.loop)
 
     def _step(self) -> None:
         try:
             outputs = self.engine.step()
-        except Exception as e:  # a bug or resource error must not kill the loop
-            self.num_step_errors += 1
-            log.error("engine step failed: %s\n%s", e, traceback.format_exc())
-            for rid in list(self.engine.streams):
-                self._fail(rid, RuntimeError(f"internal error while generating: {e}"))
-                self.engine.abort(rid)
+        except RequestFailed as e:  # narrowed to one request: the others step again
+            self._step_failed(e, [e.request_id])
+            return
+        except Exception as e:  # not narrowed: the requests the step ran
+            running = [r.request_id for r in self.engine.scheduler.running]
+            self._step_failed(e, running or list(self.engine.streams))
             return
         for out in outputs:
-            sink = self._sinks.get(out.request_id)
-            if sink is not None:
-                sink[1].call_soon_threadsafe(sink[0].put_nowait, out)
-                if out.finished:
-                    del self._sinks[out.request_id]
+            if out.error is not None:
+                self._num_step_errors += 1
+                self._end(out.request_id, GenerationError(out.error))
+            elif out.finished:
+                self._end(out.request_id, out)
+            elif out.request_id in self._sinks:
+                stream, loop = self._sinks[out.request_id]
+                loop.call_soon_threadsafe(stream.items.put_nowait, out)
 
-    def _fail(self, request_id: str, error: Exception) -> None:
+    def _step_failed(self, e: Exception, request_ids: list[str]) -> None:
+        self._num_step_errors += 1
+        log.exception("engine step failed; failing %d request(s)", len(request_ids))
+        for rid in request_ids:
+            self._end(rid, GenerationError(f"{type(e).__name__}: {e}"))
+            self.engine.abort(rid)
+
+    def _end(self, request_id: str, last: object) -> None:
+        """Deliver a request's last item (output, error or _ABORTED) and forget its stream."""
         sink = self._sinks.pop(request_id, None)
         if sink is not None:
-            sink[1].call_soon_threadsafe(sink[0].put_nowait, error)
+            sink[1].call_soon_threadsafe(sink[0].items.put_nowait, last)
+
+    def _publish(self) -> None:
+        e = self.engine
+        st = replace(e.stats, accepted_per_position=list(e.stats.accepted_per_position))
+        bm = e.block_manager
+        self.snapshot = EngineSnapshot(
+            num_running=len(e.scheduler.running),
+            num_waiting=len(e.scheduler.waiting),
+            kv_cache_usage=bm.usage,
+            max_total_num_tokens=bm.num_blocks * bm.page_size,
+            num_preemptions=e.scheduler.num_preemptions,
+            prefix_query_tokens=bm.prefix_query_tokens,
+            prefix_hit_tokens=bm.prefix_hit_tokens,
+            num_step_errors=self._num_step_errors,
+            stats=st,
+        )
+
+    def _die(self, reason: str) -> None:
+        with self._lock:
+            self.snapshot = replace(self.snapshot, alive=False, error=reason)
+        error = EngineDeadError(f"the engine loop died: {reason}")
+        for rid in list(self._sinks):
+            self._end(rid, error)
+        while True:  # requests submitted before the loop was marked dead
+            try:
+                cmd = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(cmd, _Add):
+                cmd.loop.call_soon_threadsafe(cmd.stream.items.put_nowait, error)
+        if self.on_death is not None:
+            self.on_death(reason)

@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
+import logging
+import os
+import platform
+import time
+from dataclasses import replace
 from pathlib import Path
+
+log = logging.getLogger("specserve.server")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +36,34 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="max prompt + output tokens (default: the model's)",
     )
     p.add_argument("--max-running-requests", type=int, default=64)
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=4096,
+        help="requests submitted and not yet streaming beyond which new ones get HTTP 429 with "
+        "Retry-After; also the most completions (n × prompts) one request may ask for "
+        "(default 4096)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=float,
+        default=None,
+        help="seconds a request may wait for its first output before it is aborted with "
+        "HTTP 503 (default: no limit)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="seconds open requests get to finish after SIGTERM/SIGINT before they are aborted "
+        "with a final error event (default 30)",
+    )
+    p.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=20,
+        help="the most top logprobs a request may ask for, at most 20 (default 20)",
+    )
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
     mem.add_argument(
@@ -45,7 +82,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--disable-radix-cache", action="store_true", help="turn off prefix caching")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(/docs and /openapi.json included)",
+    )
+    p.add_argument(
+        "--disable-fastapi-docs",
+        action="store_true",
+        help="serve no /docs, /redoc or /openapi.json (with --api-key they need the key)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
@@ -144,6 +191,7 @@ def build_engine(args: argparse.Namespace):
             max_running_requests=args.max_running_requests,
             chunked_prefill_size=args.chunked_prefill_size,
             context_length=args.context_length or model_cfg.max_position_embeddings,
+            max_queued_requests=args.max_queued_requests,
         )
         config = EngineConfig(
             model_path=str(path),
@@ -165,11 +213,17 @@ def build_engine(args: argparse.Namespace):
             from specserve.speculative.factory import spec_config_from_args
 
             spec = spec_config_from_args(args)
+            if spec.sps_table_path is None:
+                spec = replace(spec, sps_table_path=str(sps_cache_path(args)))
         group = start_ranks(ranks) if ranks.parallel.world_size > 1 else None
         try:
+            start = time.perf_counter()
             engine = LLMEngine(config, moe_backend=ranks.moe_backend, group=group)
+            log.info("target loaded in %.1f s", time.perf_counter() - start)
             if spec is not None and spec.algorithm != "NONE":
+                start = time.perf_counter()
                 _install_speculation(engine, spec, args.speculative_moe_runner_backend)
+                log.info("speculation ready in %.1f s", time.perf_counter() - start)
         except BaseException:
             if group is not None:
                 group.abort()
@@ -177,6 +231,41 @@ def build_engine(args: argparse.Namespace):
         return engine, "NONE" if spec is None else spec.algorithm
     except (ConfigError, ValueError, DistributedError) as e:
         raise CLIError(str(e)) from None
+
+
+def sps_cache_path(args: argparse.Namespace, cache_dir: Path | None = None) -> Path:
+    """Where the SPS table of this model, these flags and this machine is kept: profiled at the
+    first start, loaded at the next ones. Anything that changes step times changes the key."""
+    import torch
+
+    def files(folder: str | None) -> list:
+        if folder is None or not Path(folder).is_dir():
+            return []
+        found = sorted(Path(folder).resolve().glob("*.json")) + sorted(
+            Path(folder).resolve().glob("*.safetensors")
+        )
+        return [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in found]
+
+    flags = {k: v for k, v in sorted(vars(args).items()) if k not in _NOT_IN_SPS_KEY}
+    key = {
+        "target": files(args.model_path),
+        "drafter": files(getattr(args, "speculative_draft_model_path", None)),
+        "flags": {k: str(v) for k, v in flags.items()},
+        "machine": [platform.node(), platform.machine(), platform.processor(), os.cpu_count()],
+        "torch": [torch.__version__, torch.get_num_threads()],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return (cache_dir or home / "specserve" / "sps") / f"{digest}.json"
+
+
+# flags that cannot change a target step's time
+_NOT_IN_SPS_KEY = frozenset(
+    {"func", "host", "port", "served_model_name", "api_key", "log_level", "seed", "command"}
+    | {"max_queued_requests", "queue_timeout", "shutdown_timeout", "max_logprobs"}
+    | {"disable_fastapi_docs"}
+    | {"speculative_dspark_sps_table_path", "dist_init_addr", "node_rank", "dist_timeout"}
+)
 
 
 def _install_speculation(engine, spec, moe_backend: str) -> None:
@@ -207,30 +296,47 @@ def _set_drafter_moe_backend(drafter, backend: str | None) -> None:
             set_moe_backend(module, backend)
 
 
+def _check_server_args(args: argparse.Namespace) -> None:
+    from specserve.cli import CLIError
+    from specserve.core import MAX_LOGPROBS
+
+    if args.queue_timeout is not None and not args.queue_timeout > 0:
+        raise CLIError("--queue-timeout must be positive")
+    if not args.shutdown_timeout >= 0:
+        raise CLIError("--shutdown-timeout must be at least 0")
+    if not 0 <= args.max_logprobs <= MAX_LOGPROBS:
+        raise CLIError(f"--max-logprobs must be in [0, {MAX_LOGPROBS}]")
+
+
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
     from specserve.server.api import ServerConfig, create_app
     from specserve.server.async_engine import AsyncEngine
+    from specserve.server.lifecycle import serve
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     if args.node_rank > 0:
         return _run_worker_node(args)
+    _check_server_args(args)
     engine, algorithm = build_engine(args)
     name = args.served_model_name or Path(args.model_path).resolve().name
     async_engine = AsyncEngine(engine)
-    async_engine.start()
-    app = create_app(async_engine, ServerConfig(name, args.api_key, algorithm))
+    config = ServerConfig(
+        name,
+        args.api_key,
+        algorithm,
+        args.max_logprobs,
+        args.queue_timeout,
+        args.disable_fastapi_docs,
+    )
+    app = create_app(async_engine, config)
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        return serve(async_engine, app, args.host, args.port, args.log_level, args.shutdown_timeout)
     finally:
-        async_engine.shutdown()
         engine.close()
-    return 0
 
 
 def _run_worker_node(args: argparse.Namespace) -> int:

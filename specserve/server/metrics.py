@@ -1,15 +1,18 @@
 """Prometheus metrics with vLLM-style names under the `specserve:` prefix.
 
-Engine counters are read from `EngineStats` at scrape time (a custom collector), so the engine
-thread does no metrics work; latency histograms are observed by the HTTP layer.
+Engine counters are read at scrape time from the `EngineSnapshot` the engine thread publishes (a
+custom collector), so scrapes never touch the engine; latency histograms are observed by the HTTP
+layer.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from collections.abc import Callable, Iterator
 
-from specserve.engine.engine import LLMEngine
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from specserve.server.async_engine import EngineSnapshot
 
 PREFIX = "specserve:"
 
@@ -38,8 +41,8 @@ _LATENCY_BUCKETS = (
 
 
 class EngineCollector:
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
-        self.engine, self.labels = engine, {"model_name": model_name}
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
+        self.snapshot, self.labels = snapshot, {"model_name": model_name}
 
     def _gauge(self, name: str, doc: str, value: float) -> GaugeMetricFamily:
         g = GaugeMetricFamily(PREFIX + name, doc, labels=list(self.labels))
@@ -51,26 +54,36 @@ class EngineCollector:
         c.add_metric(list(self.labels.values()), value)
         return c
 
-    def collect(self):
-        e, st, bm = self.engine, self.engine.stats, self.engine.block_manager
+    def collect(self) -> Iterator[Metric]:
+        snap = self.snapshot()
+        st = snap.stats
         yield self._gauge(
-            "num_requests_running", "Requests in the running batch.", len(e.scheduler.running)
+            "num_requests_running", "Requests in the running batch.", snap.num_running
         )
         yield self._gauge(
-            "num_requests_waiting", "Requests waiting to be scheduled.", len(e.scheduler.waiting)
+            "num_requests_waiting", "Requests waiting to be scheduled.", snap.num_waiting
         )
-        yield self._gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use.", bm.usage)
+        yield self._gauge(
+            "kv_cache_usage_perc", "Fraction of KV-cache blocks in use.", snap.kv_cache_usage
+        )
         yield self._counter("prompt_tokens", "Prompt tokens processed.", st.prompt_tokens)
         yield self._counter("generation_tokens", "Tokens generated.", st.generation_tokens)
         yield self._counter(
             "num_aborted_requests", "Requests aborted (client gone, errors).", st.num_aborted
         )
-        yield self._counter("num_preemptions", "Requests preempted.", e.scheduler.num_preemptions)
+        yield self._counter("num_preemptions", "Requests preempted.", snap.num_preemptions)
         yield self._counter(
-            "prefix_cache_queries", "Tokens looked up in the prefix cache.", bm.prefix_query_tokens
+            "prefix_cache_queries",
+            "Tokens looked up in the prefix cache.",
+            snap.prefix_query_tokens,
         )
         yield self._counter(
-            "prefix_cache_hits", "Tokens served from the prefix cache.", bm.prefix_hit_tokens
+            "prefix_cache_hits", "Tokens served from the prefix cache.", snap.prefix_hit_tokens
+        )
+        yield self._counter(
+            "num_step_errors",
+            "Engine steps that failed (their requests failed).",
+            snap.num_step_errors,
         )
         yield self._counter("spec_decode_num_drafts", "Draft blocks verified.", st.num_drafts)
         yield self._counter(
@@ -101,9 +114,9 @@ class EngineCollector:
 
 
 class ServerMetrics:
-    def __init__(self, engine: LLMEngine, model_name: str) -> None:
+    def __init__(self, snapshot: Callable[[], EngineSnapshot], model_name: str) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine, model_name))
+        self.registry.register(EngineCollector(snapshot, model_name))
         labels = ["model_name"]
         self.model_name = model_name
         self.requests = Counter(

@@ -1,12 +1,21 @@
-"""OpenAI-compatible request bodies (pydantic) and their translation to SamplingParams."""
+"""OpenAI-compatible request and response bodies (pydantic) and their translation to
+SamplingParams.
+
+Integers are strict (`true` is not a token id, `"5"` is not a count). `seed` takes any value
+`torch.Generator.manual_seed` accepts, [-2**63, 2**64 - 1]; choice i of an n > 1 request uses
+(seed + i) mod 2**64 (`core.choice_seed`). `top_k` 0 or -1 disables top-k (as in vLLM); a
+`top_k` beyond the vocabulary keeps every token.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
-from specserve.core import SamplingParams
+from specserve.core import SEED_MAX, SEED_MIN, SamplingParams
+
+Count = Annotated[StrictInt, Field(ge=1)]
 
 
 class StreamOptions(BaseModel):
@@ -20,14 +29,14 @@ class _Common(BaseModel):
     model: str | None = None
     temperature: float | None = Field(default=None)
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Annotated[StrictInt, Field(ge=-1)] | None = None
     min_p: float | None = None
-    n: int = 1
+    n: StrictInt = 1  # range-checked by SamplingParams
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = None
+    stop_token_ids: list[StrictInt] | None = None
+    seed: Annotated[StrictInt, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -41,10 +50,10 @@ class _Common(BaseModel):
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=-1 if self.top_k in (None, 0) else self.top_k,
-            min_p=self.min_p or 0.0,
-            repetition_penalty=self.repetition_penalty or 1.0,
-            frequency_penalty=self.frequency_penalty or 0.0,
-            presence_penalty=self.presence_penalty or 0.0,
+            min_p=_default(self.min_p, 0.0),
+            repetition_penalty=_default(self.repetition_penalty, 1.0),
+            frequency_penalty=_default(self.frequency_penalty, 0.0),
+            presence_penalty=_default(self.presence_penalty, 0.0),
             seed=self.seed,
             stop=tuple(stop),
             stop_token_ids=tuple(self.stop_token_ids or ()),
@@ -54,11 +63,16 @@ class _Common(BaseModel):
         )
 
 
+def _default(value: float | None, default: float) -> float:
+    return default if value is None else value
+
+
 class CompletionRequest(_Common):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = 16
-    logprobs: int | None = None
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
+    max_tokens: Count | None = 16
+    logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
     echo: bool = False
+    best_of: Count | None = None
 
     @field_validator("prompt")
     @classmethod
@@ -95,10 +109,10 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    max_tokens: Count | None = None
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None
     add_generation_prompt: bool = True
 
 
@@ -109,3 +123,95 @@ def error_body(
     code: str | int | None = None,
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+# -- responses (documented in the OpenAPI schema) ---------------------------------------------
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class _Choice(BaseModel):
+    index: int
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+    meta_info: dict[str, Any] | None = None  # SGLang: per-choice token and speculation counts
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+
+
+class CompletionChoice(_Choice):
+    text: str
+    logprobs: CompletionLogprobs | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatTokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[ChatTokenLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(_Choice):
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -70,7 +71,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--speculative-dspark-sps-table-path",
         help="scheduler policy: SPS table JSON to load; profiled at start-up and written there "
-        "if the file does not exist (no path: profiled, not saved)",
+        "if the file does not exist (default: a file per model, flags and machine under "
+        "~/.cache/specserve/sps, so only the first start profiles)",
     )
     g.add_argument(
         "--speculative-dspark-confidence-sts-path",
@@ -189,8 +191,12 @@ def sps_table(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> SPSTable
         512,
     )
     sizes = sorted({1, top, *(2**i for i in range(10) if 2**i <= top)})
+    start = time.perf_counter()
     table = profile_sps(engine.profile_step, sizes, repeats=5)
+    took = time.perf_counter() - start
+    log.info("SPS table profiled at %s batch sizes in %.1f s", len(sizes), took)
     if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         table.save(path)
-        log.info("SPS table profiled at %s batch sizes, saved to %s", len(sizes), path)
+        log.info("SPS table saved to %s", path)
     return table

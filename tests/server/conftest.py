@@ -8,23 +8,34 @@ import httpx
 import pytest
 import uvicorn
 
-from specserve.config import CacheConfig, EngineConfig
+from specserve.config import CacheConfig, EngineConfig, SchedulerConfig
 from specserve.engine.engine import LLMEngine
 from specserve.server.api import ServerConfig, create_app
 from specserve.server.async_engine import AsyncEngine
 
 
 class RunningServer:
-    def __init__(self, model_path: str, api_key: str | None = None, **cache) -> None:
-        config = EngineConfig(model_path=model_path, cache=CacheConfig(**cache))
+    def __init__(
+        self,
+        model_path: str,
+        api_key: str | None = None,
+        scheduler: SchedulerConfig | None = None,
+        server: ServerConfig | None = None,
+        **cache,
+    ) -> None:
+        config = EngineConfig(
+            model_path=model_path,
+            cache=CacheConfig(**cache),
+            scheduler=scheduler or SchedulerConfig(),
+        )
         self.engine = AsyncEngine(LLMEngine(config))
         self.engine.start()
-        app = create_app(self.engine, ServerConfig("tiny", api_key))
+        self.app = create_app(self.engine, server or ServerConfig("tiny", api_key))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
+            uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -51,6 +62,19 @@ class RunningServer:
 @pytest.fixture(scope="module")
 def server(tiny_model_path):
     s = RunningServer(tiny_model_path, max_total_tokens=8192, page_size=8)
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed(tiny_model_path):
+    """A server with an API key and a route that fails with an internal error."""
+    s = RunningServer(tiny_model_path, api_key="sekrit", max_total_tokens=1024)
+
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    s.app.add_api_route("/boom", boom)
     yield s
     s.stop()
 

@@ -107,3 +107,16 @@ def test_argparse_errors_exit_2(serve, tiny_model_path):
         "--model-path", tiny_model_path, "--max-total-tokens", "64", "--mem-fraction-static", "0.5"
     )
     assert proc.returncode == 2 and "not allowed with" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "flags, needle",
+    [
+        (["--max-queued-requests", "0"], "--max-queued-requests"),
+        (["--queue-timeout", "0"], "--queue-timeout"),
+        (["--shutdown-timeout", "-1"], "--shutdown-timeout"),
+        (["--max-logprobs", "21"], "--max-logprobs"),
+    ],
+)
+def test_bad_admission_and_shutdown_values(serve, tiny_model_path, flags, needle):
+    _one_line_error(serve("--model-path", tiny_model_path, *flags), needle)
