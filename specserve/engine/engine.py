@@ -8,7 +8,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -23,19 +22,14 @@ from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.models.loader import load_model
 from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
+from specserve.speculative.handle import TargetHandle
+from specserve.speculative.planner import Planner, StepStats
 from specserve.speculative.verify import greedy_verify, rejection_verify
 
 if TYPE_CHECKING:
     from specserve.engine.distributed import RankGroup
 
 log = logging.getLogger("specserve.engine")
-
-# (proposals, requests) -> verify length per request (<= len(proposal.tokens))
-Planner = Callable[[list[DraftProposal], list[Request]], list[int]]
-
-
-def plan_full(proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
-    return [len(p.tokens) for p in proposals]
 
 
 class RequestError(ValueError):
@@ -97,7 +91,7 @@ class LLMEngine:
         self,
         config: EngineConfig,
         drafter: Drafter | None = None,
-        planner: Planner = plan_full,
+        planner: Planner | None = None,
         *,
         moe_backend: str | None = None,
         group: RankGroup | None = None,
@@ -123,7 +117,7 @@ class LLMEngine:
         self.block_manager = BlockManager(blocks, cache.page_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.drafter = drafter or NoDrafter()
-        self.planner = planner
+        self.planner = planner or Planner()
         self.runner = (group.make_runner if group else ModelRunner)(
             self.model,
             blocks,
@@ -147,6 +141,13 @@ class LLMEngine:
         """Stop the other ranks of a parallel group (nothing to do in one process)."""
         if self.group is not None:
             self.group.close()
+
+    def target_handle(self) -> TargetHandle:
+        """The target parts a drafter shares (whole copies on rank 0 under tensor parallelism)."""
+        if self.group is not None and self.group.parallel.tp_size > 1:
+            cfg = self.config
+            return TargetHandle.unsplit(self.model, cfg.model_path, cfg.torch_dtype, cfg.device)
+        return TargetHandle.of(self.model)
 
     def set_speculation(self, drafter: Drafter, planner: Planner) -> None:
         """Install a drafter (built against this engine's target) before serving starts."""
@@ -217,12 +218,9 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        preempted_before = self.scheduler.num_preemptions
-        scheduled = self.scheduler.schedule(self.drafter.max_draft_tokens)
-        if self.scheduler.num_preemptions != preempted_before:
-            for req in self.scheduler.waiting:
-                if req.num_computed_tokens == 0 and not req.block_table:
-                    self.drafter.release(req)
+        scheduled, preempted = self.scheduler.schedule(self.drafter.max_draft_tokens)
+        for req in preempted:  # its KV is recomputed, and `update` replays it to the drafter
+            self.drafter.release(req)
         if not scheduled:
             return []
         self.stats.num_steps += 1
@@ -257,9 +255,8 @@ class LLMEngine:
             if tokens:
                 outputs.append(self._append(req, tokens, logprobs))
         self.drafter.update([s.request for s in scheduled], committed_hidden)
-        overhead = getattr(self.planner, "overhead", None)
-        if overhead is not None and drafts:  # what this step cost besides the target forward
-            overhead.observe(len(drafts), time.perf_counter() - t_step - t_fwd)
+        if drafts:  # what this step cost besides the target forward
+            self.planner.observe(StepStats(len(drafts), time.perf_counter() - t_step - t_fwd))
         for req in [s.request for s in scheduled]:
             if req.finished:
                 self.drafter.release(req)
@@ -273,7 +270,7 @@ class LLMEngine:
             return {}
         reqs = [s.request for s in spec]
         proposals = self.drafter.propose(reqs, [s.num_lookahead for s in spec])
-        lens = self.planner(proposals, reqs)
+        lens = self.planner.plan(proposals, reqs)
         out = {}
         for req, p, n in zip(reqs, proposals, lens, strict=True):
             self.stats.num_verify_tokens_planned += n

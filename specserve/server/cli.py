@@ -180,31 +180,9 @@ def build_engine(args: argparse.Namespace):
 
 
 def _install_speculation(engine, spec, moe_backend: str) -> None:
-    from specserve.engine.distributed import DrafterTarget
     from specserve.speculative.factory import build_speculation
 
-    group = engine.group
-    if group is not None and group.parallel.tp_size > 1 and spec.algorithm != "NGRAM":
-        # Drafters share the target's embedding and LM head, which --tp-size splits by vocab.
-        engine.model = DrafterTarget(
-            engine.model, engine.config.model_path, engine.config.torch_dtype, engine.config.device
-        )
-    drafter, planner = build_speculation(spec, engine)
-    _set_drafter_moe_backend(drafter, _moe_backend(moe_backend))
-    engine.set_speculation(drafter, planner)
-
-
-def _set_drafter_moe_backend(drafter, backend: str | None) -> None:
-    """Convert the MoE experts of the drafter's networks (if any) to `backend`."""
-    from torch import nn
-
-    from specserve.models.qwen3_moe import set_moe_backend
-
-    if backend is None:
-        return
-    for module in vars(drafter).values():
-        if isinstance(module, nn.Module):
-            set_moe_backend(module, backend)
+    engine.set_speculation(*build_speculation(spec, engine, _moe_backend(moe_backend)))
 
 
 def run(args: argparse.Namespace) -> int:

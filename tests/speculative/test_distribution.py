@@ -56,7 +56,7 @@ def _llm(bundle, peaked, algorithm="NONE", policy=None):
 def peaked_dspark(bundle, peaked, tmp_path_factory):
     """The bundle's DSpark drafter with its Markov head fitted to the peaked target."""
     llm = LLM(str(peaked), max_running_requests=128)
-    model = load_drafter(bundle["dspark"], llm.engine.model)
+    model = load_drafter(bundle["dspark"], llm.engine.target_handle())
     params = [SamplingParams(max_tokens=4, temperature=1.0, seed=50_000 + i) for i in range(100)]
     outs = llm.generate([PROMPT] * 100, params)
     _bigram_boost(model, [PROMPT[-1:] + o.outputs[0].token_ids for o in outs], scale=200.0)
