@@ -53,10 +53,15 @@ def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
     return out
 
 
-def run_one(target, algorithm, path, policy, prompts, params, max_running):
+def run_one(target, algorithm, path, policy, prompts, params, max_running, adaptive=False):
     llm = LLM(str(target), max_running_requests=max_running)
     if algorithm != "NONE":
-        spec = SpecConfig(algorithm, str(path) if path else None, verify_policy=policy)
+        spec = SpecConfig(
+            algorithm,
+            str(path) if path else None,
+            verify_policy=policy,
+            adaptive_drafting=adaptive,
+        )
         llm.engine.set_speculation(*build_speculation(spec, llm.engine))
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     start = time.perf_counter()
@@ -96,6 +101,11 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--verify-policy", default=None, help="full | threshold | scheduler")
+    ap.add_argument(
+        "--adaptive-drafting",
+        action="store_true",
+        help="also run each algorithm with --speculative-adaptive-drafting (rows ALGO+gate)",
+    )
     args = ap.parse_args()
 
     tmp = None
@@ -115,7 +125,7 @@ def main() -> None:
         max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True, seed=0
     )
     print(f"target {target}  output {args.output_len} tokens  temperature {args.temperature}")
-    print(f"{'algorithm':<10}{'conc':>6}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
+    print(f"{'algorithm':<12}{'conc':>4}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
     for conc in (int(c) for c in args.concurrency.split(",")):
         if args.prompts:
             rows = domains_in_turn(args.prompts)
@@ -124,16 +134,18 @@ def main() -> None:
         else:
             prompts = _prompts(conc * args.rounds, args.input_len, vocab)
         base = run_one(target, "NONE", None, None, prompts, params, conc)
-        print(f"{'NONE':<10}{conc:>6}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
+        print(f"{'NONE':<12}{conc:>4}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
         for algo, path in drafters.items():
-            r = run_one(target, algo, path, args.verify_policy, prompts, params, conc)
-            same = "yes" if r["outputs"] == base["outputs"] else "NO"
-            if args.temperature > 0:
-                same = "n/a"
-            print(
-                f"{algo:<10}{conc:>6}{r['accept']:>9.2f}{r['tok_s']:>10.1f}"
-                f"{r['tok_s'] / base['tok_s']:>9.2f}  {same}"
-            )
+            for gate in (False, True) if args.adaptive_drafting else (False,):
+                r = run_one(target, algo, path, args.verify_policy, prompts, params, conc, gate)
+                same = "yes" if r["outputs"] == base["outputs"] else "NO"
+                if args.temperature > 0:
+                    same = "n/a"
+                name = algo + ("+gate" if gate else "")
+                print(
+                    f"{name:<12}{conc:>4}{r['accept']:>9.2f}{r['tok_s']:>10.1f}"
+                    f"{r['tok_s'] / base['tok_s']:>9.2f}  {same}"
+                )
     if tmp is not None:
         tmp.cleanup()
 

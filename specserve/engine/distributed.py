@@ -29,6 +29,7 @@ from specserve.config import DTYPES, CacheConfig
 from specserve.engine.model_runner import BatchSeq, ForwardResult, ModelRunner, num_kv_blocks
 from specserve.models.loader import load_model
 from specserve.models.parallel import Parallel, ParallelConfig
+from specserve.models.qwen3 import CausalLM
 
 log = logging.getLogger("specserve.distributed")
 
@@ -72,7 +73,15 @@ class RankGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
         return int(t.item())
 
-    def make_runner(self, model, num_blocks, page_size, dtype, device, capture=()) -> ModelRunner:
+    def make_runner(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: str,
+        capture: tuple[int, ...] = (),
+    ) -> ModelRunner:
         """Rank 0's runner: broadcasts each batch before running it."""
         return BroadcastingRunner(self, model, num_blocks, page_size, dtype, device, capture)
 

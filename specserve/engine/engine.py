@@ -231,10 +231,40 @@ class LLMEngine:
             [self._batch_seq(s, drafts.get(s.request.request_id)) for s in scheduled]
         )
         t_fwd = time.perf_counter() - t_fwd
-        outputs: list[RequestOutput] = []
-        committed_hidden: list[torch.Tensor | None] = []
         finishing = [s for s in scheduled if s.reaches_end]
         new_tokens = self._verify(finishing, drafts, result.logits, result.logits_counts, scheduled)
+        outputs = self._commit(scheduled, drafts, new_tokens, result.captured)
+        finished = [s.request for s in scheduled if s.request.finished]
+        t_step = time.perf_counter() - t_step
+        self.planner.observe(
+            StepStats(
+                num_requests=len(drafts),
+                overhead_s=t_step - t_fwd,
+                step_s=t_step,
+                decode_only=all(s.num_new_tokens == 1 for s in finishing)
+                and finishing == scheduled,
+                num_decoding=len(finishing),
+                accepted={rid: len(new_tokens[rid][0]) - 1 for rid in drafts},
+                finished=tuple(r.request_id for r in finished),
+            )
+        )
+        for req in finished:
+            self.drafter.release(req)
+            self.scheduler.finish(req, req.status)
+            del self.streams[req.request_id]
+        return outputs
+
+    def _commit(
+        self,
+        scheduled: list[ScheduledRequest],
+        drafts: dict[str, DraftProposal],
+        new_tokens: dict[str, tuple[list[int], list]],
+        captured: torch.Tensor | None,
+    ) -> list[RequestOutput]:
+        """Commit the KV of the computed and accepted tokens, append the new tokens, and feed
+        the drafter the committed tokens' hidden states."""
+        outputs: list[RequestOutput] = []
+        committed_hidden: list[torch.Tensor | None] = []
         offset = 0
         for s in scheduled:
             req = s.request
@@ -244,8 +274,8 @@ class LLMEngine:
                 n_commit = s.num_new_tokens + len(tokens) - 1
             else:
                 n_commit, tokens, logprobs = s.num_new_tokens, [], []
-            if result.captured is not None:
-                committed_hidden.append(result.captured[offset : offset + n_commit])
+            if captured is not None:
+                committed_hidden.append(captured[offset : offset + n_commit])
             else:
                 committed_hidden.append(None)
             offset += n_in
@@ -255,17 +285,12 @@ class LLMEngine:
             if tokens:
                 outputs.append(self._append(req, tokens, logprobs))
         self.drafter.update([s.request for s in scheduled], committed_hidden)
-        if drafts:  # what this step cost besides the target forward
-            self.planner.observe(StepStats(len(drafts), time.perf_counter() - t_step - t_fwd))
-        for req in [s.request for s in scheduled]:
-            if req.finished:
-                self.drafter.release(req)
-                self.scheduler.finish(req, req.status)
-                del self.streams[req.request_id]
         return outputs
 
     def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, DraftProposal]:
         spec = [s for s in scheduled if s.num_lookahead > 0 and s.reaches_end]
+        allowed = self.planner.allow([s.request for s in spec])
+        spec = [s for s, ok in zip(spec, allowed, strict=True) if ok]
         if not spec:
             return {}
         reqs = [s.request for s in spec]
@@ -290,7 +315,14 @@ class LLMEngine:
         logits_from = s.num_new_tokens - 1 if s.reaches_end else len(tokens)
         return BatchSeq(tokens, start, req.block_table, logits_from)
 
-    def _verify(self, finishing, drafts, logits, counts, scheduled):
+    def _verify(
+        self,
+        finishing: list[ScheduledRequest],
+        drafts: dict[str, DraftProposal],
+        logits: torch.Tensor,
+        counts: list[int],
+        scheduled: list[ScheduledRequest],
+    ) -> dict[str, tuple[list[int], list]]:
         """Tokens to append per finishing request (accepted drafts + one from the target)."""
         rows_of: dict[str, torch.Tensor] = {}
         row = 0

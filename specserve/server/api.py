@@ -7,7 +7,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
@@ -277,13 +277,13 @@ def _sse(obj: dict) -> str:
 @dataclass
 class _Result:
     text: str = ""
-    token_ids: list[int] | None = None
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: Any = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    logprobs: list | None = None
+    logprobs: list = field(default_factory=list)
     meta_info: dict | None = None
     prompt_index: int = 0
 
@@ -295,7 +295,7 @@ class _Run:
         self,
         engine: AsyncEngine,
         request_id: str,
-        prompt,
+        prompt: str | list[int],
         params: SamplingParams,
         index: int,
         prompt_index: int,
@@ -303,7 +303,7 @@ class _Run:
         self.engine, self.request_id, self.index = engine, request_id, index
         self.stream = engine.generate(prompt, params, request_id)
         self.first: RequestOutput | None = None
-        self.result = _Result(token_ids=[], logprobs=[], prompt_index=prompt_index)
+        self.result = _Result(prompt_index=prompt_index)
         self.start = time.monotonic()
         self.last_time: float | None = None
 
@@ -398,9 +398,11 @@ class _Format:
         self.tok = tok
         self.meta = {"id": rid, "created": created, "model": model}
 
-    def _content(self, text: str, streaming: bool) -> dict: ...
+    def _content(self, text: str, streaming: bool) -> dict:
+        raise NotImplementedError
 
-    def _logprobs(self, entries: list) -> dict: ...
+    def _logprobs(self, entries: list) -> dict:
+        raise NotImplementedError
 
     def first_chunks(self, n: int) -> list[dict]:
         return []

@@ -12,7 +12,7 @@ import logging
 import queue
 import threading
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from specserve.core import SamplingParams
@@ -62,7 +62,7 @@ class AsyncEngine:
     # -- asyncio side --------------------------------------------------------------------
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncGenerator[RequestOutput, None]:
         """Yields outputs until the request finishes. Raises RequestError before the first
         output if the engine refuses the request. Cancelling the iteration aborts it."""
         if not self._thread.is_alive():

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specserve.engine.engine import LLMEngine
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -51,7 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     _add_parallel_args(p)
-    _add_spec_args(p)
+    from specserve.speculative.factory import add_cli_args
+
+    add_cli_args(p)
     p.set_defaults(func=run)
 
 
@@ -112,15 +118,7 @@ def _rank_spec(args: argparse.Namespace, cache):
     )
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from specserve.speculative.factory import add_cli_args
-    except ImportError:  # speculative decoding not built yet
-        return
-    add_cli_args(p)
-
-
-def build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, str]:
     """Flags -> a ready LLMEngine (and the speculative algorithm's name)."""
     from specserve.cli import CLIError
     from specserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
@@ -160,21 +158,19 @@ def build_engine(args: argparse.Namespace):
             ranks.moe_backend is None and is_mxfp4_checkpoint(model_cfg)
         )
         ranks.parallel.check_model(model_cfg, mxfp4)
-        spec = None
-        if hasattr(args, "speculative_algorithm"):
-            from specserve.speculative.factory import spec_config_from_args
+        from specserve.speculative.factory import spec_config_from_args
 
-            spec = spec_config_from_args(args)
+        spec = spec_config_from_args(args)
         group = start_ranks(ranks) if ranks.parallel.world_size > 1 else None
         try:
             engine = LLMEngine(config, moe_backend=ranks.moe_backend, group=group)
-            if spec is not None and spec.algorithm != "NONE":
+            if spec.algorithm != "NONE":
                 _install_speculation(engine, spec, args.speculative_moe_runner_backend)
         except BaseException:
             if group is not None:
                 group.abort()
             raise
-        return engine, "NONE" if spec is None else spec.algorithm
+        return engine, spec.algorithm
     except (ConfigError, ValueError, DistributedError) as e:
         raise CLIError(str(e)) from None
 

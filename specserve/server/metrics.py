@@ -6,8 +6,10 @@ thread does no metrics work; latency histograms are observed by the HTTP layer.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from specserve.engine.engine import LLMEngine
 
@@ -51,7 +53,7 @@ class EngineCollector:
         c.add_metric(list(self.labels.values()), value)
         return c
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         e, st, bm = self.engine, self.engine.stats, self.engine.block_manager
         yield self._gauge(
             "num_requests_running", "Requests in the running batch.", len(e.scheduler.running)

@@ -68,5 +68,5 @@ class NoDrafter(Drafter):
     def max_draft_tokens(self) -> int:
         return 0
 
-    def propose(self, requests, max_tokens):
+    def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
         return [DraftProposal([]) for _ in requests]

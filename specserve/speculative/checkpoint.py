@@ -127,9 +127,8 @@ def build_model(raw: dict[str, Any], target_raw: dict[str, Any]) -> DraftModel:
     kind = kind_of(raw)
     if kind == "mtp":
         arch = target_raw.get("architectures")  # the target's, so qk_norm matches it
-        cfg = ModelConfig.from_dict({**target_raw, **raw, "architectures": arch})
-        cfg = replace(cfg, num_hidden_layers=1)
-        return MTPModule(cfg)
+        mtp = ModelConfig.from_dict({**target_raw, **raw, "architectures": arch})
+        return MTPModule(replace(mtp, num_hidden_layers=1))
     cfg = draft_config(raw)
     return DSparkDraftModel(cfg) if kind == "dspark" else DFlashDraftModel(cfg)
 

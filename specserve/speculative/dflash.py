@@ -43,6 +43,7 @@ The config lives in `draft_config.py`, the draft layer in `draft_layers.py`, the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -100,7 +101,8 @@ class DFlashDraftModel(nn.Module):
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """target_hidden [..., n*H], positions [...] -> per layer (k, v) [..., kv, d]."""
         feats = self.hidden_norm(self.fc(target_hidden))
-        return [layer.self_attn.project_kv(feats, positions, self.rotary) for layer in self.layers]
+        layers = [cast(DraftLayer, layer) for layer in self.layers]
+        return [layer.self_attn.project_kv(feats, positions, self.rotary) for layer in layers]
 
     def block_embeddings(self, anchor_tokens: torch.Tensor, k: int) -> torch.Tensor:
         """anchor_tokens [...] -> embeddings [..., k, H] of [anchor, mask x (k-1)]."""
@@ -184,7 +186,13 @@ class DFlashDraftModel(nn.Module):
         target_ids = input_ids.gather(1, label_pos.clamp(max=t - 1).reshape(b, -1)).view(b, a, k)
         return hidden, torch.where(valid, target_ids, 0), valid
 
-    def forward(self, input_ids, target_hidden, anchors, anchor_mask=None) -> DFlashOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        target_hidden: Tensor,
+        anchors: Tensor,
+        anchor_mask: Tensor | None = None,
+    ) -> DFlashOutput:
         hidden, target_ids, valid = self.run_blocks(input_ids, target_hidden, anchors, anchor_mask)
         return DFlashOutput(hidden, self.compute_logits(hidden), target_ids, valid)
 

@@ -135,7 +135,13 @@ class DSparkDraftModel(DFlashDraftModel):
             hidden = torch.cat([hidden, e], dim=-1)
         return self.confidence_head(hidden)
 
-    def forward(self, input_ids, target_hidden, anchors, anchor_mask=None) -> DSparkOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        target_hidden: torch.Tensor,
+        anchors: torch.Tensor,
+        anchor_mask: torch.Tensor | None = None,
+    ) -> DSparkOutput:
         hidden, target_ids, valid = self.run_blocks(input_ids, target_hidden, anchors, anchor_mask)
         base = self.compute_logits(hidden)
         anchors, _ = safe_anchors(anchors, anchor_mask, input_ids.shape[1])

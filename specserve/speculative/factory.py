@@ -21,6 +21,7 @@ from specserve.speculative.calibration import load_sts
 from specserve.speculative.checkpoint import load_drafter
 from specserve.speculative.dflash import DFlashDraftModel
 from specserve.speculative.dspark import DSparkDraftModel
+from specserve.speculative.gate import DraftGate
 from specserve.speculative.mtp import MTPDrafter, MTPModule
 from specserve.speculative.ngram import NgramDrafter
 from specserve.speculative.planner import Planner, PrefixScheduler, ThresholdPlanner
@@ -72,6 +73,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "if the file does not exist (no path: profiled, not saved)",
     )
     g.add_argument(
+        "--speculative-adaptive-drafting",
+        action="store_true",
+        help="per request and step, decode plainly where drafting does not pay (measured step "
+        "times vs running acceptance; probed again later; lossless)",
+    )
+    g.add_argument(
         "--speculative-dspark-confidence-sts-path",
         help="STS temperatures (sts.json) calibrating the DSpark confidence head",
     )
@@ -89,6 +96,7 @@ def spec_config_from_args(args: argparse.Namespace) -> SpecConfig:
         confidence_threshold=args.speculative_dspark_confidence_threshold,
         sps_table_path=args.speculative_dspark_sps_table_path,
         confidence_sts_path=args.speculative_dspark_confidence_sts_path,
+        adaptive_drafting=args.speculative_adaptive_drafting,
     )
 
 
@@ -150,6 +158,13 @@ def _block_size(spec: SpecConfig, trained: int, window: int | None) -> int:
 
 
 def build_planner(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> Planner:
+    planner = _verify_planner(spec, engine, drafter)
+    if spec.adaptive_drafting and drafter.max_draft_tokens > 0:
+        return DraftGate(planner)
+    return planner
+
+
+def _verify_planner(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> Planner:
     policy = spec.policy
     if policy == "full" or drafter.max_draft_tokens == 0:
         return Planner()

@@ -79,7 +79,9 @@ class MTPModule(nn.Module):
         e = self.enorm(self.embed_tokens(next_tokens))
         return self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], dim=-1))
 
-    def layer(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext):
+    def layer(
+        self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
         """x [N, H] flattened rows -> layer output [N, H]."""
         return self.layers[0](x, positions, self.rotary, ctx, 0)
 
@@ -125,8 +127,11 @@ class PrefixAttention(AttentionContext):
     def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], query_lens: list[int]):
         self.prefix, self.query_lens = prefix, query_lens
 
-    def attend(self, layer_idx, q, k, v):
-        out, start, grown = [], 0, []
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
+        out, start = [], 0
+        grown: list[tuple[torch.Tensor, torch.Tensor]] = []
         for (pk, pv), n in zip(self.prefix, self.query_lens, strict=True):
             qi, ki, vi = q[start : start + n], k[start : start + n], v[start : start + n]
             keys, vals = torch.cat([pk.to(ki.dtype), ki]), torch.cat([pv.to(vi.dtype), vi])

@@ -11,7 +11,7 @@ k >= draft_lens[r] are padding and never read. Every planner returns verify lens
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -23,11 +23,16 @@ from specserve.speculative.profile import SPSTable
 
 @dataclass(frozen=True)
 class StepStats:
-    """What one speculative step cost, reported by the engine after it. Wall time only, never a
-    token, so a planner that learns from it stays lossless."""
+    """What one engine step cost and gave, reported after it: wall times and acceptance counts
+    of a finished step, never a token, so a planner that learns from it stays lossless."""
 
     num_requests: int  # requests drafted for
     overhead_s: float  # seconds of the step outside the target forward
+    step_s: float = 0.0  # seconds of the whole step (draft, forward, verify, bookkeeping)
+    decode_only: bool = False  # every request decoded (no prefill chunk in the forward)
+    num_decoding: int = 0  # requests that got a token this step
+    accepted: dict[str, int] = field(default_factory=dict)  # drafted-for request id -> accepted
+    finished: tuple[str, ...] = ()  # requests that ended this step
 
 
 class Planner:
@@ -36,10 +41,14 @@ class Planner:
     plan(proposals, requests) -> verify lens [R] with 0 <= lens[r] <= len(proposals[r].tokens);
     the verify window of request r is its first lens[r] draft tokens. A plan may read the
     proposals' confidences but never their tokens (that would bias sampling).
-    observe(stats) -> None, once after every step that drafted."""
+    allow(requests) -> per request, whether it drafts this step at all (before drafting).
+    observe(stats) -> None, once after every step."""
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
         return plan_full(draft_lens(proposals)).tolist()
+
+    def allow(self, requests: list[Request]) -> list[bool]:
+        return [True] * len(requests)
 
     def observe(self, stats: StepStats) -> None:
         return None
@@ -70,7 +79,8 @@ class PrefixScheduler(Planner):
         return plan_scheduler(conf, lens, self.sps, overhead_s=overhead_s).tolist()
 
     def observe(self, stats: StepStats) -> None:
-        self.overhead.observe(stats.num_requests, stats.overhead_s)
+        if stats.num_requests:
+            self.overhead.observe(stats.num_requests, stats.overhead_s)
 
 
 def draft_lens(proposals: list[DraftProposal]) -> Tensor:
@@ -157,11 +167,12 @@ def plan_scheduler(
 
 
 class StepOverhead:
-    """Seconds per step outside the target forward, by number of requests drafted for.
+    """Seconds of a part of a step by number of requests: the prefix scheduler's overhead outside
+    the target forward (by requests drafted for), the draft gate's decode-step times.
 
-    The engine reports every speculative step (`observe`); `get` gives an exponential moving
-    average for that request count (the nearest count seen, or 0 before any). It reads only wall
-    time, never a token, so a planner using it stays lossless."""
+    `observe` adds one step; `get` gives an exponential moving average for that request count
+    (the nearest count seen, or 0 before any). It reads only wall time, never a token, so a
+    planner using it stays lossless."""
 
     def __init__(self, decay: float = 0.8) -> None:
         self.decay = decay

@@ -79,8 +79,40 @@ def run(cmd: list[str]) -> None:
 
 
 def build(out: Path, work: Path, jobs: int, device: str) -> None:
+    """Every step in order; each is skipped when its result exists."""
+    target = build_target(out, work, device)
+    build_data(work, target, device)
+    train_drafters(out, work, jobs, device)
+    if not (out / "dspark" / "sts.json").is_file():
+        run(
+            cli(
+                "train",
+                "calibrate",
+                "--drafter",
+                str(out / "dspark"),
+                "--data",
+                str(work / "data_heldout"),
+                "--target",
+                str(target),
+                "--device",
+                device,
+            )
+        )
+    results = evaluate_all(out, work, device)
+    from specserve.train.bundle_readme import write_readme
+
+    write_readme(out, results)
+    log(f"done: {out}")
+
+
+def _domains(work: Path) -> list[str]:
+    return [str(work / "corpus" / "code"), str(work / "corpus" / "prose")]
+
+
+def build_target(out: Path, work: Path, device: str) -> Path:
+    """Corpus, tokenizer, the pre-trained target, exported into the bundle -> its folder."""
     corpus, tok = work / "corpus", work / "tokenizer"
-    domains = [str(corpus / "code"), str(corpus / "prose")]
+    domains = _domains(work)
     if not (corpus / "prose").is_dir():
         subprocess.run(
             [sys.executable, "-m", "specserve", "train", "corpus", "--out", str(corpus)], check=True
@@ -121,6 +153,12 @@ def build(out: Path, work: Path, jobs: int, device: str) -> None:
     target = out / "target"
     if not (target / "model.safetensors").is_file():
         export_target(work / "target", target, run_cfg)
+    return target
+
+
+def build_data(work: Path, target: Path, device: str) -> None:
+    """Train and held-out prompts, and the target's continuations of them (`DATA_SETS`)."""
+    domains, tok = _domains(work), work / "tokenizer"
     for split, n in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
         prompts = work / f"prompts_{split}.jsonl"
         if not prompts.is_file():
@@ -164,27 +202,6 @@ def build(out: Path, work: Path, jobs: int, device: str) -> None:
                     device,
                 )
             )
-    train_drafters(out, work, jobs, device)
-    if not (out / "dspark" / "sts.json").is_file():
-        run(
-            cli(
-                "train",
-                "calibrate",
-                "--drafter",
-                str(out / "dspark"),
-                "--data",
-                str(work / "data_heldout"),
-                "--target",
-                str(target),
-                "--device",
-                device,
-            )
-        )
-    results = evaluate_all(out, work, device)
-    from specserve.train.bundle_readme import write_readme
-
-    write_readme(out, results)
-    log(f"done: {out}")
 
 
 def export_target(src: Path, dst: Path, run_cfg: Path) -> None:
