@@ -42,13 +42,13 @@ def _random_bundle(root: Path) -> tuple[Path, dict[str, Path | None]]:
     }
 
 
-def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+def _prompts(n: int, length: int, vocab: int, motif_len: int = 8) -> list[list[int]]:
     import random
 
     rng = random.Random(0)
     out = []
     for _ in range(n):
-        motif = [rng.randrange(4, vocab) for _ in range(8)]
+        motif = [rng.randrange(4, vocab) for _ in range(motif_len)]
         out.append((motif * (length // 8 + 1))[:length])  # some repetition, as in real text
     return out
 
@@ -89,6 +89,11 @@ def main() -> None:
         "--prompts",
         help="JSON lines with token_ids (e.g. the bundle's held-out "
         "prompts_heldout.jsonl); default: synthetic repeated motifs",
+    )
+    ap.add_argument(
+        "--random-ids",
+        action="store_true",
+        help="synthetic prompts of uniformly random token ids (no repeated motif)",
     )
     ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument(
@@ -132,7 +137,8 @@ def main() -> None:
             n = conc * args.rounds
             prompts = [rows[i % len(rows)][: args.input_len] for i in range(n)]
         else:
-            prompts = _prompts(conc * args.rounds, args.input_len, vocab)
+            motif = args.input_len if args.random_ids else 8
+            prompts = _prompts(conc * args.rounds, args.input_len, vocab, motif)
         base = run_one(target, "NONE", None, None, prompts, params, conc)
         print(f"{'NONE':<12}{conc:>4}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
         for algo, path in drafters.items():

@@ -224,7 +224,7 @@ class LLMEngine:
         if not scheduled:
             return []
         self.stats.num_steps += 1
-        t_step = time.perf_counter()
+        t0 = time.perf_counter()
         drafts = self._draft(scheduled)
         t_fwd = time.perf_counter()
         result = self.runner.forward(
@@ -235,16 +235,18 @@ class LLMEngine:
         new_tokens = self._verify(finishing, drafts, result.logits, result.logits_counts, scheduled)
         outputs = self._commit(scheduled, drafts, new_tokens, result.captured)
         finished = [s.request for s in scheduled if s.request.finished]
-        t_step = time.perf_counter() - t_step
+        step_s = time.perf_counter() - t0
         self.planner.observe(
             StepStats(
                 num_requests=len(drafts),
-                overhead_s=t_step - t_fwd,
-                step_s=t_step,
+                overhead_s=step_s - t_fwd,
+                step_s=step_s,
                 decode_only=all(s.num_new_tokens == 1 for s in finishing)
                 and finishing == scheduled,
                 num_decoding=len(finishing),
-                accepted={rid: len(new_tokens[rid][0]) - 1 for rid in drafts},
+                accepted={
+                    rid: len(new_tokens[rid][0]) - 1 for rid, d in drafts.items() if d.tokens
+                },
                 finished=tuple(r.request_id for r in finished),
             )
         )

@@ -4,10 +4,12 @@ A decode step that drafts for request r commits 1 + a_r tokens for it, where a_r
 of draft tokens the target accepts; plain decoding commits 1. Drafting pays when
 (1 + a_r) / t_spec > 1 / t_plain, i.e. a_r > t_spec / t_plain - 1, with t_spec and t_plain the
 measured wall times of a decode step with and without drafting (moving averages by batch
-size) and a_r r's running acceptance (a moving average of accepted tokens per verify). Until
-both times are measured the bar is one accepted token per step. A request below the bar decodes
+size) and a_r r's running acceptance (accepted tokens per verify: the mean of its first
+drafted steps, then a moving average). Until both times are measured the bar is one accepted
+token per step, and a request is judged only after `min_samples` drafted steps (acceptance
+comes in bursts: one unlucky first step must not stop drafting). A request below the bar decodes
 plainly and is probed again (drafts once) every `probe_every` steps, so a request whose text
-turns predictable gets drafts back.
+turns predictable gets drafts back. Only proposals with tokens count as acceptance samples.
 
 Lossless: a decision reads only wall times and acceptance counts of finished steps, never a
 token of the step it decides. Each step, drafted or not, commits tokens distributed exactly as
@@ -26,16 +28,24 @@ from specserve.speculative.planner import Planner, StepOverhead, StepStats
 
 @dataclass
 class _Acceptance:
-    rate: float  # moving average of accepted draft tokens per verify
+    rate: float = 0.0  # accepted draft tokens per verify (mean, then moving average)
+    samples: int = 0  # drafted steps seen
     skipped: int = 0  # decode steps without drafts since the last draft
+
+    def add(self, accepted: int, decay: float) -> None:
+        self.samples += 1
+        self.rate += max(1.0 - decay, 1.0 / self.samples) * (accepted - self.rate)
 
 
 class DraftGate(Planner):
     """A planner that also decides whether each request drafts at all (`allow`); verify lengths
     come from the planner it wraps."""
 
-    def __init__(self, planner: Planner, probe_every: int = 16, decay: float = 0.7) -> None:
+    def __init__(
+        self, planner: Planner, probe_every: int = 8, decay: float = 0.9, min_samples: int = 4
+    ) -> None:
         self.planner, self.probe_every, self.decay = planner, probe_every, decay
+        self.min_samples = min_samples
         self.plain = StepOverhead()  # decode-step seconds without drafts, by batch size
         self.spec = StepOverhead()  # decode-step seconds with drafts, by batch size
         self.acceptance: dict[str, _Acceptance] = {}
@@ -56,7 +66,12 @@ class DraftGate(Planner):
         out = []
         for req in requests:
             acc = self.acceptance.get(req.request_id)
-            ok = acc is None or acc.rate >= bar or acc.skipped + 1 >= self.probe_every
+            ok = (
+                acc is None
+                or acc.samples < self.min_samples
+                or acc.rate >= bar
+                or acc.skipped + 1 >= self.probe_every
+            )
             if acc is not None:
                 acc.skipped = 0 if ok else acc.skipped + 1
             out.append(ok)
@@ -68,10 +83,6 @@ class DraftGate(Planner):
             times = self.spec if stats.num_requests else self.plain
             times.observe(stats.num_decoding, stats.step_s)
         for rid, accepted in stats.accepted.items():
-            acc = self.acceptance.get(rid)
-            if acc is None:
-                self.acceptance[rid] = _Acceptance(float(accepted))
-            else:
-                acc.rate = self.decay * acc.rate + (1 - self.decay) * accepted
+            self.acceptance.setdefault(rid, _Acceptance()).add(accepted, self.decay)
         for rid in stats.finished:
             self.acceptance.pop(rid, None)

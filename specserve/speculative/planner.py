@@ -31,7 +31,7 @@ class StepStats:
     step_s: float = 0.0  # seconds of the whole step (draft, forward, verify, bookkeeping)
     decode_only: bool = False  # every request decoded (no prefill chunk in the forward)
     num_decoding: int = 0  # requests that got a token this step
-    accepted: dict[str, int] = field(default_factory=dict)  # drafted-for request id -> accepted
+    accepted: dict[str, int] = field(default_factory=dict)  # id -> accepted, non-empty drafts
     finished: tuple[str, ...] = ()  # requests that ended this step
 
 

@@ -32,7 +32,7 @@ def test_break_even_from_measured_step_times():
 
 
 def test_skips_below_the_bar_probes_again_and_forgets_finished_requests():
-    gate = DraftGate(Planner(), probe_every=4, decay=0.5)
+    gate = DraftGate(Planner(), probe_every=4, decay=0.5, min_samples=1)
     good, bad = _req("good"), _req("bad")
     assert gate.allow([good, bad]) == [True, True]  # no history: draft
     _decode(gate, 2.0, {"good": 3, "bad": 0})
@@ -44,6 +44,22 @@ def test_skips_below_the_bar_probes_again_and_forgets_finished_requests():
     assert gate.allow([good, bad]) == [True, True]
     gate.observe(StepStats(0, 0.0, 1.0, True, 2, {}, finished=("good", "bad")))
     assert gate.acceptance == {}
+
+
+def test_a_request_is_judged_after_min_samples_drafted_steps():
+    gate = DraftGate(Planner(), min_samples=3)
+    req = _req("r")
+    _decode(gate, 2.0, {"other": 5})  # a drafting step: 2 s
+    _decode(gate, 1.0, {})  # a plain one: 1 s, so the break-even is 1 accepted token
+    for accepted in (0, 0):
+        assert gate.allow([req]) == [True]
+        _decode(gate, 2.0, {"r": accepted})
+    assert gate.allow([req]) == [True]  # two samples: not judged yet
+    _decode(gate, 2.0, {"r": 3})  # mean of 0, 0, 3 = 1.0 >= break-even 1.0
+    assert gate.acceptance["r"].rate == pytest.approx(1.0)
+    assert gate.allow([req]) == [True]
+    _decode(gate, 2.0, {"r": 0})  # mean of four = 0.75 < 1.0: decode plainly
+    assert gate.allow([req]) == [False]
 
 
 def test_steps_with_prefill_do_not_count_as_decode_times():
