@@ -19,11 +19,13 @@ venv: $(STAMP)
 test: $(STAMP)
 	bash scripts/install-test-deps.sh
 	$(PY) -m ruff check specserve tests benchmarks
+	$(PY) -m mypy
 	$(PY) -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check specserve tests benchmarks
 	$(PY) -m ruff format --check specserve tests benchmarks
+	$(PY) -m mypy  # [tool.mypy] in pyproject.toml: engine, speculative, server
 
 demo: $(STAMP)
 	$(PY) -m specserve.demo

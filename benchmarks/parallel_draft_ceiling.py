@@ -52,8 +52,9 @@ def main() -> None:
     drafter = None
     if args.drafter:
         from specserve.speculative.checkpoint import load_drafter
+        from specserve.speculative.handle import TargetHandle
 
-        drafter = load_drafter(args.drafter, target)
+        drafter = load_drafter(args.drafter, TargetHandle.of(target))
     k = args.block_size
     seqs, p, domains = continuations(target, args.data, 1.0)
     anchors = torch.arange(p, seqs.shape[1] - k, args.anchor_stride)

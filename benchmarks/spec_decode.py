@@ -42,21 +42,26 @@ def _random_bundle(root: Path) -> tuple[Path, dict[str, Path | None]]:
     }
 
 
-def _prompts(n: int, length: int, vocab: int) -> list[list[int]]:
+def _prompts(n: int, length: int, vocab: int, motif_len: int = 8) -> list[list[int]]:
     import random
 
     rng = random.Random(0)
     out = []
     for _ in range(n):
-        motif = [rng.randrange(4, vocab) for _ in range(8)]
+        motif = [rng.randrange(4, vocab) for _ in range(motif_len)]
         out.append((motif * (length // 8 + 1))[:length])  # some repetition, as in real text
     return out
 
 
-def run_one(target, algorithm, path, policy, prompts, params, max_running):
+def run_one(target, algorithm, path, policy, prompts, params, max_running, adaptive=False):
     llm = LLM(str(target), max_running_requests=max_running)
     if algorithm != "NONE":
-        spec = SpecConfig(algorithm, str(path) if path else None, verify_policy=policy)
+        spec = SpecConfig(
+            algorithm,
+            str(path) if path else None,
+            verify_policy=policy,
+            adaptive_drafting=adaptive,
+        )
         llm.engine.set_speculation(*build_speculation(spec, llm.engine))
     llm.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     start = time.perf_counter()
@@ -85,6 +90,11 @@ def main() -> None:
         help="JSON lines with token_ids (e.g. the bundle's held-out "
         "prompts_heldout.jsonl); default: synthetic repeated motifs",
     )
+    ap.add_argument(
+        "--random-ids",
+        action="store_true",
+        help="synthetic prompts of uniformly random token ids (no repeated motif)",
+    )
     ap.add_argument("--concurrency", default="1,4,16,32")
     ap.add_argument(
         "--rounds",
@@ -96,6 +106,11 @@ def main() -> None:
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
     ap.add_argument("--verify-policy", default=None, help="full | threshold | scheduler")
+    ap.add_argument(
+        "--adaptive-drafting",
+        action="store_true",
+        help="also run each algorithm with --speculative-adaptive-drafting (rows ALGO+gate)",
+    )
     args = ap.parse_args()
 
     tmp = None
@@ -115,25 +130,28 @@ def main() -> None:
         max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True, seed=0
     )
     print(f"target {target}  output {args.output_len} tokens  temperature {args.temperature}")
-    print(f"{'algorithm':<10}{'conc':>6}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
+    print(f"{'algorithm':<12}{'conc':>4}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
     for conc in (int(c) for c in args.concurrency.split(",")):
         if args.prompts:
             rows = domains_in_turn(args.prompts)
             n = conc * args.rounds
             prompts = [rows[i % len(rows)][: args.input_len] for i in range(n)]
         else:
-            prompts = _prompts(conc * args.rounds, args.input_len, vocab)
+            motif = args.input_len if args.random_ids else 8
+            prompts = _prompts(conc * args.rounds, args.input_len, vocab, motif)
         base = run_one(target, "NONE", None, None, prompts, params, conc)
-        print(f"{'NONE':<10}{conc:>6}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
+        print(f"{'NONE':<12}{conc:>4}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
         for algo, path in drafters.items():
-            r = run_one(target, algo, path, args.verify_policy, prompts, params, conc)
-            same = "yes" if r["outputs"] == base["outputs"] else "NO"
-            if args.temperature > 0:
-                same = "n/a"
-            print(
-                f"{algo:<10}{conc:>6}{r['accept']:>9.2f}{r['tok_s']:>10.1f}"
-                f"{r['tok_s'] / base['tok_s']:>9.2f}  {same}"
-            )
+            for gate in (False, True) if args.adaptive_drafting else (False,):
+                r = run_one(target, algo, path, args.verify_policy, prompts, params, conc, gate)
+                same = "yes" if r["outputs"] == base["outputs"] else "NO"
+                if args.temperature > 0:
+                    same = "n/a"
+                name = algo + ("+gate" if gate else "")
+                print(
+                    f"{name:<12}{conc:>4}{r['accept']:>9.2f}{r['tok_s']:>10.1f}"
+                    f"{r['tok_s'] / base['tok_s']:>9.2f}  {same}"
+                )
     if tmp is not None:
         tmp.cleanup()
 

@@ -26,11 +26,11 @@ from specserve.speculative.factory import build_speculation
 PARTS = {  # label -> (file suffix, function name)
     "engine step": ("engine/engine.py", "step"),
     "target forward": ("engine/model_runner.py", "forward"),
-    "drafting (propose)": ("spec/dflash.py", "propose"),
-    "  block forward": ("spec/dflash.py", "draft_hidden"),
-    "  slot sampling + Markov": ("spec/dspark.py", "sample_block"),
-    "    Markov steps": ("spec/dspark.py", "markov_step"),
-    "    draws": ("spec/sampling.py", "draw"),
+    "drafting (propose)": ("speculative/block_drafter.py", "propose"),
+    "  block forward": ("speculative/dflash.py", "draft_hidden"),
+    "  slot sampling + Markov": ("speculative/dflash.py", "draft"),
+    "    Markov steps": ("speculative/dspark.py", "markov_step"),
+    "    draws": ("speculative/sampling.py", "draw"),
 }
 
 

@@ -159,6 +159,14 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.json has a field of the wrong type ({e})") from None
 
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """Layer `layer_idx` has a mixture-of-experts MLP (transformers' Qwen3-MoE rule)."""
+        return (
+            self.num_experts > 0
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ModelConfig:
         path = Path(path)
@@ -241,7 +249,8 @@ class SpecConfig:
     num_draft_tokens counts the verify window as SGLang does: draft tokens + 1. None: the
     algorithm's default (NGRAM 5, NEXTN num_steps + 1, DFLASH / DSPARK block size + 1).
     block_size (DFLASH / DSPARK) None: the drafter checkpoint's. verify_policy None: scheduler
-    for DSPARK, full otherwise.
+    for DSPARK, full otherwise. adaptive_drafting: per request and step, draft only where the
+    measured cost is repaid by the running acceptance (`speculative/gate.py`).
     """
 
     algorithm: str = "NONE"
@@ -254,6 +263,7 @@ class SpecConfig:
     confidence_threshold: float = 0.5
     sps_table_path: str | None = None
     confidence_sts_path: str | None = None
+    adaptive_drafting: bool = False  # skip drafting for requests where it does not pay
 
     def __post_init__(self) -> None:
         algo = self.algorithm.upper()

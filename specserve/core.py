@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 import itertools
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -116,13 +115,11 @@ class Request:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     eos_token_ids: frozenset[int] = frozenset()
     output_token_ids: list[int] = field(default_factory=list)
-    output_logprobs: list[dict] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     block_table: list[int] = field(default_factory=list)
     num_hashed_blocks: int = 0  # leading blocks already published in the prefix cache
-    arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     generator: torch.Generator | None = None
     stop_reason: int | str | None = None

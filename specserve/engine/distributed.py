@@ -24,13 +24,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from specserve.config import DTYPES, CacheConfig
 from specserve.engine.model_runner import BatchSeq, ForwardResult, ModelRunner, num_kv_blocks
-from specserve.models.layers import Linear
-from specserve.models.loader import load_model, load_state_dict
+from specserve.models.loader import load_model
 from specserve.models.parallel import Parallel, ParallelConfig
+from specserve.models.qwen3 import CausalLM
 
 log = logging.getLogger("specserve.distributed")
 
@@ -74,7 +73,15 @@ class RankGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
         return int(t.item())
 
-    def make_runner(self, model, num_blocks, page_size, dtype, device, capture=()) -> ModelRunner:
+    def make_runner(
+        self,
+        model: CausalLM,
+        num_blocks: int,
+        page_size: int,
+        dtype: torch.dtype,
+        device: str,
+        capture: tuple[int, ...] = (),
+    ) -> ModelRunner:
         """Rank 0's runner: broadcasts each batch before running it."""
         return BroadcastingRunner(self, model, num_blocks, page_size, dtype, device, capture)
 
@@ -218,29 +225,3 @@ def serve_steps(group: RankGroup) -> None:
             runner.forward(seqs)
     finally:
         group.close()
-
-
-class DrafterTarget(nn.Module):
-    """The target as a drafter on rank 0 sees it under --tp-size > 1: drafters share the
-    target's embedding and LM head, which tensor parallelism splits by vocab (and computes with
-    collectives only rank 0 would join), so rank 0 keeps unsplit copies for the drafter."""
-
-    def __init__(self, target: nn.Module, path: str, dtype: torch.dtype, device: str) -> None:
-        super().__init__()
-        cfg = self.config = target.config
-        names = ("model.embed_tokens.weight", "lm_head.weight")
-        state = load_state_dict(path, lambda k: k in names)
-        embed = state[names[0]].to(device, dtype)
-        self.model = nn.Module()
-        self.model.embed_tokens = nn.Embedding.from_pretrained(embed, freeze=True)
-        self.model.norm = target.model.norm  # replicated on every rank
-        self.model.layers = target.model.layers
-        with torch.device("meta"):
-            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        weight = embed if cfg.tie_word_embeddings else state[names[1]].to(device, dtype)
-        self.lm_head.weight = nn.Parameter(weight, requires_grad=False)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()

@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -24,19 +24,14 @@ from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.models.loader import load_model
 from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
+from specserve.speculative.handle import TargetHandle
+from specserve.speculative.planner import Planner, StepStats
 from specserve.speculative.verify import greedy_verify, rejection_verify
 
 if TYPE_CHECKING:
     from specserve.engine.distributed import RankGroup
 
 log = logging.getLogger("specserve.engine")
-
-# (proposals, requests) -> verify length per request (<= len(proposal.tokens))
-Planner = Callable[[list[DraftProposal], list[Request]], list[int]]
-
-
-def plan_full(proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
-    return [len(p.tokens) for p in proposals]
 
 
 class RequestError(ValueError):
@@ -116,7 +111,7 @@ class LLMEngine:
         self,
         config: EngineConfig,
         drafter: Drafter | None = None,
-        planner: Planner = plan_full,
+        planner: Planner | None = None,
         *,
         moe_backend: str | None = None,
         group: RankGroup | None = None,
@@ -142,7 +137,7 @@ class LLMEngine:
         self.block_manager = BlockManager(blocks, cache.page_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.drafter = drafter or NoDrafter()
-        self.planner = planner
+        self.planner = planner or Planner()
         self.runner = (group.make_runner if group else ModelRunner)(
             self.model,
             blocks,
@@ -166,6 +161,13 @@ class LLMEngine:
         """Stop the other ranks of a parallel group (nothing to do in one process)."""
         if self.group is not None:
             self.group.close()
+
+    def target_handle(self) -> TargetHandle:
+        """The target parts a drafter shares (whole copies on rank 0 under tensor parallelism)."""
+        if self.group is not None and self.group.parallel.tp_size > 1:
+            cfg = self.config
+            return TargetHandle.unsplit(self.model, cfg.model_path, cfg.torch_dtype, cfg.device)
+        return TargetHandle.of(self.model)
 
     def set_speculation(self, drafter: Drafter, planner: Planner) -> None:
         """Install a drafter (built against this engine's target) before serving starts."""
@@ -241,26 +243,55 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        preempted_before = self.scheduler.num_preemptions
-        scheduled = self.scheduler.schedule(self.drafter.max_draft_tokens)
-        if self.scheduler.num_preemptions != preempted_before:
-            for req in self.scheduler.waiting:
-                if req.num_computed_tokens == 0 and not req.block_table:
-                    self.drafter.release(req)
+        scheduled, preempted = self.scheduler.schedule(self.drafter.max_draft_tokens)
+        for req in preempted:  # its KV is recomputed, and `update` replays it to the drafter
+            self.drafter.release(req)
         if not scheduled:
             return []
         self.stats.num_steps += 1
-        t_step = time.perf_counter()
+        t0 = time.perf_counter()
         drafts = self._draft(scheduled)
         t_fwd = time.perf_counter()
         result = self.runner.forward(
             [self._batch_seq(s, drafts.get(s.request.request_id)) for s in scheduled]
         )
         t_fwd = time.perf_counter() - t_fwd
-        outputs: list[RequestOutput] = []
-        committed_hidden: list[torch.Tensor | None] = []
         finishing = [s for s in scheduled if s.reaches_end]
         new_tokens = self._verify(finishing, drafts, result.logits, result.logits_counts, scheduled)
+        outputs = self._commit(scheduled, drafts, new_tokens, result.captured)
+        finished = [s.request for s in scheduled if s.request.finished]
+        step_s = time.perf_counter() - t0
+        self.planner.observe(
+            StepStats(
+                num_requests=len(drafts),
+                overhead_s=step_s - t_fwd,
+                step_s=step_s,
+                decode_only=all(s.num_new_tokens == 1 for s in finishing)
+                and finishing == scheduled,
+                num_decoding=len(finishing),
+                accepted={
+                    rid: len(new_tokens[rid][0]) - 1 for rid, d in drafts.items() if d.tokens
+                },
+                finished=tuple(r.request_id for r in finished),
+            )
+        )
+        for req in finished:
+            self.drafter.release(req)
+            self.scheduler.finish(req, req.status)
+            del self.streams[req.request_id]
+        return outputs
+
+    def _commit(
+        self,
+        scheduled: list[ScheduledRequest],
+        drafts: dict[str, DraftProposal],
+        new_tokens: dict[str, tuple[list[int], list]],
+        captured: torch.Tensor | None,
+    ) -> list[RequestOutput]:
+        """Commit the KV of the computed and accepted tokens, append the new tokens, and feed
+        the drafter the committed tokens' hidden states."""
+        outputs: list[RequestOutput] = []
+        committed_hidden: list[torch.Tensor | None] = []
         offset = 0
         for s in scheduled:
             req = s.request
@@ -270,8 +301,8 @@ class LLMEngine:
                 n_commit = s.num_new_tokens + len(tokens) - 1
             else:
                 n_commit, tokens, logprobs = s.num_new_tokens, [], []
-            if result.captured is not None:
-                committed_hidden.append(result.captured[offset : offset + n_commit])
+            if captured is not None:
+                committed_hidden.append(captured[offset : offset + n_commit])
             else:
                 committed_hidden.append(None)
             offset += n_in
@@ -281,23 +312,17 @@ class LLMEngine:
             if tokens:
                 outputs.append(self._append_or_fail(req, tokens, logprobs))
         self.drafter.update([s.request for s in scheduled], committed_hidden)
-        overhead = getattr(self.planner, "overhead", None)
-        if overhead is not None and drafts:  # what this step cost besides the target forward
-            overhead.observe(len(drafts), time.perf_counter() - t_step - t_fwd)
-        for req in [s.request for s in scheduled]:
-            if req.finished:
-                self.drafter.release(req)
-                self.scheduler.finish(req, req.status)
-                del self.streams[req.request_id]
         return outputs
 
     def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, DraftProposal]:
         spec = [s for s in scheduled if s.num_lookahead > 0 and s.reaches_end]
+        allowed = self.planner.allow([s.request for s in spec])
+        spec = [s for s, ok in zip(spec, allowed, strict=True) if ok]
         if not spec:
             return {}
         reqs = [s.request for s in spec]
         proposals = self.drafter.propose(reqs, [s.num_lookahead for s in spec])
-        lens = self.planner(proposals, reqs)
+        lens = self.planner.plan(proposals, reqs)
         out = {}
         for req, p, n in zip(reqs, proposals, lens, strict=True):
             self.stats.num_verify_tokens_planned += n
@@ -317,7 +342,14 @@ class LLMEngine:
         logits_from = s.num_new_tokens - 1 if s.reaches_end else len(tokens)
         return BatchSeq(tokens, start, req.block_table, logits_from)
 
-    def _verify(self, finishing, drafts, logits, counts, scheduled):
+    def _verify(
+        self,
+        finishing: list[ScheduledRequest],
+        drafts: dict[str, DraftProposal],
+        logits: torch.Tensor,
+        counts: list[int],
+        scheduled: list[ScheduledRequest],
+    ) -> dict[str, tuple[list[int], list]]:
         """Tokens to append per finishing request (accepted drafts + one from the target)."""
         rows_of: dict[str, torch.Tensor] = {}
         row = 0

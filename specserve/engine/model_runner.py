@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import psutil
 import torch
-from torch import nn
 
 from specserve.config import CacheConfig, ModelConfig
 from specserve.models.attention import PagedAttention
+from specserve.models.qwen3 import CausalLM
 
 
 @dataclass
@@ -54,18 +54,18 @@ def num_kv_blocks(model_cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype
 class ModelRunner:
     def __init__(
         self,
-        model: nn.Module,
+        model: CausalLM,
         num_blocks: int,
         page_size: int,
         dtype: torch.dtype,
         device: str,
         capture: tuple[int, ...] = (),
     ) -> None:
-        attn = model.model.layers[0].self_attn  # this rank's KV heads under tensor parallelism
         self.model, self.page_size, self.device, self.capture = model, page_size, device, capture
-        shape = (num_blocks * page_size, attn.num_kv_heads, attn.head_dim)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.model.layers]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in model.model.layers]
+        shape = (num_blocks * page_size, *model.kv_head_shape())  # this rank's KV heads under TP
+        layers = range(model.config.num_hidden_layers)
+        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
 
     def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
         blocks = torch.tensor(block_table, dtype=torch.long)
@@ -74,7 +74,12 @@ class ModelRunner:
 
     @torch.inference_mode()
     def forward(self, seqs: list[BatchSeq]) -> ForwardResult:
-        ids, pos, new_slots, kv_slots, rows, counts = [], [], [], [], [], []
+        ids: list[int] = []
+        pos: list[int] = []
+        rows: list[int] = []
+        counts: list[int] = []
+        new_slots: list[torch.Tensor] = []
+        kv_slots: list[torch.Tensor] = []
         offset = 0
         for s in seqs:
             n = len(s.token_ids)

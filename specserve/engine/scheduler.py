@@ -43,9 +43,11 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, num_lookahead: int = 0) -> list[ScheduledRequest]:
+    def schedule(self, num_lookahead: int = 0) -> tuple[list[ScheduledRequest], list[Request]]:
+        """-> (what runs this step, the requests preempted to make room for it)."""
         budget = self.config.chunked_prefill_size
         out: list[ScheduledRequest] = []
+        preempted: list[Request] = []
         for req in list(self.running):
             if req not in self.running:  # preempted by an earlier request of this loop
                 continue
@@ -54,7 +56,7 @@ class Scheduler:
             look = min(num_lookahead, max(0, budget - n)) if decoding else 0
             if n <= 0 or n + look > budget:
                 continue
-            if not self._allocate_or_preempt(req, req.num_computed_tokens + n + look):
+            if not self._allocate_or_preempt(req, req.num_computed_tokens + n + look, preempted):
                 continue
             out.append(ScheduledRequest(req, n, look))
             budget -= n + look
@@ -74,12 +76,13 @@ class Scheduler:
             self.running.append(req)
             out.append(ScheduledRequest(req, n, 0))
             budget -= n
-        return out
+        return out, preempted
 
-    def _allocate_or_preempt(self, req: Request, num_tokens: int) -> bool:
+    def _allocate_or_preempt(self, req: Request, num_tokens: int, preempted: list[Request]) -> bool:
         while not self.blocks.allocate(req, num_tokens):
             victim = self.running[-1]
             self.preempt(victim)
+            preempted.append(victim)
             if victim is req:
                 return False
         return True

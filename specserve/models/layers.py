@@ -87,6 +87,9 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor
 class RotaryEmbedding(nn.Module):
     """Neox-style rotary embedding (rotate_half), with a cos/sin table indexed by position."""
 
+    cos: torch.Tensor  # [max_positions, head_dim / 2] (buffers)
+    sin: torch.Tensor
+
     def __init__(
         self, head_dim: int, max_positions: int, theta: float, scaling: dict | None = None
     ) -> None:

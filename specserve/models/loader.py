@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from torch import nn
 
 from specserve.config import ConfigError, ModelConfig
 from specserve.models.parallel import Parallel, shard_of
+from specserve.models.qwen3 import CausalLM
 from specserve.models.registry import model_class
 
 _ReadError = (SafetensorError, OSError)
@@ -55,7 +55,7 @@ def load_model(
     device: str = "cpu",
     par: Parallel | None = None,
     moe_backend: str | None = None,
-) -> tuple[nn.Module, ModelConfig]:
+) -> tuple[CausalLM, ModelConfig]:
     """Build the registered class for the folder's architecture and load its weights.
 
     `par`: build and load only this rank's shard. `moe_backend` (torch | mxfp4): the expert

@@ -97,9 +97,7 @@ class ParallelConfig:
 
 
 def _has_dense_layer(cfg: ModelConfig) -> bool:
-    from specserve.models.qwen3_moe import is_sparse_layer
-
-    return any(not is_sparse_layer(cfg, i) for i in range(cfg.num_hidden_layers))
+    return any(not cfg.is_sparse_layer(i) for i in range(cfg.num_hidden_layers))
 
 
 @dataclass(frozen=True, eq=False)

@@ -123,6 +123,11 @@ class CausalLM(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
+    def kv_head_shape(self) -> tuple[int, int]:
+        """(KV heads on this rank, head dim): one token's K (or V) in one layer's KV cache."""
+        attn = self.model.layers[0].self_attn
+        return attn.num_kv_heads, attn.head_dim
+
     def fuse(self) -> None:
         """Switch to the inference weight layout (see layers.to_input_major)."""
         for layer in self.model.layers:

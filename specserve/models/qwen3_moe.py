@@ -30,14 +30,6 @@ MOE_BACKENDS = ("torch", "mxfp4")
 _EXPERT = re.compile(r".*\.mlp\.experts\.(\d+)\..*")
 
 
-def is_sparse_layer(cfg: ModelConfig, layer_idx: int) -> bool:
-    return (
-        cfg.num_experts > 0
-        and layer_idx not in cfg.mlp_only_layers
-        and (layer_idx + 1) % cfg.decoder_sparse_step == 0
-    )
-
-
 def is_mxfp4_checkpoint(cfg: ModelConfig) -> bool:
     return (cfg.raw.get("quantization_config") or {}).get("quant_method") == "mxfp4"
 
@@ -45,7 +37,7 @@ def is_mxfp4_checkpoint(cfg: ModelConfig) -> bool:
 def make_mlp(cfg: ModelConfig, layer_idx: int, par: Parallel | None = None) -> nn.Module:
     """The MLP of layer `layer_idx` for any config: sparse MoE where the config says so, dense
     SwiGLU elsewhere. Drafters with MoE fields in their config build their MLPs with this too."""
-    if is_sparse_layer(cfg, layer_idx):
+    if cfg.is_sparse_layer(layer_idx):
         return SparseMoeBlock(cfg, par)
     return gated_mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, par)
 

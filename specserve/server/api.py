@@ -91,7 +91,7 @@ _GENERATION_ERRORS = _errors(400, 401, 404, 429, 500, 503)
 
 
 def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
-    off = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    off: dict[str, Any] = {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="specserve", version=__version__, **(off if config.disable_docs else {}))
     app.add_middleware(RequestGuard, api_key=config.api_key)
     metrics = ServerMetrics(lambda: engine.snapshot, config.served_model_name)
@@ -422,8 +422,8 @@ class _Generation:
                     pending -= 1
                 elif isinstance(item, Exception):
                     yield _sse(_engine_error(item, http_id).body())
-                elif (chunk := fmt.chunk(run.index, item)) is not None:
-                    yield _sse(chunk)
+                elif (piece := fmt.chunk(run.index, item)) is not None:
+                    yield _sse(piece)
             if include_usage:
                 yield _sse(fmt.usage_chunk([r.result for r in runs]))
             yield "data: [DONE]\n\n"
@@ -459,7 +459,7 @@ class _Run:
         self, stream: RequestStream, index: int, prompt_index: int, metrics: ServerMetrics
     ) -> None:
         self.stream, self.index, self.metrics = stream, index, metrics
-        self.result = Result(token_ids=[], logprobs=[], prompt_index=prompt_index)
+        self.result = Result(prompt_index=prompt_index)
         self.start = time.monotonic()
         self.last_time: float | None = None
 

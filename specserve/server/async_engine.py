@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 from specserve.core import SamplingParams
 from specserve.engine.engine import (
@@ -88,7 +89,7 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
-        item = await (self.items.get() if self.started else self._first())
+        item: Any = await (self.items.get() if self.started else self._first())
         self._leave_queue()
         if item is _ABORTED or isinstance(item, Exception) or item.finished:
             self._finish()

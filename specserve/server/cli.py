@@ -11,6 +11,10 @@ import platform
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from specserve.engine.engine import LLMEngine
 
 log = logging.getLogger("specserve.server")
 
@@ -98,7 +102,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     _add_parallel_args(p)
-    _add_spec_args(p)
+    from specserve.speculative.factory import add_cli_args
+
+    add_cli_args(p)
     p.set_defaults(func=run)
 
 
@@ -159,15 +165,7 @@ def _rank_spec(args: argparse.Namespace, cache):
     )
 
 
-def _add_spec_args(p: argparse.ArgumentParser) -> None:
-    try:
-        from specserve.speculative.factory import add_cli_args
-    except ImportError:  # speculative decoding not built yet
-        return
-    add_cli_args(p)
-
-
-def build_engine(args: argparse.Namespace):
+def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, str]:
     """Flags -> a ready LLMEngine (and the speculative algorithm's name)."""
     from specserve.cli import CLIError
     from specserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
@@ -208,19 +206,17 @@ def build_engine(args: argparse.Namespace):
             ranks.moe_backend is None and is_mxfp4_checkpoint(model_cfg)
         )
         ranks.parallel.check_model(model_cfg, mxfp4)
-        spec = None
-        if hasattr(args, "speculative_algorithm"):
-            from specserve.speculative.factory import spec_config_from_args
+        from specserve.speculative.factory import spec_config_from_args
 
-            spec = spec_config_from_args(args)
-            if spec.sps_table_path is None:
-                spec = replace(spec, sps_table_path=str(sps_cache_path(args)))
+        spec = spec_config_from_args(args)
+        if spec.sps_table_path is None:
+            spec = replace(spec, sps_table_path=str(sps_cache_path(args)))
         group = start_ranks(ranks) if ranks.parallel.world_size > 1 else None
         try:
             start = time.perf_counter()
             engine = LLMEngine(config, moe_backend=ranks.moe_backend, group=group)
             log.info("target loaded in %.1f s", time.perf_counter() - start)
-            if spec is not None and spec.algorithm != "NONE":
+            if spec.algorithm != "NONE":
                 start = time.perf_counter()
                 _install_speculation(engine, spec, args.speculative_moe_runner_backend)
                 log.info("speculation ready in %.1f s", time.perf_counter() - start)
@@ -228,7 +224,7 @@ def build_engine(args: argparse.Namespace):
             if group is not None:
                 group.abort()
             raise
-        return engine, "NONE" if spec is None else spec.algorithm
+        return engine, spec.algorithm
     except (ConfigError, ValueError, DistributedError) as e:
         raise CLIError(str(e)) from None
 
@@ -269,31 +265,9 @@ _NOT_IN_SPS_KEY = frozenset(
 
 
 def _install_speculation(engine, spec, moe_backend: str) -> None:
-    from specserve.engine.distributed import DrafterTarget
     from specserve.speculative.factory import build_speculation
 
-    group = engine.group
-    if group is not None and group.parallel.tp_size > 1 and spec.algorithm != "NGRAM":
-        # Drafters share the target's embedding and LM head, which --tp-size splits by vocab.
-        engine.model = DrafterTarget(
-            engine.model, engine.config.model_path, engine.config.torch_dtype, engine.config.device
-        )
-    drafter, planner = build_speculation(spec, engine)
-    _set_drafter_moe_backend(drafter, _moe_backend(moe_backend))
-    engine.set_speculation(drafter, planner)
-
-
-def _set_drafter_moe_backend(drafter, backend: str | None) -> None:
-    """Convert the MoE experts of the drafter's networks (if any) to `backend`."""
-    from torch import nn
-
-    from specserve.models.qwen3_moe import set_moe_backend
-
-    if backend is None:
-        return
-    for module in vars(drafter).values():
-        if isinstance(module, nn.Module):
-            set_moe_backend(module, backend)
+    engine.set_speculation(*build_speculation(spec, engine, _moe_backend(moe_backend)))
 
 
 def _check_server_args(args: argparse.Namespace) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specserve.engine.engine import RequestOutput
@@ -12,13 +12,13 @@ from specserve.engine.tokenizer import Tokenizer
 @dataclass
 class Result:
     text: str = ""
-    token_ids: list[int] | None = None
+    token_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: Any = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0
-    logprobs: list | None = None
+    logprobs: list = field(default_factory=list)
     meta_info: dict | None = None
     prompt_index: int = 0
 
@@ -43,11 +43,13 @@ class Format:
 
     def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
         self.tok = tok
-        self.meta = {"id": rid, "created": created, "model": model}
+        self.meta: dict[str, Any] = {"id": rid, "created": created, "model": model}
 
-    def _content(self, text: str, streaming: bool) -> dict: ...
+    def _content(self, text: str, streaming: bool) -> dict:
+        raise NotImplementedError
 
-    def _logprobs(self, entries: list) -> dict: ...
+    def _logprobs(self, entries: list) -> dict:
+        raise NotImplementedError
 
     def first_chunks(self, n: int) -> list[dict]:
         return []

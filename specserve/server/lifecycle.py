@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import socket
 from collections.abc import Iterator
 from types import FrameType
@@ -75,7 +76,7 @@ def serve(
         host=host,
         port=port,
         log_level=log_level,
-        timeout_graceful_shutdown=shutdown_timeout + _CLOSE_GRACE_S,
+        timeout_graceful_shutdown=math.ceil(shutdown_timeout + _CLOSE_GRACE_S),
     )
     server = GracefulServer(config, app, shutdown_timeout)
     engine.on_death = server.engine_died

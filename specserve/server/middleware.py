@@ -54,7 +54,11 @@ class RequestGuard:
     def authorized(self, header: str) -> bool:
         scheme, _, token = header.partition(" ")
         # compare_digest takes the same time wherever the first difference is
-        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.key)
+        return (
+            scheme.lower() == "bearer"
+            and self.key is not None
+            and hmac.compare_digest(token.strip().encode(), self.key)
+        )
 
 
 async def _unauthorized(send: Send) -> None:

@@ -56,6 +56,10 @@ class Drafter(abc.ABC):
     def release(self, request: Request) -> None:
         return None
 
+    def num_tracked_requests(self) -> int:
+        """Requests this drafter holds draft state for (0 once every request is released)."""
+        return 0
+
 
 class NoDrafter(Drafter):
     """Speculation off: proposes nothing, so every verify window is the plain decode token."""
@@ -64,5 +68,5 @@ class NoDrafter(Drafter):
     def max_draft_tokens(self) -> int:
         return 0
 
-    def propose(self, requests, max_tokens):
+    def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
         return [DraftProposal([]) for _ in requests]

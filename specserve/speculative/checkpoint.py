@@ -22,11 +22,16 @@ from torch import nn
 from specserve.config import ConfigError, ModelConfig, read_config_json
 from specserve.models.layers import RotaryEmbedding
 from specserve.models.loader import load_state_dict
-from specserve.speculative.dflash import DFlashDraftModel, DraftConfig
+from specserve.speculative.dflash import DFlashDraftModel
+from specserve.speculative.draft_config import DraftConfig
 from specserve.speculative.dspark import DSparkDraftModel
+from specserve.speculative.handle import TargetHandle
 from specserve.speculative.mtp import MTPModule
 
 DraftModel = DFlashDraftModel | MTPModule
+
+#: the architecture name each drafter kind is saved under (DFlash: z-lab's name)
+ARCHITECTURES = {"mtp": "Qwen3MTPModel", "dflash": "DFlashDraftModel", "dspark": "Qwen3DSparkModel"}
 
 # DeepSeek-V4 style keys -> DeepSpec names
 _ALIASES = {"noise_token_id": "mask_token_id", "num_layers": "num_hidden_layers"}
@@ -51,7 +56,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     if prefixed:
         prefixed = {_ALIASES.get(k, k): v for k, v in prefixed.items()}
         target_layers = raw.get("num_hidden_layers")
-        raw = {**raw, **prefixed, "architectures": ["Qwen3DSparkModel"]}
+        raw = {**raw, **prefixed, "architectures": [ARCHITECTURES["dspark"]]}
         raw.setdefault("num_target_layers", target_layers)
         raw["num_hidden_layers"] = prefixed.get("num_hidden_layers", 1)
     return raw
@@ -122,20 +127,19 @@ def build_model(raw: dict[str, Any], target_raw: dict[str, Any]) -> DraftModel:
     kind = kind_of(raw)
     if kind == "mtp":
         arch = target_raw.get("architectures")  # the target's, so qk_norm matches it
-        cfg = ModelConfig.from_dict({**target_raw, **raw, "architectures": arch})
-        cfg = replace(cfg, num_hidden_layers=1)
-        return MTPModule(cfg)
+        mtp = ModelConfig.from_dict({**target_raw, **raw, "architectures": arch})
+        return MTPModule(replace(mtp, num_hidden_layers=1))
     cfg = draft_config(raw)
     return DSparkDraftModel(cfg) if kind == "dspark" else DFlashDraftModel(cfg)
 
 
 def load_drafter(
     path: str | Path,
-    target: nn.Module,
+    target: TargetHandle,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
 ) -> DraftModel:
-    """Load a drafter folder against the target `CausalLM` (its config checked first)."""
+    """Load a drafter folder against its target (the target's config checked first)."""
     path = Path(path)
     raw = read_config(path)
     check_fits(raw, target.config)
@@ -164,9 +168,7 @@ def load_drafter(
     model.rotary = RotaryEmbedding(  # cos/sin tables stay float32, as the target's
         m.head_dim, m.max_position_embeddings, m.rope_theta, m.rope_scaling
     ).to(device)
-    shared = [s for s in model.SHARED if s not in own_shared]
-    if shared:
-        _share(model, target, shared)
+    model.share_target(target, tuple(s for s in model.SHARED if s not in own_shared))
     model.eval().requires_grad_(False)
     return model
 
@@ -178,7 +180,7 @@ def save_drafter(model: DraftModel, path: str | Path, include_shared: bool = Fal
     if isinstance(model, MTPModule):
         cfg = {
             **model.config.raw,
-            "architectures": ["Qwen3MTPModel"],
+            "architectures": [ARCHITECTURES["mtp"]],
             "num_target_layers": model.config.raw.get(
                 "num_target_layers", model.config.raw.get("num_hidden_layers")
             ),
@@ -208,27 +210,22 @@ def _strip_prefix(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str,
     return state
 
 
-def _share(model: DraftModel, target: nn.Module, names: list[str]) -> None:
-    """Point the drafter's shared submodules at the target's."""
-    source = {
-        "embed_tokens": target.model.embed_tokens,
-        "lm_head": target.lm_head,
-        "final_norm": target.model.norm,
-    }
-    for name in names:
-        setattr(model, name, source[name])
-
-
 def new_drafter(
-    target: dict[str, Any], kind: str, num_hidden_layers: int = 1, seed: int = 0, **fields: Any
+    target: dict[str, Any],
+    kind: str,
+    num_hidden_layers: int = 1,
+    seed: int | None = 0,
+    **fields: Any,
 ) -> DraftModel:
-    """A freshly initialised drafter for the target config dict (training start, tests).
+    """A freshly initialised drafter for the target config dict (training start, tests); share
+    the target's parts with `share_target` before use.
 
     kind: 'mtp' | 'dflash' | 'dspark'; fields: DraftConfig fields (block_size, target_layer_ids,
-    mask_token_id, markov_rank, ...), unused for 'mtp'."""
-    torch.manual_seed(seed)
+    mask_token_id, markov_rank, ...), unused for 'mtp'. seed None: keep torch's RNG as it is."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    arch = ARCHITECTURES[kind]
     if kind == "mtp":
-        return build_model({**target, "architectures": ["Qwen3MTPModel"]}, target)
-    arch = "Qwen3DSparkModel" if kind == "dspark" else "Qwen3DFlashModel"
+        return build_model({**target, "architectures": [arch]}, target)
     cfg = DraftConfig.from_target(target, num_hidden_layers, architecture=arch, **fields)
     return DSparkDraftModel(cfg) if kind == "dspark" else DFlashDraftModel(cfg)

@@ -31,17 +31,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from specserve.core import Request
 from specserve.models.layers import Linear
-from specserve.speculative.calibration import apply_sts
-from specserve.speculative.dflash import (
-    DFlashDrafter,
-    DFlashDraftModel,
-    DFlashOutput,
-    DraftConfig,
-    safe_anchors,
-)
-from specserve.speculative.sampling import draw
+from specserve.speculative.dflash import DFlashDraftModel, DFlashOutput
+from specserve.speculative.draft_config import DraftConfig
+from specserve.speculative.draft_masks import safe_anchors
 
 
 class MarkovHead(nn.Module):
@@ -120,8 +113,14 @@ class DSparkDraftModel(DFlashDraftModel):
             extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
             self.confidence_head = ConfidenceHead(m.hidden_size + extra)
 
-    def markov_step(self, base, prev, hidden, state):
-        """Corrected logits of one slot: base [R, V] + bias(prev [R], hidden [R, H])."""
+    def markov_step(
+        self,
+        base: torch.Tensor,
+        prev: torch.Tensor,
+        hidden: torch.Tensor,
+        state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Corrected logits of one slot: base [..., V] + bias(prev [...], hidden [..., H])."""
         if self.markov_head is None:
             return base, state
         bias, state = self.markov_head.step(prev, hidden, state)
@@ -131,12 +130,18 @@ class DSparkDraftModel(DFlashDraftModel):
         """hidden [..., H], prev [...] token before each slot -> logits [...] (None: no head)."""
         if self.confidence_head is None:
             return None
-        if self.config.confidence_head_with_markov:
+        if self.markov_head is not None and self.config.confidence_head_with_markov:
             e = self.markov_head.prev_embedding(prev).to(hidden.dtype)
             hidden = torch.cat([hidden, e], dim=-1)
         return self.confidence_head(hidden)
 
-    def forward(self, input_ids, target_hidden, anchors, anchor_mask=None) -> DSparkOutput:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        target_hidden: torch.Tensor,
+        anchors: torch.Tensor,
+        anchor_mask: torch.Tensor | None = None,
+    ) -> DSparkOutput:
         hidden, target_ids, valid = self.run_blocks(input_ids, target_hidden, anchors, anchor_mask)
         base = self.compute_logits(hidden)
         anchors, _ = safe_anchors(anchors, anchor_mask, input_ids.shape[1])
@@ -153,47 +158,3 @@ class DSparkDraftModel(DFlashDraftModel):
             base_logits=base,
             confidence_logits=self.confidence_logits(hidden, prev),
         )
-
-
-class DSparkDrafter(DFlashDrafter):
-    """DFlash drafting + Markov-corrected sampling left to right + confidence head.
-
-    sts_temperatures [K] (from `calibration.load_sts`) calibrate the confidence logits; without
-    a confidence head, confidences are the drafter's own max_v q_k(v)."""
-
-    def __init__(
-        self,
-        model: DSparkDraftModel,
-        block_size: int | None = None,
-        sts_temperatures: torch.Tensor | None = None,
-    ) -> None:
-        super().__init__(model, block_size)
-        self.sts = sts_temperatures
-
-    def sample_block(self, hidden: torch.Tensor, reqs: list[Request]):
-        m: DSparkDraftModel = self.model
-        base = m.compute_logits(hidden)
-        prev = torch.tensor([r.last_token_id for r in reqs], device=hidden.device)
-        state, steps, conf_logits = None, [], []
-        for k in range(base.shape[1]):
-            logits, state = m.markov_step(base[:, k], prev, hidden[:, k], state)
-            c = m.confidence_logits(hidden[:, k], prev)
-            if c is not None:
-                conf_logits.append(c)
-            tokens, q, proxy = draw(logits, reqs)
-            steps.append((tokens, q, proxy))
-            prev = tokens
-        tokens, q, conf = (torch.stack(x, dim=1) for x in zip(*steps, strict=True))
-        if conf_logits:
-            conf = self.calibrated(torch.stack(conf_logits, dim=1))
-        return tokens, q, conf
-
-    def calibrated(self, logits: torch.Tensor) -> torch.Tensor:
-        """Confidence logits [R, K] -> c [R, K] (STS temperatures when given)."""
-        if self.sts is None:
-            return torch.sigmoid(logits)
-        k = logits.shape[1]
-        t = self.sts[:k]
-        if t.numel() < k:  # a block longer than the calibration: reuse the last temperature
-            t = torch.cat([t, t[-1:].expand(k - t.numel())])
-        return apply_sts(logits, t)

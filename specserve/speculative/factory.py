@@ -13,19 +13,19 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from specserve.config import ConfigError, SpecConfig
-from specserve.core import Request
-from specserve.engine.engine import LLMEngine, Planner, plan_full
-from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
+from specserve.engine.engine import LLMEngine
+from specserve.models.qwen3_moe import set_moe_backend
+from specserve.speculative.base import Drafter, NoDrafter
+from specserve.speculative.block_drafter import DFlashDrafter
 from specserve.speculative.calibration import load_sts
 from specserve.speculative.checkpoint import load_drafter
-from specserve.speculative.dflash import DFlashDrafter, DFlashDraftModel
-from specserve.speculative.dspark import DSparkDrafter, DSparkDraftModel
+from specserve.speculative.dflash import DFlashDraftModel
+from specserve.speculative.dspark import DSparkDraftModel
+from specserve.speculative.gate import DraftGate
 from specserve.speculative.mtp import MTPDrafter, MTPModule
 from specserve.speculative.ngram import NgramDrafter
-from specserve.speculative.planner import StepOverhead, plan_scheduler, plan_threshold
+from specserve.speculative.planner import Planner, PrefixScheduler, ThresholdPlanner
 from specserve.speculative.profile import SPSTable, profile_sps
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,12 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         "~/.cache/specserve/sps, so only the first start profiles)",
     )
     g.add_argument(
+        "--speculative-adaptive-drafting",
+        action="store_true",
+        help="per request and step, decode plainly where drafting does not pay (measured step "
+        "times vs running acceptance; probed again later; lossless)",
+    )
+    g.add_argument(
         "--speculative-dspark-confidence-sts-path",
         help="STS temperatures (sts.json) calibrating the DSpark confidence head",
     )
@@ -92,16 +98,20 @@ def spec_config_from_args(args: argparse.Namespace) -> SpecConfig:
         confidence_threshold=args.speculative_dspark_confidence_threshold,
         sps_table_path=args.speculative_dspark_sps_table_path,
         confidence_sts_path=args.speculative_dspark_confidence_sts_path,
+        adaptive_drafting=args.speculative_adaptive_drafting,
     )
 
 
-def build_speculation(spec: SpecConfig, engine: LLMEngine) -> tuple[Drafter, Planner]:
-    """The drafter and verify planner for `engine` (whose target model the drafter shares)."""
-    drafter = build_drafter(spec, engine)
+def build_speculation(
+    spec: SpecConfig, engine: LLMEngine, moe_backend: str | None = None
+) -> tuple[Drafter, Planner]:
+    """The drafter and verify planner for `engine` (whose target parts the drafter shares).
+    `moe_backend`: the format of a MoE drafter's experts (None: as the checkpoint stores it)."""
+    drafter = build_drafter(spec, engine, moe_backend)
     return drafter, build_planner(spec, engine, drafter)
 
 
-def build_drafter(spec: SpecConfig, engine: LLMEngine) -> Drafter:
+def build_drafter(spec: SpecConfig, engine: LLMEngine, moe_backend: str | None = None) -> Drafter:
     algo = spec.algorithm
     window = None if spec.num_draft_tokens is None else spec.num_draft_tokens - 1
     if spec.confidence_sts_path and algo != "DSPARK":
@@ -115,12 +125,14 @@ def build_drafter(spec: SpecConfig, engine: LLMEngine) -> Drafter:
     path = Path(spec.draft_model_path or "")
     if not path.is_dir():
         raise ConfigError(f"--speculative-draft-model-path {spec.draft_model_path}: no such folder")
-    model = load_drafter(path, engine.model, engine.config.torch_dtype, engine.config.device)
+    cfg = engine.config
+    model = load_drafter(path, engine.target_handle(), cfg.torch_dtype, cfg.device)
+    if moe_backend is not None:
+        set_moe_backend(model, moe_backend)
     if algo == "NEXTN":
         if not isinstance(model, MTPModule):
             raise ConfigError(f"--speculative-algorithm NEXTN: {path} is not an MTP drafter")
-        steps = spec.num_steps or window or DEFAULT_MTP_STEPS
-        return MTPDrafter(model, engine.model_config.num_hidden_layers, steps)
+        return MTPDrafter(model, spec.num_steps or window or DEFAULT_MTP_STEPS)
     if not isinstance(model, DFlashDraftModel):
         raise ConfigError(f"--speculative-algorithm {algo}: {path} is an MTP drafter")
     block = _block_size(spec, model.config.block_size, window)
@@ -128,7 +140,7 @@ def build_drafter(spec: SpecConfig, engine: LLMEngine) -> Drafter:
         sts = load_sts(spec.confidence_sts_path) if spec.confidence_sts_path else None
         if sts is not None and model.confidence_head is None:
             raise ConfigError(f"{spec.confidence_sts_path}: the drafter has no confidence head")
-        return DSparkDrafter(model, block, sts)
+        return DFlashDrafter(model, block, sts)
     return DFlashDrafter(model, block)
 
 
@@ -148,35 +160,19 @@ def _block_size(spec: SpecConfig, trained: int, window: int | None) -> int:
 
 
 def build_planner(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> Planner:
+    planner = _verify_planner(spec, engine, drafter)
+    if spec.adaptive_drafting and drafter.max_draft_tokens > 0:
+        return DraftGate(planner)
+    return planner
+
+
+def _verify_planner(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> Planner:
     policy = spec.policy
     if policy == "full" or drafter.max_draft_tokens == 0:
-        return plan_full
+        return Planner()
     if policy == "threshold":
-        return confidence_planner("threshold", threshold=spec.confidence_threshold)
-    return confidence_planner("scheduler", sps=sps_table(spec, engine, drafter))
-
-
-def confidence_planner(policy: str, threshold: float = 0.5, sps: SPSTable | None = None) -> Planner:
-    """A Planner from a confidence policy; proposals without confidences count as certain.
-    The scheduler's planner carries a `StepOverhead` (`plan.overhead`) the engine feeds."""
-    overhead = StepOverhead()
-
-    def plan(proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
-        lens = torch.tensor([len(p.tokens) for p in proposals], dtype=torch.long)
-        k = int(lens.max()) if len(proposals) else 0
-        if k == 0:
-            return lens.tolist()
-        conf = torch.ones(len(proposals), k)
-        for i, p in enumerate(proposals):
-            if p.confidences is not None and p.tokens:
-                conf[i, : len(p.tokens)] = p.confidences.float().cpu()
-        if policy == "threshold":
-            return plan_threshold(conf, lens, threshold).tolist()
-        return plan_scheduler(conf, lens, sps, overhead_s=overhead.get(len(proposals))).tolist()
-
-    if policy == "scheduler":
-        plan.overhead = overhead
-    return plan
+        return ThresholdPlanner(spec.confidence_threshold)
+    return PrefixScheduler(sps_table(spec, engine, drafter))
 
 
 def sps_table(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> SPSTable:

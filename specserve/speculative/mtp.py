@@ -5,7 +5,8 @@ token t_{i+1}: x_i = eh_proj([enorm(embed(t_{i+1})); hnorm(h_i)]) (2H -> H), run
 transformer layer over those rows, and reads the next-next token t_{i+2} through the target's
 final norm and LM head (shared, frozen). Chaining feeds the layer's output hidden state back in
 as h for the next step. Weight names: `enorm`, `hnorm`, `eh_proj`, `layers.0.*` (a Qwen3 decoder
-layer); `embed_tokens`, `lm_head` and `final_norm` are the target's (`share_target`).
+layer); `embed_tokens`, `lm_head` and `final_norm` are the target's (`share_target` with a
+`TargetHandle`).
 
 Training API (`MTPModule.forward`)::
 
@@ -35,7 +36,8 @@ from specserve.models.layers import Linear, RMSNorm, RotaryEmbedding
 from specserve.models.qwen3 import DecoderLayer
 from specserve.models.qwen3_moe import make_mlp
 from specserve.speculative.base import Drafter, DraftProposal
-from specserve.speculative.sampling import draw, proposal_probs
+from specserve.speculative.handle import TargetHandle
+from specserve.speculative.sampling import Pick, draw, proposal_probs
 
 
 @dataclass
@@ -62,19 +64,24 @@ class MTPModule(nn.Module):
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
         )
+        #: the target layer whose hidden states the module reads (set by `share_target`)
+        self.capture_layers: tuple[int, ...] = ()
 
-    def share_target(self, target: nn.Module) -> None:
-        """Use the target's (a `CausalLM`) embedding, final norm and LM head."""
-        self.embed_tokens = target.model.embed_tokens
-        self.final_norm = target.model.norm
-        self.lm_head = target.lm_head
+    def share_target(self, target: TargetHandle, names: tuple[str, ...] = SHARED) -> None:
+        """Use the target's embedding, final norm and LM head (`names`: the parts this module
+        has no own copy of); the module reads the target's last layer."""
+        self.capture_layers = target.capture((target.num_layers - 1,))
+        for name in names:
+            setattr(self, name, getattr(target, "norm" if name == "final_norm" else name))
 
     def combine(self, next_tokens: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         """next_tokens [...], hidden [..., H] -> layer input [..., H]."""
         e = self.enorm(self.embed_tokens(next_tokens))
         return self.eh_proj(torch.cat([e, self.hnorm(hidden.to(e.dtype))], dim=-1))
 
-    def layer(self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext):
+    def layer(
+        self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
+    ) -> torch.Tensor:
         """x [N, H] flattened rows -> layer output [N, H]."""
         return self.layers[0](x, positions, self.rotary, ctx, 0)
 
@@ -88,24 +95,47 @@ class MTPModule(nn.Module):
         out = self.layer(x, positions, CausalAttention(b, t - 1)).view(b, t - 1, -1)
         return MTPOutput(out, self.compute_logits(out))
 
+    def draft(
+        self,
+        hidden: torch.Tensor,
+        anchor_positions: torch.Tensor,
+        ctx: AttentionContext,
+        k: int,
+        pick: Pick,
+    ) -> tuple[torch.Tensor, ...]:
+        """Chain k steps (serving and offline evaluation alike): hidden [..., H] is the layer
+        output of the row before the anchor (it scores the token after the anchor), anchor
+        positions [...]; `ctx` holds the module's K/V of the committed rows and keeps each step's
+        rows. Step s feeds back the token picked at step s - 1 and its hidden state.
+        -> pick's outputs per step stacked on a step axis (tokens [..., k] first)."""
+        steps = [pick(self.compute_logits(hidden))]
+        for s in range(1, k):
+            x = self.combine(steps[-1][0], hidden).reshape(-1, hidden.shape[-1])
+            pos = (anchor_positions + s - 1).reshape(-1)
+            hidden = self.layer(x, pos, ctx).view(hidden.shape)
+            steps.append(pick(self.compute_logits(hidden)))
+        dim = anchor_positions.dim()
+        return tuple(torch.stack(x, dim=dim) for x in zip(*steps, strict=True))
+
 
 class PrefixAttention(AttentionContext):
-    """Per sequence: cached prefix K/V [L_i, kv, d] + Q_i new rows, causal over the new rows.
-
-    After `attend`, `new_kv[i]` holds sequence i's new (k, v) so the caller may keep them.
+    """One layer's attention per sequence: prefix K/V [L_i, kv, d] + Q_i new rows, causal over
+    the new rows. Each `attend` appends the new rows to `prefix`, so the next forward through
+    the same context sees them (chained drafting) and the caller may keep them.
     """
 
     def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], query_lens: list[int]):
         self.prefix, self.query_lens = prefix, query_lens
-        self.new_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
-    def attend(self, layer_idx, q, k, v):
+    def attend(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    ) -> torch.Tensor:
         out, start = [], 0
-        self.new_kv = []
+        grown: list[tuple[torch.Tensor, torch.Tensor]] = []
         for (pk, pv), n in zip(self.prefix, self.query_lens, strict=True):
             qi, ki, vi = q[start : start + n], k[start : start + n], v[start : start + n]
-            self.new_kv.append((ki, vi))
             keys, vals = torch.cat([pk.to(ki.dtype), ki]), torch.cat([pv.to(vi.dtype), vi])
+            grown.append((keys, vals))
             lp = pk.shape[0]
             mask = (
                 torch.arange(lp + n, device=q.device)[None, :]
@@ -120,6 +150,7 @@ class PrefixAttention(AttentionContext):
             )
             out.append(o.transpose(0, 1))
             start += n
+        self.prefix = grown
         return torch.cat(out)
 
 
@@ -135,10 +166,10 @@ class _MTPState:
 class MTPDrafter(Drafter):
     """Chains the MTP module `num_steps` times: greedy at temperature 0, else sampled with q."""
 
-    def __init__(self, module: MTPModule, num_target_layers: int, num_steps: int) -> None:
+    def __init__(self, module: MTPModule, num_steps: int) -> None:
         self.module = module
         self.num_steps = num_steps
-        self.capture_layers = (num_target_layers - 1,)
+        self.capture_layers = module.capture_layers
         self.states: dict[str, _MTPState] = {}
 
     @property
@@ -147,6 +178,9 @@ class MTPDrafter(Drafter):
 
     def release(self, request: Request) -> None:
         self.states.pop(request.request_id, None)
+
+    def num_tracked_requests(self) -> int:
+        return len(self.states)
 
     def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.module.config
@@ -184,11 +218,8 @@ class MTPDrafter(Drafter):
         ctx = PrefixAttention(prefixes, [x.shape[0] for x in xs])
         out = self.module.layer(torch.cat(xs), torch.cat(pos), ctx)
         row = 0
-        for (rid, first), x, p, pre, (k, v) in zip(
-            owners, xs, pos, prefixes, ctx.new_kv, strict=True
-        ):
+        for (rid, first), x, p, (k, v) in zip(owners, xs, pos, ctx.prefix, strict=True):
             row += x.shape[0]
-            k, v = torch.cat([pre[0], k]), torch.cat([pre[1], v])
             self.states[rid] = _MTPState(k, v, first, int(p[-1]), out[row - 1])
 
     @torch.inference_mode()
@@ -206,21 +237,13 @@ class MTPDrafter(Drafter):
             return out
         reqs = [requests[i] for i in live]
         states = [self.states[r.request_id] for r in reqs]
-        prefixes = [(s.k, s.v) for s in states]
-        prev_out = torch.stack([s.last_out for s in states])
-        steps = []
-        for j in range(max(ks[i] for i in live)):
-            if j > 0:
-                x = self.module.combine(steps[-1][0], prev_out)
-                positions = torch.tensor([s.last_pos + j for s in states], device=x.device)
-                ctx = PrefixAttention(prefixes, [1] * len(reqs))
-                prev_out = self.module.layer(x, positions, ctx)
-                prefixes = [
-                    (torch.cat([pk, k]), torch.cat([pv, v]))
-                    for (pk, pv), (k, v) in zip(prefixes, ctx.new_kv, strict=True)
-                ]
-            steps.append(draw(self.module.compute_logits(prev_out), reqs))
-        tokens, q, conf = (torch.stack(x, dim=1) for x in zip(*steps, strict=True))
+        hidden = torch.stack([s.last_out for s in states])
+        anchor_pos = torch.tensor([s.last_pos + 1 for s in states], device=hidden.device)
+        ctx = PrefixAttention([(s.k, s.v) for s in states], [1] * len(reqs))
+        k = max(ks[i] for i in live)
+        tokens, q, conf = self.module.draft(
+            hidden, anchor_pos, ctx, k, lambda logits: draw(logits, reqs)
+        )
         for j, i in enumerate(live):
             n = ks[i]
             out[i] = DraftProposal(

@@ -1,5 +1,8 @@
 """Verify-length planning: how many of each request's draft tokens the target checks this step.
 
+`Planner` is what the engine holds: `plan(proposals, requests)` before the target forward,
+`observe(step_stats)` after the step. The pure tensor functions below do the choosing.
+
 Shapes: R requests, K = the longest draft in the batch. `confidences[r, k]` is the drafter's
 conditional estimate c_k = P(position k accepted | all earlier positions accepted); entries at
 k >= draft_lens[r] are padding and never read. Every planner returns verify lens [R] long with
@@ -8,10 +11,92 @@ k >= draft_lens[r] are padding and never read. Every planner returns verify lens
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import Tensor
 
+from specserve.core import Request
+from specserve.speculative.base import DraftProposal
 from specserve.speculative.profile import SPSTable
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one engine step cost and gave, reported after it: wall times and acceptance counts
+    of a finished step, never a token, so a planner that learns from it stays lossless."""
+
+    num_requests: int  # requests drafted for
+    overhead_s: float  # seconds of the step outside the target forward
+    step_s: float = 0.0  # seconds of the whole step (draft, forward, verify, bookkeeping)
+    decode_only: bool = False  # every request decoded (no prefill chunk in the forward)
+    num_decoding: int = 0  # requests that got a token this step
+    accepted: dict[str, int] = field(default_factory=dict)  # id -> accepted, non-empty drafts
+    finished: tuple[str, ...] = ()  # requests that ended this step
+
+
+class Planner:
+    """How many draft tokens per request the target verifies. This base verifies them all.
+
+    plan(proposals, requests) -> verify lens [R] with 0 <= lens[r] <= len(proposals[r].tokens);
+    the verify window of request r is its first lens[r] draft tokens. A plan may read the
+    proposals' confidences but never their tokens (that would bias sampling).
+    allow(requests) -> per request, whether it drafts this step at all (before drafting).
+    observe(stats) -> None, once after every step."""
+
+    def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
+        return plan_full(draft_lens(proposals)).tolist()
+
+    def allow(self, requests: list[Request]) -> list[bool]:
+        return [True] * len(requests)
+
+    def observe(self, stats: StepStats) -> None:
+        return None
+
+
+class ThresholdPlanner(Planner):
+    """Verify up to the first draft position whose confidence is below `threshold`."""
+
+    def __init__(self, threshold: float) -> None:
+        self.threshold = threshold
+
+    def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
+        conf, lens = confidence_matrix(proposals)
+        return plan_threshold(conf, lens, self.threshold).tolist()
+
+
+class PrefixScheduler(Planner):
+    """The DSpark hardware-aware prefix scheduler (`plan_scheduler`) over the SPS table, with the
+    step's fixed cost learnt from the engine's reports (`StepOverhead`)."""
+
+    def __init__(self, sps: SPSTable) -> None:
+        self.sps = sps
+        self.overhead = StepOverhead()
+
+    def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
+        conf, lens = confidence_matrix(proposals)
+        overhead_s = self.overhead.get(len(proposals))
+        return plan_scheduler(conf, lens, self.sps, overhead_s=overhead_s).tolist()
+
+    def observe(self, stats: StepStats) -> None:
+        if stats.num_requests:
+            self.overhead.observe(stats.num_requests, stats.overhead_s)
+
+
+def draft_lens(proposals: list[DraftProposal]) -> Tensor:
+    """[R] long: the number of draft tokens of each proposal."""
+    return torch.tensor([len(p.tokens) for p in proposals], dtype=torch.long)
+
+
+def confidence_matrix(proposals: list[DraftProposal]) -> tuple[Tensor, Tensor]:
+    """-> confidences [R, K] (1 where a proposal carries none: counted as certain), lens [R]."""
+    lens = draft_lens(proposals)
+    k = int(lens.max()) if len(proposals) else 0
+    conf = torch.ones(len(proposals), k)
+    for i, p in enumerate(proposals):
+        if p.confidences is not None and p.tokens:
+            conf[i, : len(p.tokens)] = p.confidences.float().cpu()
+    return conf, lens
 
 
 def plan_full(draft_lens: Tensor) -> Tensor:
@@ -82,11 +167,12 @@ def plan_scheduler(
 
 
 class StepOverhead:
-    """Seconds per step outside the target forward, by number of requests drafted for.
+    """Seconds of a part of a step by number of requests: the prefix scheduler's overhead outside
+    the target forward (by requests drafted for), the draft gate's decode-step times.
 
-    The engine reports every speculative step (`observe`); `get` gives an exponential moving
-    average for that request count (the nearest count seen, or 0 before any). It reads only wall
-    time, never a token, so a planner using it stays lossless."""
+    `observe` adds one step; `get` gives an exponential moving average for that request count
+    (the nearest count seen, or 0 before any). It reads only wall time, never a token, so a
+    planner using it stays lossless."""
 
     def __init__(self, decay: float = 0.8) -> None:
         self.decay = decay

@@ -9,10 +9,16 @@ verify-length planner may read it without biasing the output.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from specserve.core import Request
 from specserve.engine.sampler import probs_from_logits, sample
+
+#: how a drafting loop chooses each position's token: logits [..., V] -> (tokens [...], any
+#: per-token outputs...); `draw` in serving, argmax or a seeded sample in offline evaluation
+Pick = Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
 
 
 def draw(

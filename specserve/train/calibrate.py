@@ -48,13 +48,14 @@ def calibrate(
     """Fit, write `sts.json` (default: in the drafter folder) and return the report."""
     from specserve.models.loader import load_model
     from specserve.speculative.checkpoint import load_drafter
+    from specserve.speculative.handle import TargetHandle
     from specserve.train.gendata import dataset_meta
 
     target_dir = target_dir or dataset_meta(data_dir).get("target")
     if not target_dir:
         raise ValueError(f"{data_dir}: meta.json names no target; pass --target")
     target, _ = load_model(target_dir, device=device)
-    drafter = load_drafter(drafter_dir, target, device=device)
+    drafter = load_drafter(drafter_dir, TargetHandle.of(target), device=device)
     seqs, p, _ = continuations(target, data_dir, temperature, seed=seed)
     k = drafter.block_size
     conf, acc, owner = collect(target, drafter, seqs.to(device), p, k, temperature, seed=seed)

@@ -76,33 +76,27 @@ def default_layer_ids(num_target_layers: int, count: int = 3) -> tuple[int, ...]
 
 def build_drafter(spec: DrafterSpec, target, target_config: dict[str, Any]) -> torch.nn.Module:
     """A freshly initialised drafter sharing the target's (frozen) embedding and LM head."""
-    from specserve.config import ModelConfig
-    from specserve.speculative.dflash import DFlashDraftModel, DraftConfig
-    from specserve.speculative.dspark import DSparkDraftModel
-    from specserve.speculative.mtp import MTPModule
+    from specserve.speculative.checkpoint import new_drafter
+    from specserve.speculative.handle import TargetHandle
 
-    if spec.algorithm == "mtp":
-        model = MTPModule(ModelConfig.from_dict(target_config))
-    else:
-        dspark = spec.algorithm == "dspark"
+    dspark = spec.algorithm == "dspark"
+    fields: dict[str, Any] = {}
+    if spec.algorithm != "mtp":
         n = int(target_config["num_hidden_layers"])
-        cfg = DraftConfig.from_target(
-            target_config,
-            spec.num_layers,
+        fields = dict(
             target_layer_ids=spec.target_layer_ids or default_layer_ids(n),
             block_size=spec.block_size,
             mask_token_id=1 if spec.mask_token_id is None else spec.mask_token_id,
-            architecture="Qwen3DSparkModel" if dspark else "DFlashDraftModel",
             markov_rank=spec.markov_rank if dspark else 0,
             markov_head_type=spec.markov_head_type,
             enable_confidence_head=dspark,
             confidence_head_with_markov=dspark and spec.markov_rank > 0,
         )
-        model = (DSparkDraftModel if dspark else DFlashDraftModel)(cfg)
-        if dspark and model.markov_head is not None:
-            torch.nn.init.zeros_(model.markov_head.markov_w2.weight)  # start as plain DFlash
-            torch.nn.init.normal_(model.markov_head.markov_w1.weight, 0.0, 0.02)
-    model.share_target(target)
+    model = new_drafter(target_config, spec.algorithm, spec.num_layers, seed=None, **fields)
+    if dspark and model.markov_head is not None:
+        torch.nn.init.zeros_(model.markov_head.markov_w2.weight)  # start as plain DFlash
+        torch.nn.init.normal_(model.markov_head.markov_w1.weight, 0.0, 0.02)
+    model.share_target(TargetHandle.of(target))
     return model
 
 

@@ -105,24 +105,9 @@ def draft_blocks(drafter, seqs, feats, anchors, k, temperature, gen) -> Drafts:
     """DFlash / DSpark drafts of K tokens at every anchor [B, A]."""
     hidden, _, _ = drafter.run_blocks(seqs, feats, anchors)
     hidden = hidden[:, :, :k]
-    base = drafter.compute_logits(hidden)
-    markov = getattr(drafter, "markov_head", None)
-    if markov is None:
-        tokens, q = _pick(base, temperature, gen)
-        prev = torch.cat([seqs.gather(1, anchors)[..., None], tokens[..., :-1]], -1)
-    else:
-        prev_tok, state, toks, qs = seqs.gather(1, anchors), None, [], []
-        for j in range(k):
-            logits, state = drafter.markov_step(base[:, :, j], prev_tok, hidden[:, :, j], state)
-            tok, qj = _pick(logits, temperature, gen)
-            toks.append(tok), qs.append(qj)
-            prev_tok = tok
-        tokens, q = torch.stack(toks, -1), torch.stack(qs, -1)
-        prev = torch.cat([seqs.gather(1, anchors)[..., None], tokens[..., :-1]], -1)
-    conf = (
-        drafter.confidence_logits(hidden, prev) if hasattr(drafter, "confidence_logits") else None
-    )
-    return Drafts(tokens, q, conf)
+    anchor_tokens = seqs.gather(1, anchors)
+    tokens, q = drafter.draft(hidden, anchor_tokens, lambda x: _pick(x, temperature, gen))
+    return Drafts(tokens, q, drafter.block_confidence_logits(hidden, anchor_tokens, tokens))
 
 
 @torch.no_grad()
@@ -134,18 +119,10 @@ def draft_mtp(mtp, seqs, last, anchors, k, temperature, gen) -> Drafts:
     x = mtp.combine(seqs[:, 1:], last[:, :-1]).reshape(b * (t - 1), -1)
     pos = torch.arange(t - 1, device=seqs.device).repeat(b)
     rows = mtp.layer(x, pos, rec).view(b, t - 1, -1)
-    a = anchors.shape[1]
     h = rows.gather(1, (anchors - 1)[..., None].expand(-1, -1, rows.shape[-1]))  # [B, A, H]
-    tok, q = _pick(mtp.compute_logits(h), temperature, gen)
-    toks, qs = [tok], [q]
     branch = BranchAttention(rec, anchors)  # rows < a of the module's own cache
-    for s in range(1, k):
-        xin = mtp.combine(toks[-1], h).reshape(b * a, -1)
-        pos = (anchors + s - 1).reshape(-1)
-        h = mtp.layer(xin, pos, branch).view(b, a, -1)
-        tok, q = _pick(mtp.compute_logits(h), temperature, gen)
-        toks.append(tok), qs.append(q)
-    return Drafts(torch.stack(toks, -1), torch.stack(qs, -1), None)
+    tokens, q = mtp.draft(h, anchors, branch, k, lambda x: _pick(x, temperature, gen))
+    return Drafts(tokens, q, None)
 
 
 @torch.no_grad()
@@ -375,9 +352,10 @@ def evaluate_drafter(
     """Per domain (and 'all'): tau, conditional acceptance per position, rounds."""
     from specserve.models.loader import load_model
     from specserve.speculative.checkpoint import kind_of, load_drafter, read_config
+    from specserve.speculative.handle import TargetHandle
 
     target, _ = load_model(target_dir, device=device)
-    drafter = load_drafter(drafter_dir, target, device=device)
+    drafter = load_drafter(drafter_dir, TargetHandle.of(target), device=device)
     kind = kind_of(read_config(drafter_dir))
     k = block_size or (1 if kind == "mtp" else drafter.block_size)
     if kind != "mtp" and k > drafter.block_size:

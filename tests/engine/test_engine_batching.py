@@ -57,16 +57,20 @@ def test_requests_joining_mid_batch(tiny_model_path, reference):
     prompts, want = reference
     llm = LLM(tiny_model_path, max_total_tokens=8192, page_size=8)
     eng = llm.engine
-    reqs, done = {}, {}
+    reqs, got, done = {}, {}, set()
     pending = list(enumerate(prompts))
+    most_running = 0
     while pending or eng.has_unfinished():
         if pending:  # one new request every step
             i, p = pending.pop(0)
             reqs[eng.add_request(p, GREEDY).request_id] = i
         for out in eng.step():
+            got.setdefault(reqs[out.request_id], []).extend(out.new_token_ids)
             if out.finished:
-                done[reqs[out.request_id]] = True
-    assert len(done) == len(prompts)
+                done.add(reqs[out.request_id])
+        most_running = max(most_running, len(eng.scheduler.running))
+    assert done == set(range(len(prompts))) and most_running > 1
+    assert [got[i] for i in range(len(prompts))] == want
     _assert_no_leak(llm)
 
 

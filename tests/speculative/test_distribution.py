@@ -16,6 +16,7 @@ from specserve.llm import LLM
 from specserve.models.tiny import make_checkpoint
 from specserve.speculative.checkpoint import load_drafter, save_drafter
 from specserve.speculative.factory import build_speculation
+from specserve.speculative.gate import DraftGate
 
 from .conftest import OracleDrafter, _bigram_boost, make_llm
 
@@ -56,7 +57,7 @@ def _llm(bundle, peaked, algorithm="NONE", policy=None):
 def peaked_dspark(bundle, peaked, tmp_path_factory):
     """The bundle's DSpark drafter with its Markov head fitted to the peaked target."""
     llm = LLM(str(peaked), max_running_requests=128)
-    model = load_drafter(bundle["dspark"], llm.engine.model)
+    model = load_drafter(bundle["dspark"], llm.engine.target_handle())
     params = [SamplingParams(max_tokens=4, temperature=1.0, seed=50_000 + i) for i in range(100)]
     outs = llm.generate([PROMPT] * 100, params)
     _bigram_boost(model, [PROMPT[-1:] + o.outputs[0].token_ids for o in outs], scale=200.0)
@@ -68,7 +69,7 @@ def plain_samples(bundle, peaked):
     return _samples(_llm(bundle, peaked), seed0=0)
 
 
-@pytest.mark.parametrize("algorithm", ["DSPARK", "oracle-flat", "oracle-argmax"])
+@pytest.mark.parametrize("algorithm", ["DSPARK", "DSPARK-gated", "oracle-flat", "oracle-argmax"])
 def test_sampled_distribution_matches_plain(bundle, peaked, plain_samples, algorithm, request):
     if algorithm.startswith("oracle"):
         llm = _llm(bundle, peaked)
@@ -79,7 +80,10 @@ def test_sampled_distribution_matches_plain(bundle, peaked, plain_samples, algor
         spec = SpecConfig(
             "DSPARK", str(request.getfixturevalue("peaked_dspark")), verify_policy="full"
         )
-        llm.engine.set_speculation(*build_speculation(spec, llm.engine))
+        drafter, planner = build_speculation(spec, llm.engine)
+        if algorithm.endswith("gated"):  # decisions to draft from past acceptance and times
+            planner = DraftGate(planner, probe_every=2)
+        llm.engine.set_speculation(drafter, planner)
     spec = _samples(llm, seed0=100_000)
     stats = llm.engine.stats
     assert stats.num_accepted_tokens > 0  # both accepted and rejected drafts were exercised

@@ -6,7 +6,7 @@ import torch
 
 from specserve.config import ModelConfig
 from specserve.models.tiny import tiny_config
-from specserve.speculative.dflash import DraftConfig
+from specserve.speculative.draft_config import DraftConfig
 from specserve.speculative.dspark import DSparkDraftModel
 from specserve.speculative.mtp import MTPModule, PrefixAttention
 
@@ -90,6 +90,6 @@ def test_mtp_incremental_equals_causal():
     x = mtp.combine(ids[0, 1:], hid[0, :-1])
     ctx1 = PrefixAttention([(torch.zeros(0, 2, 8), torch.zeros(0, 2, 8))], [4])
     out1 = mtp.layer(x[:4], torch.arange(4), ctx1)
-    ctx2 = PrefixAttention([ctx1.new_kv[0]], [5])
+    ctx2 = PrefixAttention([ctx1.prefix[0]], [5])
     out2 = mtp.layer(x[4:], torch.arange(4, 9), ctx2)
     torch.testing.assert_close(torch.cat([out1, out2]), ref.hidden[0], atol=1e-5, rtol=1e-5)

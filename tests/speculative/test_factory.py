@@ -12,11 +12,13 @@ from safetensors.torch import load_file, save_file
 
 from specserve.config import ConfigError, SpecConfig
 from specserve.core import SamplingParams
+from specserve.speculative.block_drafter import DFlashDrafter
 from specserve.speculative.checkpoint import load_drafter, new_drafter, read_config, save_drafter
-from specserve.speculative.dspark import DSparkDrafter, DSparkDraftModel
+from specserve.speculative.dspark import DSparkDraftModel
 from specserve.speculative.factory import add_cli_args, build_speculation, spec_config_from_args
 from specserve.speculative.mtp import MTPDrafter
 from specserve.speculative.ngram import NgramDrafter, lookup
+from specserve.speculative.planner import PrefixScheduler
 from specserve.speculative.profile import SPSTable
 
 from .conftest import make_llm
@@ -136,7 +138,7 @@ def test_dspark_folder_round_trips_in_deepspec_layout(bundle, tmp_path):
     ):
         assert name in names
     assert not any(n.startswith(("embed_tokens", "lm_head")) for n in names)  # shared
-    loaded = load_drafter(tmp_path / "d", target)
+    loaded = load_drafter(tmp_path / "d", llm.engine.target_handle())
     assert isinstance(loaded, DSparkDraftModel) and loaded.config == model.config
     assert loaded.lm_head is target.lm_head
     mine = {k: v for k, v in model.state_dict().items() if not k.startswith(("embed", "lm_head"))}
@@ -183,7 +185,8 @@ def test_factory_builds_each_drafter_and_profiles_sps(bundle, tmp_path):
     d, planner = build_speculation(
         SpecConfig("DSPARK", str(bundle["dspark"]), block_size=3, sps_table_path=str(sps)), eng
     )
-    assert isinstance(d, DSparkDrafter) and d.max_draft_tokens == 3
+    assert isinstance(d, DFlashDrafter) and isinstance(d.model, DSparkDraftModel)
+    assert isinstance(planner, PrefixScheduler) and d.max_draft_tokens == 3
     table = SPSTable.load(sps)  # profiled on this machine at start-up, then saved
     assert table.batch_tokens[0] == 1 and len(table.batch_tokens) >= 3
     eng.set_speculation(d, planner)

@@ -9,6 +9,7 @@ import torch
 
 from specserve.models.loader import load_model
 from specserve.speculative.checkpoint import load_drafter, save_drafter
+from specserve.speculative.handle import TargetHandle
 from specserve.train.anchors import sample_anchors
 from specserve.train.drafter import (
     DrafterSpec,
@@ -112,9 +113,9 @@ def test_saved_drafter_loads_and_saves_back(tiny_target, tiny_data, tmp_path, al
     cfg = TrainConfig(steps=2, batch_size=4, warmup=1)
     train_drafter(spec, tiny_target, tiny_data, tmp_path / "a", cfg)
     target, _ = load_model(tiny_target)
-    loaded = load_drafter(tmp_path / "a", target)
+    loaded = load_drafter(tmp_path / "a", TargetHandle.of(target))
     save_drafter(loaded, tmp_path / "b")
-    again = load_drafter(tmp_path / "b", target)
+    again = load_drafter(tmp_path / "b", TargetHandle.of(target))
     a, b = trainable(loaded), trainable(again)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     raw = json.loads((tmp_path / "a" / "config.json").read_text())
@@ -148,8 +149,8 @@ def test_resume_continues_from_the_last_checkpoint(tiny_target, tiny_data, tmp_p
     log = train_drafter(spec, tiny_target, tiny_data, tmp_path / "resumed", cfg, resume=True)
     assert log["log"][-1]["step"] == 3
     target, _ = load_model(tiny_target)
-    a = trainable(load_drafter(tmp_path / "full", target))
-    b = trainable(load_drafter(tmp_path / "resumed", target))
+    a = trainable(load_drafter(tmp_path / "full", TargetHandle.of(target)))
+    b = trainable(load_drafter(tmp_path / "resumed", TargetHandle.of(target)))
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
 
 
@@ -174,8 +175,8 @@ def test_cached_target_states_train_the_same_drafter(tiny_target, tiny_data, tmp
         [r["total"] for r in plain["log"]], abs=1e-4
     )
     target, _ = load_model(tiny_target)
-    a = trainable(load_drafter(tmp_path / "plain", target))
-    b = trainable(load_drafter(tmp_path / "cached", target))
+    a = trainable(load_drafter(tmp_path / "plain", TargetHandle.of(target)))
+    b = trainable(load_drafter(tmp_path / "cached", TargetHandle.of(target)))
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 

@@ -126,7 +126,13 @@ def test_calibrate_and_eval_commands(tiny_target, tiny_data, tmp_path, capsys):
     text = capsys.readouterr().out
     assert "code" in text and "prose" in text and "tau" in text
     res = json.loads((tmp_path / "e.json").read_text())
-    assert 1.0 <= res["domains"]["all"]["tau"] <= 4.0
+    doms = res["domains"]
+    assert sorted(doms) == ["all", "code", "prose"] and res["block_size"] == 3
+    assert doms["code"]["rounds"] + doms["prose"]["rounds"] == doms["all"]["rounds"] > 0
+    for d in doms.values():  # tau = 1 + sum_k prod_{j<=k} conditional_j (rounded to 3 places)
+        survive = torch.tensor(d["conditional"], dtype=torch.float64).cumprod(0)
+        assert len(d["conditional"]) == 3
+        assert abs(d["tau"] - (1.0 + float(survive.sum()))) < 0.01
     assert main(["eval", "drafter", *common, "--drafter", str(tmp_path / "nope")]) == 2
 
 

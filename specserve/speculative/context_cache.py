@@ -1,0 +1,43 @@
+"""Per-request draft context of the block drafters: each draft layer's projected K/V of every
+committed position, grown as the target commits tokens, and stacked for a batch."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ContextCache:
+    """One request's projected context K/V per draft layer, with the position of each row."""
+
+    def __init__(self) -> None:
+        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.positions = torch.zeros(0, dtype=torch.long)
+
+    def add(self, kv: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor) -> None:
+        """Append rows; rows at positions >= positions[0] are replaced (replay after preemption)."""
+        if self.kv:
+            keep = self.positions < positions[0]
+            if not bool(keep.all()):
+                self.kv = [(k[keep], v[keep]) for k, v in self.kv]
+                self.positions = self.positions[keep]
+            self.kv = [
+                (torch.cat([k0, k1]), torch.cat([v0, v1]))
+                for (k0, v0), (k1, v1) in zip(self.kv, kv, strict=True)
+            ]
+            self.positions = torch.cat([self.positions, positions.cpu()])
+        else:
+            self.kv, self.positions = kv, positions.cpu()
+
+
+def pad_stack(
+    kvs: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per request (k, v) [L_r, kv, d] -> (k, v) [R, Lmax, kv, d], zero padded."""
+    lmax = max((k.shape[0] for k, _ in kvs), default=0)
+    ref = kvs[0][0]
+    out_k = ref.new_zeros(len(kvs), lmax, *ref.shape[1:])
+    out_v = ref.new_zeros(len(kvs), lmax, *ref.shape[1:])
+    for i, (k, v) in enumerate(kvs):
+        out_k[i, : k.shape[0]] = k
+        out_v[i, : v.shape[0]] = v
+    return out_k, out_v

@@ -1,0 +1,88 @@
+"""Whether drafting pays, per request and per step: draft, or decode plainly and probe later.
+
+A decode step that drafts for request r commits 1 + a_r tokens for it, where a_r is the number
+of draft tokens the target accepts; plain decoding commits 1. Drafting pays when
+(1 + a_r) / t_spec > 1 / t_plain, i.e. a_r > t_spec / t_plain - 1, with t_spec and t_plain the
+measured wall times of a decode step with and without drafting (moving averages by batch
+size) and a_r r's running acceptance (accepted tokens per verify: the mean of its first
+drafted steps, then a moving average). Until both times are measured the bar is one accepted
+token per step, and a request is judged only after `min_samples` drafted steps (acceptance
+comes in bursts: one unlucky first step must not stop drafting). A request below the bar decodes
+plainly and is probed again (drafts once) every `probe_every` steps, so a request whose text
+turns predictable gets drafts back. Only proposals with tokens count as acceptance samples.
+
+Lossless: a decision reads only wall times and acceptance counts of finished steps, never a
+token of the step it decides. Each step, drafted or not, commits tokens distributed exactly as
+the target's given the history, so any choice made from the history alone leaves the output
+distribution unchanged (and greedy output token-identical).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specserve.core import Request
+from specserve.speculative.base import DraftProposal
+from specserve.speculative.planner import Planner, StepOverhead, StepStats
+
+
+@dataclass
+class _Acceptance:
+    rate: float = 0.0  # accepted draft tokens per verify (mean, then moving average)
+    samples: int = 0  # drafted steps seen
+    skipped: int = 0  # decode steps without drafts since the last draft
+
+    def add(self, accepted: int, decay: float) -> None:
+        self.samples += 1
+        self.rate += max(1.0 - decay, 1.0 / self.samples) * (accepted - self.rate)
+
+
+class DraftGate(Planner):
+    """A planner that also decides whether each request drafts at all (`allow`); verify lengths
+    come from the planner it wraps."""
+
+    def __init__(
+        self, planner: Planner, probe_every: int = 8, decay: float = 0.9, min_samples: int = 4
+    ) -> None:
+        self.planner, self.probe_every, self.decay = planner, probe_every, decay
+        self.min_samples = min_samples
+        self.plain = StepOverhead()  # decode-step seconds without drafts, by batch size
+        self.spec = StepOverhead()  # decode-step seconds with drafts, by batch size
+        self.acceptance: dict[str, _Acceptance] = {}
+
+    def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
+        return self.planner.plan(proposals, requests)
+
+    def break_even(self, num_requests: int) -> float:
+        """Accepted tokens per step that a drafted request must reach for drafting to pay."""
+        if not (self.plain.by_requests and self.spec.by_requests):
+            return 1.0
+        plain = max(self.plain.get(num_requests), 1e-9)
+        return max(0.0, self.spec.get(num_requests) / plain - 1.0)
+
+    def allow(self, requests: list[Request]) -> list[bool]:
+        """Per request: draft this step (True) or decode it plainly."""
+        bar = self.break_even(len(requests))
+        out = []
+        for req in requests:
+            acc = self.acceptance.get(req.request_id)
+            ok = (
+                acc is None
+                or acc.samples < self.min_samples
+                or acc.rate >= bar
+                or acc.skipped + 1 >= self.probe_every
+            )
+            if acc is not None:
+                acc.skipped = 0 if ok else acc.skipped + 1
+            out.append(ok)
+        return out
+
+    def observe(self, stats: StepStats) -> None:
+        self.planner.observe(stats)
+        if stats.decode_only and stats.num_decoding:
+            times = self.spec if stats.num_requests else self.plain
+            times.observe(stats.num_decoding, stats.step_s)
+        for rid, accepted in stats.accepted.items():
+            self.acceptance.setdefault(rid, _Acceptance()).add(accepted, self.decay)
+        for rid in stats.finished:
+            self.acceptance.pop(rid, None)

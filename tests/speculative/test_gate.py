@@ -1,0 +1,93 @@
+"""DraftGate: draft only where it pays (measured step times vs running acceptance), probe again
+later, and stay lossless."""
+
+from __future__ import annotations
+
+import pytest
+
+from specserve.core import Request, SamplingParams
+from specserve.speculative.gate import DraftGate
+from specserve.speculative.planner import Planner, StepStats
+
+from .conftest import ALGORITHMS, PROMPTS, assert_kv_baseline, make_llm
+
+
+def _req(rid: str) -> Request:
+    return Request([1, 2, 3], SamplingParams(max_tokens=8), 8, request_id=rid)
+
+
+def _decode(gate: DraftGate, seconds: float, accepted: dict[str, int], n: int = 2) -> None:
+    gate.observe(
+        StepStats(len(accepted), 0.0, seconds, True, n, accepted)  # a decode-only step
+    )
+
+
+def test_break_even_from_measured_step_times():
+    gate = DraftGate(Planner())
+    assert gate.break_even(2) == 1.0  # nothing measured: one accepted token per step
+    _decode(gate, 3.0, {"a": 0, "b": 0})  # drafting steps take 3 s
+    assert gate.break_even(2) == 1.0  # plain steps not measured yet
+    _decode(gate, 1.0, {})  # plain steps take 1 s
+    assert gate.break_even(2) == pytest.approx(2.0)  # 3 s must give 3 tokens: 2 accepted
+
+
+def test_skips_below_the_bar_probes_again_and_forgets_finished_requests():
+    gate = DraftGate(Planner(), probe_every=4, decay=0.5, min_samples=1)
+    good, bad = _req("good"), _req("bad")
+    assert gate.allow([good, bad]) == [True, True]  # no history: draft
+    _decode(gate, 2.0, {"good": 3, "bad": 0})
+    _decode(gate, 1.0, {})  # break-even: 2 s / 1 s - 1 = 1 accepted token
+    decisions = [gate.allow([good, bad]) for _ in range(8)]
+    assert [d[0] for d in decisions] == [True] * 8
+    assert [d[1] for d in decisions] == [False, False, False, True] * 2  # a probe every 4th
+    _decode(gate, 2.0, {"good": 3, "bad": 4})  # the probe was accepted well: 0.5*0 + 0.5*4
+    assert gate.allow([good, bad]) == [True, True]
+    gate.observe(StepStats(0, 0.0, 1.0, True, 2, {}, finished=("good", "bad")))
+    assert gate.acceptance == {}
+
+
+def test_a_request_is_judged_after_min_samples_drafted_steps():
+    gate = DraftGate(Planner(), min_samples=3)
+    req = _req("r")
+    _decode(gate, 2.0, {"other": 5})  # a drafting step: 2 s
+    _decode(gate, 1.0, {})  # a plain one: 1 s, so the break-even is 1 accepted token
+    for accepted in (0, 0):
+        assert gate.allow([req]) == [True]
+        _decode(gate, 2.0, {"r": accepted})
+    assert gate.allow([req]) == [True]  # two samples: not judged yet
+    _decode(gate, 2.0, {"r": 3})  # mean of 0, 0, 3 = 1.0 >= break-even 1.0
+    assert gate.acceptance["r"].rate == pytest.approx(1.0)
+    assert gate.allow([req]) == [True]
+    _decode(gate, 2.0, {"r": 0})  # mean of four = 0.75 < 1.0: decode plainly
+    assert gate.allow([req]) == [False]
+
+
+def test_steps_with_prefill_do_not_count_as_decode_times():
+    gate = DraftGate(Planner())
+    gate.observe(StepStats(0, 0.0, 50.0, False, 2, {}))
+    assert not gate.plain.by_requests and gate.break_even(2) == 1.0
+
+
+def test_wraps_the_verify_planner():
+    class Half(Planner):
+        def plan(self, proposals, requests):
+            return [len(p.tokens) // 2 for p in proposals]
+
+    from specserve.speculative.base import DraftProposal
+
+    gate = DraftGate(Half())
+    assert gate.plan([DraftProposal([1, 2, 3, 4])], [_req("a")]) == [2]
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_gated_greedy_is_identical_to_plain(bundle, algorithm):
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in make_llm(bundle).generate(PROMPTS, params)]
+    llm = make_llm(bundle, algorithm)
+    llm.engine.set_speculation(llm.engine.drafter, DraftGate(llm.engine.planner, probe_every=4))
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == want
+    assert_kv_baseline(llm)
+    st = llm.engine.stats
+    assert st.num_drafts > 0
+    if algorithm == "NEXTN":  # a random MTP module is rarely right: the gate must skip it
+        assert st.num_drafts < st.num_verify_passes
