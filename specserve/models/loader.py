@@ -56,6 +56,9 @@ def load_model(
         model = cls(cfg) if par is None else cls(cfg, par)
     model = model.to_empty(device=device)
     state = load_state_dict(path, getattr(model, "holds_weight", None))
+    rename = getattr(model, "checkpoint_key", None)  # checkpoint name -> ours (None: skip)
+    if rename is not None:
+        state = {new: t for k, t in state.items() if (new := rename(k)) is not None}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     targets = model.state_dict(keep_vars=True)  # parameters and (MXFP4) buffers
@@ -75,7 +78,7 @@ def load_model(
                     f"{tuple(param.shape)}"
                 )
             param.data.copy_(tensor)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
     if moe_backend is not None:
         from specserve.models.qwen3_moe import set_moe_backend
@@ -83,9 +86,12 @@ def load_model(
         set_moe_backend(model, moe_backend)
     model = model.to(dtype=dtype).eval()
     # Buffers (rotary tables) were created on meta: rebuild them, in float32, on the device.
-    model.model.rotary.__init__(
-        cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
-    )
-    model.model.rotary.to(device)
+    if hasattr(model, "init_buffers"):
+        model.init_buffers(device)
+    else:
+        model.model.rotary.__init__(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
+        model.model.rotary.to(device)
     model.requires_grad_(False)
     return model, cfg

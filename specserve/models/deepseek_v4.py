@@ -1,0 +1,527 @@
+"""DeepSeek-V4 (`DeepseekV4ForCausalLM`), checked against `transformers` 5.24.
+
+* Attention is shared-KV multi-query: one head K = V, a low-rank query (`wq_a` -> `q_norm` ->
+  `wq_b` -> unweighted per-head RMSNorm), a learned sink per head, interleaved RoPE on the last
+  `rope_dim` dims (and its inverse on the output), a grouped low-rank output (`wo_a`, `wo_b`).
+* Every layer has a sliding window; CSA layers add overlapping gated-softmax compression of
+  K/V every `ratio` tokens and a lightning indexer keeping the top `index_topk` entries per
+  query; HCA layers add non-overlapping compression with every entry visible.
+* Window-only layers use the `main` RoPE; CSA / HCA layers, compressors and indexer the
+  `compress` (YaRN) one.
+* `hc_mult` residual streams, mixed around each sublayer with Sinkhorn-normalised weights and
+  collapsed by the hyper head before the final norm.
+* MoE in every layer: sqrt-softplus scores, top-k on score + bias (or the `tid2eid` hash table
+  in the first layers), one shared expert, SwiGLU clamped at `swiglu_limit`.
+
+Module names are the official checkpoint's (`layers.N.attn.wq_a`, `layers.N.ffn.experts.E.w1`,
+`hc_head_fn`, `head`); `checkpoint_key` maps what `save_pretrained` writes onto them. Each
+forward runs over a flattened batch whose per-request state (`deepseek_v4_cache`) travels in a
+`V4Context`; dense products are batched, the attention itself runs per request.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from specserve.config import ModelConfig
+from specserve.models.deepseek_v4_cache import CompressorState, SequenceState
+from specserve.models.deepseek_v4_config import CSA, SLIDING, V4Config
+from specserve.models.layers import Linear, RMSNorm
+from specserve.models.qwen3 import ModelOutput
+
+
+@dataclass
+class V4Context:
+    """The requests of one forward: their states and row ranges in the flattened batch."""
+
+    states: list[SequenceState]
+    spans: list[tuple[int, int]]
+
+    @classmethod
+    def fresh(cls, model: DeepseekV4ForCausalLM, lengths: list[int]) -> V4Context:
+        """Empty states for sequences of `lengths` tokens laid out one after another."""
+        states = [model.new_state() for _ in lengths]
+        return cls.for_states(states, [0] * len(lengths), lengths)
+
+    @classmethod
+    def for_states(
+        cls, states: list[SequenceState], starts: list[int], lengths: list[int]
+    ) -> V4Context:
+        spans, row = [], 0
+        for state, start, n in zip(states, starts, lengths, strict=True):
+            state.prepare(start, n)
+            spans.append((row, row + n))
+            row += n
+        return cls(states, spans)
+
+    def finish(self) -> None:
+        for state in self.states:
+            state.finish_forward()
+
+
+# -- small pieces -------------------------------------------------------------------------------
+
+
+def unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without a weight, in float32."""
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+def rope_inv_freq(dim: int, params: dict) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (one per pair) and the cos/sin scale, as transformers computes them
+    for `default` and `yarn`."""
+    base = float(params["rope_theta"])
+    pos = base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)
+    kind = params.get("rope_type", "default")
+    if kind == "default":
+        return 1.0 / pos, 1.0
+    if kind != "yarn":
+        raise ValueError(f"DeepSeek-V4 rope_type {kind!r} is not supported")
+    factor = float(params["factor"])
+    old = params["original_max_position_embeddings"]
+    scale = params.get("attention_factor")
+    if scale is None:
+        scale = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+    def corr(rot: float) -> float:
+        return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = corr(params.get("beta_fast") or 32), corr(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extra = 1 - ramp
+    return (1.0 / (factor * pos)) * (1 - extra) + (1.0 / pos) * extra, float(scale)
+
+
+class InterleavedRope(nn.Module):
+    """RoPE on consecutive channel pairs of the last `dim` channels."""
+
+    def __init__(self, dim: int, params: dict) -> None:
+        super().__init__()
+        inv, self.scale = rope_inv_freq(dim, params)
+        self.register_buffer("inv_freq", inv, persistent=False)
+        self.params, self.dim = params, dim
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions[:, None].float() * self.inv_freq
+        return freqs.cos() * self.scale, freqs.sin() * self.scale
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [N, ..., D]; cos, sin [N, dim/2] -> x with its last dim channels rotated."""
+        while cos.dim() < x.dim():
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        rd = 2 * cos.shape[-1]
+        rope = x[..., -rd:].float()
+        even, odd = rope[..., 0::2], rope[..., 1::2]
+        rot = torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
+        return torch.cat([x[..., :-rd], rot.to(x.dtype)], dim=-1)
+
+
+# -- compression --------------------------------------------------------------------------------
+
+
+class Compressor(nn.Module):
+    """Gated-softmax pooling of `ratio` tokens into one entry (HCA), or of two overlapping
+    windows of half-series (CSA: `wkv`/`wgate` give 2 * dim channels, the first half feeding
+    the next window's entry)."""
+
+    def __init__(self, hidden: int, dim: int, ratio: int, overlap: bool, eps: float) -> None:
+        super().__init__()
+        width = 2 * dim if overlap else dim
+        self.wkv = Linear(hidden, width)
+        self.wgate = Linear(hidden, width)
+        self.ape = nn.Parameter(torch.zeros(ratio, width))
+        self.norm = RMSNorm(dim, eps)
+        self.dim, self.ratio, self.overlap = dim, ratio, overlap
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.wkv(x), self.wgate(x)
+
+    def extend(
+        self, state: CompressorState, kv: torch.Tensor, gate: torch.Tensor, rope: InterleavedRope
+    ) -> torch.Tensor:
+        """Add one request's new raw rows, emit the entries of newly completed windows; returns
+        all its entries [E, dim]."""
+        state.append_raw(kv, gate)
+        first, last = state.num_entries, state.raw_end() // self.ratio
+        if last > first:
+            new = self._compress(state, first, last, rope)
+            state.entries = new if state.entries is None else torch.cat([state.entries, new])
+        if state.entries is None:
+            state.entries = kv.new_zeros(0, self.dim)
+        return state.entries
+
+    def _compress(
+        self, state: CompressorState, first: int, last: int, rope: InterleavedRope
+    ) -> torch.Tensor:
+        r, d, n = self.ratio, self.dim, last - first
+        lo = first * r - state.raw_start
+        kv = state.raw_kv[lo : lo + n * r].view(n, r, -1)
+        gate = state.raw_gate[lo : lo + n * r].view(n, r, -1) + self.ape
+        if self.overlap:  # slots [prev window's first half | this window's second half]
+            prev_kv = kv.new_zeros(n, r, d)
+            prev_gate = gate.new_full((n, r, d), float("-inf"))
+            prev_kv[1:], prev_gate[1:] = kv[:-1, :, :d], gate[:-1, :, :d]
+            if first > 0:
+                p = lo - r
+                prev_kv[0] = state.raw_kv[p : p + r, :d]
+                prev_gate[0] = state.raw_gate[p : p + r, :d] + self.ape[:, :d]
+            kv = torch.cat([prev_kv, kv[..., d:]], dim=1)
+            gate = torch.cat([prev_gate, gate[..., d:]], dim=1)
+        weights = gate.softmax(dim=1, dtype=torch.float32).to(kv.dtype)
+        pooled = self.norm((kv * weights).sum(dim=1))
+        positions = torch.arange(first, last, device=kv.device) * r
+        return rope.apply(pooled, *rope.cos_sin(positions))
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: score_s = sum_h w_h * relu(q_h . k_s) over its own compressed keys;
+    each query keeps the top `index_topk` entries it may see."""
+
+    def __init__(self, cfg: V4Config, ratio: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.topk = (
+            cfg.index_n_heads,
+            cfg.index_head_dim,
+            cfg.index_topk,
+        )
+        self.wq_b = Linear(cfg.q_lora_rank, self.num_heads * self.head_dim)
+        self.weights_proj = Linear(cfg.hidden_size, self.num_heads)
+        self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, True, cfg.rms_norm_eps)
+
+
+# -- attention ----------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: V4Config, layer: int) -> None:
+        super().__init__()
+        h, d, hidden = cfg.num_heads, cfg.head_dim, cfg.hidden_size
+        self.num_heads, self.head_dim, self.window = h, d, cfg.sliding_window
+        self.groups, self.eps = cfg.o_groups, cfg.rms_norm_eps
+        self.wq_a = Linear(hidden, cfg.q_lora_rank)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = Linear(cfg.q_lora_rank, h * d)
+        self.wkv = Linear(hidden, d)
+        self.norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.wo_a = Linear(h * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, hidden)
+        self.attn_sink = nn.Parameter(torch.zeros(h))
+        kind, self.ratio = cfg.layer_types[layer], cfg.compress_rate(layer)
+        self.rope_kind = "main" if kind == SLIDING else "compress"
+        self.compressor = (
+            Compressor(hidden, d, self.ratio, kind == CSA, cfg.rms_norm_eps) if self.ratio else None
+        )
+        self.indexer = Indexer(cfg, self.ratio) if kind == CSA else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        ropes: dict[str, tuple[InterleavedRope, torch.Tensor, torch.Tensor]],
+        ctx: V4Context,
+        layer_idx: int,
+    ) -> torch.Tensor:
+        n, h, d = x.shape[0], self.num_heads, self.head_dim
+        rope, cos, sin = ropes[self.rope_kind]
+        q_res = self.q_norm(self.wq_a(x))
+        q = rope.apply(unit_rms(self.wq_b(q_res).view(n, h, d), self.eps), cos, sin)
+        kv = rope.apply(self.norm(self.wkv(x)), cos, sin)
+        comp = self.compressor.project(x) if self.compressor is not None else None
+        index = self._index_inputs(x, q_res, ropes["compress"]) if self.indexer else None
+        out = torch.empty_like(q)
+        for state, (a, b) in zip(ctx.states, ctx.spans, strict=True):
+            layer = state.layers[layer_idx]
+            keys, bias = self._window_keys(layer, kv[a:b], positions[a:b])
+            if comp is not None:
+                entries, entry_bias = self._entries(
+                    layer, comp, index, a, b, positions[a:b], ropes["compress"][0]
+                )
+                keys, bias = torch.cat([keys, entries]), torch.cat([bias, entry_bias], dim=1)
+            out[a:b] = self._attend(q[a:b], keys, bias)
+        out = rope.apply(out, cos, -sin)
+        grouped = out.reshape(n, self.groups, -1).transpose(0, 1)  # [g, n, h*d/g]
+        w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])  # [g, o_lora, h*d/g]
+        mixed = torch.bmm(grouped, w.transpose(1, 2)).transpose(0, 1).reshape(n, -1)
+        return self.wo_b(mixed)
+
+    def _index_inputs(self, x, q_res, compress_rope):
+        idx = self.indexer
+        rope, cos, sin = compress_rope
+        q = idx.wq_b(q_res).view(x.shape[0], idx.num_heads, idx.head_dim)
+        weights = idx.weights_proj(x).float() * idx.num_heads**-0.5
+        return rope.apply(q, cos, sin), weights, idx.compressor.project(x)
+
+    def _window_keys(self, layer, kv, positions):
+        """Window K=V of the cached tail plus the new tokens, and the additive mask [q, keys]."""
+        if layer.window is None:
+            layer.window, layer.window_start = kv, int(positions[0])
+        else:
+            layer.window = torch.cat([layer.window, kv])
+        key_pos = torch.arange(layer.window.shape[0], device=kv.device) + layer.window_start
+        rel = positions[:, None] - key_pos[None, :]
+        visible = (rel >= 0) & (rel < self.window)
+        return layer.window, torch.zeros(visible.shape, device=kv.device).masked_fill(
+            ~visible, float("-inf")
+        )
+
+    def _entries(self, layer, comp, index, a, b, positions, rope):
+        """This request's compressed entries and which each query sees (additive [q, E])."""
+        entries = self.compressor.extend(layer.compressor, comp[0][a:b], comp[1][a:b], rope)
+        limit = (positions + 1) // self.ratio  # query p sees entries w < (p + 1) // ratio
+        ar = torch.arange(entries.shape[0], device=entries.device)
+        visible = ar[None, :] < limit[:, None]
+        if index is not None:
+            visible &= self._select(layer, index, a, b, rope, visible)
+        bias = torch.zeros(visible.shape, device=entries.device).masked_fill(
+            ~visible, float("-inf")
+        )
+        return entries, bias
+
+    def _select(self, layer, index, a, b, rope, visible):
+        """Indexer top-k among the entries each query may see ([q, E] bool)."""
+        q, weights, (ikv, igate) = index
+        idx = self.indexer
+        keys = idx.compressor.extend(layer.indexer, ikv[a:b], igate[a:b], rope)
+        scores = F.relu(torch.einsum("qhd,ed->qhe", q[a:b].float(), keys.float()))
+        scores = (scores * idx.head_dim**-0.5 * weights[a:b, :, None]).sum(dim=1)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        k = min(idx.topk, keys.shape[0])
+        chosen = torch.zeros_like(visible)
+        if k:
+            chosen.scatter_(1, scores.topk(k, dim=-1).indices, True)
+        return chosen
+
+    def _attend(self, q, keys, bias):
+        """q [s, h, d], keys [L, d] (= values), bias [s, L] -> [s, h, d], with the sink."""
+        logits = torch.einsum("shd,ld->hsl", q, keys) * self.head_dim**-0.5 + bias
+        sink = self.attn_sink.view(-1, 1, 1).expand(-1, q.shape[0], 1).to(logits.dtype)
+        probs = torch.cat([logits, sink], dim=-1).softmax(dim=-1)[..., :-1]
+        return torch.einsum("hsl,ld->shd", probs.to(keys.dtype), keys)
+
+
+# -- hyper-connections and MoE ------------------------------------------------------------------
+
+
+class HyperMix:
+    """The mHC weights of one sublayer site (parameters live on the decoder layer)."""
+
+    @staticmethod
+    def weights(streams, fn, base, scale, iters, eps, norm_eps):
+        """streams [N, hc, H] -> post [N, hc], comb [N, hc, hc], collapsed input [N, H]."""
+        n, hc = streams.shape[0], streams.shape[1]
+        mix = F.linear(unit_rms(streams.reshape(n, -1).float(), norm_eps), fn.float())
+        pre_w, post_w, comb_w = mix.split([hc, hc, hc * hc], dim=-1)
+        pre_b, post_b, comb_b = base.split([hc, hc, hc * hc])
+        pre = torch.sigmoid(pre_w * scale[0] + pre_b) + eps
+        post = 2 * torch.sigmoid(post_w * scale[1] + post_b)
+        comb = torch.softmax(comb_w.view(n, hc, hc) * scale[2] + comb_b.view(hc, hc), -1) + eps
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        for _ in range(iters - 1):
+            comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+            comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+        collapsed = (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+        return post, comb, collapsed
+
+    @staticmethod
+    def combine(streams, out, post, comb):
+        dtype = streams.dtype
+        mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + mixed
+
+
+class Expert(nn.Module):
+    """SwiGLU with the gate clamped above and up clamped both ways at `limit`."""
+
+    def __init__(self, hidden: int, inter: int, limit: float) -> None:
+        super().__init__()
+        self.w1, self.w2, self.w3 = (
+            Linear(hidden, inter),
+            Linear(inter, hidden),
+            Linear(hidden, inter),
+        )
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.w1(x).clamp(max=self.limit)
+        up = self.w3(x).clamp(min=-self.limit, max=self.limit)
+        return self.w2(F.silu(gate) * up)
+
+
+class Gate(nn.Module):
+    """Router: scores from `weight`; experts by top-k of score + `bias`, or by `tid2eid`."""
+
+    def __init__(self, cfg: V4Config, hashed: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
+        if hashed:
+            self.register_buffer(
+                "tid2eid", torch.zeros(cfg.vocab_size, cfg.top_k, dtype=torch.long)
+            )
+        else:
+            self.bias = nn.Parameter(torch.zeros(cfg.num_experts))
+        self.hashed, self.top_k = hashed, cfg.top_k
+        self.scoring, self.scale = cfg.scoring_func, cfg.routed_scaling_factor
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor):
+        logits = F.linear(x, self.weight).float()
+        if self.scoring == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif self.scoring == "sigmoid":
+            scores = torch.sigmoid(logits)
+        else:
+            scores = torch.softmax(logits, dim=-1)
+        if self.hashed:
+            ids = self.tid2eid[input_ids].long()
+        else:
+            ids = torch.topk(scores + self.bias.float(), self.top_k, dim=-1, sorted=False).indices
+        weights = scores.gather(1, ids)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return (weights * self.scale).to(x.dtype), ids
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: V4Config, layer: int) -> None:
+        super().__init__()
+        hidden, inter, limit = cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit
+        self.gate = Gate(cfg, cfg.hash_layers[layer])
+        self.experts = nn.ModuleList(Expert(hidden, inter, limit) for _ in range(cfg.num_experts))
+        self.shared_experts = Expert(hidden, inter, limit)
+
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.gate(x, input_ids)
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            out.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None])
+        return out + self.shared_experts(x)
+
+
+# -- the model ----------------------------------------------------------------------------------
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: V4Config, layer: int) -> None:
+        super().__init__()
+        hc, hidden = cfg.hc_mult, cfg.hidden_size
+        mix = (2 + hc) * hc
+        self.attn = Attention(cfg, layer)
+        self.ffn = MoE(cfg, layer)
+        self.attn_norm = RMSNorm(hidden, cfg.rms_norm_eps)
+        self.ffn_norm = RMSNorm(hidden, cfg.rms_norm_eps)
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", nn.Parameter(torch.zeros(mix, hc * hidden)))
+            setattr(self, f"hc_{site}_base", nn.Parameter(torch.zeros(mix)))
+            setattr(self, f"hc_{site}_scale", nn.Parameter(torch.ones(3)))
+        self.iters, self.eps, self.norm_eps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+
+    def _mix(self, site: str, streams: torch.Tensor):
+        p = [getattr(self, f"hc_{site}_{k}") for k in ("fn", "base", "scale")]
+        return HyperMix.weights(streams, *p, self.iters, self.eps, self.norm_eps)
+
+    def forward(self, streams, input_ids, positions, ropes, ctx, layer_idx):
+        post, comb, x = self._mix("attn", streams)
+        out = self.attn(self.attn_norm(x), positions, ropes, ctx, layer_idx)
+        streams = HyperMix.combine(streams, out, post, comb)
+        post, comb, x = self._mix("ffn", streams)
+        out = self.ffn(self.ffn_norm(x), input_ids)
+        return HyperMix.combine(streams, out, post, comb)
+
+
+_HF_NAMES = (  # what `save_pretrained` writes -> the official names used here
+    (re.compile(r"^model\."), ""),
+    (re.compile(r"^embed_tokens\."), "embed."),
+    (re.compile(r"^hc_head\.hc_(fn|base|scale)$"), r"hc_head_\1"),
+)
+
+
+class DeepseekV4ForCausalLM(nn.Module):
+    """forward(input_ids, positions, ctx, capture) -> ModelOutput; compute_logits(hidden)."""
+
+    supports_prefix_caching = False  # compressed state is not block-aligned to page boundaries
+
+    def __init__(self, cfg: ModelConfig, par=None) -> None:
+        super().__init__()
+        if par is not None and (par.tp_size > 1 or par.ep_size > 1):
+            raise ValueError("DeepSeek-V4 runs in one process (--tp-size/--ep-size 1) for now")
+        v4 = V4Config.from_model_config(cfg)
+        self.config, self.v4 = cfg, v4
+        self.embed = nn.Embedding(v4.vocab_size, v4.hidden_size)
+        self.layers = nn.ModuleList(Block(v4, i) for i in range(v4.num_layers))
+        self.norm = RMSNorm(v4.hidden_size, v4.rms_norm_eps)
+        hc = v4.hc_mult
+        self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * v4.hidden_size))
+        self.hc_head_base = nn.Parameter(torch.zeros(hc))
+        self.hc_head_scale = nn.Parameter(torch.ones(1))
+        self.head = Linear(v4.hidden_size, v4.vocab_size)
+        self.init_buffers()
+
+    # -- loading -----------------------------------------------------------------------------
+    @staticmethod
+    def checkpoint_key(name: str) -> str | None:
+        """Our name for a checkpoint tensor (None: not ours, e.g. the MTP layers)."""
+        for pattern, repl in _HF_NAMES:
+            name = pattern.sub(repl, name)
+        return None if name.startswith("mtp.") else name
+
+    def init_buffers(self, device: str | torch.device = "cpu") -> None:
+        """The RoPE tables (not in checkpoints), in float32."""
+        with torch.device(device):
+            self.ropes = nn.ModuleDict(
+                {
+                    "main": InterleavedRope(self.v4.rope_dim, self.v4.main_rope),
+                    "compress": InterleavedRope(self.v4.rope_dim, self.v4.compress_rope),
+                }
+            )
+
+    def fuse(self) -> None:
+        """Nothing to fuse; kept for the engine's interface."""
+
+    def new_state(self) -> SequenceState:
+        v4 = self.v4
+        rates = [v4.compress_rate(i) for i in range(v4.num_layers)]
+        return SequenceState.new(rates, [t == CSA for t in v4.layer_types], v4.sliding_window)
+
+    # -- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        ctx: V4Context,
+        capture: tuple[int, ...] = (),
+    ) -> ModelOutput:
+        """input_ids, positions [N] of the requests in `ctx`, in order. `capture` numbers
+        layers as elsewhere (-1 = embeddings); a captured state is the mean of the streams."""
+        x = self.embed(input_ids)
+        kept: dict[int, torch.Tensor] = {-1: x} if -1 in capture else {}
+        streams = x.unsqueeze(1).expand(-1, self.v4.hc_mult, -1).contiguous()
+        ropes = {k: (r, *r.cos_sin(positions)) for k, r in self.ropes.items()}
+        for i, layer in enumerate(self.layers):
+            streams = layer(streams, input_ids, positions, ropes, ctx, i)
+            if i in capture:
+                kept[i] = streams.mean(dim=1)
+        ctx.finish()
+        hidden = self.norm(self.hyper_head(streams))
+        captured = torch.cat([kept[i] for i in capture], dim=-1) if capture else None
+        return ModelOutput(hidden=hidden, captured=captured)
+
+    def hyper_head(self, streams: torch.Tensor) -> torch.Tensor:
+        flat = unit_rms(streams.flatten(1).float(), self.v4.rms_norm_eps)
+        mix = F.linear(flat, self.hc_head_fn.float())
+        pre = torch.sigmoid(mix * self.hc_head_scale.float() + self.hc_head_base.float())
+        pre = pre + self.v4.hc_eps
+        return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden).float()
