@@ -485,6 +485,35 @@ class DeepseekV4ForCausalLM(nn.Module):
                 }
             )
 
+    @staticmethod
+    def cache_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """Compressed entries (and indexer keys) one more token adds, over all layers, rounded
+        up. The sliding window and unfinished compression windows cost a fixed amount per
+        request instead (`cache_bytes_per_request`)."""
+        v4 = V4Config.from_model_config(cfg)
+        size = torch.finfo(dtype).bits / 8
+        total = 0.0
+        for i, kind in enumerate(v4.layer_types):
+            rate = v4.compress_rate(i)
+            if rate:
+                total += (v4.head_dim + (v4.index_head_dim if kind == CSA else 0)) / rate
+        return max(1, math.ceil(total * size))
+
+    @staticmethod
+    def cache_bytes_per_request(cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """The most a request holds apart from its compressed entries: the window's K=V of
+        every layer and, per compressor, raw K/V and gate rows of up to two windows."""
+        v4 = V4Config.from_model_config(cfg)
+        size = torch.finfo(dtype).bits // 8
+        total = v4.num_layers * (v4.sliding_window - 1) * v4.head_dim
+        for i, kind in enumerate(v4.layer_types):
+            rate = v4.compress_rate(i)
+            if kind == CSA:
+                total += 2 * rate * 2 * (2 * v4.head_dim + 2 * v4.index_head_dim)
+            elif rate:
+                total += rate * 2 * v4.head_dim
+        return total * size
+
     def fuse(self) -> None:
         """Nothing to fuse; kept for the engine's interface."""
 
