@@ -341,6 +341,13 @@ class HyperMix:
         return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + mixed
 
 
+def hyper_head(streams, fn, base, scale, v4: V4Config) -> torch.Tensor:
+    """Collapse the streams [N, hc, H] into one hidden state [N, H] (no Sinkhorn here)."""
+    flat = unit_rms(streams.flatten(1).float(), v4.rms_norm_eps)
+    pre = torch.sigmoid(F.linear(flat, fn.float()) * scale.float() + base.float()) + v4.hc_eps
+    return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+
+
 class Expert(nn.Module):
     """SwiGLU with the gate clamped above and up clamped both ways at `limit`."""
 
@@ -530,27 +537,24 @@ class DeepseekV4ForCausalLM(nn.Module):
         ctx: V4Context,
         capture: tuple[int, ...] = (),
     ) -> ModelOutput:
-        """input_ids, positions [N] of the requests in `ctx`, in order. `capture` numbers
-        layers as elsewhere (-1 = embeddings); a captured state is the mean of the streams."""
-        x = self.embed(input_ids)
-        kept: dict[int, torch.Tensor] = {-1: x} if -1 in capture else {}
-        streams = x.unsqueeze(1).expand(-1, self.v4.hc_mult, -1).contiguous()
-        ropes = {k: (r, *r.cos_sin(positions)) for k, r in self.ropes.items()}
+        """input_ids, positions [N] of the requests in `ctx`, in order. `capture` numbers layers
+        as elsewhere (-1 = embeddings); a captured state is the layer's `hc_mult` residual
+        streams flattened, [N, hc_mult * H] (the last layer's feed the MTP layers)."""
+        streams = self.embed(input_ids).unsqueeze(1).expand(-1, self.v4.hc_mult, -1)
+        kept = {-1: streams.flatten(1)} if -1 in capture else {}
+        ropes = self.bind_ropes(positions)
         for i, layer in enumerate(self.layers):
             streams = layer(streams, input_ids, positions, ropes, ctx, i)
             if i in capture:
-                kept[i] = streams.mean(dim=1)
+                kept[i] = streams.flatten(1)
         ctx.finish()
-        hidden = self.norm(self.hyper_head(streams))
+        head = (self.hc_head_fn, self.hc_head_base, self.hc_head_scale)
+        hidden = self.norm(hyper_head(streams, *head, self.v4))
         captured = torch.cat([kept[i] for i in capture], dim=-1) if capture else None
         return ModelOutput(hidden=hidden, captured=captured)
 
-    def hyper_head(self, streams: torch.Tensor) -> torch.Tensor:
-        flat = unit_rms(streams.flatten(1).float(), self.v4.rms_norm_eps)
-        mix = F.linear(flat, self.hc_head_fn.float())
-        pre = torch.sigmoid(mix * self.hc_head_scale.float() + self.hc_head_base.float())
-        pre = pre + self.v4.hc_eps
-        return (pre.unsqueeze(-1) * streams).sum(dim=1).to(streams.dtype)
+    def bind_ropes(self, positions: torch.Tensor) -> dict:
+        return {k: (r, *r.cos_sin(positions)) for k, r in self.ropes.items()}
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden).float()

@@ -182,10 +182,13 @@ TINY_DEEPSEEK_V4: dict[str, Any] = {
 }
 
 
-def make_deepseek_v4_checkpoint(out: str | Path, seed: int = 0, **overrides: Any) -> Path:
+def make_deepseek_v4_checkpoint(
+    out: str | Path, seed: int = 0, mtp: bool = True, **overrides: Any
+) -> Path:
     """The issue-16 tiny DeepSeek-V4, built with `transformers` and saved by `save_pretrained`:
     random fp32 weights with the hash table, sinks, compressor position biases, router biases and
-    hyper-connection biases randomised too (left at their zero init they hide bugs)."""
+    hyper-connection biases randomised too (left at their zero init they hide bugs). `mtp`: add
+    a random `mtp.0.*` layer (which transformers neither builds nor saves) in `mtp.safetensors`."""
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     out = Path(out)
@@ -203,4 +206,24 @@ def make_deepseek_v4_checkpoint(out: str | Path, seed: int = 0, **overrides: Any
                 t.copy_(0.5 * torch.randn(t.shape, generator=gen))
     model.save_pretrained(out)
     save_tokenizer(out, cfg.vocab_size)
+    if mtp:
+        _save_random_mtp(out, gen)
     return out
+
+
+def _save_random_mtp(out: Path, gen: torch.Generator) -> None:
+    from specserve.config import ModelConfig
+    from specserve.models.deepseek_v4_config import V4Config
+    from specserve.speculative.deepseek_v4_mtp import PREFIX, MTPLayer
+
+    layer = MTPLayer(V4Config.from_model_config(ModelConfig.from_pretrained(out)))
+    state = {}
+    for name, p in layer.state_dict().items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        elif name.endswith(("scale", "gate.bias", "attn_sink")):
+            t = 1.0 + 0.5 * torch.randn(p.shape, generator=gen)
+        else:
+            t = 0.05 * torch.randn(p.shape, generator=gen)
+        state[PREFIX + name] = t.contiguous()
+    save_file(state, str(out / "mtp.safetensors"))

@@ -17,9 +17,11 @@ import torch
 from specserve.config import ConfigError, SpecConfig
 from specserve.core import Request
 from specserve.engine.engine import LLMEngine, Planner, plan_full
+from specserve.models.deepseek_v4 import DeepseekV4ForCausalLM
 from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
 from specserve.speculative.calibration import load_sts
 from specserve.speculative.checkpoint import load_drafter
+from specserve.speculative.deepseek_v4_mtp import DeepseekV4MTPDrafter, load_mtp_layer
 from specserve.speculative.dflash import DFlashDrafter, DFlashDraftModel
 from specserve.speculative.dspark import DSparkDrafter, DSparkDraftModel
 from specserve.speculative.mtp import MTPDrafter, MTPModule
@@ -113,6 +115,9 @@ def build_drafter(spec: SpecConfig, engine: LLMEngine) -> Drafter:
     path = Path(spec.draft_model_path or "")
     if not path.is_dir():
         raise ConfigError(f"--speculative-draft-model-path {spec.draft_model_path}: no such folder")
+    if algo == "NEXTN" and isinstance(engine.model, DeepseekV4ForCausalLM):
+        steps = spec.num_steps or window or DEFAULT_MTP_STEPS
+        return DeepseekV4MTPDrafter(load_mtp_layer(path, engine.model), engine.model, steps)
     model = load_drafter(path, engine.model, engine.config.torch_dtype, engine.config.device)
     if algo == "NEXTN":
         if not isinstance(model, MTPModule):
