@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specserve.config import ModelConfig
+from specserve.config import ConfigError, ModelConfig
 from specserve.models.deepseek_v4_cache import CompressorState, SequenceState
 from specserve.models.deepseek_v4_config import CSA, SLIDING, V4Config
 from specserve.models.layers import Linear, RMSNorm
@@ -461,7 +461,10 @@ class DeepseekV4ForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, par=None) -> None:
         super().__init__()
         if par is not None and (par.tp_size > 1 or par.ep_size > 1):
-            raise ValueError("DeepSeek-V4 runs in one process (--tp-size/--ep-size 1) for now")
+            raise ConfigError(
+                "DeepSeek-V4 is served in one process for now: --tp-size and --ep-size > 1 pass "
+                "the split check but are not implemented"
+            )
         v4 = V4Config.from_model_config(cfg)
         self.config, self.v4 = cfg, v4
         self.embed = nn.Embedding(v4.vocab_size, v4.hidden_size)
@@ -490,6 +493,29 @@ class DeepseekV4ForCausalLM(nn.Module):
                     "main": InterleavedRope(self.v4.rope_dim, self.v4.main_rope),
                     "compress": InterleavedRope(self.v4.rope_dim, self.v4.compress_rope),
                 }
+            )
+
+    @staticmethod
+    def check_parallel(cfg: ModelConfig, tp: int, ep: int, mxfp4: bool = False) -> None:
+        """The split this layout allows: query heads, `o_groups` and the vocabulary over
+        --tp-size (the one K=V head and the compressors are replicated), routed experts over
+        --ep-size, each expert's intermediate dim over the ranks of one expert group."""
+        v4 = V4Config.from_model_config(cfg)
+        world = max(tp, ep)
+        for name, value in (
+            ("num_attention_heads", v4.num_heads),
+            ("o_groups", v4.o_groups),
+            ("vocab_size", v4.vocab_size),
+        ):
+            if value % tp:
+                raise ConfigError(f"--tp-size {tp} does not divide the model's {name} ({value})")
+        if v4.num_experts % ep:
+            raise ConfigError(f"--ep-size {ep} does not divide n_routed_experts ({v4.num_experts})")
+        inter = v4.moe_intermediate_size
+        if inter % (world // ep) or (mxfp4 and inter // (world // ep) % 32):
+            raise ConfigError(
+                f"{world // ep} ranks per expert group cannot split moe_intermediate_size "
+                f"({inter}){' in MXFP4 blocks of 32' if mxfp4 else ''}; raise --ep-size"
             )
 
     @staticmethod
