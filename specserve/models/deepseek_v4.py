@@ -34,6 +34,8 @@ from specserve.models.deepseek_v4_cache import CompressorState, SequenceState
 from specserve.models.deepseek_v4_config import CSA, SLIDING, V4Config
 from specserve.models.layers import Linear, RMSNorm
 from specserve.models.qwen3 import ModelOutput
+from specserve.models.qwen3_moe import MXFP4Linear
+from specserve.quant.deepseek_fp import FP8, dequantize_fp8_blocks, fp4_to_mxfp4
 
 
 @dataclass
@@ -349,15 +351,13 @@ def hyper_head(streams, fn, base, scale, v4: V4Config) -> torch.Tensor:
 
 
 class Expert(nn.Module):
-    """SwiGLU with the gate clamped above and up clamped both ways at `limit`."""
+    """SwiGLU with the gate clamped above and up clamped both ways at `limit`; `fp4`: weights
+    in MXFP4 (`weight_blocks` / `weight_scales`, from the checkpoint's FP4 experts)."""
 
-    def __init__(self, hidden: int, inter: int, limit: float) -> None:
+    def __init__(self, hidden: int, inter: int, limit: float, fp4: bool = False) -> None:
         super().__init__()
-        self.w1, self.w2, self.w3 = (
-            Linear(hidden, inter),
-            Linear(inter, hidden),
-            Linear(hidden, inter),
-        )
+        make = MXFP4Linear if fp4 else Linear
+        self.w1, self.w2, self.w3 = make(hidden, inter), make(inter, hidden), make(hidden, inter)
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -403,7 +403,9 @@ class MoE(nn.Module):
         super().__init__()
         hidden, inter, limit = cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit
         self.gate = Gate(cfg, cfg.hash_layers[layer])
-        self.experts = nn.ModuleList(Expert(hidden, inter, limit) for _ in range(cfg.num_experts))
+        self.experts = nn.ModuleList(
+            Expert(hidden, inter, limit, cfg.fp4_experts) for _ in range(cfg.num_experts)
+        )
         self.shared_experts = Expert(hidden, inter, limit)
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -446,6 +448,25 @@ class Block(nn.Module):
         return HyperMix.combine(streams, out, post, comb)
 
 
+def convert_official_formats(
+    state: dict[str, torch.Tensor], fp8_block: int
+) -> dict[str, torch.Tensor]:
+    """`X.weight` + `X.scale` pairs of the official checkpoint -> dense or MXFP4 tensors."""
+    out = {}
+    for name, t in state.items():
+        base = name.removesuffix(".weight")
+        scale = state.get(base + ".scale") if name.endswith(".weight") else None
+        if name.endswith(".scale") and name.removesuffix(".scale") + ".weight" in state:
+            continue  # consumed with its weight
+        if scale is not None and t.dtype == torch.int8:
+            out[base + ".weight_blocks"], out[base + ".weight_scales"] = fp4_to_mxfp4(t, scale)
+        elif scale is not None and t.dtype == FP8:
+            out[name] = dequantize_fp8_blocks(t, scale, fp8_block)
+        else:
+            out[name] = t
+    return out
+
+
 _HF_NAMES = (  # what `save_pretrained` writes -> the official names used here
     (re.compile(r"^model\."), ""),
     (re.compile(r"^embed_tokens\."), "embed."),
@@ -484,6 +505,12 @@ class DeepseekV4ForCausalLM(nn.Module):
         for pattern, repl in _HF_NAMES:
             name = pattern.sub(repl, name)
         return None if name.startswith("mtp.") else name
+
+    def convert_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors -> ours: names (`checkpoint_key`), FP8 weights dequantised by
+        their block scales, FP4 experts as MXFP4 blocks and scales."""
+        state = {new: t for k, t in state.items() if (new := self.checkpoint_key(k)) is not None}
+        return convert_official_formats(state, self.v4.fp8_block)
 
     def init_buffers(self, device: str | torch.device = "cpu") -> None:
         """The RoPE tables (not in checkpoints), in float32."""

@@ -54,6 +54,8 @@ class V4Config:
     compress_rope: dict[str, Any]
     max_position_embeddings: int
     num_nextn_predict_layers: int
+    fp4_experts: bool = False  # routed experts stored as FP4 (served as MXFP4)
+    fp8_block: int = 128  # block size of FP8 weights' scales
 
     def __post_init__(self) -> None:
         if len(self.layer_types) != self.num_layers or len(self.hash_layers) != self.num_layers:
@@ -109,9 +111,18 @@ class V4Config:
                 compress_rope=_rope(raw, "compress"),
                 max_position_embeddings=cfg.max_position_embeddings,
                 num_nextn_predict_layers=int(raw.get("num_nextn_predict_layers", 0)),
+                fp4_experts=_expert_dtype(raw) == "fp4",
+                fp8_block=int(
+                    ((raw.get("quantization_config") or {}).get("weight_block_size") or [128])[0]
+                ),
             )
         except KeyError as e:
             raise ConfigError(f"config.json is missing required field {e.args[0]!r}") from None
+
+
+def _expert_dtype(raw: dict) -> str | None:
+    """`expert_dtype` at the top level (V4) or in `quantization_config` (V4.1)."""
+    return raw.get("expert_dtype") or (raw.get("quantization_config") or {}).get("expert_dtype")
 
 
 def _rope_dim(raw: dict, head_dim: int) -> int:

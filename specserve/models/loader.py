@@ -56,9 +56,9 @@ def load_model(
         model = cls(cfg) if par is None else cls(cfg, par)
     model = model.to_empty(device=device)
     state = load_state_dict(path, getattr(model, "holds_weight", None))
-    rename = getattr(model, "checkpoint_key", None)  # checkpoint name -> ours (None: skip)
-    if rename is not None:
-        state = {new: t for k, t in state.items() if (new := rename(k)) is not None}
+    convert = getattr(model, "convert_checkpoint", None)  # the model's own names / formats
+    if convert is not None:
+        state = convert(state)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     targets = model.state_dict(keep_vars=True)  # parameters and (MXFP4) buffers

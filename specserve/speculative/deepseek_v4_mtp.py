@@ -24,7 +24,13 @@ from torch import nn
 
 from specserve.config import ConfigError
 from specserve.core import Request
-from specserve.models.deepseek_v4 import Block, DeepseekV4ForCausalLM, V4Context, hyper_head
+from specserve.models.deepseek_v4 import (
+    Block,
+    DeepseekV4ForCausalLM,
+    V4Context,
+    convert_official_formats,
+    hyper_head,
+)
 from specserve.models.deepseek_v4_cache import SequenceState
 from specserve.models.deepseek_v4_config import SLIDING, V4Config
 from specserve.models.layers import Linear, RMSNorm
@@ -78,6 +84,7 @@ def load_mtp_layer(path: str | Path, target: DeepseekV4ForCausalLM) -> MTPLayer:
         raise ConfigError(f"{path}: num_nextn_predict_layers is 0, the checkpoint has no MTP")
     state = load_state_dict(path, lambda k: k.startswith(PREFIX))
     state = {k[len(PREFIX) :]: v for k, v in state.items()}
+    state = convert_official_formats(state, target.v4.fp8_block)
     layer = MTPLayer(target.v4)
     expected = set(layer.state_dict())
     missing, unknown = sorted(expected - state.keys()), sorted(state.keys() - expected)

@@ -43,13 +43,20 @@ def test_layout_read_from_the_legacy_keys(flash):
     assert v4.compress_rope["attention_factor"] == 1.0
 
 
+def _weights(module) -> int:
+    """Parameters, counting the FP4 experts' packed bytes as two weights each."""
+    packed = sum(b.numel() * 2 for n, b in module.named_buffers() if n.endswith("weight_blocks"))
+    return sum(p.numel() for p in module.parameters()) + packed
+
+
 def test_parameter_count_matches_the_published_figures(flash):
     _, model = flash
-    total = sum(p.numel() for p in model.parameters())
+    assert model.v4.fp4_experts  # expert_dtype fp4: experts are built as MXFP4
+    total = _weights(model)
     assert abs(total - 284e9) / 284e9 < 0.005
     v4 = model.v4
-    expert = sum(p.numel() for p in model.layers[3].ffn.experts[0].parameters())
-    routed = sum(p.numel() for layer in model.layers for p in layer.ffn.experts.parameters())
+    expert = _weights(model.layers[3].ffn.experts[0])
+    routed = sum(_weights(layer.ffn.experts) for layer in model.layers)
     embed_and_head = model.embed.weight.numel() + model.head.weight.numel()
     active = total - routed + v4.num_layers * v4.top_k * expert - embed_and_head
     assert abs(active - 13e9) / 13e9 < 0.05
