@@ -28,6 +28,7 @@ from torch import nn
 
 from specserve.config import DTYPES, CacheConfig
 from specserve.engine.model_runner import BatchSeq, ForwardResult, ModelRunner, num_kv_blocks
+from specserve.engine.state_runner import StateRunner
 from specserve.models.layers import Linear
 from specserve.models.loader import load_model, load_state_dict
 from specserve.models.parallel import Parallel, ParallelConfig
@@ -76,7 +77,8 @@ class RankGroup:
 
     def make_runner(self, model, num_blocks, page_size, dtype, device, capture=()) -> ModelRunner:
         """Rank 0's runner: broadcasts each batch before running it."""
-        return BroadcastingRunner(self, model, num_blocks, page_size, dtype, device, capture)
+        cls = BroadcastingStateRunner if hasattr(model, "new_state") else BroadcastingRunner
+        return cls(self, model, num_blocks, page_size, dtype, device, capture)
 
     def send_step(self, seqs: list[BatchSeq] | None) -> None:
         dist.broadcast_object_list([seqs], src=0, group=self.control)
@@ -110,7 +112,7 @@ class RankGroup:
             p.join(timeout=10)
 
 
-class BroadcastingRunner(ModelRunner):
+class _Broadcasting:
     def __init__(self, group: RankGroup, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.group = group
@@ -118,6 +120,14 @@ class BroadcastingRunner(ModelRunner):
     def forward(self, seqs: list[BatchSeq]) -> ForwardResult:
         self.group.send_step(seqs)
         return super().forward(seqs)
+
+
+class BroadcastingRunner(_Broadcasting, ModelRunner):
+    pass
+
+
+class BroadcastingStateRunner(_Broadcasting, StateRunner):
+    """The same for a model with per-request state: every rank keeps the same states."""
 
 
 def free_local_addr() -> str:
@@ -211,7 +221,8 @@ def serve_steps(group: RankGroup) -> None:
     model, cfg = load_model(spec.model_path, dtype, device, group.parallel, spec.moe_backend)
     model.fuse()
     blocks = group.agree_num_blocks(num_kv_blocks(cfg, spec.cache, dtype))
-    runner = ModelRunner(model, blocks, spec.cache.page_size, dtype, device)
+    runner_cls = StateRunner if hasattr(model, "new_state") else ModelRunner
+    runner = runner_cls(model, blocks, spec.cache.page_size, dtype, device)
     log.info("rank %d ready (%d KV blocks)", rank, blocks)
     try:
         while (seqs := group.recv_step()) is not None:

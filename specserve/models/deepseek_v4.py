@@ -33,6 +33,7 @@ from specserve.config import ConfigError, ModelConfig
 from specserve.models.deepseek_v4_cache import CompressorState, SequenceState
 from specserve.models.deepseek_v4_config import CSA, SLIDING, V4Config
 from specserve.models.layers import Linear, RMSNorm
+from specserve.models.parallel import Parallel, column_linear, mark, row_linear
 from specserve.models.qwen3 import ModelOutput
 from specserve.models.qwen3_moe import MXFP4Linear
 from specserve.quant.deepseek_fp import FP8, dequantize_fp8_blocks, fp4_to_mxfp4
@@ -207,19 +208,25 @@ class Indexer(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: V4Config, layer: int) -> None:
+    """Under --tp-size the query heads, their sinks and the output groups are split (each rank
+    whole groups of consecutive heads); the K=V head, compressors and indexer are replicated."""
+
+    def __init__(self, cfg: V4Config, layer: int, par: Parallel | None = None) -> None:
         super().__init__()
-        h, d, hidden = cfg.num_heads, cfg.head_dim, cfg.hidden_size
-        self.num_heads, self.head_dim, self.window = h, d, cfg.sliding_window
-        self.groups, self.eps = cfg.o_groups, cfg.rms_norm_eps
+        tp = par.tp_size if par else 1
+        h, d, hidden, g = cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.o_groups
+        self.num_heads, self.head_dim, self.window = h // tp, d, cfg.sliding_window
+        self.groups, self.eps = g // tp, cfg.rms_norm_eps
         self.wq_a = Linear(hidden, cfg.q_lora_rank)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = Linear(cfg.q_lora_rank, h * d)
+        self.wq_b = column_linear(cfg.q_lora_rank, h * d, False, par)
         self.wkv = Linear(hidden, d)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)
-        self.wo_a = Linear(h * d // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)
-        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, hidden)
-        self.attn_sink = nn.Parameter(torch.zeros(h))
+        self.wo_a = column_linear(h * d // g, g * cfg.o_lora_rank, False, par)
+        self.wo_b = row_linear(g * cfg.o_lora_rank, hidden, False, par)
+        self.attn_sink = nn.Parameter(torch.zeros(h // tp))
+        if par is not None:
+            mark(self, 0, par.tp_rank, tp)  # attn_sink, the one tensor this module owns
         kind, self.ratio = cfg.layer_types[layer], cfg.compress_rate(layer)
         self.rope_kind = "main" if kind == SLIDING else "compress"
         self.compressor = (
@@ -399,34 +406,48 @@ class Gate(nn.Module):
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: V4Config, layer: int) -> None:
+    """Router, this rank's routed experts (keyed by global id; under --ep-size a slice of them,
+    each split by intermediate dim over the ranks of its expert group) and the replicated
+    shared expert, added after the routed partial sums are all-reduced."""
+
+    def __init__(self, cfg: V4Config, layer: int, par: Parallel | None = None) -> None:
         super().__init__()
+        par = par or Parallel.single()
         hidden, inter, limit = cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit
         self.gate = Gate(cfg, cfg.hash_layers[layer])
-        self.experts = nn.ModuleList(
-            Expert(hidden, inter, limit, cfg.fp4_experts) for _ in range(cfg.num_experts)
-        )
+        per = cfg.num_experts // par.ep_size
+        self.local = range(par.ep_rank * per, (par.ep_rank + 1) * per)
+        split, part = par.expert_split, par.expert_split_rank
+        self.experts = nn.ModuleDict()
+        for e in self.local:
+            expert = Expert(hidden, inter // split, limit, cfg.fp4_experts)
+            mark(expert.w1, 0, part, split)
+            mark(expert.w3, 0, part, split)
+            mark(expert.w2, 1, part, split)
+            self.experts[str(e)] = expert
         self.shared_experts = Expert(hidden, inter, limit)
+        self.par = par
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x, input_ids)
         out = torch.zeros_like(x)
         for e in ids.unique().tolist():
-            tok, slot = (ids == e).nonzero(as_tuple=True)
-            out.index_add_(0, tok, self.experts[e](x[tok]) * weights[tok, slot, None])
-        return out + self.shared_experts(x)
+            if e in self.local:
+                tok, slot = (ids == e).nonzero(as_tuple=True)
+                out.index_add_(0, tok, self.experts[str(e)](x[tok]) * weights[tok, slot, None])
+        return self.par.world_all_reduce(out) + self.shared_experts(x)
 
 
 # -- the model ----------------------------------------------------------------------------------
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: V4Config, layer: int) -> None:
+    def __init__(self, cfg: V4Config, layer: int, par: Parallel | None = None) -> None:
         super().__init__()
         hc, hidden = cfg.hc_mult, cfg.hidden_size
         mix = (2 + hc) * hc
-        self.attn = Attention(cfg, layer)
-        self.ffn = MoE(cfg, layer)
+        self.attn = Attention(cfg, layer, par)
+        self.ffn = MoE(cfg, layer, par)
         self.attn_norm = RMSNorm(hidden, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(hidden, cfg.rms_norm_eps)
         for site in ("attn", "ffn"):
@@ -467,6 +488,7 @@ def convert_official_formats(
     return out
 
 
+_LAYER_EXPERT = re.compile(r"layers\.(\d+)\.ffn\.experts\.(\d+)\.")
 _HF_NAMES = (  # what `save_pretrained` writes -> the official names used here
     (re.compile(r"^model\."), ""),
     (re.compile(r"^embed_tokens\."), "embed."),
@@ -479,17 +501,14 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     supports_prefix_caching = False  # compressed state is not block-aligned to page boundaries
 
-    def __init__(self, cfg: ModelConfig, par=None) -> None:
+    def __init__(self, cfg: ModelConfig, par: Parallel | None = None) -> None:
+        """`par`: this rank's shard (see `check_parallel`); the embedding and head stay whole,
+        so drafters on rank 0 share them without collectives."""
         super().__init__()
-        if par is not None and (par.tp_size > 1 or par.ep_size > 1):
-            raise ConfigError(
-                "DeepSeek-V4 is served in one process for now: --tp-size and --ep-size > 1 pass "
-                "the split check but are not implemented"
-            )
         v4 = V4Config.from_model_config(cfg)
         self.config, self.v4 = cfg, v4
         self.embed = nn.Embedding(v4.vocab_size, v4.hidden_size)
-        self.layers = nn.ModuleList(Block(v4, i) for i in range(v4.num_layers))
+        self.layers = nn.ModuleList(Block(v4, i, par) for i in range(v4.num_layers))
         self.norm = RMSNorm(v4.hidden_size, v4.rms_norm_eps)
         hc = v4.hc_mult
         self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * v4.hidden_size))
@@ -505,6 +524,13 @@ class DeepseekV4ForCausalLM(nn.Module):
         for pattern, repl in _HF_NAMES:
             name = pattern.sub(repl, name)
         return None if name.startswith("mtp.") else name
+
+    def holds_weight(self, name: str) -> bool:
+        """False for another expert-parallel rank's routed experts (the loader skips them)."""
+        m = _LAYER_EXPERT.search(name)
+        if m is None or name.startswith("mtp."):
+            return True
+        return int(m.group(2)) in self.layers[int(m.group(1))].ffn.local
 
     def convert_checkpoint(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Checkpoint tensors -> ours: names (`checkpoint_key`), FP8 weights dequantised by
@@ -524,16 +550,12 @@ class DeepseekV4ForCausalLM(nn.Module):
 
     @staticmethod
     def check_parallel(cfg: ModelConfig, tp: int, ep: int, mxfp4: bool = False) -> None:
-        """The split this layout allows: query heads, `o_groups` and the vocabulary over
-        --tp-size (the one K=V head and the compressors are replicated), routed experts over
+        """The split this layout allows: query heads and `o_groups` over --tp-size (the one K=V
+        head, the compressors, the embedding and the head are replicated), routed experts over
         --ep-size, each expert's intermediate dim over the ranks of one expert group."""
         v4 = V4Config.from_model_config(cfg)
         world = max(tp, ep)
-        for name, value in (
-            ("num_attention_heads", v4.num_heads),
-            ("o_groups", v4.o_groups),
-            ("vocab_size", v4.vocab_size),
-        ):
+        for name, value in (("num_attention_heads", v4.num_heads), ("o_groups", v4.o_groups)):
             if value % tp:
                 raise ConfigError(f"--tp-size {tp} does not divide the model's {name} ({value})")
         if v4.num_experts % ep:

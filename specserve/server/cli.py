@@ -184,7 +184,13 @@ def _install_speculation(engine, spec, moe_backend: str) -> None:
     from specserve.speculative.factory import build_speculation
 
     group = engine.group
-    if group is not None and group.parallel.tp_size > 1 and spec.algorithm != "NGRAM":
+    split_vocab = not hasattr(engine.model, "new_state")  # DeepSeek-V4 keeps embed/head whole
+    if (
+        group is not None
+        and group.parallel.tp_size > 1
+        and spec.algorithm != "NGRAM"
+        and split_vocab
+    ):
         # Drafters share the target's embedding and LM head, which --tp-size splits by vocab.
         engine.model = DrafterTarget(
             engine.model, engine.config.model_path, engine.config.torch_dtype, engine.config.device

@@ -85,7 +85,7 @@ def test_fp4_experts_load_as_mxfp4_and_match_the_dequantised_model(formats):
     official, dense = formats
     fp4, cfg = load_model(official)
     ref, _ = load_model(dense)
-    w1 = fp4.layers[1].ffn.experts[3].w1
+    w1 = fp4.layers[1].ffn.experts["3"].w1
     assert isinstance(w1, MXFP4Linear) and w1.weight_blocks.dtype == torch.uint8
     assert fp4.layers[0].attn.wq_a.weight.dtype == torch.float32  # FP8 dequantised at load
     ids = torch.randint(0, 512, (45,), generator=torch.Generator().manual_seed(0))
@@ -107,6 +107,6 @@ def test_official_format_serves_with_its_mtp_layer(formats):
             spec = SpecConfig(algorithm=algo, draft_model_path=str(official), num_steps=2)
             llm.engine.set_speculation(*build_speculation(spec, llm.engine))
             layer = llm.engine.drafter.layer
-            assert isinstance(layer.ffn.experts[0].w1, MXFP4Linear)
+            assert isinstance(layer.ffn.experts["0"].w1, MXFP4Linear)
         outs.append(llm.generate([[5, 6, 7, 8]], params)[0].outputs[0].token_ids)
     assert outs[0] == outs[1]

@@ -55,7 +55,7 @@ def test_parameter_count_matches_the_published_figures(flash):
     total = _weights(model)
     assert abs(total - 284e9) / 284e9 < 0.005
     v4 = model.v4
-    expert = _weights(model.layers[3].ffn.experts[0])
+    expert = _weights(model.layers[3].ffn.experts["0"])
     routed = sum(_weights(layer.ffn.experts) for layer in model.layers)
     embed_and_head = model.embed.weight.numel() + model.head.weight.numel()
     active = total - routed + v4.num_layers * v4.top_k * expert - embed_and_head
