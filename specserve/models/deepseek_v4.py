@@ -35,8 +35,9 @@ from specserve.models.deepseek_v4_config import CSA, SLIDING, V4Config
 from specserve.models.layers import Linear, RMSNorm
 from specserve.models.parallel import Parallel, column_linear, mark, row_linear
 from specserve.models.qwen3 import ModelOutput
-from specserve.models.qwen3_moe import MXFP4Linear
+from specserve.models.qwen3_moe import MOE_BACKENDS, MXFP4Linear
 from specserve.quant.deepseek_fp import FP8, dequantize_fp8_blocks, fp4_to_mxfp4
+from specserve.quant.mxfp4 import MXFP4Weight
 
 
 @dataclass
@@ -367,6 +368,21 @@ class Expert(nn.Module):
         self.w1, self.w2, self.w3 = make(hidden, inter), make(inter, hidden), make(hidden, inter)
         self.limit = limit
 
+    def set_backend(self, backend: str, dtype: torch.dtype) -> None:
+        for name in ("w1", "w2", "w3"):
+            proj = getattr(self, name)
+            if backend == "mxfp4" and isinstance(proj, Linear):
+                new = MXFP4Linear.from_weight(MXFP4Weight.from_dense(proj.weight.detach()))
+            elif backend == "torch" and isinstance(proj, MXFP4Linear):
+                w = MXFP4Weight(proj.weight_blocks, proj.weight_scales).dequantize(dtype)
+                new = Linear(w.shape[1], w.shape[0])
+                new.weight = nn.Parameter(w, requires_grad=False)
+            else:
+                continue
+            if hasattr(proj, "shard"):
+                new.shard = proj.shard
+            setattr(self, name, new)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate = self.w1(x).clamp(max=self.limit)
         up = self.w3(x).clamp(min=-self.limit, max=self.limit)
@@ -595,6 +611,16 @@ class DeepseekV4ForCausalLM(nn.Module):
             elif rate:
                 total += rate * 2 * v4.head_dim
         return total * size
+
+    def set_moe_backend(self, backend: str) -> None:
+        """Routed experts as `mxfp4` (quantised like `specserve quantize mxfp4`) or `torch`
+        (dense; FP4 checkpoints are dequantised)."""
+        if backend not in MOE_BACKENDS:
+            raise ValueError(f"MoE backend must be one of {', '.join(MOE_BACKENDS)}")
+        dtype = self.head.weight.dtype
+        for layer in self.layers:
+            for expert in layer.ffn.experts.values():
+                expert.set_backend(backend, dtype)
 
     def fuse(self) -> None:
         """Nothing to fuse; kept for the engine's interface."""

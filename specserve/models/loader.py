@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -83,7 +84,7 @@ def load_model(
     if moe_backend is not None:
         from specserve.models.qwen3_moe import set_moe_backend
 
-        set_moe_backend(model, moe_backend)
+        getattr(model, "set_moe_backend", partial(set_moe_backend, model))(moe_backend)
     model = model.to(dtype=dtype).eval()
     # Buffers (rotary tables) were created on meta: rebuild them, in float32, on the device.
     if hasattr(model, "init_buffers"):

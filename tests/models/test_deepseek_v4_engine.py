@@ -13,13 +13,13 @@ import torch
 import transformers
 import uvicorn
 
-from specserve.config import CacheConfig, EngineConfig
+from specserve.cli import build_parser
 from specserve.core import SamplingParams
-from specserve.engine.engine import LLMEngine
 from specserve.engine.model_runner import kv_bytes_per_token
 from specserve.llm import LLM
 from specserve.server.api import ServerConfig, create_app
 from specserve.server.async_engine import AsyncEngine
+from specserve.server.cli import build_engine
 
 
 def _hf_greedy(path: str, prompt: list[int], n: int) -> list[int]:
@@ -61,7 +61,11 @@ def test_cache_accounting_counts_compressed_entries(tiny_v4_path):
 
 @pytest.fixture(scope="module")
 def server(tiny_v4_path):
-    engine = AsyncEngine(LLMEngine(EngineConfig(tiny_v4_path, cache=CacheConfig(page_size=8))))
+    """The engine `specserve serve` builds from its flags, behind the OpenAI app."""
+    args = build_parser().parse_args(
+        ["serve", "--model-path", tiny_v4_path, "--page-size", "8", "--max-total-tokens", "2048"]
+    )
+    engine = AsyncEngine(build_engine(args)[0])
     engine.start()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -110,3 +110,25 @@ def test_official_format_serves_with_its_mtp_layer(formats):
             assert isinstance(layer.ffn.experts["0"].w1, MXFP4Linear)
         outs.append(llm.generate([[5, 6, 7, 8]], params)[0].outputs[0].token_ids)
     assert outs[0] == outs[1]
+
+
+def test_moe_runner_backend_mxfp4_quantises_the_experts(tiny_v4_path):
+    """--moe-runner-backend mxfp4 on a dense checkpoint: each routed expert is MXFP4 and the
+    model equals the dense one whose experts went through quantise + dequantise."""
+    quant, _ = load_model(tiny_v4_path, moe_backend="mxfp4")
+    ref, _ = load_model(tiny_v4_path)
+    for layer in ref.layers:
+        for expert in layer.ffn.experts.values():
+            for proj in (expert.w1, expert.w2, expert.w3):
+                proj.weight.data = dequantize_mxfp4(*quantize_mxfp4(proj.weight.data))
+    assert isinstance(quant.layers[2].ffn.experts["5"].w2, MXFP4Linear)
+    assert not isinstance(quant.layers[2].ffn.shared_experts.w2, MXFP4Linear)
+    ids = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = quant.compute_logits(
+            quant(ids, torch.arange(30), V4Context.fresh(quant, [30])).hidden
+        )
+        want = ref.compute_logits(ref(ids, torch.arange(30), V4Context.fresh(ref, [30])).hidden)
+    assert (got - want).abs().max().item() <= 1e-4
+    back, _ = load_model(tiny_v4_path, moe_backend="torch")  # dense stays dense
+    assert not isinstance(back.layers[2].ffn.experts["5"].w2, MXFP4Linear)
