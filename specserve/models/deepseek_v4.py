@@ -516,6 +516,8 @@ class DeepseekV4ForCausalLM(nn.Module):
     """forward(input_ids, positions, ctx, capture) -> ModelOutput; compute_logits(hidden)."""
 
     supports_prefix_caching = False  # compressed state is not block-aligned to page boundaries
+    # kept in float32 whatever --dtype says, like transformers' _keep_in_fp32_modules_strict
+    float32_params = ("_fn", "_base", "_scale", "attn_sink", ".ape", "gate.bias")
 
     def __init__(self, cfg: ModelConfig, par: Parallel | None = None) -> None:
         """`par`: this rank's shard (see `check_parallel`); the embedding and head stay whole,

@@ -85,7 +85,11 @@ def load_model(
         from specserve.models.qwen3_moe import set_moe_backend
 
         getattr(model, "set_moe_backend", partial(set_moe_backend, model))(moe_backend)
+    keep = getattr(model, "float32_params", ())  # names (suffixes) kept in float32, as HF does
+    saved = {n: p.data for n, p in model.named_parameters() if keep and n.endswith(keep)}
     model = model.to(dtype=dtype).eval()
+    for name, data in saved.items():
+        model.get_parameter(name).data = data
     # Buffers (rotary tables) were created on meta: rebuild them, in float32, on the device.
     if hasattr(model, "init_buffers"):
         model.init_buffers(device)

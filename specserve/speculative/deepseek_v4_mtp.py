@@ -93,7 +93,11 @@ def load_mtp_layer(path: str | Path, target: DeepseekV4ForCausalLM) -> MTPLayer:
         raise ConfigError(f"{path}: the MTP layer {what}")
     layer.load_state_dict(state)
     ref = target.head.weight
-    return layer.to(device=ref.device, dtype=ref.dtype).eval().requires_grad_(False)
+    keep = {n: p.data for n, p in layer.named_parameters() if n.endswith(target.float32_params)}
+    layer = layer.to(device=ref.device, dtype=ref.dtype)
+    for name, data in keep.items():  # float32 whatever the dtype, as in the target
+        layer.get_parameter(name).data = data.to(ref.device)
+    return layer.eval().requires_grad_(False)
 
 
 @dataclass

@@ -148,3 +148,21 @@ def test_state_stays_bounded(models):
         assert layer.window.shape[0] == 15
         for comp in layer.compressors():
             assert comp.raw_kv.shape[0] < 2 * comp.ratio
+
+
+def test_bfloat16_keeps_transformers_float32_parameters(models, tiny_v4_path):
+    """--dtype bfloat16: hyper-connection, sink, compressor-bias and router-bias parameters stay
+    float32 (as transformers keeps them); our bf16 logits are no further from the fp32 reference
+    than transformers' own bf16 run is."""
+    _, ref = models
+    ours, _ = load_model(tiny_v4_path, dtype=torch.bfloat16)
+    assert ours.layers[0].attn.wq_a.weight.dtype == torch.bfloat16
+    for p in (ours.layers[1].hc_ffn_fn, ours.layers[1].attn.attn_sink, ours.hc_head_base):
+        assert p.dtype == torch.float32
+    assert ours.layers[1].attn.compressor.ape.dtype == torch.float32
+    ref16 = transformers.AutoModelForCausalLM.from_pretrained(tiny_v4_path, dtype=torch.bfloat16)
+    ids = _truth(40, 7)
+    want = _ref_logits(ref, ids)
+    (got,) = _run(ours, [ours.new_state()], [(0, 0, ids)])
+    hf16 = _ref_logits(ref16.eval(), ids).float()
+    assert (got - want).abs().max() <= 1.5 * (hf16 - want).abs().max()
