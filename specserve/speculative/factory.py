@@ -115,7 +115,9 @@ def build_drafter(spec: SpecConfig, engine: LLMEngine) -> Drafter:
     path = Path(spec.draft_model_path or "")
     if not path.is_dir():
         raise ConfigError(f"--speculative-draft-model-path {spec.draft_model_path}: no such folder")
-    if algo == "NEXTN" and isinstance(engine.model, DeepseekV4ForCausalLM):
+    if isinstance(engine.model, DeepseekV4ForCausalLM):
+        if algo != "NEXTN":
+            raise ConfigError(f"--speculative-algorithm {algo} is not supported for DeepSeek-V4")
         steps = spec.num_steps or window or DEFAULT_MTP_STEPS
         return DeepseekV4MTPDrafter(load_mtp_layer(path, engine.model), engine.model, steps)
     model = load_drafter(path, engine.model, engine.config.torch_dtype, engine.config.device)

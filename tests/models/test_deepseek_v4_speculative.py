@@ -151,3 +151,10 @@ def test_nextn_without_mtp_weights_is_a_clear_error(tmp_path):
     path = make_deepseek_v4_checkpoint(tmp_path / "no_mtp", seed=1, mtp=False)
     with pytest.raises(ConfigError, match="MTP layer lacks mtp.0."):
         _llm(str(path), "NEXTN")
+
+
+def test_dflash_on_deepseek_v4_is_a_clear_error(tiny_v4_path):
+    with pytest.raises(ConfigError, match="DFLASH is not supported for DeepSeek-V4"):
+        llm = LLM(tiny_v4_path, max_total_tokens=256, page_size=8)
+        spec = SpecConfig(algorithm="DFLASH", draft_model_path=tiny_v4_path)
+        build_speculation(spec, llm.engine)
