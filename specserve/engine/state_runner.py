@@ -5,6 +5,9 @@ back; the model's state follows the engine through `BatchSeq.start_position`: a 
 starts before the tokens a state holds drops the rejected drafts first (`SequenceState.prepare`),
 one that starts at 0 begins a fresh state. A request's state is keyed by its first block, which
 no other live request holds (this model refuses prefix caching, so blocks are never shared).
+A state is dropped once its request's block table (the list the engine passes in `BatchSeq`)
+has been emptied by `BlockManager.free_request` (finished, aborted or preempted), or when its
+key block shows up in another request's table.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ class StateRunner:
         capture: tuple[int, ...] = (),
     ) -> None:
         self.model, self.device, self.capture = model, device, capture
-        self.states: dict[int, object] = {}
+        self.states: dict[int, tuple[object, list[int]]] = {}  # first block -> (state, table)
 
     def _state(self, seq: BatchSeq):
         for block in seq.block_table[1:]:  # blocks of finished requests, now reused
@@ -35,13 +38,19 @@ class StateRunner:
         if seq.start_position == 0 or key not in self.states:
             if seq.start_position:
                 raise RuntimeError(f"no cached state for a forward at {seq.start_position}")
-            self.states[key] = self.model.new_state()
-        return self.states[key]
+            self.states[key] = (self.model.new_state(), seq.block_table)
+        return self.states[key][0]
+
+    def _drop_freed(self) -> None:
+        freed = [k for k, (_, table) in self.states.items() if not table or table[0] != k]
+        for key in freed:
+            del self.states[key]
 
     @torch.inference_mode()
     def forward(self, seqs: list[BatchSeq]) -> ForwardResult:
         from specserve.models.deepseek_v4 import V4Context
 
+        self._drop_freed()
         lens = [len(s.token_ids) for s in seqs]
         ctx = V4Context.for_states(
             [self._state(s) for s in seqs], [s.start_position for s in seqs], lens

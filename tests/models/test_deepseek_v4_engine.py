@@ -110,3 +110,12 @@ def test_preemption_recomputes_the_state(tiny_v4_path):
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
     assert tight.engine.scheduler.num_preemptions > 0
     assert got == want
+
+
+def test_finished_requests_leave_no_state(tiny_v4_path):
+    llm = LLM(tiny_v4_path, max_total_tokens=1024, page_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
+    llm.generate([[5, 6, 7], list(range(40, 60))], params)
+    assert len(llm.engine.runner.states) == 2  # nothing has run since they finished
+    llm.generate([[9, 10]], params)
+    assert len(llm.engine.runner.states) == 1  # the finished ones were dropped
