@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from specserve.config import DTYPES, CacheConfig
 from specserve.engine.model_runner import BatchSeq, ForwardResult, ModelRunner, num_kv_blocks
+from specserve.engine.state_runner import StateRunner
 from specserve.models.loader import load_model
 from specserve.models.parallel import Parallel, ParallelConfig
 from specserve.models.qwen3 import CausalLM
@@ -81,9 +82,10 @@ class RankGroup:
         dtype: torch.dtype,
         device: str,
         capture: tuple[int, ...] = (),
-    ) -> ModelRunner:
+    ) -> ModelRunner | StateRunner:
         """Rank 0's runner: broadcasts each batch before running it."""
-        return BroadcastingRunner(self, model, num_blocks, page_size, dtype, device, capture)
+        cls = BroadcastingStateRunner if hasattr(model, "new_state") else BroadcastingRunner
+        return cls(self, model, num_blocks, page_size, dtype, device, capture)
 
     def send_step(self, seqs: list[BatchSeq] | None) -> None:
         dist.broadcast_object_list([seqs], src=0, group=self.control)
@@ -117,14 +119,22 @@ class RankGroup:
             p.join(timeout=10)
 
 
-class BroadcastingRunner(ModelRunner):
+class _Broadcasting:
     def __init__(self, group: RankGroup, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.group = group
 
     def forward(self, seqs: list[BatchSeq]) -> ForwardResult:
         self.group.send_step(seqs)
-        return super().forward(seqs)
+        return super().forward(seqs)  # type: ignore[misc]  # the runner class mixed in after
+
+
+class BroadcastingRunner(_Broadcasting, ModelRunner):
+    pass
+
+
+class BroadcastingStateRunner(_Broadcasting, StateRunner):
+    """The same for a model with per-request state: every rank keeps the same states."""
 
 
 def free_local_addr() -> str:
@@ -218,7 +228,8 @@ def serve_steps(group: RankGroup) -> None:
     model, cfg = load_model(spec.model_path, dtype, device, group.parallel, spec.moe_backend)
     model.fuse()
     blocks = group.agree_num_blocks(num_kv_blocks(cfg, spec.cache, dtype))
-    runner = ModelRunner(model, blocks, spec.cache.page_size, dtype, device)
+    runner_cls = StateRunner if hasattr(model, "new_state") else ModelRunner
+    runner = runner_cls(model, blocks, spec.cache.page_size, dtype, device)
     log.info("rank %d ready (%d KV blocks)", rank, blocks)
     try:
         while (seqs := group.recv_step()) is not None:

@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +21,7 @@ from specserve.engine.block_manager import BlockManager
 from specserve.engine.model_runner import BatchSeq, ModelRunner, num_kv_blocks
 from specserve.engine.sampler import apply_penalties, probs_from_logits, top_logprobs
 from specserve.engine.scheduler import ScheduledRequest, Scheduler
+from specserve.engine.state_runner import StateRunner
 from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.models.loader import load_model
 from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
@@ -131,6 +132,14 @@ class LLMEngine:
         self.model.fuse()
         self.tokenizer = Tokenizer(config.model_path)
         cache = config.cache
+        stateful = hasattr(self.model, "new_state")  # per-request state instead of paged K/V
+        if cache.enable_prefix_caching and not getattr(self.model, "supports_prefix_caching", True):
+            log.info(
+                "prefix caching is off: %s keeps compressed per-request state that is not "
+                "split at page boundaries",
+                self.model_config.architecture,
+            )
+            cache = replace(cache, enable_prefix_caching=False)
         blocks = num_kv_blocks(self.model_config, cache, config.torch_dtype)
         if group is not None:
             blocks = group.agree_num_blocks(blocks)
@@ -138,7 +147,7 @@ class LLMEngine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self.drafter = drafter or NoDrafter()
         self.planner = planner or Planner()
-        self.runner = (group.make_runner if group else ModelRunner)(
+        self.runner = (group.make_runner if group else StateRunner if stateful else ModelRunner)(
             self.model,
             blocks,
             cache.page_size,

@@ -30,20 +30,25 @@ class ForwardResult:
     captured: torch.Tensor | None  # [N, len(capture) * H]
 
 
+def kv_bytes_per_token(model_cfg: ModelConfig, dtype: torch.dtype) -> int:
+    """Cache bytes one more token costs: a K and a V per layer, unless the model class defines
+    its own `cache_bytes_per_token` (a compressed cache)."""
+    from specserve.models.registry import model_class
+
+    own = getattr(model_class(model_cfg.architecture), "cache_bytes_per_token", None)
+    if own is not None:
+        return own(model_cfg, dtype)
+    heads, dim = model_cfg.num_key_value_heads, model_cfg.head_dim
+    return 2 * model_cfg.num_hidden_layers * heads * dim * torch.finfo(dtype).bits // 8
+
+
 def num_kv_blocks(model_cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
     """Blocks from --max-total-tokens, else a fraction of free memory."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     if cache.max_total_tokens is not None:
         return -(-cache.max_total_tokens // cache.page_size)
-    per_token = (
-        2
-        * model_cfg.num_hidden_layers
-        * model_cfg.num_key_value_heads
-        * model_cfg.head_dim
-        * torch.finfo(dtype).bits
-        // 8
-    )
+    per_token = kv_bytes_per_token(model_cfg, dtype)
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         free = torch.cuda.mem_get_info()[0]
     else:

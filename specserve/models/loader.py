@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -69,6 +70,9 @@ def load_model(
         model = cls(cfg) if par is None else cls(cfg, par)
     model = model.to_empty(device=device)
     state = load_state_dict(path, getattr(model, "holds_weight", None))
+    convert = getattr(model, "convert_checkpoint", None)  # the model's own names / formats
+    if convert is not None:
+        state = convert(state)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     targets = model.state_dict(keep_vars=True)  # parameters and (MXFP4) buffers
@@ -89,17 +93,24 @@ def load_model(
                     f"{tuple(param.shape)}"
                 )
             param.data.copy_(tensor)
-    if cfg.tie_word_embeddings:
+    if cfg.tie_word_embeddings and hasattr(model, "lm_head"):
         model.lm_head.weight = model.model.embed_tokens.weight
     if moe_backend is not None:
         from specserve.models.qwen3_moe import set_moe_backend
 
-        set_moe_backend(model, moe_backend)
+        getattr(model, "set_moe_backend", partial(set_moe_backend, model))(moe_backend)
+    keep = getattr(model, "float32_params", ())  # names (suffixes) kept in float32, as HF does
+    saved = {n: p.data for n, p in model.named_parameters() if keep and n.endswith(keep)}
     model = model.to(dtype=dtype).eval()
+    for name, data in saved.items():
+        model.get_parameter(name).data = data
     # Buffers (rotary tables) were created on meta: rebuild them, in float32, on the device.
-    model.model.rotary.__init__(
-        cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
-    )
-    model.model.rotary.to(device)
+    if hasattr(model, "init_buffers"):
+        model.init_buffers(device)
+    else:
+        model.model.rotary.__init__(
+            cfg.head_dim, cfg.max_position_embeddings, cfg.rope_theta, cfg.rope_scaling
+        )
+        model.model.rotary.to(device)
     model.requires_grad_(False)
     return model, cfg

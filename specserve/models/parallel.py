@@ -66,6 +66,11 @@ class ParallelConfig:
     def check_model(self, cfg: ModelConfig, mxfp4: bool = False) -> None:
         """Refuse a split the model cannot take, naming the flag and the numbers. `mxfp4`:
         experts are served in MXFP4, whose blocks of 32 inputs cannot be cut."""
+        from specserve.models.registry import MODEL_REGISTRY
+
+        own = getattr(MODEL_REGISTRY.get(cfg.architecture), "check_parallel", None)
+        if own is not None:  # a model with its own split rules
+            return own(cfg, self.tp_size, self.ep_size, mxfp4)
         tp = self.tp_size
         for name in ("num_attention_heads", "num_key_value_heads", "vocab_size"):
             if getattr(cfg, name) % tp:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from specserve.models.deepseek_v4 import DeepseekV4ForCausalLM
 from specserve.models.qwen3 import LlamaForCausalLM, Qwen3ForCausalLM
 from specserve.models.qwen3_moe import Qwen3MoeForCausalLM
 
@@ -11,6 +12,7 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen3ForCausalLM": Qwen3ForCausalLM,
     "LlamaForCausalLM": LlamaForCausalLM,
     "Qwen3MoeForCausalLM": Qwen3MoeForCausalLM,
+    "DeepseekV4ForCausalLM": DeepseekV4ForCausalLM,
 }
 
 

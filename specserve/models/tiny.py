@@ -140,3 +140,90 @@ def make_checkpoint(
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_tokenizer(out, cfg["vocab_size"])
     return out
+
+
+TINY_DEEPSEEK_V4: dict[str, Any] = {
+    "vocab_size": 512,
+    "hidden_size": 128,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 64,
+    "q_lora_rank": 64,
+    "partial_rotary_factor": 0.25,
+    "n_routed_experts": 8,
+    "num_experts_per_tok": 2,
+    "n_shared_experts": 1,
+    "scoring_func": "sqrtsoftplus",
+    "routed_scaling_factor": 1.5,
+    "layer_types": [
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ],
+    "compress_rates": {"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+    "mlp_layer_types": ["hash_moe", "moe", "moe", "moe"],
+    "sliding_window": 16,
+    "o_groups": 2,
+    "o_lora_rank": 32,
+    "index_n_heads": 8,
+    "index_head_dim": 32,
+    "index_topk": 4,
+    "hc_mult": 2,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 256,
+    },
+    "max_position_embeddings": 1024,
+    "eos_token_id": 2,  # <|im_end|>
+}
+
+
+def make_deepseek_v4_checkpoint(
+    out: str | Path, seed: int = 0, mtp: bool = True, **overrides: Any
+) -> Path:
+    """The issue-16 tiny DeepSeek-V4, built with `transformers` and saved by `save_pretrained`:
+    random fp32 weights with the hash table, sinks, compressor position biases, router biases and
+    hyper-connection biases randomised too (left at their zero init they hide bugs). `mtp`: add
+    a random `mtp.0.*` layer (which transformers neither builds nor saves) in `mtp.safetensors`."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    out = Path(out)
+    torch.manual_seed(seed)
+    cfg = DeepseekV4Config(**{**TINY_DEEPSEEK_V4, **overrides})
+    model = DeepseekV4ForCausalLM(cfg).eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            if name.endswith("tid2eid"):
+                t.copy_(torch.randint(0, cfg.n_routed_experts, t.shape, generator=gen))
+            elif name.endswith(("sinks", "position_bias", "e_score_correction_bias")):
+                t.copy_(torch.randn(t.shape, generator=gen))
+            elif name.endswith(("attn_hc.base", "ffn_hc.base", "hc_head.hc_base")):
+                t.copy_(0.5 * torch.randn(t.shape, generator=gen))
+    model.save_pretrained(out)
+    save_tokenizer(out, cfg.vocab_size)
+    if mtp:
+        _save_random_mtp(out, gen)
+    return out
+
+
+def _save_random_mtp(out: Path, gen: torch.Generator) -> None:
+    from specserve.config import ModelConfig
+    from specserve.models.deepseek_v4_config import V4Config
+    from specserve.speculative.deepseek_v4_mtp import PREFIX, MTPLayer
+
+    layer = MTPLayer(V4Config.from_model_config(ModelConfig.from_pretrained(out)))
+    state = {}
+    for name, p in layer.state_dict().items():
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+        elif name.endswith(("scale", "gate.bias", "attn_sink")):
+            t = 1.0 + 0.5 * torch.randn(p.shape, generator=gen)
+        else:
+            t = 0.05 * torch.randn(p.shape, generator=gen)
+        state[PREFIX + name] = t.contiguous()
+    save_file(state, str(out / "mtp.safetensors"))

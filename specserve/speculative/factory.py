@@ -15,11 +15,13 @@ from pathlib import Path
 
 from specserve.config import ConfigError, SpecConfig
 from specserve.engine.engine import LLMEngine
+from specserve.models.deepseek_v4 import DeepseekV4ForCausalLM
 from specserve.models.qwen3_moe import set_moe_backend
 from specserve.speculative.base import Drafter, NoDrafter
 from specserve.speculative.block_drafter import DFlashDrafter
 from specserve.speculative.calibration import load_sts
 from specserve.speculative.checkpoint import load_drafter
+from specserve.speculative.deepseek_v4_mtp import DeepseekV4MTPDrafter, load_mtp_layer
 from specserve.speculative.dflash import DFlashDraftModel
 from specserve.speculative.dspark import DSparkDraftModel
 from specserve.speculative.gate import DraftGate
@@ -125,6 +127,14 @@ def build_drafter(spec: SpecConfig, engine: LLMEngine, moe_backend: str | None =
     path = Path(spec.draft_model_path or "")
     if not path.is_dir():
         raise ConfigError(f"--speculative-draft-model-path {spec.draft_model_path}: no such folder")
+    if isinstance(engine.model, DeepseekV4ForCausalLM):
+        if algo != "NEXTN":
+            raise ConfigError(f"--speculative-algorithm {algo} is not supported for DeepSeek-V4")
+        layer = load_mtp_layer(path, engine.model)
+        if moe_backend is not None:
+            set_moe_backend(layer, moe_backend)
+        steps = spec.num_steps or window or DEFAULT_MTP_STEPS
+        return DeepseekV4MTPDrafter(layer, engine.model, steps)
     cfg = engine.config
     model = load_drafter(path, engine.target_handle(), cfg.torch_dtype, cfg.device)
     if moe_backend is not None:

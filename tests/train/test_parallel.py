@@ -15,6 +15,7 @@ import yaml
 from specserve.cli import main
 from specserve.models.loader import load_model
 from specserve.speculative.checkpoint import load_drafter
+from specserve.speculative.handle import TargetHandle
 from specserve.train.loop import TrainConfig, fit, trainable
 from specserve.train.parallel import World
 from specserve.train.runlog import read_jsonl
@@ -75,8 +76,8 @@ def test_two_gloo_processes_match_one_and_resume_with_one(tiny_target, tiny_data
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)  # sums in another order
     assert ref[3]["total"] != ref[0]["total"]  # the steps did change the drafter
     target, _ = load_model(tiny_target)
-    wa = trainable(load_drafter(one, target))
-    wb = trainable(load_drafter(two, target))
+    wa = trainable(load_drafter(one, TargetHandle.of(target)))
+    wb = trainable(load_drafter(two, TargetHandle.of(target)))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
