@@ -51,6 +51,11 @@ def register(sub) -> None:
     p.add_argument("--split", choices=["train", "heldout"], default="train")
     p.add_argument("--per-corpus", type=int, default=1000)
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument(
+        "--whole-files",
+        action="store_true",
+        help="each prompt: the first --prompt-len tokens of its own file (shorter files skipped)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     _threads(p)
@@ -309,6 +314,7 @@ def _prompts(args):
             args.prompt_len,
             args.out,
             args.seed,
+            args.whole_files,
         ),
     )
     print(f"{n} prompts written to {args.out}")

@@ -96,24 +96,33 @@ def make_prompts(
     prompt_len: int,
     out: str | Path,
     seed: int = 0,
+    whole_files: bool = False,
 ) -> int:
-    """Write `per_corpus` prompts per corpus: windows of `prompt_len` tokens at random offsets of
-    random files of the split, as JSON lines. Returns how many were written."""
+    """Write `per_corpus` prompts per corpus as JSON lines (`domain`, `token_ids`, `text`,
+    `source`): windows of `prompt_len` tokens at random offsets of random files of the split, or
+    with `whole_files` the first `prompt_len` tokens of distinct files long enough to hold them
+    (long-context prompts: one file each, never snippets joined). Returns how many were written."""
     tok = load_tokenizer(tokenizer_dir)
     rng = random.Random(seed)
     lines = []
     for corpus in corpora:
+        root = Path(corpus)
         files = corpus_files(corpus, split)
         rng.shuffle(files)
         made = 0
-        for f in files * 4:  # several windows per file when the split is small
+        for f in files if whole_files else files * 4:  # several windows per file if few files
             ids = tok.encode(f.read_text(encoding="utf-8", errors="replace")).ids
-            if len(ids) < prompt_len + 8:
+            if len(ids) < prompt_len + (0 if whole_files else 8):
                 continue
-            start = rng.randrange(0, len(ids) - prompt_len)
+            start = 0 if whole_files else rng.randrange(0, len(ids) - prompt_len)
             window = ids[start : start + prompt_len]
             lines.append(
-                {"domain": Path(corpus).name, "token_ids": window, "text": tok.decode(window)}
+                {
+                    "domain": root.name,
+                    "token_ids": window,
+                    "text": tok.decode(window),
+                    "source": f.relative_to(root).as_posix(),
+                }
             )
             made += 1
             if made == per_corpus:
