@@ -283,7 +283,7 @@ def train_drafter(
     log, elapsed = fit(
         drafter,
         loss_fn,
-        lambda step: _batch_indices(step, train.batch_size, len(ids_all), train.seed),
+        lambda step: _batch_indices(step, train.batch_size, lengths, train.seed),
         train,
         out,
         world,
@@ -308,12 +308,17 @@ def train_drafter(
     return summary
 
 
-def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Rows of step `step`: a fresh permutation of the data set every epoch."""
+def _batch_indices(step: int, batch_size: int, lengths: torch.Tensor, seed: int) -> torch.Tensor:
+    """Rows of step `step`: every epoch a fresh permutation of the data set, grouped by length
+    (rows of one prompt length share a batch, so little padding runs), batches in random order."""
+    n = len(lengths)
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
-    return perm[i * batch_size : (i + 1) * batch_size]
+    gen = torch.Generator().manual_seed(seed + 7919 * epoch)
+    perm = torch.randperm(n, generator=gen)
+    perm = perm[lengths[perm].argsort(stable=True)]
+    batches = perm[: per_epoch * min(batch_size, n)].view(per_epoch, -1)
+    return batches[torch.randperm(per_epoch, generator=gen)[i]]
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:

@@ -239,3 +239,14 @@ def test_padded_rows_lose_as_their_unpadded_selves(tiny_target, tiny_data, tmp_p
         parts = step_loss(drafter, target, ids, torch.tensor([6]), spec, gen, None, lengths)
         losses.append(parts.total.item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_batches_group_rows_of_one_length_and_cover_an_epoch():
+    from specserve.train.drafter import _batch_indices
+
+    lengths = torch.tensor([10] * 12 + [40] * 8)
+    batches = [_batch_indices(s, 4, lengths, seed=3) for s in range(5)]
+    assert sorted(torch.cat(batches).tolist()) == list(range(20))  # each row once per epoch
+    assert all(len(set(lengths[b].tolist())) == 1 for b in batches)
+    assert [b.tolist() for b in batches] != [b.tolist() for b in sorted(batches, key=min)]
+    assert not torch.equal(_batch_indices(5, 4, lengths, 3), batches[0])  # a new epoch reshuffles
