@@ -394,7 +394,7 @@ def _drafter_schedule(args):
 
     steps = 300 if args.steps is None else args.steps
     if args.num_train_epochs is not None:
-        n = len(load_dataset(args.data)["input_ids"])
+        n = len(load_dataset(args.data, pad=True)["input_ids"])
         steps = max(1, int(args.num_train_epochs * (n // args.global_batch_size)))
     return TrainConfig(
         steps=steps,
@@ -421,7 +421,7 @@ def _cache_target(args):
 
     def go(world, device):
         target, cfg = load_model(args.target, device=device)
-        ids = load_dataset(args.data)["input_ids"].long()
+        ids = load_dataset(args.data, pad=True)["input_ids"].long()
         layers = args.target_layer_ids or default_layer_ids(cfg.num_hidden_layers)
         key = CacheKey.of(args.target, ids, layers, cfg.hidden_size)
         write_cache(target, key, ids, args.out, world, args.cache_dtype, args.batch_size)
