@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from specserve.train.bundle import ALGORITHMS, EVAL_RUNS, TEMPERATURES, Recipe, log
+from specserve.train.bundle import ALGORITHMS, EVAL_RUNS, TEMPERATURES, Recipe, gen_batch, log
 
 
 # -- the target --------------------------------------------------------------------------------
@@ -216,8 +216,10 @@ def measure_rates(recipe: Recipe, device: str = "cpu") -> dict[str, tuple[float,
     }
     rates: dict[str, tuple[float, float]] = {}
 
-    def per_token(name: str, fn) -> None:
-        points = [(n + recipe.new_tokens, _timed(lambda n=n: fn(n))) for n in (short, long)]
+    def per_token(name: str, fn, per=lambda n: 1) -> None:
+        points = [
+            (n + recipe.new_tokens, _timed(lambda n=n: fn(n)) / per(n)) for n in (short, long)
+        ]
         rates[name] = _fit(*points)
         log(f"timed {name}: " + ", ".join(f"{s:.3f} s at {n} tokens" for n, s in points))
 
@@ -230,7 +232,12 @@ def measure_rates(recipe: Recipe, device: str = "cpu") -> dict[str, tuple[float,
     per_token("target_row", target_step)
     target.eval()
     with torch.no_grad():
-        per_token("gen_row", lambda n: generate(target, ids[n][:, :n], recipe.new_tokens, 1.0))
+        batches = {n: ids[n][:, :n].expand(gen_batch(n), -1) for n in ids}
+        per_token(  # per row of a gen-data batch
+            "gen_row",
+            lambda n: generate(target, batches[n], recipe.new_tokens, 1.0),
+            per=gen_batch,
+        )
         per_token("forward_row", lambda n: target_states(target, ids[n], recipe.target_layer_ids))
     for alg in ALGORITHMS:
         spec = DrafterSpec(
