@@ -421,10 +421,13 @@ def _cache_target(args):
 
     def go(world, device):
         target, cfg = load_model(args.target, device=device)
-        ids = load_dataset(args.data, pad=True)["input_ids"].long()
+        data = load_dataset(args.data, pad=True)
+        ids = data["input_ids"].long()
         layers = args.target_layer_ids or default_layer_ids(cfg.num_hidden_layers)
         key = CacheKey.of(args.target, ids, layers, cfg.hidden_size)
-        write_cache(target, key, ids, args.out, world, args.cache_dtype, args.batch_size)
+        write_cache(
+            target, key, ids, args.out, world, args.cache_dtype, args.batch_size, data["lengths"]
+        )
         return key
 
     world, key = _run_parallel(args, go)

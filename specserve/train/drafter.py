@@ -265,7 +265,7 @@ def train_drafter(
             target_config["hidden_size"],
         )
         if cache_states and not (Path(target_cache) / INDEX_NAME).exists():
-            write_cache(target, key, ids_all, target_cache, world, cache_dtype)
+            write_cache(target, key, ids_all, target_cache, world, cache_dtype, lengths=lengths)
         cache = TargetStateCache(target_cache)
         cache.check(key, ignore=("target_layer_ids",) if spec.algorithm == "mtp" else ())
     t_cache = time.monotonic() - t_cache
