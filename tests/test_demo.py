@@ -65,3 +65,21 @@ def test_prompts_cut_from_this_machines_heldout_files(tmp_path):
         assert is_heldout(r["source"]) and len(r["token_ids"]) == 512
         if r["domain"] == "code":  # the prompt is the start of one whole held-out file
             assert tok.encode((stdlib / r["source"]).read_text())[:512] == r["token_ids"]
+
+
+def test_the_compare_config_says_how_each_workload_was_scaled(tmp_path):
+    from specserve.demo import compare_config
+
+    rows = [{"domain": "code", "token_ids": list(range(2100))}] * 10
+    bundle, out = _bundle(tmp_path, 2048, rows), tmp_path / "out"
+    out.mkdir()
+    (bundle / "mtp").mkdir(), (bundle / "dspark").mkdir()
+    entries, notes = plan_workloads(bundle, out)
+    cfg = compare_config(bundle, entries, notes)
+    assert (
+        "A 1K/1K x1 -> 256/512 x1" in cfg["notes"]
+        and "B 64K/3K x10 -> 2048/256 x10" in cfg["notes"]
+    )
+    assert "1792-token prompts" in cfg["notes"]
+    assert [a["name"] for a in cfg["arms"]] == ["NONE", "NEXTN (MTP)", "DSPARK"]
+    assert cfg["baseline"] == "NEXTN (MTP)"
