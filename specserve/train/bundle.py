@@ -181,12 +181,15 @@ class Builder:
         self.r, self.out, self.work, self.jobs, self.device = recipe, out, work, jobs, device
         self.corpus, self.tok = work / "corpus", work / "tokenizer"
         self.domains = [str(self.corpus / "code"), str(self.corpus / "prose")]
+        self.estimates: dict[str, float] = {}
         rates = work / "step_times.json"
-        self.estimates = (
-            stage_estimates(recipe, json.loads(rates.read_text()), jobs)
-            if (rates.is_file())
-            else {}
-        )
+        if rates.is_file():
+            step_times = json.loads(rates.read_text())
+            self.estimates = stage_estimates(recipe, step_times, jobs)
+            log(
+                f"estimated {sum(self.estimates.values()) / 60:.0f} min for a build from scratch "
+                f"(steps timed {step_times['measured']}; `--estimate` times them again)"
+            )
         self.timings: dict[str, float] = {}
 
     def stage(self, name: str, done: bool, fn) -> None:
