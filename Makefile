@@ -30,7 +30,9 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m specserve.demo
 
+# Resumable; times full-size steps first (once) so every stage prints its estimate.
 demo-model: $(STAMP)
+	test -f build/demo/step_times.json || $(PY) -m specserve.train.bundle --estimate
 	$(PY) -m specserve.train.bundle --out models/demo
 
 clean:

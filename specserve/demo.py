@@ -1,10 +1,11 @@
 """`make demo`: the seed's comparison on the bundled demo model, scaled to a laptop CPU.
 
 With `models/demo/` present, it runs `bench compare` with three arms (NONE, NEXTN = the seed's
-MTP baseline, DSPARK) and two workloads (the seed's A: 1K in / 1K out, one stream; B: 64K in /
-3K out, 10 users; both scaled down as `write_workloads` says) and prints the report. Without the
-bundle it serves a small random model and sends a few requests, so the command always shows
-something real.
+MTP baseline, DSPARK) and two workloads, the seed's A (1K in / 1K out, one stream) and B (64K
+in / 3K out, 10 users), both scaled down as `plan_workloads` says, and prints the report. A
+workload the bundle cannot serve (no long held-out prompts, or a context too short) is skipped
+with the reason printed. Without the bundle it serves a small random model and sends a few
+requests, so the command always shows something real.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -22,41 +24,105 @@ from specserve.bench.datasets import domains_in_turn
 
 BUNDLE = Path(__file__).resolve().parent.parent / "models" / "demo"
 
-PROMPTS = "prompts_heldout.jsonl"  # held-out code and prose the bundle never trained on
+LONG_PROMPTS = "prompts_long.jsonl"  # whole held-out files (code and prose), one per prompt
 
 
-def write_workloads(bundle: Path, out: Path) -> list[dict]:
-    """The seed's two workloads, scaled to a 2-core CPU, on held-out text of the bundle:
-    A (seed: 1K in / 1K out, one stream) -> one 64-token prompt, 256 out, one stream;
-    B (seed: 64K in / 3K out, 10 users) -> 16 prompts joined to 1024 tokens, 192 out, 10 users.
-    """
-    rows = [json.loads(line) for line in (bundle / PROMPTS).read_text().splitlines() if line]
-    ids = [r["token_ids"] for r in rows]
-    single = domains_in_turn(bundle / PROMPTS)[:6]
-    joined = [sum((ids[(16 * i + j) % len(ids)] for j in range(16)), []) for i in range(10)]
-    a, b = out / "workload_a.jsonl", out / "workload_b.jsonl"
-    a.write_text("".join(json.dumps({"prompt": p, "output_len": 256}) + "\n" for p in single))
-    b.write_text("".join(json.dumps({"prompt": p, "output_len": 192}) + "\n" for p in joined))
-    common = {"dataset_name": "jsonl", "ignore_eos": True, "temperature": 0.0}
-    return [
-        {
-            "name": "A: 64 in / 256 out, 1 stream (seed: 1K/1K x1)",
-            "dataset_path": str(a),
-            "num_prompts": len(single),
-            "max_concurrency": 1,
-            **common,
-        },
-        {
-            "name": "B: 1024 in / 192 out, 10 users (seed: 64K/3K x10)",
-            "dataset_path": str(b),
-            "num_prompts": len(joined),
-            "max_concurrency": 10,
-            **common,
-        },
-    ]
+@dataclass(frozen=True)
+class Workload:
+    """One seed workload scaled to this CPU: prompts of `input_len` tokens cut from whole
+    held-out files, `output_len` tokens out, `users` at once."""
+
+    key: str
+    seed: str
+    input_len: int
+    output_len: int
+    users: int
+    prompts: int
+
+    @property
+    def name(self) -> str:
+        streams = "1 stream" if self.users == 1 else f"{self.users} users"
+        return f"{self.key}: {self.input_len} in / {self.output_len} out, {streams} (seed: {self.seed})"
 
 
-def compare_config(bundle: Path, workloads: list[dict]) -> dict:
+WORKLOADS = (
+    Workload("A", "1K/1K x1", 256, 512, 1, 4),
+    Workload("B", "64K/3K x10", 2048, 256, 10, 10),
+)
+
+
+def plan_workloads(bundle: Path, out: Path) -> tuple[list[dict], list[str]]:
+    """The seed's workloads on held-out text of the bundle (`bench compare` entries), and what
+    had to change, said in words: prompts are whole held-out files of at least `input_len`
+    tokens cut to it (never snippets joined; cut from this machine's held-out sources when the
+    bundle ships none), and a workload longer than the target's context runs with the longest
+    prompts that fit."""
+    context = json.loads((bundle / "target" / "config.json").read_text())
+    context = int(context.get("max_position_embeddings", 0))
+    notes = []
+    long_file = bundle / LONG_PROMPTS
+    if not long_file.is_file():
+        long_file = out / LONG_PROMPTS
+        longest = max(w.input_len for w in WORKLOADS)
+        n = write_heldout_prompts(bundle / "target", long_file, longest, WORKLOADS[-1].prompts)
+        notes.append(
+            f"the bundle ships no {LONG_PROMPTS}: cut {n} held-out files (never trained on; the "
+            f"same path-hash split) from this machine's stdlib and man pages to {longest} tokens"
+        )
+    entries = []
+    for w in WORKLOADS:
+        if w.input_len + w.output_len > context:
+            fit = replace(w, input_len=context - w.output_len)
+            notes.append(
+                f"{w.name}: the bundle's target has a context of {context} tokens, less than "
+                f"{w.input_len} + {w.output_len}; running it with {fit.input_len}-token prompts "
+                "instead (`make demo-model` builds a 4K-context bundle)"
+            )
+            w = fit
+        prompts = domains_in_turn(long_file, w.input_len)[: w.prompts]
+        if not prompts:
+            notes.append(f"{w.name}: skipped, no held-out file has {w.input_len} tokens")
+            continue
+        path = out / f"workload_{w.key.lower()}.jsonl"
+        path.write_text(
+            "".join(json.dumps({"prompt": p, "output_len": w.output_len}) + "\n" for p in prompts)
+        )
+        entries.append(
+            {
+                "name": w.name,
+                "dataset_path": str(path),
+                "num_prompts": len(prompts),
+                "max_concurrency": w.users,
+                "dataset_name": "jsonl",
+                "ignore_eos": True,
+                "temperature": 0.0,
+            }
+        )
+    return entries, notes
+
+
+def write_heldout_prompts(tokenizer_dir: Path, path: Path, length: int, per_domain: int) -> int:
+    """The first `length` tokens of `per_domain` held-out files per domain that have that many,
+    as a prompts file (`domain`, `token_ids`, `source`); -> prompts written."""
+    from specserve.bench.datasets import Tokenizer
+    from specserve.train.data import heldout_documents
+
+    tok, made, lines = Tokenizer(tokenizer_dir), {}, []
+    for domain, rel, text in heldout_documents():
+        if made.get(domain, 0) == per_domain:
+            if domain == "prose":
+                break
+            continue
+        ids = tok.encode(text)
+        if len(ids) >= length:
+            lines.append({"domain": domain, "token_ids": ids[:length], "source": rel})
+            made[domain] = made.get(domain, 0) + 1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return len(lines)
+
+
+def compare_config(bundle: Path, workloads: list[dict], notes: list[str] = ()) -> dict:
     target = str(bundle / "target")
     common = f"--model-path {target} --served-model-name demo --max-total-tokens 32768"
     arms = [{"name": "NONE", "serve": common}]
@@ -80,10 +146,14 @@ def compare_config(bundle: Path, workloads: list[dict]) -> dict:
             }
         )
     return {
-        "notes": "The seed's workloads scaled to a 2-core CPU and the demo model, on held-out "
-        "code and prose the bundle never trained on: A 1K/1K x1 -> 64/256 x1; B 64K/3K x10 -> "
-        "1024/192 x10. Greedy, ignore_eos. Gain = last arm vs the baseline arm (the seed's "
-        "MTP).",
+        "notes": "The seed's workloads scaled to a 2-core CPU and the demo model, on whole "
+        "held-out files (code and prose, one per prompt) the bundle never trained on: "
+        + "; ".join(
+            f"{w.key} {w.seed} -> {w.input_len}/{w.output_len} x{w.users}" for w in WORKLOADS
+        )
+        + " (inputs 4x and 32x shorter, outputs 2x and 12x, so the three arms run in minutes "
+        "on a CPU). Greedy, ignore_eos. Gain = last arm vs the baseline arm (the seed's MTP)."
+        + "".join(f" Note: {n}." for n in notes),
         "baseline": arms[1]["name"] if len(arms) > 2 else arms[0]["name"],
         "arms": arms,
         "workloads": workloads,
@@ -95,7 +165,13 @@ def run_bundle(out: Path) -> int:
 
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "compare.yaml"
-    config = compare_config(BUNDLE, write_workloads(BUNDLE, out))
+    workloads, notes = plan_workloads(BUNDLE, out)
+    for note in notes:
+        print(f"note: {note}", flush=True)
+    if not workloads:
+        print("no workload fits this bundle; nothing to compare", file=sys.stderr)
+        return 1
+    config = compare_config(BUNDLE, workloads, notes)
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"bench compare --config {cfg_path} --out {out}", flush=True)
     code = run_compare(cfg_path, out)

@@ -186,18 +186,23 @@ def load_sharegpt(
     return _enough(rows, num, path)
 
 
-def domains_in_turn(path: str | Path) -> list[list[int]]:
+def domains_in_turn(path: str | Path, length: int | None = None) -> list[list[int]]:
     """`token_ids` of a prompts file with a `domain` field (the demo bundle's held-out prompts),
-    the domains taken in turn (code, prose, code, ...), so any first N mix them evenly."""
+    the domains taken in turn (code, prose, code, ...), so any first N mix them evenly. With
+    `length`, prompts shorter than that are dropped and the rest cut to their first `length`
+    tokens (long-context workloads: one whole file per prompt, never snippets joined)."""
     by_domain: dict[str, list[list[int]]] = {}
     for n, line in enumerate(_read(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
             item = json.loads(line)
-            by_domain.setdefault(str(item.get("domain", "")), []).append(list(item["token_ids"]))
+            ids = list(item["token_ids"])
+            domain = str(item.get("domain", ""))
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
             raise DatasetError(f"{path}:{n}: expected a JSON object with 'token_ids'") from None
+        if length is None or len(ids) >= length:
+            by_domain.setdefault(domain, []).append(ids[:length])
     groups = list(by_domain.values())
     longest = max(map(len, groups), default=0)
     return [g[i] for i in range(longest) for g in groups if i < len(g)]

@@ -1,9 +1,12 @@
 """Rebuild the demo bundle from scratch: `python -m specserve.train.bundle --out models/demo`.
 
-Every step writes its result under `--work` (default `build/demo`) and is skipped when that
+Every stage writes its result under `--work` (default `build/demo`) and is skipped when that
 result exists, and the long ones checkpoint, so an interrupted build resumes where it stopped.
-The bundle (`--out`) gets the target (float16 on disk), the three drafters, the DSpark STS
-temperatures, `eval.json` and a README with the evaluation tables.
+Before each stage the build prints its time estimate (from `--estimate`'s measured step
+times, when `WORK/step_times.json` exists). The bundle (`--out`) gets the target (float16 on
+disk), the three drafters, the DSpark STS temperatures, the held-out prompts, `eval.json` and
+a README with the evaluation tables. `--smoke` runs every stage at a tiny scale in a temporary
+folder (a check of the pipeline, not a model).
 """
 
 from __future__ import annotations
@@ -14,55 +17,141 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-TARGET_RUN = {
-    "model": {
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything a build decides. Prompt counts are per domain; `train_prompts[i]` prompts of
+    `prompt_lens[i]` tokens (windows of whole training files) are continued by the target, once
+    sampled (t=1) and once greedy; `eval_lens` are the held-out context buckets (64: windows,
+    longer: the first tokens of whole held-out files)."""
+
+    model: dict[str, Any]
+    target_train: dict[str, Any]
+    max_bytes_per_corpus: int
+    corpus_mb: float
+    vocab_size: int
+    prompt_lens: tuple[int, ...]
+    train_prompts: tuple[int, ...]
+    new_tokens: int
+    eval_lens: tuple[int, ...]
+    heldout_prompts: tuple[int, ...]
+    drafter_steps: dict[str, int]
+    anchors: int
+    engine_check_prompts: int
+    position_edges: tuple[int, ...]  # held-out LM loss of the target per range of positions
+    drafter_batch: int = 16
+    target_layer_ids: tuple[int, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        from specserve.train.drafter import default_layer_ids
+
+        n = int(self.model["num_hidden_layers"])
+        # Spread over layers 1 .. n-2: never the last layer, whose Hugging Face output is taken
+        # after the final norm and which llama.cpp's DSpark has no input behind.
+        object.__setattr__(self, "target_layer_ids", default_layer_ids(n - 1))
+        if len(self.prompt_lens) != len(self.train_prompts):
+            raise ValueError("recipe: one train_prompts count per prompt length")
+        if len(self.eval_lens) != len(self.heldout_prompts):
+            raise ValueError("recipe: one heldout_prompts count per eval length")
+        if max(self.eval_lens) + self.new_tokens > self.model["max_position_embeddings"]:
+            raise ValueError("recipe: the longest eval prompt + new tokens exceed the context")
+
+    @property
+    def long_len(self) -> int:
+        return max(self.eval_lens)
+
+    def drafter_flags(self, alg: str) -> list[str]:
+        ids = [str(i) for i in self.target_layer_ids]
+        block = ["--block-size", "7", "--anchors-per-seq", str(self.anchors)]
+        return {
+            "mtp": ["--mtp-depth", "3"],
+            "dflash": [*block, "--loss-decay-gamma", "4", "--target-layer-ids", *ids],
+            "dspark": [
+                *block,
+                *("--loss-decay-gamma", "4", "--target-layer-ids", *ids),
+                *("--markov-rank", "128", "--markov-head-type", "vanilla"),
+            ],
+        }[alg]
+
+
+FULL = Recipe(
+    model={
         "hidden_size": 256,
         "intermediate_size": 768,
         "num_hidden_layers": 8,
         "num_attention_heads": 4,
         "num_key_value_heads": 2,
         "head_dim": 64,
+        "max_position_embeddings": 4096,
     },
-    "train": {
-        "steps": 700,
-        "batch_size": 8,
-        "seq_len": 256,
+    target_train={  # 1.64 M tokens (the 256-token build: 1.43 M)
+        "steps": 200,
+        "batch_size": 4,
+        "seq_len": 2048,
         "lr": 3e-3,
         "min_lr": 3e-4,
-        "warmup": 30,
+        "warmup": 10,
         "checkpoint_minutes": 3.0,
     },
-    "max_bytes_per_corpus": 6 << 20,
-}
-VOCAB_SIZE = 2048
-PROMPT_LEN, NEW_TOKENS = 64, 96
-TRAIN_PROMPTS, HELDOUT_PROMPTS = 1000, 48  # per domain
-# (folder, prompts, temperature): the drafters train on both a sampled and a greedy
-# continuation of every training prompt, as they are evaluated (and served) at both
-# temperatures; the held-out continuations are regenerated at each evaluation temperature.
-DATA_SETS = [
-    ("data_train", "train", 1.0),
-    ("data_train_greedy", "train", 0.0),
-    ("data_heldout", "heldout", 1.0),
-]
-TRAIN_DATA = [name for name, split, _ in DATA_SETS if split == "train"]
-ENGINE_CHECK_PROMPTS = 8  # per domain: greedy tau through the serving engine
-ANCHORS = 48  # of the 96 generated positions of a sequence, drafted as packed blocks per step
-DRAFTER_ARGS = {
-    "mtp": ["--mtp-depth", "3"],
-    "dflash": ["--block-size", "7", "--anchors-per-seq", str(ANCHORS), "--loss-decay-gamma", "4"],
-    "dspark": [
-        *("--block-size", "7", "--anchors-per-seq", str(ANCHORS), "--loss-decay-gamma", "4"),
-        *("--markov-rank", "128", "--markov-head-type", "vanilla"),
-    ],
-}
-# About the same wall-clock budget each (16-20 min of steps on one thread, plus ~3 min for the
-# one-time target pass): an MTP step covers every position of a sequence at three depths.
-DRAFTER_STEPS = {"mtp": 1150, "dflash": 1200, "dspark": 1200}
+    max_bytes_per_corpus=6 << 20,
+    corpus_mb=24.0,
+    vocab_size=2048,
+    prompt_lens=(64, 256, 512, 1024, 2048),
+    train_prompts=(160, 120, 80, 48, 32),
+    new_tokens=96,
+    eval_lens=(64, 512, 2048),
+    heldout_prompts=(48, 16, 12),
+    # About equal wall-clock each (`--estimate`): an MTP step runs its layer over every position
+    # of the sequence at three depths, a DFlash/DSpark step only the anchor blocks.
+    drafter_steps={"mtp": 200, "dflash": 750, "dspark": 750},
+    anchors=48,
+    engine_check_prompts=8,
+    position_edges=(0, 256, 1024, 2048),
+)
+
+SMOKE = Recipe(
+    model={
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 32,
+        "max_position_embeddings": 4096,
+    },
+    target_train={"steps": 2, "batch_size": 2, "seq_len": 128, "warmup": 1},
+    max_bytes_per_corpus=200_000,
+    corpus_mb=0.3,
+    vocab_size=300,
+    prompt_lens=(16, 64),
+    train_prompts=(3, 2),
+    new_tokens=8,
+    eval_lens=(16, 32, 64),
+    heldout_prompts=(2, 2, 2),
+    drafter_steps={"mtp": 2, "dflash": 2, "dspark": 2},
+    anchors=4,
+    engine_check_prompts=1,
+    position_edges=(0, 16, 32, 64),
+    drafter_batch=2,
+)
+
+ALGORITHMS = ("mtp", "dflash", "dspark")
 EVAL_RUNS = [("mtp", 1), ("mtp", 3), ("dflash", 7), ("dspark", 7)]
+TEMPERATURES = (0.0, 1.0)
+LONG_PROMPTS = "prompts_long.jsonl"  # whole held-out files cut to the longest eval length
+SHORT_PROMPTS = "prompts_heldout.jsonl"  # held-out windows of the shortest eval length
+MAX_BUNDLE_MB = 80
+
+
+def gen_batch(prompt_len: int) -> int:
+    """gen-data's batch: about 4K prompt tokens, at least 4 prompts."""
+    return max(4, 4096 // prompt_len)
 
 
 def log(msg: str) -> None:
@@ -74,289 +163,295 @@ def cli(*args: str, threads: int = 1) -> list[str]:
 
 
 def run(cmd: list[str]) -> None:
+    """A `specserve` command of `cli`, run in this process (no interpreter start-up per stage)."""
+    from specserve.cli import main
+
     log(" ".join(cmd[2:]))
-    subprocess.run(cmd, check=True)
+    code = main(cmd[3:])
+    if code:
+        raise SystemExit(f"failed (exit {code}): specserve {' '.join(cmd[3:])}")
 
 
-def build(out: Path, work: Path, jobs: int, device: str) -> None:
-    """Every step in order; each is skipped when its result exists."""
-    target = build_target(out, work, device)
-    build_data(work, target, device)
-    train_drafters(out, work, jobs, device)
-    if not (out / "dspark" / "sts.json").is_file():
-        run(
-            cli(
-                "train",
-                "calibrate",
-                "--drafter",
-                str(out / "dspark"),
-                "--data",
-                str(work / "data_heldout"),
-                "--target",
-                str(target),
-                "--device",
-                device,
+class Builder:
+    """The stages of one build, in order; each is skipped when its result exists."""
+
+    def __init__(self, recipe: Recipe, out: Path, work: Path, jobs: int, device: str) -> None:
+        from specserve.train.bundle_eval import stage_estimates
+
+        self.r, self.out, self.work, self.jobs, self.device = recipe, out, work, jobs, device
+        self.corpus, self.tok = work / "corpus", work / "tokenizer"
+        self.domains = [str(self.corpus / "code"), str(self.corpus / "prose")]
+        self.estimates: dict[str, float] = {}
+        rates = work / "step_times.json"
+        if rates.is_file():
+            step_times = json.loads(rates.read_text())
+            self.estimates = stage_estimates(recipe, step_times, jobs)
+            log(
+                f"estimated {sum(self.estimates.values()) / 60:.0f} min for a build from scratch "
+                f"(steps timed {step_times['measured']}; `--estimate` times them again)"
             )
-        )
-    results = evaluate_all(out, work, device)
-    from specserve.train.bundle_readme import write_readme
+        self.timings: dict[str, float] = {}
 
-    write_readme(out, results)
-    log(f"done: {out}")
+    def stage(self, name: str, done: bool, fn) -> None:
+        if done:
+            return
+        est = self.estimates.get(name)
+        log(f"stage {name}" + (f" (estimate {est / 60:.1f} min)" if est is not None else ""))
+        t0 = time.monotonic()
+        fn()
+        self.timings[name] = round(time.monotonic() - t0, 1)
+        path = self.work / "stage_seconds.json"
+        old = json.loads(path.read_text()) if path.is_file() else {}
+        path.write_text(json.dumps(old | self.timings, indent=2) + "\n")
 
+    def build(self) -> None:
+        w, out = self.work, self.out
+        self.stage("corpus", (self.corpus / "prose").is_dir(), self.make_corpus)
+        self.stage("tokenizer", (self.tok / "tokenizer.json").is_file(), self.make_tokenizer)
+        self.stage("target", (w / "target" / "model.safetensors").is_file(), self.train_target)
+        self.stage("export", (out / "target" / "model.safetensors").is_file(), self.export)
+        self.stage("prompts", (w / "prompts.done").is_file(), self.make_prompts)
+        self.stage("position-loss", (w / "position_loss.json").is_file(), self.position_loss)
+        self.stage("gen-data", (w / "gen-data.done").is_file(), self.gen_data)
+        self.stage("cache-target", (w / "target_cache" / "index.json").is_file(), self.cache)
+        self.stage("drafters", all(self.has(a) for a in ALGORITHMS), self.train_drafters)
+        self.stage("calibrate", (out / "dspark" / "sts.json").is_file(), self.calibrate)
+        self.stage("evaluate", False, self.evaluate)
+        size = _size_mb(out)
+        if size > MAX_BUNDLE_MB:
+            raise SystemExit(f"the bundle is {size:.1f} MB, over the {MAX_BUNDLE_MB} MB budget")
+        log(f"done: {out} ({size:.1f} MB)")
 
-def _domains(work: Path) -> list[str]:
-    return [str(work / "corpus" / "code"), str(work / "corpus" / "prose")]
+    # -- stages ------------------------------------------------------------------------------
+    def make_corpus(self) -> None:
+        mb = str(self.r.corpus_mb)
+        run(cli("train", "corpus", "--out", str(self.corpus), "--max-mb", mb)[:-2])  # no --threads
 
-
-def build_target(out: Path, work: Path, device: str) -> Path:
-    """Corpus, tokenizer, the pre-trained target, exported into the bundle -> its folder."""
-    corpus, tok = work / "corpus", work / "tokenizer"
-    domains = _domains(work)
-    if not (corpus / "prose").is_dir():
-        subprocess.run(
-            [sys.executable, "-m", "specserve", "train", "corpus", "--out", str(corpus)], check=True
-        )
-    if not (tok / "tokenizer.json").is_file():
+    def make_tokenizer(self) -> None:
+        vocab = str(self.r.vocab_size)
         run(
             cli(
                 "train",
                 "tokenizer",
                 "--corpus",
-                *domains,
+                *self.domains,
                 "--vocab-size",
-                str(VOCAB_SIZE),
+                vocab,
                 "--out",
-                str(tok),
+                str(self.tok),
             )
         )
-    run_cfg = work / "target.json"
-    run_cfg.write_text(json.dumps(TARGET_RUN, indent=2) + "\n")
-    if not (work / "target" / "model.safetensors").is_file():
+
+    def train_target(self) -> None:
+        run_cfg = self.work / "target.json"
+        run_cfg.write_text(json.dumps(self.target_run(), indent=2) + "\n")
         run(
             cli(
-                "train",
-                "target",
-                "--corpus",
-                *domains,
-                "--tokenizer",
-                str(tok),
-                "--config",
-                str(run_cfg),
-                "--out",
-                str(work / "target"),
-                "--resume",
-                "--device",
-                device,
+                *("train", "target", "--corpus", *self.domains, "--tokenizer", str(self.tok)),
+                *("--config", str(run_cfg), "--out", str(self.work / "target"), "--resume"),
+                *("--device", self.device),
             )
         )
-    target = out / "target"
-    if not (target / "model.safetensors").is_file():
-        export_target(work / "target", target, run_cfg)
-    return target
 
+    def target_run(self) -> dict[str, Any]:
+        return {
+            "model": self.r.model,
+            "train": self.r.target_train,
+            "max_bytes_per_corpus": self.r.max_bytes_per_corpus,
+        }
 
-def build_data(work: Path, target: Path, device: str) -> None:
-    """Train and held-out prompts, and the target's continuations of them (`DATA_SETS`)."""
-    domains, tok = _domains(work), work / "tokenizer"
-    for split, n in (("train", TRAIN_PROMPTS), ("heldout", HELDOUT_PROMPTS)):
-        prompts = work / f"prompts_{split}.jsonl"
-        if not prompts.is_file():
-            run(
-                cli(
-                    "train",
-                    "prompts",
-                    "--corpus",
-                    *domains,
-                    "--tokenizer",
-                    str(tok),
-                    "--split",
-                    split,
-                    "--per-corpus",
-                    str(n),
-                    "--prompt-len",
-                    str(PROMPT_LEN),
-                    "--out",
-                    str(prompts),
+    def export(self) -> None:
+        """The trained target, float16 on disk (it loads back to float32)."""
+        from specserve.models.loader import load_model
+        from specserve.train.target import copy_tokenizer, save_hf
+
+        src, dst = self.work / "target", self.out / "target"
+        model, cfg = load_model(src)
+        save_hf(model, {k: v for k, v in cfg.raw.items() if k != "torch_dtype"}, dst, "float16")
+        copy_tokenizer(src, dst)
+        shutil.copy(src / "train_log.json", dst / "train_log.json")
+        (dst / "train_config.json").write_text(json.dumps(self.target_run(), indent=2) + "\n")
+
+    def make_prompts(self) -> None:
+        w = self.work
+        for n, length in zip(self.r.train_prompts, self.r.prompt_lens, strict=True):
+            self.prompts("train", n, length, w / f"prompts_train_{length}.jsonl", whole=False)
+        for n, length in zip(self.r.heldout_prompts, self.r.eval_lens, strict=True):
+            whole = length != min(self.r.eval_lens)
+            self.prompts("heldout", n, length, w / f"prompts_heldout_{length}.jsonl", whole)
+        shutil.copy(w / f"prompts_heldout_{min(self.r.eval_lens)}.jsonl", self.out / SHORT_PROMPTS)
+        shutil.copy(w / f"prompts_heldout_{self.r.long_len}.jsonl", self.out / LONG_PROMPTS)
+        (w / "prompts.done").touch()
+
+    def prompts(self, split: str, n: int, length: int, path: Path, whole: bool) -> None:
+        run(
+            cli(
+                *("train", "prompts", "--corpus", *self.domains, "--tokenizer", str(self.tok)),
+                *("--split", split, "--per-corpus", str(n), "--prompt-len", str(length)),
+                *(["--whole-files"] if whole else []),
+                *("--out", str(path)),
+            )
+        )
+
+    def position_loss(self) -> None:
+        from specserve.train.bundle_eval import heldout_position_loss
+
+        loss = heldout_position_loss(
+            self.out / "target", self.out / LONG_PROMPTS, self.r.position_edges, self.device
+        )
+        (self.work / "position_loss.json").write_text(json.dumps(loss, indent=2) + "\n")
+
+    def data_sets(self) -> list[tuple[str, Path, int, float]]:
+        """(folder, prompts file, prompt length, temperature) of every gen-data run."""
+        w, sets = self.work, []
+        for length in self.r.prompt_lens:
+            for temp, tag in ((1.0, "sampled"), (0.0, "greedy")):
+                sets.append(
+                    (
+                        f"data_train_{length}_{tag}",
+                        w / f"prompts_train_{length}.jsonl",
+                        length,
+                        temp,
+                    )
                 )
+        for length in self.r.eval_lens:
+            sets.append(
+                (f"data_heldout_{length}", w / f"prompts_heldout_{length}.jsonl", length, 1.0)
             )
-    for name, split, temp in DATA_SETS:
-        if not (work / name / "data.pt").is_file():
-            run(
-                cli(
-                    "train",
-                    "gen-data",
-                    "--target",
-                    str(target),
-                    "--prompts",
-                    str(work / f"prompts_{split}.jsonl"),
-                    "--out",
-                    str(work / name),
-                    "--prompt-len",
-                    str(PROMPT_LEN),
-                    "--max-new-tokens",
-                    str(NEW_TOKENS),
-                    "--temperature",
-                    str(temp),
-                    "--device",
-                    device,
+        return sets
+
+    def train_data(self) -> list[str]:
+        return [str(self.work / name) for name, *_ in self.data_sets() if "train" in name]
+
+    def gen_data(self) -> None:
+        for name, prompts, length, temp in self.data_sets():
+            if not (self.work / name / "data.pt").is_file():
+                run(
+                    cli(
+                        *("train", "gen-data", "--target", str(self.out / "target")),
+                        *("--prompts", str(prompts), "--out", str(self.work / name)),
+                        *("--prompt-len", str(length), "--max-new-tokens", str(self.r.new_tokens)),
+                        *("--temperature", str(temp), "--device", self.device),
+                        *("--batch-size", str(gen_batch(length))),
+                    )
                 )
+        (self.work / "gen-data.done").touch()
+
+    def cache(self) -> None:
+        """The target's states of the training data, once for all three drafters (MTP reads
+        only the last hidden state, which every cache holds)."""
+        ids = [str(i) for i in self.r.target_layer_ids]
+        run(
+            cli(
+                *("train", "cache-target", "--target", str(self.out / "target")),
+                *("--data", *self.train_data(), "--out", str(self.work / "target_cache")),
+                *("--target-layer-ids", *ids, "--batch-size", "4", "--device", self.device),
             )
+        )
 
+    def has(self, alg: str) -> bool:
+        return (self.out / alg / "model.safetensors").is_file()
 
-def export_target(src: Path, dst: Path, run_cfg: Path) -> None:
-    """The trained target, float16 on disk (it loads back to float32)."""
-    from specserve.models.loader import load_model
-    from specserve.train.target import copy_tokenizer, save_hf
+    def train_drafters(self) -> None:
+        """Train the missing drafters, `jobs` at a time, each on one thread; copy them to `out`."""
+        todo = [alg for alg in ALGORITHMS if not self.has(alg)]
+        running: list[tuple[str, subprocess.Popen]] = []
+        while todo or running:
+            while todo and len(running) < self.jobs:
+                alg = todo.pop(0)
+                cmd = cli(
+                    *("train", "drafter", "--algorithm", alg, "--target", str(self.out / "target")),
+                    *("--data", *self.train_data(), "--out", str(self.work / alg)),
+                    *("--target-cache", str(self.work / "target_cache")),
+                    *("--steps", str(self.r.drafter_steps[alg])),
+                    *(
+                        "--batch-size",
+                        str(self.r.drafter_batch),
+                        "--resume",
+                        "--device",
+                        self.device,
+                    ),
+                    *self.r.drafter_flags(alg),
+                )
+                log(" ".join(cmd[2:]))
+                logf = open(self.work / f"{alg}.log", "a")  # noqa: SIM115
+                running.append((alg, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)))
+            time.sleep(1)
+            for alg, proc in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove((alg, proc))
+                if proc.returncode:
+                    raise SystemExit(f"drafter {alg} failed; see {self.work / (alg + '.log')}")
+                (self.out / alg).mkdir(parents=True, exist_ok=True)
+                for name in ("config.json", "model.safetensors", "train_log.json"):
+                    shutil.copy(self.work / alg / name, self.out / alg / name)
 
-    model, cfg = load_model(src)
-    save_hf(model, {k: v for k, v in cfg.raw.items() if k != "torch_dtype"}, dst, "float16")
-    copy_tokenizer(src, dst)
-    shutil.copy(src / "train_log.json", dst / "train_log.json")
-    shutil.copy(run_cfg, dst / "train_config.json")
-
-
-def train_drafters(out: Path, work: Path, jobs: int, device: str) -> None:
-    """Train the missing drafters, `jobs` at a time, each on one thread; copy them to `out`."""
-    todo = [alg for alg in DRAFTER_ARGS if not (out / alg / "model.safetensors").is_file()]
-    running: list[tuple[str, subprocess.Popen]] = []
-    while todo or running:
-        while todo and len(running) < jobs:
-            alg = todo.pop(0)
-            cmd = cli(
-                "train",
-                "drafter",
-                "--algorithm",
-                alg,
-                "--target",
-                str(out / "target"),
-                "--data",
-                *(str(work / name) for name in TRAIN_DATA),
-                "--out",
-                str(work / alg),
-                "--cache-target-states",
-                "--steps",
-                str(DRAFTER_STEPS[alg]),
-                "--resume",
-                "--device",
-                device,
-                *DRAFTER_ARGS[alg],
+    def calibrate(self) -> None:
+        mid = sorted(self.r.eval_lens)[len(self.r.eval_lens) // 2]
+        run(
+            cli(
+                *("train", "calibrate", "--drafter", str(self.out / "dspark")),
+                *("--data", str(self.work / f"data_heldout_{mid}")),
+                *("--target", str(self.out / "target"), "--device", self.device),
             )
-            log(" ".join(cmd[2:]))
-            logf = open(work / f"{alg}.log", "a")  # noqa: SIM115
-            running.append((alg, subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT)))
-        time.sleep(5)
-        for alg, proc in list(running):
-            if proc.poll() is None:
-                continue
-            running.remove((alg, proc))
-            if proc.returncode:
-                raise SystemExit(f"drafter {alg} failed; see {work / (alg + '.log')}")
-            (out / alg).mkdir(parents=True, exist_ok=True)
-            for name in ("config.json", "model.safetensors", "train_log.json"):
-                shutil.copy(work / alg / name, out / alg / name)
+        )
 
+    def evaluate(self) -> None:
+        from specserve.train.bundle_eval import evaluate_bundle
+        from specserve.train.bundle_readme import write_readme
 
-def evaluate_all(out: Path, work: Path, device: str) -> dict:
-    from specserve.train.evaluate import evaluate_drafter
-
-    path = out / "eval.json"
-    results = json.loads(path.read_text()) if path.is_file() else {}
-    for temp in (0.0, 1.0):
-        for alg, k in EVAL_RUNS:
-            key = f"{alg}-{k}@t{temp:g}"
-            if key in results:
-                continue
-            log(f"eval {key}")
-            t0 = time.monotonic()
-            results[key] = evaluate_drafter(
-                out / "target", out / alg, work / "data_heldout", temp, k, device
-            )
-            results[key]["seconds"] = round(time.monotonic() - t0, 1)
-            path.write_text(json.dumps(results, indent=2) + "\n")
-    for alg, k in EVAL_RUNS:
-        key = f"{alg}-{k}@engine"
-        if key not in results:
-            log(f"engine cross-check {key}")
-            results[key] = engine_check(out, work, alg, k)
-            path.write_text(json.dumps(results, indent=2) + "\n")
-    if "cost" not in results:
-        results["cost"] = forward_costs(out)
-        path.write_text(json.dumps(results, indent=2) + "\n")
-    return results
-
-
-def engine_check(out: Path, work: Path, alg: str, k: int) -> dict:
-    """Greedy tau through the engine on the first prompts of each domain, next to the offline
-    number for the same prompts."""
-    import torch
-
-    from specserve.models.loader import load_model
-    from specserve.speculative.checkpoint import load_drafter
-    from specserve.speculative.handle import TargetHandle
-    from specserve.train.evaluate import continuations, engine_accept_length, evaluate_sequences
-
-    target, _ = load_model(out / "target")
-    seqs, p, domains = continuations(target, work / "data_heldout", 0.0)
-    rows = [
-        i
-        for d in sorted(set(domains))
-        for i in [j for j, x in enumerate(domains) if x == d][:ENGINE_CHECK_PROMPTS]
-    ]
-    seqs = seqs[torch.tensor(rows)]
-    prompts = [r[:p].tolist() for r in seqs]
-    engine = engine_accept_length(out / "target", out / alg, alg, prompts, k, NEW_TOKENS)
-    drafter = load_drafter(out / alg, TargetHandle.of(target))
-    offline = evaluate_sequences(target, drafter, alg, seqs, p, k, 0.0)
-    return {
-        "engine_tau": round(engine, 3),
-        "offline_tau": round(offline.tau, 3),
-        "prompts": len(rows),
-    }
-
-
-# Weights a drafter multiplies once per draft position (the Markov head's W1 is a lookup; fc and
-# the context K/V projections run once per committed token).
-PER_POSITION = (
-    "layers.",
-    "eh_proj",
-    "markov_head.markov_w2",
-    "markov_head.gate_proj",
-    "markov_head.joint_proj",
-    "confidence_head",
-)
-
-
-def forward_costs(out: Path) -> dict:
-    """Multiply-accumulates per token of one forward (target) or one draft position."""
-    from specserve.models.loader import load_model
-    from specserve.speculative.checkpoint import load_drafter
-    from specserve.speculative.handle import TargetHandle
-
-    target, cfg = load_model(out / "target")
-    v, h = cfg.vocab_size, cfg.hidden_size
-    body = sum(p.numel() for n, p in target.named_parameters() if ".layers." in n)
-    costs = {"target": body + v * h}
-    for alg in DRAFTER_ARGS:
-        d = load_drafter(out / alg, TargetHandle.of(target))
-        own = sum(p.numel() for n, p in d.named_parameters() if n.startswith(PER_POSITION))
-        costs[alg] = own + v * h  # its own per-position weights and the shared LM head
-    return costs | {f"target/{alg}": round(costs["target"] / costs[alg], 2) for alg in DRAFTER_ARGS}
+        heldout = {n: self.work / f"data_heldout_{n}" for n in self.r.eval_lens}
+        results = evaluate_bundle(self.r, self.out, heldout, self.device)
+        results["position_loss"] = json.loads((self.work / "position_loss.json").read_text())
+        stages = json.loads((self.work / "stage_seconds.json").read_text())
+        write_readme(self.r, self.out, results, stages)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="models/demo")
-    ap.add_argument("--work", default="build/demo", help="intermediate files and checkpoints")
-    ap.add_argument("--jobs", type=int, default=3, help="drafters trained at once")
+    ap.add_argument(
+        "--work",
+        help="intermediate files and checkpoints (default build/demo; --smoke: a temp dir)",
+    )
+    ap.add_argument("--jobs", type=int, default=2, help="drafters trained at once")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="every stage at a tiny scale in a temporary folder (checks the pipeline)",
+    )
+    ap.add_argument(
+        "--estimate",
+        action="store_true",
+        help="time a few full-size steps of every stage, write WORK/step_times.json, print the "
+        "estimated time of each stage and exit",
+    )
     args = ap.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    out, work = Path(args.out), Path(args.work)
+    if args.estimate:
+        from specserve.train.bundle_eval import print_estimate
+
+        print_estimate(FULL, Path(args.work or "build/demo"), args.device)
+        return 0
+    if args.smoke:
+        with tempfile.TemporaryDirectory(prefix="bundle-smoke-") as tmp:
+            root = Path(args.work or tmp)
+            out, work = root / "bundle", root / "work"
+            out.mkdir(parents=True, exist_ok=True), work.mkdir(exist_ok=True)
+            Builder(SMOKE, out, work, args.jobs, args.device).build()
+            log(f"smoke build passed every stage ({_size_mb(out):.1f} MB)")
+        return 0
+    out, work = Path(args.out), Path(args.work or "build/demo")
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
-    build(out, work, args.jobs, args.device)
+    Builder(FULL, out, work, args.jobs, args.device).build()
     return 0
+
+
+def _size_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
 if __name__ == "__main__":

@@ -1,25 +1,13 @@
-"""The demo bundle's README: contents, evaluation tables, calibration and the recipe, written
-from the build's logs and results (`specserve.train.bundle` calls `write_readme` last)."""
+"""The demo bundle's generated README: contents, the target's loss by context position, held-out
+tau per context bucket and temperature, the issue's aims checked, the engine cross-check, STS,
+stage times and the commands of the build. `notes.md` (hand-written) is kept across rebuilds."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from specserve.train.bundle import (
-    ANCHORS,
-    DRAFTER_ARGS,
-    DRAFTER_STEPS,
-    ENGINE_CHECK_PROMPTS,
-    EVAL_RUNS,
-    HELDOUT_PROMPTS,
-    NEW_TOKENS,
-    PROMPT_LEN,
-    TARGET_RUN,
-    TRAIN_DATA,
-    TRAIN_PROMPTS,
-    VOCAB_SIZE,
-)
+from specserve.train.bundle import ALGORITHMS, EVAL_RUNS, TEMPERATURES, Recipe
 
 NAMES = {
     "mtp-1": "MTP (1 step)",
@@ -29,98 +17,147 @@ NAMES = {
 }
 
 
-def _drafter_minutes(log: dict) -> str:
-    """Training time of a drafter run: its steps plus the one-time target pass when the run
-    recorded it (`state_cache_seconds`)."""
-    steps = log["train_seconds"] / 60
-    if "state_cache_seconds" not in log:
-        return f"{steps:.1f} min"
-    return f"{steps + log['state_cache_seconds'] / 60:.1f} min incl. the target pass"
-
-
 def _size_mb(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 1e6
 
 
-def _contents(out: Path, results: dict) -> list[str]:
-    """Title, what each folder holds, sizes, times and forward costs."""
+def _drafter_minutes(log: dict) -> str:
+    return f"{log['train_seconds'] / 60:.1f} min"
+
+
+def write_readme(recipe: Recipe, out: Path, results: dict, stages: dict[str, float]) -> None:
+    lines = contents(recipe, out, results) + evaluation(recipe, results)
+    notes = out / "notes.md"
+    lines += goal_check(recipe, results) + (
+        [notes.read_text().rstrip(), ""] if notes.is_file() else []
+    )
+    lines += engine_and_sts(recipe, out, results) + how_built(recipe, stages)
+    (out / "README.md").write_text("\n".join(lines))
+
+
+def contents(recipe: Recipe, out: Path, results: dict) -> list[str]:
     tgt = json.loads((out / "target" / "train_log.json").read_text())
-    logs = {a: json.loads((out / a / "train_log.json").read_text()) for a in DRAFTER_ARGS}
+    logs = {a: json.loads((out / a / "train_log.json").read_text()) for a in ALGORITHMS}
+    m, t = recipe.model, recipe.target_train
     lines = [
         "# Demo bundle",
         "",
         "A small Qwen3 target and its MTP, DFlash and DSpark drafters, trained by specserve on a",
-        "2-core CPU from text that ships with the machine (no download). Rebuild it with",
-        "`make demo-model` (= `python -m specserve.train.bundle --out models/demo`; resumable).",
+        "2-core CPU from text that ships with the machine (no download), for contexts of",
+        f"{t['seq_len']} tokens. Rebuild it with `make demo-model` (= `python -m "
+        "specserve.train.bundle --out models/demo`; resumable).",
         "",
         "## Contents",
         "",
         "| folder | what | params | size on disk | training time |",
         "|---|---|---|---|---|",
-        f"| `target/` | Qwen3ForCausalLM, {TARGET_RUN['model']['num_hidden_layers']} layers, hidden "
-        f"{TARGET_RUN['model']['hidden_size']}, vocab {VOCAB_SIZE}, float16 on disk | "
+        f"| `target/` | Qwen3ForCausalLM, {m['num_hidden_layers']} layers, hidden {m['hidden_size']}, "
+        f"vocab {recipe.vocab_size}, trained on {t['seq_len']}-token sequences, "
+        f"max_position_embeddings {m['max_position_embeddings']}, float16 on disk | "
         f"{tgt['params'] / 1e6:.2f} M | {_size_mb(out / 'target'):.1f} MB | "
         f"{tgt['train_seconds'] / 60:.1f} min ({tgt['train_tokens'] / 1e6:.2f} M tokens) |",
     ]
-    for alg in DRAFTER_ARGS:
+    for alg in ALGORITHMS:
         lines.append(
             f"| `{alg}/` | {alg} drafter, 1 layer, shares the target's embedding and LM head | "
             f"{logs[alg]['params'] / 1e6:.2f} M | {_size_mb(out / alg):.1f} MB | "
-            f"{_drafter_minutes(logs[alg])}, {DRAFTER_STEPS[alg]} steps |"
+            f"{_drafter_minutes(logs[alg])}, {recipe.drafter_steps[alg]} steps |"
         )
     cost = results["cost"]
+    edges = recipe.position_edges
+    buckets = [f"{lo}-{hi}" for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
     lines += [
         "",
-        f"Total size: {_size_mb(out):.1f} MB. Held-out LM loss of the target (nats/token): "
-        + ", ".join(f"{d} {v}" for d, v in tgt["heldout_loss"].items())
-        + ". Multiply-accumulates per token of one forward (target: all layers and the LM head;"
-        + " drafter: per draft position, its layer, Markov W2 and the shared LM head): target "
-        + f"{cost['target'] / 1e6:.2f} M; "
+        f"Total size: {_size_mb(out):.1f} MB. Multiply-accumulates per token of one forward "
+        "(target: all layers and the LM head; drafter: per draft position, its layer, Markov W2 "
+        f"and the shared LM head): target {cost['target'] / 1e6:.2f} M; "
         + ", ".join(
-            f"{a} {cost[a] / 1e6:.2f} M ({cost['target/' + a]}x cheaper)" for a in DRAFTER_ARGS
+            f"{a} {cost[a] / 1e6:.2f} M ({cost['target/' + a]}x cheaper)" for a in ALGORITHMS
         )
         + ".",
         "",
+        "Held-out LM loss of the target (nats/token) on whole held-out files, by the position of",
+        "the predicted token:",
+        "",
+        "| domain | " + " | ".join(buckets) + " |",
+        "|---|" + "---|" * len(buckets),
     ]
-    return lines
+    for dom, row in results["position_loss"].items():
+        lines.append(f"| {dom} | " + " | ".join(_num(row[b]) for b in buckets) + " |")
+    return lines + [""]
 
 
-def _evaluation(out: Path, results: dict) -> list[str]:
-    """Offline tau tables per temperature, the aims, hand-written notes, the engine cross-check."""
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
+def evaluation(recipe: Recipe, results: dict) -> list[str]:
     lines = [
         "## Evaluation (held-out prompts)",
         "",
-        f"{HELDOUT_PROMPTS} held-out prompts per domain ({PROMPT_LEN} tokens, cut from files that",
-        "neither the tokenizer, the target nor a drafter saw), continued by the target for",
-        f"{NEW_TOKENS} tokens. Accept length tau counts the bonus token. `specserve eval drafter`",
-        "computes it offline (see `specserve/train/evaluate.py`).",
+        f"Prompts per domain and context bucket: {dict(zip(recipe.eval_lens, recipe.heldout_prompts, strict=True))}",
+        f"({min(recipe.eval_lens)} tokens: windows of held-out files; longer: the first tokens of",
+        "whole held-out files, one file each). Neither the tokenizer, the target nor a drafter saw",
+        f"these files. The target continues each prompt for {recipe.new_tokens} tokens; accept",
+        "length tau counts the bonus token (`specserve eval drafter`, offline).",
         "",
     ]
-    for temp in (0.0, 1.0):
-        doms = [d for d in results[f"dspark-7@t{temp:g}"]["domains"]]
-        lines += [
-            f"### Temperature {temp:g}",
-            "",
-            "| drafter | "
-            + " | ".join(f"tau {d}" for d in doms)
-            + " | accept rate per position (all, conditional on earlier ones) |",
-            "|---|" + "---|" * (len(doms) + 1),
-        ]
-        for alg, k in EVAL_RUNS:
-            r = results[f"{alg}-{k}@t{temp:g}"]["domains"]
-            cond = " ".join(f"{x:.2f}" for x in r["all"]["conditional"])
-            lines.append(
-                f"| {NAMES[f'{alg}-{k}']} | "
-                + " | ".join(f"{r[d]['tau']:.2f}" for d in doms)
-                + f" | {cond} |"
+    for temp in TEMPERATURES:
+        for ctx in recipe.eval_lens:
+            doms = list(results[f"dspark-7@t{temp:g}@{ctx}"]["domains"])
+            lines += [
+                f"### Temperature {temp:g}, context {ctx}",
+                "",
+                "| drafter | "
+                + " | ".join(f"tau {d}" for d in doms)
+                + " | accept rate per position (all, conditional) |",
+                "|---|" + "---|" * (len(doms) + 1),
+            ]
+            for alg, k in EVAL_RUNS:
+                r = results[f"{alg}-{k}@t{temp:g}@{ctx}"]["domains"]
+                cond = " ".join(f"{x:.2f}" for x in r["all"]["conditional"])
+                taus = " | ".join(f"{r[d]['tau']:.2f}" for d in doms)
+                lines.append(f"| {NAMES[f'{alg}-{k}']} | {taus} | {cond} |")
+            lines.append("")
+    return lines
+
+
+def goal_check(recipe: Recipe, results: dict) -> list[str]:
+    """The issue's offline aims, checked against the measured numbers (met or not)."""
+    lo, hi = min(recipe.eval_lens), max(recipe.eval_lens)
+    out = ["Aims of the issue, as measured (block 7, all domains):", ""]
+    for temp in TEMPERATURES:
+        for ctx in recipe.eval_lens:
+            tau = {
+                a: results[f"{a}-{k}@t{temp:g}@{ctx}"]["domains"]["all"]["tau"]
+                for a, k in EVAL_RUNS
+                if k != 1
+            }
+            sp, fl, mt = tau["dspark"], tau["dflash"], tau["mtp"]
+            out.append(
+                f"* t={temp:g} context {ctx}: DSpark {sp:.2f} > DFlash {fl:.2f} > MTP-3 {mt:.2f}: "
+                f"{_met(sp > fl > mt)}; DSpark/DFlash = {sp / fl:.2f}x (aim 1.16x: {_met(sp >= 1.16 * fl)})"
             )
-        lines.append("")
-    notes = out / "notes.md"  # hand-written remarks on this build's numbers, kept on rebuilds
-    lines += goal_check(results) + ([notes.read_text().rstrip(), ""] if notes.is_file() else [])
-    lines += [
+    for alg, k in (("dspark", 7), ("mtp", 3)):
+        a = results[f"{alg}-{k}@t0@{hi}"]["domains"]["all"]["tau"]
+        b = results[f"{alg}-{k}@t0@{lo}"]["domains"]["all"]["tau"]
+        out.append(
+            f"* t=0 {alg}: tau at context {hi} {a:.2f} vs {b:.2f} at {lo} = {a / b:.2f}x "
+            f"(aim 0.9x: {_met(a >= 0.9 * b)})"
+        )
+    return out + [""]
+
+
+def _met(ok: bool) -> str:
+    return "met" if ok else "NOT met"
+
+
+def engine_and_sts(recipe: Recipe, out: Path, results: dict) -> list[str]:
+    sts = json.loads((out / "dspark" / "sts.json").read_text())
+    lines = [
         "Cross-check through the serving engine (`LLM` + `--speculative-*`, greedy, verify policy",
-        f"full) on the first {ENGINE_CHECK_PROMPTS} held-out prompts of each domain, next to the",
-        "offline number for the same prompts:",
+        f"full) on the first {recipe.engine_check_prompts} held-out prompts of each domain at context",
+        f"{min(recipe.eval_lens)}, next to the offline number for the same prompts:",
         "",
         "| drafter | engine tau | offline tau |",
         "|---|---|---|",
@@ -128,19 +165,16 @@ def _evaluation(out: Path, results: dict) -> list[str]:
     for alg, k in EVAL_RUNS:
         r = results[f"{alg}-{k}@engine"]
         lines.append(f"| {NAMES[f'{alg}-{k}']} | {r['engine_tau']:.2f} | {r['offline_tau']:.2f} |")
-    return lines + [""]
-
-
-def _calibration(out: Path) -> list[str]:
-    sts = json.loads((out / "dspark" / "sts.json").read_text())
-    return [
+    n = len(sts["temperatures"])
+    return lines + [
+        "",
         "## DSpark confidence calibration (STS)",
         "",
         "Fitted on half of the held-out sequences at temperature 1, ECE of the survival",
         "probability per position reported on the other half:",
         "",
-        "| position | " + " | ".join(str(i + 1) for i in range(len(sts["temperatures"]))) + " |",
-        "|---|" + "---|" * len(sts["temperatures"]),
+        "| position | " + " | ".join(str(i + 1) for i in range(n)) + " |",
+        "|---|" + "---|" * n,
         "| temperature | " + " | ".join(f"{t:.2f}" for t in sts["temperatures"]) + " |",
         "| ECE before | " + " | ".join(f"{e:.3f}" for e in sts["ece_before"]) + " |",
         "| ECE after | " + " | ".join(f"{e:.3f}" for e in sts["ece_after"]) + " |",
@@ -148,69 +182,32 @@ def _calibration(out: Path) -> list[str]:
     ]
 
 
-def _recipe() -> list[str]:
-    """The commands that built the bundle and the training settings."""
-    from specserve.train.drafter import default_layer_ids
-
-    lines = [
+def how_built(recipe: Recipe, stages: dict[str, float]) -> list[str]:
+    t = recipe.target_train
+    spread = ", ".join(
+        f"{n} x {p}" for n, p in zip(recipe.train_prompts, recipe.prompt_lens, strict=True)
+    )
+    return [
         "## How it was built",
         "",
-        "```",
-        "specserve train corpus --out build/demo/corpus      # stdlib .py (code), man pages (prose)",
-        f"specserve train tokenizer --corpus build/demo/corpus/code build/demo/corpus/prose --vocab-size {VOCAB_SIZE} --out build/demo/tokenizer",
-        "specserve train target --corpus ... --tokenizer build/demo/tokenizer --config target/train_config.json --out build/demo/target --resume",
-        f"specserve train prompts --corpus ... --tokenizer build/demo/tokenizer --split train --per-corpus {TRAIN_PROMPTS} --out build/demo/prompts_train.jsonl",
-        "specserve train gen-data --target models/demo/target --prompts build/demo/prompts_train.jsonl --out build/demo/data_train --temperature 1",
-        "specserve train gen-data --target models/demo/target --prompts build/demo/prompts_train.jsonl --out build/demo/data_train_greedy --temperature 0",
-        f"specserve train prompts ... --split heldout --per-corpus {HELDOUT_PROMPTS} --out build/demo/prompts_heldout.jsonl",
-        "specserve train gen-data --target models/demo/target --prompts build/demo/prompts_heldout.jsonl --out build/demo/data_heldout",
-    ]
-    for alg, extra in DRAFTER_ARGS.items():
-        lines.append(
-            f"specserve train drafter --algorithm {alg} --target models/demo/target "
-            f"--data {' '.join('build/demo/' + n for n in TRAIN_DATA)} --out build/demo/{alg} "
-            f"--cache-target-states --steps {DRAFTER_STEPS[alg]} {' '.join(extra)}"
-        )
-    lines += [
-        "specserve train calibrate --drafter models/demo/dspark --data build/demo/data_heldout",
-        "specserve eval drafter --target models/demo/target --drafter models/demo/dspark --data build/demo/data_heldout --temperature 0",
-        "```",
+        "`python -m specserve.train.bundle --out models/demo` (stages resume; `--estimate` times",
+        "full-size steps first and predicts each stage). Wall-clock seconds per stage of this build:",
         "",
-        "Every drafter: 1 transformer layer, frozen shared embedding / LM head, AdamW, batch 16",
-        "target-generated sequences (64-token prompt + 96 tokens; half sampled at temperature 1,",
-        "half greedy, 4000 in all), target states computed once (`--cache-target-states`);",
-        f"DFlash/DSpark: {ANCHORS} random anchors per sequence, position weights exp(-(k-1)/4),",
-        f"target layers {list(default_layer_ids(TARGET_RUN['model']['num_hidden_layers']))} "
-        "as context; DSpark loss 0.1 CE + 0.9 TV + 1.0 BCE, DFlash and",
-        "MTP 0.1 CE + 0.9 TV (MTP chained 3 steps). Training logs are in each `train_log.json`.",
+        "| stage | seconds |",
+        "|---|---|",
+        *(f"| {k} | {v:.0f} |" for k, v in stages.items()),
+        "",
+        f"* Target: {t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens (packed whole",
+        "  files of the train split), AdamW, warm-up then cosine decay.",
+        f"* Drafter data: prompts per domain (count x tokens) {spread}, windows of whole training",
+        f"  files, each continued by the target for {recipe.new_tokens} tokens once sampled (t=1)",
+        "  and once greedy; the target's states computed once (`specserve train cache-target`)",
+        "  and shared by the three drafters; batches hold one prompt length.",
+        f"* Every drafter: 1 transformer layer, frozen shared embedding / LM head, AdamW, batch "
+        f"{recipe.drafter_batch};",
+        f"  DFlash/DSpark: {recipe.anchors} random anchors per sequence, block 7, position weights",
+        f"  exp(-(k-1)/4), target layers {list(recipe.target_layer_ids)} as context (never the last",
+        "  layer); DSpark loss 0.1 CE + 0.9 TV + 1.0 BCE, Markov rank 128; DFlash and MTP",
+        "  0.1 CE + 0.9 TV (MTP chained 3 steps). Training logs are in each `train_log.json`.",
         "",
     ]
-    return lines
-
-
-def write_readme(out: Path, results: dict) -> None:
-    """The bundle's README.md from the build's logs and `results` (evaluation, costs)."""
-    lines = _contents(out, results) + _evaluation(out, results) + _calibration(out) + _recipe()
-    (out / "README.md").write_text("\n".join(lines))
-
-
-def goal_check(results: dict) -> list[str]:
-    """The issue's targets, checked against the measured numbers (met or not)."""
-    out = ["Targets of the issue, as measured (block 7):", ""]
-    for temp in (0.0, 1.0):
-        tau = {a: results[f"{a}-{k}@t{temp:g}"]["domains"] for a, k in EVAL_RUNS if k != 1}
-        for dom in ("code", "prose"):
-            sp, fl, mt = (tau[a][dom]["tau"] for a in ("dspark", "dflash", "mtp"))
-            order = sp > fl > mt
-            out.append(
-                f"* t={temp:g} {dom}: DSpark {sp:.2f} > DFlash {fl:.2f} > MTP-3 {mt:.2f}: "
-                f"{'met' if order else 'NOT met'}; DSpark/DFlash = {sp / fl:.2f}x "
-                f"(aim 1.16x: {'met' if sp >= 1.16 * fl else 'NOT met'})"
-            )
-        for alg in ("dspark", "dflash", "mtp"):
-            c, p = tau[alg]["code"]["tau"], tau[alg]["prose"]["tau"]
-            out.append(
-                f"* t={temp:g} {alg}: tau(code) {c:.2f} > tau(prose) {p:.2f}: "
-                f"{'met' if c > p else 'NOT met'}"
-            )
-    return out + [""]

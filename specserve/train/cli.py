@@ -51,6 +51,11 @@ def register(sub) -> None:
     p.add_argument("--split", choices=["train", "heldout"], default="train")
     p.add_argument("--per-corpus", type=int, default=1000)
     p.add_argument("--prompt-len", type=int, default=64)
+    p.add_argument(
+        "--whole-files",
+        action="store_true",
+        help="each prompt: the first --prompt-len tokens of its own file (shorter files skipped)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     _threads(p)
@@ -151,11 +156,16 @@ def register(sub) -> None:
 
     ev = sub.add_parser("eval", help="offline evaluation")
     esub = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
-    p = esub.add_parser("drafter", help="accept length per domain, no server")
+    p = esub.add_parser("drafter", help="accept length per domain (and context length), no server")
     p.add_argument("--target", required=True)
     p.add_argument("--drafter", required=True)
-    p.add_argument("--data", required=True, help="a gen-data folder (its prompts are used)")
-    p.add_argument("--temperature", type=float, default=0.0, choices=[0.0, 1.0])
+    p.add_argument(
+        "--data",
+        required=True,
+        nargs="+",
+        help="gen-data folders (their prompts are used); one per context bucket",
+    )
+    p.add_argument("--temperature", type=float, nargs="+", default=[0.0], choices=[0.0, 1.0])
     p.add_argument("--block-size", type=int, help="draft tokens per round (MTP: chained steps)")
     p.add_argument("--json", help="also write the result here")
     _common(p, resume=False)
@@ -309,6 +319,7 @@ def _prompts(args):
             args.prompt_len,
             args.out,
             args.seed,
+            args.whole_files,
         ),
     )
     print(f"{n} prompts written to {args.out}")
@@ -383,7 +394,7 @@ def _drafter_schedule(args):
 
     steps = 300 if args.steps is None else args.steps
     if args.num_train_epochs is not None:
-        n = len(load_dataset(args.data)["input_ids"])
+        n = len(load_dataset(args.data, pad=True)["input_ids"])
         steps = max(1, int(args.num_train_epochs * (n // args.global_batch_size)))
     return TrainConfig(
         steps=steps,
@@ -410,10 +421,13 @@ def _cache_target(args):
 
     def go(world, device):
         target, cfg = load_model(args.target, device=device)
-        ids = load_dataset(args.data)["input_ids"].long()
+        data = load_dataset(args.data, pad=True)
+        ids = data["input_ids"].long()
         layers = args.target_layer_ids or default_layer_ids(cfg.num_hidden_layers)
         key = CacheKey.of(args.target, ids, layers, cfg.hidden_size)
-        write_cache(target, key, ids, args.out, world, args.cache_dtype, args.batch_size)
+        write_cache(
+            target, key, ids, args.out, world, args.cache_dtype, args.batch_size, data["lengths"]
+        )
         return key
 
     world, key = _run_parallel(args, go)
@@ -443,18 +457,28 @@ def _calibrate(args):
 
 
 def _eval(args):
-    from specserve.train.evaluate import evaluate_drafter
+    from specserve.train.evaluate import evaluate_contexts
 
-    _need_dirs(args.target, args.drafter, args.data)
-    result = _run(
+    _need_dirs(args.target, args.drafter, *args.data)
+    results = _run(
         args,
-        lambda: evaluate_drafter(
-            args.target, args.drafter, args.data, args.temperature, args.block_size, args.device
+        lambda: evaluate_contexts(
+            args.target,
+            args.drafter,
+            args.data,
+            tuple(args.temperature),
+            args.block_size,
+            args.device,
         ),
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"{result['algorithm']}  block {result['block_size']}  temperature {args.temperature:g}")
-    for dom, r in result["domains"].items():
-        cond = " ".join(f"{x:.2f}" for x in r["conditional"])
-        print(f"  {dom:8s} tau {r['tau']:.3f}  rounds {r['rounds']:5d}  accept|prev {cond}")
+        body = results[0] if len(results) == 1 else results
+        Path(args.json).write_text(json.dumps(body, indent=2) + "\n")
+    for result in results:
+        print(
+            f"{result['algorithm']}  block {result['block_size']}  "
+            f"temperature {result['temperature']:g}  context {result['context']}"
+        )
+        for dom, r in result["domains"].items():
+            cond = " ".join(f"{x:.2f}" for x in r["conditional"])
+            print(f"  {dom:8s} tau {r['tau']:.3f}  rounds {r['rounds']:5d}  accept|prev {cond}")

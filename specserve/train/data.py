@@ -126,6 +126,18 @@ def _man_sources(man_root: Path) -> Iterator[tuple[str, str]]:
                 yield f"{section}/{p.name.removesuffix('.gz')}.txt", text
 
 
+def heldout_documents(
+    man_root: str | Path = "/usr/share/man",
+) -> Iterator[tuple[str, str, str]]:
+    """(domain, path, text) of the demo corpus's held-out files, read from the machine (the same
+    sources and path hash as `export_corpus`), code first: long-context prompts for a bundle
+    that ships none."""
+    for domain, sources in (("code", _stdlib_sources()), ("prose", _man_sources(Path(man_root)))):
+        for rel, text in sources:
+            if is_heldout(rel):
+                yield domain, rel, text
+
+
 def export_corpus(
     out: str | Path, max_bytes: int = 32 << 20, man_root: str | Path = "/usr/share/man"
 ) -> dict[str, int]:

@@ -118,17 +118,22 @@ def block_loss(
     spec: DrafterSpec,
     generator: torch.Generator,
     states: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lengths: torch.Tensor | None = None,
 ) -> LossParts:
     """DFlash / DSpark loss of one batch [B, T] of sequences (`states`: the batch's
-    `target_states`, when cached)."""
+    `target_states`, when cached; `prompt_len` and `lengths` may be per row [B], the rows
+    right-padded to T)."""
     b, t = input_ids.shape
     k = drafter.block_size
     feats, last = states or target_states(target, input_ids, drafter.config.target_layer_ids)
-    anchors, amask = sample_anchors(b, t, prompt_len, spec.anchors_per_seq, generator)
+    ends = torch.full((b,), t) if lengths is None else lengths.cpu()
+    anchors, amask = sample_anchors(b, ends, prompt_len, spec.anchors_per_seq, generator)
     anchors, amask = anchors.to(input_ids.device), amask.to(input_ids.device)
     out = drafter(input_ids, feats, anchors, amask)
+    slots = torch.arange(k, device=anchors.device)
+    valid = out.valid & (anchors[:, :, None] + 1 + slots < ends.to(anchors.device)[:, None, None])
     # The target's distribution of the token at anchor + k + 1 is its output at anchor + k.
-    rows = (anchors[:, :, None] + torch.arange(k, device=anchors.device)).clamp(max=t - 1)
+    rows = (anchors[:, :, None] + slots).clamp(max=t - 1)
     with torch.no_grad():
         h = last.gather(1, rows.reshape(b, -1, 1).expand(-1, -1, last.shape[-1]))
         t_logits = target.compute_logits(h.reshape(-1, h.shape[-1])).view(*rows.shape, -1)
@@ -137,7 +142,7 @@ def block_loss(
         out.logits,
         t_logits,
         out.target_ids,
-        out.valid,
+        valid,
         conf,
         spec.loss_weights(),
         spec.loss_decay_gamma,
@@ -152,13 +157,19 @@ def mtp_loss(
     depth: int,
     states: tuple[torch.Tensor, torch.Tensor] | None = None,
     weights: dict[str, float] = DFLASH_WEIGHTS,
+    lengths: torch.Tensor | None = None,
 ) -> LossParts:
     """MTP loss, chained `depth` steps (as `MTPModule.forward` chains); step d (1-based)
     predicts the token d + 1 ahead, weighted like block slot d. Only target-generated labels
     (position >= prompt_len) count, so only their rows go through the LM head. Depth 1 is
-    DeepSeek-V3's recipe (one module trained one token ahead, chained only at inference)."""
+    DeepSeek-V3's recipe (one module trained one token ahead, chained only at inference).
+    `prompt_len` and `lengths` may be per row [B] (rows right-padded to T)."""
     b, t = input_ids.shape
-    p0 = max(prompt_len, 2)
+    firsts = torch.as_tensor(prompt_len, device=input_ids.device).expand(b)
+    ends = torch.full((b,), t) if lengths is None else lengths
+    p0 = max(int(firsts.min()), 2)
+    label_pos = torch.arange(p0, t, device=input_ids.device)
+    valid = (label_pos >= firsts[:, None]) & (label_pos < ends.to(input_ids.device)[:, None])
     _, last = states or target_states(target, input_ids, capture_layers(mtp, "mtp"))
     with torch.no_grad():  # the target's distribution of the token at p0 + j is row j
         t_logits = target.compute_logits(last[:, p0 - 1 : t - 1].reshape(-1, last.shape[-1]))
@@ -172,7 +183,6 @@ def mtp_loss(
         first = p0 - d - 2  # first row whose label (at i + d + 2) is generated
         logits = mtp.compute_logits(out[:, first : n - 1])
         labels = input_ids[:, p0:]
-        valid = torch.ones_like(labels, dtype=torch.bool)
         parts.append(
             draft_loss(
                 logits[:, :, None],
@@ -197,12 +207,14 @@ def capture_layers(drafter, algorithm: str) -> tuple[int, ...]:
     return drafter.config.target_layer_ids
 
 
-def step_loss(drafter, target, batch, prompt_len, spec, generator, states=None) -> LossParts:
+def step_loss(
+    drafter, target, batch, prompt_len, spec, generator, states=None, lengths=None
+) -> LossParts:
     if spec.algorithm == "mtp":
         return mtp_loss(
-            drafter, target, batch, prompt_len, spec.mtp_depth, states, spec.loss_weights()
+            drafter, target, batch, prompt_len, spec.mtp_depth, states, spec.loss_weights(), lengths
         )
-    return block_loss(drafter, target, batch, prompt_len, spec, generator, states)
+    return block_loss(drafter, target, batch, prompt_len, spec, generator, states, lengths)
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -231,8 +243,8 @@ def train_drafter(
     target, _ = load_model(target_dir, device=device)
     # The drafter trains and is saved in float32, whatever the target's files hold.
     target_config = _read_config(target_dir) | {"torch_dtype": "float32"}
-    data = load_dataset(data_dir)
-    ids_all, prompt_len = data["input_ids"].long(), int(data["prompt_len"])
+    data = load_dataset(data_dir, pad=True)
+    ids_all, prompt_lens, lengths = data["input_ids"].long(), data["prompt_lens"], data["lengths"]
     torch.manual_seed(train.seed)
     drafter = build_drafter(spec, target, target_config).to(device).train()
     t_cache = time.monotonic()
@@ -247,20 +259,25 @@ def train_drafter(
             target_config["hidden_size"],
         )
         if cache_states and not (Path(target_cache) / INDEX_NAME).exists():
-            write_cache(target, key, ids_all, target_cache, world, cache_dtype)
+            write_cache(target, key, ids_all, target_cache, world, cache_dtype, lengths=lengths)
         cache = TargetStateCache(target_cache)
         cache.check(key, ignore=("target_layer_ids",) if spec.algorithm == "mtp" else ())
     t_cache = time.monotonic() - t_cache
 
     def loss_fn(idx: torch.Tensor, gen: torch.Generator):
+        t = int(lengths[idx].max())  # rows of shorter prompts are right-padded: cut the padding
         states = cache.batch(idx, device) if cache is not None else None
-        parts = step_loss(drafter, target, ids_all[idx].to(device), prompt_len, spec, gen, states)
+        states = states and tuple(s[:, :t] for s in states)
+        batch = ids_all[idx, :t].to(device)
+        parts = step_loss(
+            drafter, target, batch, prompt_lens[idx], spec, gen, states, lengths[idx].to(device)
+        )
         return parts.total, {k: getattr(parts, k) for k in ("total", "ce", "tv", "bce", "accept")}
 
     log, elapsed = fit(
         drafter,
         loss_fn,
-        lambda step: _batch_indices(step, train.batch_size, len(ids_all), train.seed),
+        lambda step: _batch_indices(step, train.batch_size, lengths, train.seed),
         train,
         out,
         world,
@@ -285,12 +302,17 @@ def train_drafter(
     return summary
 
 
-def _batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
-    """Rows of step `step`: a fresh permutation of the data set every epoch."""
+def _batch_indices(step: int, batch_size: int, lengths: torch.Tensor, seed: int) -> torch.Tensor:
+    """Rows of step `step`: every epoch a fresh permutation of the data set, grouped by length
+    (rows of one prompt length share a batch, so little padding runs), batches in random order."""
+    n = len(lengths)
     per_epoch = max(1, n // batch_size)
     epoch, i = divmod(step, per_epoch)
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 7919 * epoch))
-    return perm[i * batch_size : (i + 1) * batch_size]
+    gen = torch.Generator().manual_seed(seed + 7919 * epoch)
+    perm = torch.randperm(n, generator=gen)
+    perm = perm[lengths[perm].argsort(stable=True)]
+    batches = perm[: per_epoch * min(batch_size, n)].view(per_epoch, -1)
+    return batches[torch.randperm(per_epoch, generator=gen)[i]]
 
 
 def _read_config(path: str | Path) -> dict[str, Any]:

@@ -374,6 +374,29 @@ def evaluate_drafter(
     return result
 
 
+def evaluate_contexts(
+    target_dir,
+    drafter_dir,
+    data_dirs: list,
+    temperatures: tuple[float, ...] = (0.0, 1.0),
+    block_size: int | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+) -> list[dict]:
+    """`evaluate_drafter` per context bucket and temperature: each data folder holds prompts of
+    one length (its bucket, e.g. 64, 512, 2048 tokens); every result gets `context` = that
+    length. Ordered by context, then temperature."""
+    from specserve.train.gendata import load_dataset
+
+    lens = {str(d): int(load_dataset(d)["prompt_len"]) for d in data_dirs}
+    return [
+        evaluate_drafter(target_dir, drafter_dir, d, t, block_size, device, seed)
+        | {"context": lens[str(d)]}
+        for d in sorted(data_dirs, key=lambda d: lens[str(d)])
+        for t in temperatures
+    ]
+
+
 def _summary(st: RoundStats) -> dict:
     return {
         "tau": round(st.tau, 3),

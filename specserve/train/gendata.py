@@ -96,24 +96,33 @@ def make_prompts(
     prompt_len: int,
     out: str | Path,
     seed: int = 0,
+    whole_files: bool = False,
 ) -> int:
-    """Write `per_corpus` prompts per corpus: windows of `prompt_len` tokens at random offsets of
-    random files of the split, as JSON lines. Returns how many were written."""
+    """Write `per_corpus` prompts per corpus as JSON lines (`domain`, `token_ids`, `text`,
+    `source`): windows of `prompt_len` tokens at random offsets of random files of the split, or
+    with `whole_files` the first `prompt_len` tokens of distinct files long enough to hold them
+    (long-context prompts: one file each, never snippets joined). Returns how many were written."""
     tok = load_tokenizer(tokenizer_dir)
     rng = random.Random(seed)
     lines = []
     for corpus in corpora:
+        root = Path(corpus)
         files = corpus_files(corpus, split)
         rng.shuffle(files)
         made = 0
-        for f in files * 4:  # several windows per file when the split is small
+        for f in files if whole_files else files * 4:  # several windows per file if few files
             ids = tok.encode(f.read_text(encoding="utf-8", errors="replace")).ids
-            if len(ids) < prompt_len + 8:
+            if len(ids) < prompt_len + (0 if whole_files else 8):
                 continue
-            start = rng.randrange(0, len(ids) - prompt_len)
+            start = 0 if whole_files else rng.randrange(0, len(ids) - prompt_len)
             window = ids[start : start + prompt_len]
             lines.append(
-                {"domain": Path(corpus).name, "token_ids": window, "text": tok.decode(window)}
+                {
+                    "domain": root.name,
+                    "token_ids": window,
+                    "text": tok.decode(window),
+                    "source": f.relative_to(root).as_posix(),
+                }
             )
             made += 1
             if made == per_corpus:
@@ -190,27 +199,39 @@ def generate_dataset(
     return meta
 
 
-def load_dataset(data_dir: str | Path | list[str | Path]) -> dict[str, Any]:
-    """`data.pt` of a `generate_dataset` folder: input_ids [N, T] int32, prompt_len, domains.
-    Several folders (e.g. sampled and greedy continuations) are pooled; their prompt and
-    sequence lengths must agree."""
+def load_dataset(data_dir: str | Path | list[str | Path], pad: bool = False) -> dict[str, Any]:
+    """`data.pt` of a `generate_dataset` folder: input_ids [N, T] int32, prompt_len, domains,
+    and per row `prompt_lens` and `lengths` [N]. Several folders (e.g. sampled and greedy
+    continuations) are pooled; their prompt and sequence lengths must agree, unless `pad`:
+    then shorter rows are right-padded with 0 (drafter data of several prompt lengths;
+    `prompt_len` is then the shortest)."""
     if isinstance(data_dir, (list, tuple)):
         parts = [load_dataset(d) for d in data_dir]
         shapes = {(p["prompt_len"], p["input_ids"].shape[1]) for p in parts}
-        if len(shapes) > 1:
+        if len(shapes) > 1 and not pad:
             raise ValueError(
                 f"data folders {[str(d) for d in data_dir]} differ in (prompt_len, seq_len): "
                 f"{sorted(shapes)}"
             )
+        width = max(t for _, t in shapes)
         return {
-            "input_ids": torch.cat([p["input_ids"] for p in parts]),
-            "prompt_len": parts[0]["prompt_len"],
+            "input_ids": torch.cat(
+                [F.pad(p["input_ids"], (0, width - p["input_ids"].shape[1])) for p in parts]
+            ),
+            "prompt_len": min(p for p, _ in shapes),
             "domains": [d for p in parts for d in p["domains"]],
+            "prompt_lens": torch.cat([p["prompt_lens"] for p in parts]),
+            "lengths": torch.cat([p["lengths"] for p in parts]),
         }
     path = Path(data_dir) / "data.pt"
     if not path.is_file():
         raise ValueError(f"{data_dir}: no data.pt (run `specserve train gen-data` first)")
-    return torch.load(path)
+    data = torch.load(path)
+    n, t = data["input_ids"].shape
+    return data | {
+        "prompt_lens": torch.full((n,), int(data["prompt_len"])),
+        "lengths": torch.full((n,), t),
+    }
 
 
 def dataset_meta(data_dir: str | Path) -> dict[str, Any]:

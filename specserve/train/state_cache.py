@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from specserve.train.loop import Progress
 from specserve.train.parallel import World, barrier
@@ -86,9 +87,11 @@ def write_cache(
     world: World = World(),
     dtype: str = "bfloat16",
     chunk: int = 16,
+    lengths: torch.Tensor | None = None,
 ) -> Path:
     """Run the target over this rank's share of `ids` [N, T] and write its shard; rank 0 writes
-    the index once every shard is on disk. -> the cache folder."""
+    the index once every shard is on disk. -> the cache folder. `lengths` [N]: rows are
+    right-padded to T; the target runs only up to each chunk's longest row (zeros after)."""
     from specserve.train.drafter import target_states
 
     if dtype not in CACHE_DTYPES:
@@ -104,13 +107,15 @@ def write_cache(
     bar = Progress(len(starts), 0, "cache-target") if world.main else None
     with open(f"{path}.tmp", "wb") as f:
         for i in starts:
-            batch = ids[i : min(i + chunk, rows.stop)].to(device)
-            feats, last = target_states(target, batch, key.target_layer_ids)
-            rec = torch.cat([feats, last], -1).to("cpu", CACHE_DTYPES[dtype][0]).contiguous()
+            j = min(i + chunk, rows.stop)
+            t = ids.shape[1] if lengths is None else int(lengths[i:j].max())
+            feats, last = target_states(target, ids[i:j, :t].to(device), key.target_layer_ids)
+            rec = torch.cat([feats, last], -1).to("cpu", CACHE_DTYPES[dtype][0])
+            rec = F.pad(rec, (0, 0, 0, ids.shape[1] - t)).contiguous()
             raw = rec.view(torch.int16) if dtype == "bfloat16" else rec  # numpy has no bf16
             f.write(raw.numpy().tobytes())
             if bar is not None:
-                bar.update(batch.numel())
+                bar.update((j - i) * t)
     if bar is not None:
         bar.close()
     os.replace(f"{path}.tmp", path)

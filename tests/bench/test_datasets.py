@@ -98,3 +98,11 @@ def test_domains_in_turn(tmp_path):
     path.write_text('{"domain": "code"}\n')
     with pytest.raises(DatasetError, match=r"prompts.jsonl:1: expected"):
         datasets.domains_in_turn(path)
+
+
+def test_domains_in_turn_cuts_long_prompts_and_drops_short_ones(tmp_path):
+    path = tmp_path / "long.jsonl"
+    rows = [("code", [1, 2, 3, 4]), ("code", [5, 6]), ("prose", [7, 8, 9]), ("code", [9] * 5)]
+    path.write_text("".join(json.dumps({"domain": d, "token_ids": t}) + "\n" for d, t in rows))
+    assert datasets.domains_in_turn(path, length=3) == [[1, 2, 3], [7, 8, 9], [9, 9, 9]]
+    assert datasets.domains_in_turn(path, length=6) == []

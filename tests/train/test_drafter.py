@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +202,52 @@ def _prompts_file(data_dir: str):
     from specserve.train.gendata import dataset_meta
 
     return dataset_meta(data_dir)["prompts"]
+
+
+def test_anchors_per_row_lengths():
+    gen = torch.Generator().manual_seed(0)
+    prompt, end = torch.tensor([5, 20, 12]), torch.tensor([30, 40, 14])
+    anchors, mask = sample_anchors(3, end, prompt, 6, gen)
+    for a, m, p, e in zip(anchors, mask, prompt, end, strict=True):
+        got = a[m].tolist()
+        assert got == sorted(got) and len(set(got)) == len(got)
+        assert all(p - 1 <= x <= e - 2 for x in got)
+    assert mask.sum(1).tolist() == [6, 6, 2]  # row 3 has only anchors 11 and 12
+
+
+@pytest.mark.parametrize("algorithm", ["mtp", "dspark"])
+def test_padded_rows_lose_as_their_unpadded_selves(tiny_target, tiny_data, tmp_path, algorithm):
+    """Pooling folders of different prompt lengths pads rows on the right; a padded row's loss
+    must not see its padding: it equals the loss of the row alone, cut to its length."""
+    from specserve.train.gendata import generate_dataset
+
+    short = tmp_path / "short"
+    generate_dataset(tiny_target, _prompts_file(tiny_data), short, 6, 8, 0.0, batch_size=16)
+    pooled = load_dataset([tiny_data, short], pad=True)
+    with pytest.raises(ValueError, match="differ in"):
+        load_dataset([tiny_data, short])
+    n = len(load_dataset(tiny_data)["input_ids"])
+    assert pooled["prompt_lens"][n:].eq(6).all() and pooled["lengths"][n:].eq(14).all()
+    assert pooled["input_ids"][n:, 14:].eq(0).all()
+    target, _ = load_model(tiny_target)
+    spec = DrafterSpec(algorithm=algorithm, block_size=4, anchors_per_seq=32)
+    cfg = json.loads((Path(tiny_target) / "config.json").read_text())
+    drafter = build_drafter(spec, target, cfg).eval()
+    row = pooled["input_ids"][n : n + 1].long()
+    losses = []
+    for ids, lengths in ((row, torch.tensor([14])), (row[:, :14], None)):
+        gen = torch.Generator().manual_seed(1)
+        parts = step_loss(drafter, target, ids, torch.tensor([6]), spec, gen, None, lengths)
+        losses.append(parts.total.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_batches_group_rows_of_one_length_and_cover_an_epoch():
+    from specserve.train.drafter import _batch_indices
+
+    lengths = torch.tensor([10] * 12 + [40] * 8)
+    batches = [_batch_indices(s, 4, lengths, seed=3) for s in range(5)]
+    assert sorted(torch.cat(batches).tolist()) == list(range(20))  # each row once per epoch
+    assert all(len(set(lengths[b].tolist())) == 1 for b in batches)
+    assert [b.tolist() for b in batches] != [b.tolist() for b in sorted(batches, key=min)]
+    assert not torch.equal(_batch_indices(5, 4, lengths, 3), batches[0])  # a new epoch reshuffles

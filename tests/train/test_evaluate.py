@@ -163,3 +163,26 @@ def test_parallel_oracle_matches_exact_enumeration(tiny_target):
         # rollouts at least as much
         assert float(expected_tau(alpha[1, j]).mean()) < 2.0 + slot2 - 0.03
         assert float(expected_tau(alpha[2, j]).mean()) > 2.0 + slot2 - 0.02
+
+
+def test_eval_reports_each_context_bucket_and_temperature(tiny_target, tiny_data, tmp_path, capsys):
+    from specserve.speculative.checkpoint import save_drafter
+    from specserve.train.drafter import DrafterSpec, build_drafter
+    from specserve.train.evaluate import evaluate_drafter
+    from specserve.train.gendata import dataset_meta, generate_dataset
+
+    target, cfg = load_model(tiny_target)
+    save_drafter(
+        build_drafter(DrafterSpec("dflash", block_size=3), target, cfg.raw), tmp_path / "d"
+    )
+    short = tmp_path / "short"
+    generate_dataset(tiny_target, dataset_meta(tiny_data)["prompts"], short, 6, 16, 1.0)
+    args = ["--target", tiny_target, "--drafter", str(tmp_path / "d"), "--json"]
+    argv = ["eval", "drafter", *args, str(tmp_path / "e.json"), "--data", tiny_data, str(short)]
+    assert main([*argv, "--temperature", "0", "1"]) == 0
+    runs = json.loads((tmp_path / "e.json").read_text())
+    assert [(r["context"], r["temperature"]) for r in runs] == [(6, 0), (6, 1), (12, 0), (12, 1)]
+    out = capsys.readouterr().out
+    assert "context 6" in out and "context 12" in out
+    alone = evaluate_drafter(tiny_target, tmp_path / "d", short, 1.0)
+    assert runs[1]["domains"] == alone["domains"]  # a bucket is the plain evaluation of its data

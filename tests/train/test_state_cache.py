@@ -96,3 +96,18 @@ def test_training_from_the_cache_equals_live_forwards(tiny_target, tiny_data, tm
     wrong = [*run, "--target-layer-ids", "1", "2", "--steps", "1"]
     code = main([*wrong, "--out", str(tmp_path / "x"), "--target-cache", str(cache)])
     assert code == 2 and "target_layer_ids is [0, 2] in the cache" in capsys.readouterr().err
+
+
+def test_padded_rows_run_only_to_their_chunks_longest_row(live, tmp_path):
+    """Rows of pooled prompt lengths: the target runs each chunk up to its longest row; the
+    states there equal a full forward (causal attention), zeros after."""
+    target, ids, key, (feats, last) = live
+    lengths = torch.tensor([10] * 8 + [ids.shape[1]] * (len(ids) - 8))
+    cache = TargetStateCache(
+        write_cache(target, key, ids, tmp_path / "c", dtype="float32", chunk=4, lengths=lengths)
+    )
+    got_feats, got_last = cache.batch(torch.arange(len(ids)), "cpu")
+    assert torch.allclose(got_feats[:8, :10], feats[:8, :10], atol=1e-5)
+    assert torch.allclose(got_last[:8, :10], last[:8, :10], atol=1e-5)
+    assert got_feats[:8, 10:].eq(0).all() and got_last[:8, 10:].eq(0).all()
+    assert torch.equal(got_feats[8:], feats[8:]) and torch.equal(got_last[8:], last[8:])
