@@ -83,13 +83,16 @@ class Authenticator:
         if self._session_ok(request.cookies.get(SESSION_COOKIE)):
             return
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("basic ") and self._basic(header[6:].strip()):
-            return
+        if header.lower().startswith("basic "):
+            if self._basic(header[6:].strip()):
+                return
+            raise ApiError(401, "wrong username or password", "invalid_credentials")
         key = bearer(request)
         if key is None:
             raise ApiError(
                 401,
-                "missing credentials: send 'Authorization: Bearer <api key>'",
+                "missing credentials: send 'Authorization: Bearer <api key>' "
+                "(or the admin password as HTTP basic auth)",
                 "invalid_api_key",
             )
         if not self.check_api_key(key, scope):

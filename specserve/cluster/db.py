@@ -75,7 +75,10 @@ class Model(Base):
 
 
 class ModelInstance(Base):
+    """One replica of a deployment. Ids are never reused: workers match instances on them."""
+
     __tablename__ = "model_instances"
+    __table_args__ = {"sqlite_autoincrement": True}
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(255), unique=True)
     model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.id"), index=True)
@@ -195,9 +198,21 @@ def _v1_initial(op: Operations) -> None:
     )  # fmt: skip
 
 
+def _v2_instance_ids_never_reused(op: Operations) -> None:
+    # PostgreSQL sequences never hand out an id twice; SQLite reuses a deleted top rowid
+    # unless the table is declared AUTOINCREMENT, which needs a rebuilt table.
+    if op.get_bind().dialect.name != "sqlite":
+        return
+    with op.batch_alter_table(
+        "model_instances", recreate="always", table_kwargs={"sqlite_autoincrement": True}
+    ):
+        pass
+
+
 # Append-only: (version, description, step). Never edit a released step; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Operations], None]]] = [
     (1, "initial schema", _v1_initial),
+    (2, "model instance ids are never reused", _v2_instance_ids_never_reused),
 ]
 
 _versions = sa.Table(

@@ -56,7 +56,7 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class ServerConfig:
     data_dir: Path
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"
     port: int = 8080
     database_url: str | None = None  # default: SQLite in data_dir
     bootstrap_password: str | None = None

@@ -40,7 +40,7 @@ class WorkerConfig:
     data_dir: Path
     name: str = field(default_factory=socket.gethostname)
     ip: str | None = None  # default: the address that routes to the server
-    host: str = "0.0.0.0"
+    host: str | None = None  # where the worker API listens; default: `ip` only
     port: int = 10150  # the worker's own API (logs, path checks)
     port_range: tuple[int, int] = (40000, 40063)
     labels: dict[str, str] = field(default_factory=dict)
@@ -172,6 +172,7 @@ class Worker:
     def __init__(self, config: WorkerConfig, runtime: Runtime | None = None) -> None:
         self.config = config
         self.ip = config.ip or route_ip(config.server_url)
+        self.host = config.host or self.ip
         self.runtime = runtime or ProcessRuntime()
         self.locals: dict[int, Local] = {}
         self.worker_id: int | None = None
@@ -460,6 +461,6 @@ async def run_worker(config: WorkerConfig) -> None:
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(config)
-    server = http_server(worker_app(worker), config.host, config.port)
+    server = http_server(worker_app(worker), worker.host, config.port)
     with contextlib.suppress(asyncio.CancelledError):
         await serve_until_signal([server], [worker.run()])
