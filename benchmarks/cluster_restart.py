@@ -98,7 +98,7 @@ def main() -> None:
             t0 = time.monotonic()
             os.kill(inst["pid"], signal.SIGKILL)
             old = inst["pid"]
-            inst = wait(lambda: (i := instance()) and i["pid"] != old and i, 600, "running")
+            inst = wait(lambda old=old: (i := instance()) and i["pid"] != old and i, 600, "running")
             t_running = time.monotonic() - t0
             wait(serves, 60, "an answer")
             print(f"kill {k + 1}: running after {t_running:.1f} s, serving through the gateway "

@@ -79,7 +79,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     k = _client(sub, "api-key", "API keys", ["list", "create", "delete"])
     k.add_argument("name", nargs="?")
-    k.add_argument("--scope", action="append", choices=["inference", "management"])
+    k.add_argument(
+        "--scope",
+        action="append",
+        choices=["inference", "management", "*"],
+        help="what the key may do (repeatable; default inference; * = everything)",
+    )
     k.add_argument("--expires-in-days", type=int)
 
 
@@ -271,6 +276,10 @@ class Client:
             raise CLIError(f"{r.status_code}: {message}")
         return r.json() if r.content else None
 
+    def items(self, path: str, **params: object) -> list:
+        """Every row of a GPUStack-style paginated list."""
+        return self.call("GET", path, params={**params, "page": -1})["items"]
+
 
 def _need(value: object, what: str) -> object:
     if value is None:
@@ -297,11 +306,11 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 COLUMNS = {
-    "backend": ["id", "name", "default_version", "builtin", "description"],
+    "backend": ["id", "backend_name", "default_version", "is_built_in", "description"],
     "deploy": ["id", "name", "backend", "replicas", "ready_replicas", "source"],
     "instances": ["id", "name", "state", "worker_name", "port", "restart_count", "state_message"],
-    "workers": ["id", "name", "ip", "state", "labels", "heartbeat_at"],
-    "api-key": ["id", "name", "access_key", "scopes", "expires_at", "last_used_at"],
+    "workers": ["id", "name", "ip", "state", "labels", "heartbeat_time"],
+    "api-key": ["id", "name", "access_key", "scope", "expires_at", "last_used_at"],
 }
 
 
@@ -314,7 +323,7 @@ def _table(rows: list[dict], columns: list[str]) -> None:
 
 def _backend(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/inference-backends")
+        return c.items("/v2/inference-backends")
     if a.action == "create":
         import yaml
 
@@ -333,7 +342,7 @@ def _backend(c: Client, a: argparse.Namespace) -> object:
 
 def _deploy(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/models")
+        return c.items("/v2/models")
     name = _need(a.name, "a deployment name")
     if a.action == "show":
         return c.call("GET", f"/v2/models/{name}")
@@ -345,7 +354,7 @@ def _deploy(c: Client, a: argparse.Namespace) -> object:
     sources = [
         ("local_path", a.model_path),
         ("huggingface", a.hf_repo),
-        ("modelscope", a.modelscope_repo),
+        ("model_scope", a.modelscope_repo),
     ]
     given = [(s, v) for s, v in sources if v]
     if len(given) != 1:
@@ -360,15 +369,16 @@ def _deploy(c: Client, a: argparse.Namespace) -> object:
         "backend_parameters": a.backend_parameters,
         "env": _pairs(a.env, "--env"),
         "worker_selector": _pairs(a.selector, "--selector"),
-        "placement": a.placement,
-        ("local_path" if source == "local_path" else "repo_id"): value,
-    }
+        "placement_strategy": a.placement,
+        {"local_path": "local_path", "huggingface": "huggingface_repo_id",
+         "model_scope": "model_scope_model_id"}[source]: value,
+    }  # fmt: skip
     return c.call("POST", "/v2/models", json=body)
 
 
 def _instances(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/model-instances", params={"model": a.model} if a.model else {})
+        return c.items("/v2/model-instances", **({"model": a.model} if a.model else {}))
     ref = _need(a.ref, "an instance id or name")
     if a.action == "restart":
         return c.call("DELETE", f"/v2/model-instances/{ref}")
@@ -385,17 +395,18 @@ def _instances(c: Client, a: argparse.Namespace) -> object:
 
 def _workers(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/workers")
+        return c.items("/v2/workers")
     return c.call("DELETE", f"/v2/workers/{_need(a.name, 'a worker name')}")
 
 
 def _api_key(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/api-keys")
+        return c.items("/v2/api-keys")
     name = _need(a.name, "a key name")
     if a.action == "delete":
         return c.call("DELETE", f"/v2/api-keys/{name}")
-    body = {"name": name, "scopes": a.scope or ["inference"], "expires_in_days": a.expires_in_days}
+    days = a.expires_in_days
+    body = {"name": name, "scope": a.scope or ["inference"], "expires_in": days and days * 86400}
     out = c.call("POST", "/v2/api-keys", json=body)
     print("the key is shown once; store it now:", file=sys.stderr)
     return out

@@ -35,6 +35,8 @@ from specserve.cluster.db import (
 )
 from specserve.cluster.gateway import gateway_router
 from specserve.cluster.routes import routers
+from specserve.cluster.routes.backends import store as store_backend
+from specserve.cluster.routes.common import validation_message
 from specserve.cluster.scheduler import Controller
 
 log = logging.getLogger("specserve.cluster.server")
@@ -69,16 +71,16 @@ class ServerConfig:
 def builtin_backend() -> S.BackendCreate:
     """The engine of this project as a backend, launched by the worker's Python."""
     return S.BackendCreate(
-        name="specserve",
+        backend_name="specserve",
         description="specserve engine (built in)",
-        versions={
-            "builtin": S.BackendVersion(
+        version_configs={
+            "builtin": S.VersionConfig(
                 entrypoint=f"{shlex.quote(sys.executable)} -m specserve serve",
-                command="--model-path {{model_path}} --host {{worker_ip}} --port {{port}} "
+                run_command="--model-path {{model_path}} --host {{worker_ip}} --port {{port}} "
                 "--served-model-name {{model_name}}",
-                health_check_path="/health",
             )
         },
+        health_check_path="/health",
     )
 
 
@@ -104,12 +106,13 @@ def bootstrap(config: ServerConfig) -> ClusterState:
             )
             s.add(User(username="admin", password_hash=hash_password(password)))
         spec = builtin_backend()
-        row = s.scalar(sa.select(InferenceBackend).where(InferenceBackend.name == spec.name))
+        row = s.scalar(
+            sa.select(InferenceBackend).where(InferenceBackend.name == spec.backend_name)
+        )
         if row is None:
-            row = InferenceBackend(name=spec.name, builtin=True)
+            row = InferenceBackend(builtin=True)
             s.add(row)
-        row.description, row.default_version = spec.description, spec.default_version
-        row.versions = {k: v.model_dump() for k, v in spec.versions.items()}
+        store_backend(row, spec)
     return ClusterState(config, sessions, token, Authenticator(sessions))
 
 
@@ -176,11 +179,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"] if x != "body")
-            parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
-        return error_body(400, "; ".join(parts), "invalid_request")
+        return error_body(400, validation_message(e.errors()), "invalid_request")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:

@@ -12,7 +12,7 @@ import sqlalchemy as sa
 
 from specserve.cluster import db
 
-from .harness import PASSWORD, free_port
+from .harness import PASSWORD, free_port, items
 from .test_store import app_client
 
 
@@ -60,7 +60,7 @@ def test_502_names_the_cause(tmp_path: Path, upstream: str, request) -> None:
         key = c.post("/v2/api-keys", json={"name": "k"}).json()["value"]
         c.auth = None
         for _ in range(50):  # the controller creates the instance row
-            if c.get("/v2/model-instances", auth=("admin", PASSWORD)).json():
+            if items(c.get("/v2/model-instances", auth=("admin", PASSWORD))):
                 break
         port = free_port() if upstream == "refused" else request.getfixturevalue("hang_up_port")
         run_instance_on(url, port)

@@ -71,23 +71,28 @@ def test_backends_models_keys_and_errors(tmp_path: Path, db_url: str) -> None:
         c.auth = ("admin", PASSWORD)
 
         builtin = c.get("/v2/inference-backends/specserve").json()
-        version = builtin["versions"][builtin["default_version"]]
+        version = builtin["version_configs"][builtin["default_version"]]
         assert (
             version["entrypoint"].startswith(sys.executable)
             and "-m specserve serve" in version["entrypoint"]
         )
-        assert "--served-model-name {{model_name}}" in version["command"]
-        assert version["health_check_path"] == "/health"
+        assert "--served-model-name {{model_name}}" in version["run_command"]
+        assert builtin["health_check_path"] == "/health" and builtin["is_built_in"]
 
         r = c.post("/v2/inference-backends", json=SEED_DSPARK)
         assert r.status_code == 201, r.text
-        assert r.json()["versions"]["default"]["framework"] == "cuda"
+        assert r.json()["version_configs"]["default"]["custom_framework"] == "cuda"
         r = c.post("/v2/inference-backends", json=SEED_DSPARK)
         assert r.status_code == 409 and "already exists" in r.json()["error"]["message"]
+        # as in GPUStack, an unknown placeholder is kept verbatim (with a warning in the log)
         r = c.post(
             "/v2/inference-backends", json={**SEED_DSPARK, "name": "x", "command": "--p {{nope}}"}
         )
-        assert r.status_code == 400 and "{{nope}}" in r.json()["error"]["message"]
+        assert r.status_code == 201 and r.json()["version_configs"]["default"]["run_command"] == (
+            "--p {{nope}}"
+        )
+        r = c.post("/v2/inference-backends", json={**SEED_DSPARK, "name": "y", "framework": "tpu"})
+        assert r.status_code == 400 and "custom_framework" in r.json()["error"]["message"]
         assert c.delete("/v2/inference-backends/specserve").status_code == 400
 
         dep = {"name": "ds", "repo_id": "deepseek-ai/DeepSeek-V4-Flash", "backend": "dspark",
@@ -110,14 +115,15 @@ def test_backends_models_keys_and_errors(tmp_path: Path, db_url: str) -> None:
         assert c.patch("/v2/models/ds", json={"replicas": 3}).json()["replicas"] == 3
         assert c.get("/v2/models/404").status_code == 404
 
-        created = c.post("/v2/api-keys", json={"name": "k1"}).json()
+        created = c.post("/v2/api-keys", json={"name": "k1", "scope": ["inference"]}).json()
         value = created["value"]
-        assert "value" not in c.get("/v2/api-keys").json()[0]
+        assert value.startswith("gpustack_") and created["scope"] == ["inference"]
+        assert c.get("/v2/api-keys").json()["items"][0]["value"] is None
         engine = db.make_engine(db_url)
         with engine.connect() as conn:
             stored = conn.execute(sa.select(db.ApiKey.secret_hash)).scalar()
         engine.dispose()
-        assert value.split("-", 2)[2] not in stored
+        assert value.split("_", 2)[2] not in stored
         c.auth = None
         key = {"Authorization": f"Bearer {value}"}
         assert c.get("/v1/models", headers=key).status_code == 200
@@ -144,7 +150,7 @@ def test_workers_scheduling_and_liveness(tmp_path: Path, db_url: str) -> None:
         assignments = wait_for(assigned, 10, "two assignments")
         ports = {a["instance"]["port"] for a in assignments}
         assert ports == {45000, 45001}  # distinct ports from the worker's range
-        assert assignments[0]["backend_version"]["entrypoint"] == "sglang serve"
+        assert assignments[0]["launch"]["entrypoint"] == "sglang serve"
         iid = assignments[0]["instance"]["id"]
         r = c.put(f"/v2/workers/{wid}/instances/{iid}/state", auth=cred,
                   json={"state": "running", "pid": 42})  # fmt: skip
@@ -167,7 +173,7 @@ def test_workers_scheduling_and_liveness(tmp_path: Path, db_url: str) -> None:
                 break
             time.sleep(0.2)
         assert c.get("/v2/workers/w1").json()["state"] == "not_ready"
-        insts = c.get("/v2/model-instances", params={"model": "m"}).json()
+        insts = c.get("/v2/model-instances", params={"model": "m"}).json()["items"]
         assert all(i["worker_name"] != "w1" for i in insts)
         on_w2 = [i for i in insts if i["worker_name"] == "w2"]
         assert len(on_w2) == 2

@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from fastapi import APIRouter
 
 from specserve.cluster import schemas as S
-from specserve.cluster.auth import new_api_key
+from specserve.cluster.auth import KEY_PREFIX, new_api_key
 from specserve.cluster.db import ApiKey, utcnow
 from specserve.cluster.routes.common import admin, ensure_unique, get_or_404
 
@@ -17,32 +17,49 @@ if TYPE_CHECKING:
     from specserve.cluster.server import ClusterState
 
 
+def key_out(row: ApiKey, value: str | None = None) -> S.ApiKeyOut:
+    return S.ApiKeyOut(
+        id=row.id,
+        name=row.name,
+        description=row.description,
+        access_key=row.access_key,
+        masked_value=f"{KEY_PREFIX}_{row.access_key}_***",
+        scope=row.scopes,
+        expires_at=row.expires_at,
+        last_used_at=row.last_used_at,
+        created_at=row.created_at,
+        updated_at=row.created_at,
+        value=value,
+    )
+
+
 def router(state: ClusterState) -> APIRouter:
     r = APIRouter(prefix="/v2/api-keys", dependencies=admin(state))
 
     @r.get("")
-    def list_keys() -> list[S.ApiKeyOut]:
+    def list_keys(page: int = 1, perPage: int = 100) -> S.Page[S.ApiKeyOut]:  # noqa: N803
         with state.sessions() as s:
-            rows = s.scalars(sa.select(ApiKey).order_by(ApiKey.id))
-            return [S.ApiKeyOut.model_validate(k) for k in rows]
+            rows = s.scalars(sa.select(ApiKey).order_by(ApiKey.id)).all()
+            return S.paginate([key_out(k) for k in rows], page, perPage)
 
     @r.post("", status_code=201)
-    def create_key(body: S.ApiKeyCreate) -> S.ApiKeyCreated:
+    def create_key(body: S.ApiKeyCreate) -> S.ApiKeyOut:
         value, access, secret_hash = new_api_key()
-        days = body.expires_in_days
-        expires = utcnow() + dt.timedelta(days=days) if days else None
+        seconds = body.expires_in
+        expires = utcnow() + dt.timedelta(seconds=seconds) if seconds else None
         with state.sessions.begin() as s:
             ensure_unique(s, ApiKey, body.name, "API key")
             row = ApiKey(
                 name=body.name,
+                description=body.description,
                 access_key=access,
                 secret_hash=secret_hash,
-                scopes=sorted(set(body.scopes)),
+                scopes=sorted(set(body.scope)),
                 expires_at=expires,
             )
             s.add(row)
             s.flush()
-            return S.ApiKeyCreated(**S.ApiKeyOut.model_validate(row).model_dump(), value=value)
+            return key_out(row, value)
 
     @r.delete("/{ref}", status_code=204)
     def delete_key(ref: str) -> None:

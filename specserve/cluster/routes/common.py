@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, TypeVar
 
+import pydantic
 import sqlalchemy as sa
 from fastapi import Depends, Request
 from sqlalchemy.orm import Session
@@ -43,3 +44,16 @@ def get_or_404(s: Session, table: type[T], ref: str, what: str) -> T:
 def ensure_unique(s: Session, table: type, name: str, what: str) -> None:
     if s.scalar(sa.select(table.id).where(table.name == name)) is not None:
         raise ApiError(409, f"{what} {name!r} already exists", "conflict")
+
+
+def validation_message(errors: list[dict]) -> str:
+    """Pydantic errors as one line: `field.path: message; ...`."""
+    parts = []
+    for err in errors:
+        loc = ".".join(str(x) for x in err["loc"] if x != "body")
+        parts.append(f"{loc}: {err['msg']}" if loc else err["msg"])
+    return "; ".join(parts)
+
+
+def invalid_body(e: pydantic.ValidationError) -> ApiError:
+    return ApiError(400, validation_message(e.errors()), "invalid_request")

@@ -15,12 +15,33 @@ from specserve.cluster import schemas as S
 from specserve.cluster.auth import ApiError, bearer, hash_secret
 from specserve.cluster.db import Model, ModelInstance, Worker, utcnow
 from specserve.cluster.routes.common import admin, get_or_404, wake
-from specserve.cluster.scheduler import backend_version, reset_instance
+from specserve.cluster.routes.instances import instance_out
+from specserve.cluster.routes.models import model_out
+from specserve.cluster.scheduler import launch_template, reset_instance
 
 if TYPE_CHECKING:
     from specserve.cluster.server import ClusterState
 
 log = logging.getLogger("specserve.cluster.server")
+
+
+def worker_out(w: Worker) -> S.WorkerOut:
+    return S.WorkerOut(
+        id=w.id,
+        name=w.name,
+        hostname=w.name,
+        ip=w.ip,
+        port=w.port,
+        labels=w.labels,
+        state=w.state,
+        state_message=w.state_message,
+        status=S.WorkerStatus.model_validate(w.status or {}).gpustack(),
+        heartbeat_time=w.heartbeat_at,
+        port_range_start=w.port_range_start,
+        port_range_end=w.port_range_end,
+        created_at=w.created_at,
+        updated_at=w.heartbeat_at,
+    )
 
 
 def router(state: ClusterState) -> APIRouter:
@@ -36,15 +57,15 @@ def router(state: ClusterState) -> APIRouter:
         return w
 
     @r.get("", dependencies=A)
-    def list_workers() -> list[S.WorkerOut]:
+    def list_workers(page: int = 1, perPage: int = 100) -> S.Page[S.WorkerOut]:  # noqa: N803
         with state.sessions() as s:
-            rows = s.scalars(sa.select(Worker).order_by(Worker.id))
-            return [S.WorkerOut.model_validate(w) for w in rows]
+            rows = s.scalars(sa.select(Worker).order_by(Worker.id)).all()
+            return S.paginate([worker_out(w) for w in rows], page, perPage)
 
     @r.get("/{ref}", dependencies=A)
     def get_worker(ref: str) -> S.WorkerOut:
         with state.sessions() as s:
-            return S.WorkerOut.model_validate(get_or_404(s, Worker, ref, "worker"))
+            return worker_out(get_or_404(s, Worker, ref, "worker"))
 
     @r.delete("/{ref}", dependencies=A, status_code=204)
     def delete_worker(ref: str) -> None:
@@ -70,9 +91,7 @@ def router(state: ClusterState) -> APIRouter:
             w.credential_hash = hash_secret(credential)
             w.state, w.state_message, w.heartbeat_at = "ready", "", utcnow()
             s.flush()
-            out = S.WorkerRegistered(
-                **S.WorkerOut.model_validate(w).model_dump(), credential=credential
-            )
+            out = S.WorkerRegistered(**worker_out(w).model_dump(), credential=credential)
         log.info("worker %s registered from %s", body.name, body.ip)
         wake(state)
         return out
@@ -89,13 +108,11 @@ def router(state: ClusterState) -> APIRouter:
             out = []
             for inst in s.scalars(sa.select(ModelInstance).where(ModelInstance.worker_id == w.id)):
                 m = s.get(Model, inst.model_id)
-                version = backend_version(s, m) if m else "model deleted"
-                if isinstance(version, S.BackendVersion):
+                launch = launch_template(s, m) if m else "model deleted"
+                if isinstance(launch, S.LaunchTemplate):
                     out.append(
                         S.Assignment(
-                            instance=S.InstanceOut.model_validate(inst),
-                            model=S.ModelOut.model_validate(m),
-                            backend_version=version,
+                            instance=instance_out(inst, m), model=model_out(s, m), launch=launch
                         )
                     )
         return out
