@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -180,3 +181,31 @@ def test_workers_scheduling_and_liveness(tmp_path: Path, db_url: str) -> None:
         pending = [i for i in insts if i["state"] == "pending"]
         assert len(pending) == 1 and "w1: not ready" in pending[0]["state_message"]
         assert "w2: no free port" in pending[0]["state_message"]
+
+
+def test_v3_migration_converts_existing_rows(db_url: str, monkeypatch) -> None:
+    """A database written before GPUStack's shapes keeps its backends and hub models."""
+    engine = db.make_engine(db_url)
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:2])
+    db.migrate(engine)
+    monkeypatch.undo()
+    now = db.utcnow()
+    old = {"entrypoint": "sglang serve", "image": None, "framework": "cuda", "env": {},
+           "command": "--port {{port}}", "health_check_path": "/healthz"}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO inference_backends (name, description, builtin, default_version, "
+            "versions, created_at, updated_at) VALUES ('dspark', '', false, 'v1', :v, :t, :t)"),
+            {"v": json.dumps({"v1": old}), "t": now})  # fmt: skip
+        conn.execute(sa.text(
+            "INSERT INTO models (name, source, repo_id, replicas, backend, backend_parameters, "
+            "env, worker_selector, placement, created_at, updated_at) VALUES ('m', 'modelscope', "
+            "'org/m', 0, 'dspark', '[]', '{}', '{}', 'spread', :t, :t)"), {"t": now})  # fmt: skip
+    assert db.migrate(engine) == db.MIGRATIONS[-1][0]
+    with sa.orm.Session(engine) as s:
+        b = s.scalar(sa.select(db.InferenceBackend))
+        assert b.versions == {"v1": {"entrypoint": "sglang serve", "image_name": None, "env": {},
+                                     "custom_framework": "cuda", "run_command": "--port {{port}}"}}  # fmt: skip
+        assert b.health_check_path == "/healthz" and b.default_backend_param == []
+        assert s.scalar(sa.select(db.Model.source)) == "model_scope"
+    engine.dispose()
