@@ -136,3 +136,37 @@ def test_api_keys_and_form_login(c: TestClient) -> None:
     assert r.status_code == 401
     r = c.post("/auth/login", data={"username": "admin", "password": PASSWORD})
     assert r.status_code == 200 and c.get("/v2/models").status_code == 200
+
+
+def test_deploy_backend_yaml_registers_and_renders_the_documented_command(c: TestClient) -> None:
+    """deploy/gpustack/specserve-backend.yaml through from-yaml, as its README says."""
+    import shlex
+
+    import yaml
+
+    from specserve.cluster.db import Model
+    from specserve.cluster.runtime import build_launch_spec
+    from specserve.cluster.scheduler import launch_template
+
+    text = (Path(__file__).parents[2] / "deploy/gpustack/specserve-backend.yaml").read_text()
+    data = yaml.safe_load(text)
+    # GPUStack 2.3 requires the -custom suffix on custom backends and their versions
+    assert data["backend_name"].endswith("-custom")
+    assert all(v.endswith("-custom") for v in data["version_configs"])
+    r = c.post("/v2/inference-backends/from-yaml", json={"content": text})
+    assert r.status_code == 201, r.text
+    conforms(r.json(), "InferenceBackendPublic")
+    params = ["--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", "/d"]
+    values = {"model_path": "/m", "port": "40001", "worker_ip": "10.0.0.5", "model_name": "demo",
+              "gpu_count": "1", "gpu_ids": "0"}  # fmt: skip
+    state = c.app.state.cluster
+    for version, device in [("cpu-custom", []), ("cuda-custom", ["--device", "cuda"])]:
+        with state.sessions() as s:
+            m = Model(name="demo", backend="specserve-custom", backend_version=version)
+            launch = launch_template(s, m)
+        spec = build_launch_spec("demo-1", launch, params, {}, values, Path("/tmp/x.log"), [0])
+        line = shlex.join(spec.argv)
+        assert line.startswith("specserve serve --model-path /m --host 10.0.0.5 --port 40001 "
+                               "--served-model-name demo")  # fmt: skip
+        assert line.endswith(shlex.join(params)) and all(d in spec.argv for d in device)
+        assert launch.framework == version.split("-")[0] and launch.health_check_path == "/health"

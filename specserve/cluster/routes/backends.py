@@ -108,7 +108,7 @@ def router(state: ClusterState) -> APIRouter:
         return create(body)
 
     @r.post("/from-yaml", status_code=201)
-    def create_backend_from_yaml(payload: dict = Body(...)) -> S.BackendOut:  # noqa: B008
+    def create_backend_from_yaml(payload: dict = Body(...)) -> S.BackendOut:
         return create(from_yaml(payload))
 
     @r.get("/{ref}")
@@ -121,7 +121,7 @@ def router(state: ClusterState) -> APIRouter:
         return replace(ref, body)
 
     @r.put("/{ref}/from-yaml")
-    def update_backend_from_yaml(ref: str, payload: dict = Body(...)) -> S.BackendOut:  # noqa: B008
+    def update_backend_from_yaml(ref: str, payload: dict = Body(...)) -> S.BackendOut:
         return replace(ref, from_yaml(payload))
 
     @r.delete("/{ref}", status_code=204)
