@@ -20,6 +20,7 @@ PG_PORT=${PG_PORT:-18181}
 PASSWORD=${PASSWORD:-e2e-Password-1}
 SUITE=${SUITE:-bookworm}   # Debian release of the base image (python3 3.11)
 TORCH_INDEX=${TORCH_INDEX:-https://download.pytorch.org/whl/cpu}
+WHEELS=${WHEELS:-/opt/wheels}   # a local torch CPU wheel, used when the PyTorch index is unreachable
 URL="http://127.0.0.1:$PORT"
 PIDS=()
 
@@ -63,10 +64,11 @@ fi
 # --- GPUStack in its own venv (it pins fastapi/SQLAlchemy below specserve's) -------------
 VENV=${GPUSTACK_VENV:-$WORK/venv}
 if [ ! -x "$VENV/bin/gpustack" ]; then
-  log "pip install gpustack==$GPUSTACK_VERSION fastfetch-bin into $VENV"
+  log "pip install gpustack==$GPUSTACK_VERSION into $VENV"
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet "gpustack==$GPUSTACK_VERSION" fastfetch-bin
+  "$VENV/bin/pip" install --quiet "gpustack==$GPUSTACK_VERSION"
 fi
+[ -x "$VENV/bin/fastfetch" ] || "$VENV/bin/pip" install --quiet fastfetch-bin
 BIN=$("$VENV/bin/python" -c 'import gpustack.third_party as t, os; print(os.path.dirname(t.__file__))')/bin
 mkdir -p "$BIN/gguf-parser" "$BIN/fastfetch"
 printf '#!/bin/sh\necho "{}"\n' > "$BIN/gguf-parser/gguf-parser"   # GGUF only; unused here
@@ -134,13 +136,24 @@ if ! docker image inspect specserve-base:$SUITE >/dev/null 2>&1; then
 fi
 export GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE="specserve-base:$SUITE"
 log "building specserve:cpu (deploy/gpustack/Dockerfile on specserve-base:$SUITE)"
+build_args=(--build-arg "BASE=specserve-base:$SUITE" --build-arg "TORCH_INDEX=$TORCH_INDEX")
+if ! curl -fsS -m 10 -o /dev/null "$TORCH_INDEX/torch/"; then
+  wheel=$(ls "$WHEELS"/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1) \
+    || die "$TORCH_INDEX unreachable and no torch CPU wheel in $WHEELS"
+  mkdir -p "$WORK/index/torch" && cp "$wheel" "$WORK/index/torch/"
+  python3 -m http.server --bind 127.0.0.1 --directory "$WORK/index" 18189 > "$WORK/index.log" 2>&1 &
+  PIDS+=($!)
+  wait_for 30 "the local torch index" curl -fsS -o /dev/null http://127.0.0.1:18189/torch/
+  build_args=(--build-arg "BASE=specserve-base:$SUITE" --build-arg "TORCH_INDEX=http://127.0.0.1:18189"
+              --build-arg PIP_TRUSTED_HOST=127.0.0.1)
+  log "PyTorch index unreachable: serving $(basename "$wheel") from 127.0.0.1:18189"
+fi
 mkdir -p "$WORK/context/models"
 cp -r "$ROOT/pyproject.toml" "$ROOT/README.md" "$ROOT/specserve" "$WORK/context/"
 cp -r "$ROOT/models/demo" "$WORK/context/models/"
 find "$WORK/context" -name __pycache__ -prune -exec rm -rf {} +
 docker build --network host -f "$ROOT/deploy/gpustack/Dockerfile" -t specserve:cpu \
-  --build-arg "BASE=specserve-base:$SUITE" --build-arg "TORCH_INDEX=$TORCH_INDEX" \
-  "$WORK/context" > "$WORK/docker-build.log" 2>&1 || die "image build failed, see $WORK/docker-build.log"
+  "${build_args[@]}" "$WORK/context" > "$WORK/docker-build.log" 2>&1 || die "image build failed, see $WORK/docker-build.log"
 docker run --rm --network none specserve:cpu specserve --help >/dev/null || die "image cannot run specserve"
 
 # --- GPUStack server + embedded worker -----------------------------------------------------

@@ -14,9 +14,16 @@ import logging
 import math
 import re
 import shlex
-from typing import Any, ClassVar, Generic, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 log = logging.getLogger("specserve.cluster.schemas")
 PLACEHOLDERS = frozenset({"model_path", "port", "worker_ip", "model_name", "gpu_count", "gpu_ids"})
@@ -90,8 +97,8 @@ def paginate(rows: list[T], page: int, per_page: int) -> Page[T]:
     """Page `page` (1-based) of `per_page` rows; page -1 (as GPUStack's client sends) is all."""
     total = len(rows)
     if page == -1:
-        return Page(items=rows, pagination=Pagination(page=1, perPage=max(total, 1),
-                                                      total=total, totalPage=1))  # fmt: skip
+        everything = Pagination(page=1, perPage=max(total, 1), total=total, totalPage=1)
+        return Page(items=rows, pagination=everything)
     per_page = max(per_page, 1)
     start = (max(page, 1) - 1) * per_page
     return Page(
@@ -236,8 +243,10 @@ Category = Literal[
 ]  # fmt: skip
 
 
-def _split(v: Any) -> Any:
-    return shlex.split(v) if isinstance(v, str) else v
+# A command-line string is split like a shell does: "--tp-size 8" -> ["--tp-size", "8"]
+Parameters = Annotated[
+    list[str], BeforeValidator(lambda v: shlex.split(v) if isinstance(v, str) else v)
+]
 
 
 class ModelCreate(GPUStackBody):
@@ -256,16 +265,13 @@ class ModelCreate(GPUStackBody):
     replicas: int = Field(default=1, ge=0, le=64)
     backend: str = "specserve"
     backend_version: str | None = None
-    backend_parameters: list[str] = Field(default_factory=list)
+    backend_parameters: Parameters = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
     worker_selector: dict[str, str] = Field(default_factory=dict)
     placement_strategy: Literal["spread", "binpack"] = "spread"
     categories: list[Category] = Field(default_factory=list)
     cluster_id: int | None = None
     enable_model_route: bool | None = None
-
-    _split = field_validator("backend_parameters", mode="before")(classmethod(
-        lambda cls, v: _split(v)))  # fmt: skip
 
     @model_validator(mode="before")
     @classmethod
@@ -278,21 +284,20 @@ class ModelCreate(GPUStackBody):
         if "placement" in data:
             data.setdefault("placement_strategy", data.pop("placement"))
         if "repo_id" in data:
-            key = "model_scope_model_id" if data.get("source") == "model_scope" else (
-                "huggingface_repo_id")  # fmt: skip
-            data.setdefault(key, data.pop("repo_id"))
+            hub = data.get("source") == "model_scope"
+            data.setdefault(
+                "model_scope_model_id" if hub else "huggingface_repo_id", data.pop("repo_id")
+            )
         return data
 
     @model_validator(mode="after")
     def _check(self) -> ModelCreate:
-        where = {"local_path": self.local_path, "huggingface": self.huggingface_repo_id,
-                 "model_scope": self.model_scope_model_id}  # fmt: skip
+        fields = {"local_path": "local_path", "huggingface": "huggingface_repo_id",
+                  "model_scope": "model_scope_model_id"}  # fmt: skip
         if self.source is None:
-            self.source = next((s for s, v in where.items() if v), "local_path")
-        if not where[self.source]:
-            field = {"local_path": "local_path", "huggingface": "huggingface_repo_id",
-                     "model_scope": "model_scope_model_id"}[self.source]  # fmt: skip
-            raise ValueError(f"source {self.source} needs {field}")
+            self.source = next((s for s, f in fields.items() if getattr(self, f)), "local_path")
+        if not getattr(self, fields[self.source]):
+            raise ValueError(f"source {self.source} needs {fields[self.source]}")
         if self.cluster_id not in (None, CLUSTER_ID):
             raise ValueError(f"cluster_id: specserve cluster has one cluster, id {CLUSTER_ID}")
         if self.enable_model_route is False:
@@ -303,8 +308,9 @@ class ModelCreate(GPUStackBody):
 
     @property
     def repo_id(self) -> str | None:
-        return self.model_scope_model_id if self.source == "model_scope" else (
-            self.huggingface_repo_id)  # fmt: skip
+        """The hub id of a huggingface or model_scope source."""
+        hub = self.source == "model_scope"
+        return self.model_scope_model_id if hub else self.huggingface_repo_id
 
 
 class ModelUpdate(BaseModel):
@@ -313,15 +319,12 @@ class ModelUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     replicas: int | None = Field(default=None, ge=0, le=64)
     backend_version: str | None = None
-    backend_parameters: list[str] | None = None
+    backend_parameters: Parameters | None = None
     env: dict[str, str] | None = None
     worker_selector: dict[str, str] | None = None
     placement_strategy: Literal["spread", "binpack"] | None = None
     categories: list[Category] | None = None
     description: str | None = None
-
-    _split = field_validator("backend_parameters", mode="before")(classmethod(
-        lambda cls, v: _split(v)))  # fmt: skip
 
 
 class ModelOut(BaseModel):
