@@ -69,7 +69,7 @@ if [ ! -x "$VENV/bin/gpustack" ]; then
   "$VENV/bin/pip" install --quiet "gpustack==$GPUSTACK_VERSION"
 fi
 [ -x "$VENV/bin/fastfetch" ] || "$VENV/bin/pip" install --quiet fastfetch-bin
-BIN=$("$VENV/bin/python" -c 'import gpustack.third_party as t, os; print(os.path.dirname(t.__file__))')/bin
+BIN=$("$VENV/bin/python" -c 'import gpustack.third_party as t; print(list(t.__path__)[0])')/bin
 mkdir -p "$BIN/gguf-parser" "$BIN/fastfetch"
 printf '#!/bin/sh\necho "{}"\n' > "$BIN/gguf-parser/gguf-parser"   # GGUF only; unused here
 cp "$VENV/bin/fastfetch" "$BIN/fastfetch/fastfetch"   # from fastfetch-bin
