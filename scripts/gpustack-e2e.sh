@@ -78,7 +78,7 @@ echo '{"gguf-parser": "v0.26.4", "fastfetch": "2.25.0.1"}' > "$BIN/versions.json
 
 # --- PostgreSQL ----------------------------------------------------------------------------
 PGBIN=$(dirname "$(ls /usr/lib/postgresql/*/bin/initdb | sort -V | tail -1)")
-mkdir -p "$WORK/pg" && chown postgres "$WORK/pg"
+rm -rf "$WORK/pg" && mkdir -p "$WORK/pg" && chown postgres "$WORK/pg"
 runuser -u postgres -- "$PGBIN/initdb" -D "$WORK/pg/data" -A trust -U postgres --no-sync >/dev/null
 runuser -u postgres -- "$PGBIN/postgres" -D "$WORK/pg/data" -p "$PG_PORT" -k "$WORK/pg" \
   -c listen_addresses=127.0.0.1 > "$WORK/postgres.log" 2>&1 &
@@ -128,12 +128,15 @@ wait_for 60 dockerd docker info
 log "dockerd at $DOCKER_HOST"
 
 # --- images: a debootstrap base (pause image, and the base of specserve:cpu) -----------------
-if ! docker image inspect specserve-base:$SUITE >/dev/null 2>&1; then
+if [ ! -x "$WORK/rootfs/usr/bin/python3" ]; then
   log "debootstrap $SUITE (minbase + python3)"
+  rm -rf "$WORK/rootfs"
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$SUITE" \
     "$WORK/rootfs" > "$WORK/debootstrap.log" 2>&1 || die "debootstrap failed, see $WORK/debootstrap.log"
-  tar -C "$WORK/rootfs" -c . | docker import - "specserve-base:$SUITE" >/dev/null
 fi
+# this host's CA bundle, so that pip in the image trusts what the host trusts (TLS proxies)
+cp /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/etc/ssl/certs/ca-certificates.crt"
+tar -C "$WORK/rootfs" -c . | docker import - "specserve-base:$SUITE" >/dev/null
 export GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE="specserve-base:$SUITE"
 log "building specserve:cpu (deploy/gpustack/Dockerfile on specserve-base:$SUITE)"
 build_args=(--build-arg "BASE=specserve-base:$SUITE" --build-arg "TORCH_INDEX=$TORCH_INDEX")
