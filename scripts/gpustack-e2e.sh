@@ -161,7 +161,7 @@ docker run --rm --network none specserve:cpu specserve --help >/dev/null || die 
 
 # --- GPUStack server + embedded worker -----------------------------------------------------
 log "starting GPUStack $GPUSTACK_VERSION on $PORT (about 90 s on 2 cores)"
-"$VENV/bin/gpustack" start --port "$PORT" --data-dir "$WORK/gpustack" \
+"$VENV/bin/gpustack" start --api-port "$PORT" --data-dir "$WORK/gpustack" \
   --database-url "postgresql://postgres@127.0.0.1:$PG_PORT/gpustack" \
   --bootstrap-password "$PASSWORD" --enable-worker --gateway-mode disabled \
   --disable-update-check --disable-builtin-observability > "$WORK/gpustack.log" 2>&1 &
