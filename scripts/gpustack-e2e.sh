@@ -134,9 +134,11 @@ if [ ! -x "$WORK/rootfs/usr/bin/python3" ]; then
   debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$SUITE" \
     "$WORK/rootfs" > "$WORK/debootstrap.log" 2>&1 || die "debootstrap failed, see $WORK/debootstrap.log"
 fi
-# this host's CA bundle, so that pip in the image trusts what the host trusts (TLS proxies)
-cp /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/etc/ssl/certs/ca-certificates.crt"
-tar -C "$WORK/rootfs" -c . | docker import - "specserve-base:$SUITE" >/dev/null
+if ! docker image inspect "specserve-base:$SUITE" >/dev/null 2>&1; then
+  # this host's CA bundle, so that pip in the image trusts what the host trusts (TLS proxies)
+  cp /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/etc/ssl/certs/ca-certificates.crt"
+  tar -C "$WORK/rootfs" -c . | docker import - "specserve-base:$SUITE" >/dev/null
+fi
 export GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE="specserve-base:$SUITE"
 log "building specserve:cpu (deploy/gpustack/Dockerfile on specserve-base:$SUITE)"
 build_args=(--build-arg "BASE=specserve-base:$SUITE" --build-arg "TORCH_INDEX=$TORCH_INDEX")
@@ -161,6 +163,7 @@ docker run --rm --network none specserve:cpu specserve --help >/dev/null || die 
 
 # --- GPUStack server + embedded worker -----------------------------------------------------
 log "starting GPUStack $GPUSTACK_VERSION on $PORT (about 90 s on 2 cores)"
+rm -rf "$WORK/gpustack"   # its state belongs to the database created above
 "$VENV/bin/gpustack" start --api-port "$PORT" --data-dir "$WORK/gpustack" \
   --database-url "postgresql://postgres@127.0.0.1:$PG_PORT/gpustack" \
   --bootstrap-password "$PASSWORD" --enable-worker --gateway-mode disabled \
@@ -178,7 +181,8 @@ api -d @"$WORK/backend.json" "$URL/v2/inference-backends/from-yaml" > "$WORK/bac
   || die "from-yaml refused the backend: $(cat "$WORK/backend.out")"
 mkdir -p "$WORK/models" && cp -r "$ROOT/models/demo/target" "$WORK/models/demo-target"
 D=/opt/specserve/models/demo/dspark
-api "$URL/v2/models" -d "{\"name\": \"demo\", \"source\": \"local_path\",
+CLUSTER=$(api "$URL/v2/clusters" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
+api "$URL/v2/models" -d "{\"name\": \"demo\", \"source\": \"local_path\", \"cluster_id\": $CLUSTER,
   \"local_path\": \"$WORK/models/demo-target\", \"backend\": \"specserve-custom\",
   \"backend_version\": \"cpu-custom\", \"replicas\": 1, \"categories\": [\"llm\"],
   \"backend_parameters\": [\"--speculative-algorithm\", \"DSPARK\",
