@@ -272,6 +272,9 @@ class ModelCreate(GPUStackBody):
     categories: list[Category] = Field(default_factory=list)
     cluster_id: int | None = None
     enable_model_route: bool | None = None
+    # GPUStack places a custom backend on CPU only with cpu_offloading; specserve places by the
+    # backend version's framework (cpu: no GPU needed, cuda: GPUs), so both values are accepted
+    cpu_offloading: bool | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -112,7 +112,7 @@ def test_model_bodies_instances_and_workers(c: TestClient) -> None:
     workers = conforms(c.get("/v2/workers").json(), "WorkersPublic")
     assert workers["items"][0]["status"]["memory"]["total"] == STATUS["memory_total"]
 
-    for field, value in [("cpu_offloading", True), ("speculative_config", {"enabled": True}),
+    for field, value in [("gpu_selector", {"gpu_ids": ["w1:cuda:0"]}), ("speculative_config", {"enabled": True}),
                          ("enable_model_route", False), ("cluster_id", 7)]:  # fmt: skip
         r = c.post("/v2/models", json={**REQUESTS["model"], "name": "n", field: value})
         assert r.status_code == 400 and field in r.json()["error"]["message"], (field, r.text)
