@@ -139,7 +139,10 @@ if ! docker image inspect "specserve-base:$SUITE" >/dev/null 2>&1; then
   cp /etc/ssl/certs/ca-certificates.crt "$WORK/rootfs/etc/ssl/certs/ca-certificates.crt"
   tar -C "$WORK/rootfs" -c . | docker import - "specserve-base:$SUITE" >/dev/null
 fi
-export GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE="specserve-base:$SUITE"
+# the pause container needs a command that waits; an imported image has none
+printf 'FROM specserve-base:%s\nCMD ["sleep", "infinity"]\n' "$SUITE" \
+  | docker build -q -t "specserve-pause:$SUITE" - >/dev/null
+export GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE="specserve-pause:$SUITE"
 log "building specserve:cpu (deploy/gpustack/Dockerfile on specserve-base:$SUITE)"
 build_args=(--build-arg "BASE=specserve-base:$SUITE" --build-arg "TORCH_INDEX=$TORCH_INDEX")
 if ! curl -fsS -m 10 -o /dev/null "$TORCH_INDEX/torch/"; then
@@ -184,7 +187,7 @@ D=/opt/specserve/models/demo/dspark
 CLUSTER=$(api "$URL/v2/clusters" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
 api "$URL/v2/models" -d "{\"name\": \"demo\", \"source\": \"local_path\", \"cluster_id\": $CLUSTER,
   \"local_path\": \"$WORK/models/demo-target\", \"backend\": \"specserve-custom\",
-  \"backend_version\": \"cpu-custom\", \"replicas\": 1, \"categories\": [\"llm\"],
+  \"backend_version\": \"cpu-custom\", \"replicas\": 1, \"categories\": [\"llm\"], \"cpu_offloading\": true,
   \"backend_parameters\": [\"--speculative-algorithm\", \"DSPARK\",
     \"--speculative-draft-model-path\", \"$D\", \"--speculative-dspark-confidence-sts-path\", \"$D/sts.json\"]}" \
   > "$WORK/model.out" || die "model refused: $(cat "$WORK/model.out")"
