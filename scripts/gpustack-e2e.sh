@@ -187,7 +187,7 @@ D=/opt/specserve/models/demo/dspark
 CLUSTER=$(api "$URL/v2/clusters" | python3 -c 'import json,sys; print(json.load(sys.stdin)["items"][0]["id"])')
 api "$URL/v2/models" -d "{\"name\": \"demo\", \"source\": \"local_path\", \"cluster_id\": $CLUSTER,
   \"local_path\": \"$WORK/models/demo-target\", \"backend\": \"specserve-custom\",
-  \"backend_version\": \"cpu-custom\", \"replicas\": 1, \"categories\": [\"llm\"], \"cpu_offloading\": true,
+  \"backend_version\": \"cpu-custom\", \"replicas\": 1, \"categories\": [\"llm\"], \"cpu_offloading\": true, \"enable_model_route\": true,
   \"backend_parameters\": [\"--speculative-algorithm\", \"DSPARK\",
     \"--speculative-draft-model-path\", \"$D\", \"--speculative-dspark-confidence-sts-path\", \"$D/sts.json\"]}" \
   > "$WORK/model.out" || die "model refused: $(cat "$WORK/model.out")"
