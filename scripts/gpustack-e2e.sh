@@ -145,13 +145,13 @@ printf 'FROM specserve-base:%s\nCMD ["sleep", "infinity"]\n' "$SUITE" \
 export GPUSTACK_RUNTIME_DOCKER_PAUSE_IMAGE="specserve-pause:$SUITE"
 log "building specserve:cpu (deploy/gpustack/Dockerfile on specserve-base:$SUITE)"
 build_args=(--build-arg "BASE=specserve-base:$SUITE" --build-arg "TORCH_INDEX=$TORCH_INDEX")
-if ! curl -fsS -m 10 -o /dev/null "$TORCH_INDEX/torch/"; then
+if ! curl -sS --fail-with-body -m 10 -o /dev/null "$TORCH_INDEX/torch/"; then
   wheel=$(ls "$WHEELS"/torch-2.13.0+cpu-*.whl 2>/dev/null | head -1) \
     || die "$TORCH_INDEX unreachable and no torch CPU wheel in $WHEELS"
   mkdir -p "$WORK/index/torch" && cp "$wheel" "$WORK/index/torch/"
   python3 -m http.server --bind 127.0.0.1 --directory "$WORK/index" 18189 > "$WORK/index.log" 2>&1 &
   PIDS+=($!)
-  wait_for 30 "the local torch index" curl -fsS -o /dev/null http://127.0.0.1:18189/torch/
+  wait_for 30 "the local torch index" curl -sS --fail-with-body -o /dev/null http://127.0.0.1:18189/torch/
   build_args=(--build-arg "BASE=specserve-base:$SUITE" --build-arg "TORCH_INDEX=http://127.0.0.1:18189"
               --build-arg PIP_TRUSTED_HOST=127.0.0.1)
   log "PyTorch index unreachable: serving $(basename "$wheel") from 127.0.0.1:18189"
@@ -172,9 +172,9 @@ rm -rf "$WORK/gpustack"   # its state belongs to the database created above
   --bootstrap-password "$PASSWORD" --enable-worker --gateway-mode disabled \
   --disable-update-check --disable-builtin-observability > "$WORK/gpustack.log" 2>&1 &
 PIDS+=($!)
-wait_for 600 "GPUStack's API" curl -fsS "$URL/healthz"
-api() { curl -fsS -u "admin:$PASSWORD" -H 'content-type: application/json' "$@"; }
-wait_for 300 "a ready worker" sh -c "curl -fsS -u admin:$PASSWORD '$URL/v2/workers' | grep -q '\"state\":\"ready\"'"
+wait_for 600 "GPUStack's API" curl -sS --fail-with-body "$URL/healthz"
+api() { curl -sS --fail-with-body -u "admin:$PASSWORD" -H 'content-type: application/json' "$@"; }
+wait_for 300 "a ready worker" sh -c "curl -sS --fail-with-body -u admin:$PASSWORD '$URL/v2/workers' | grep -q '\"state\":\"ready\"'"
 log "GPUStack up, worker ready"
 
 # --- the specserve backend, the demo target with DSpark ------------------------------------
@@ -202,7 +202,7 @@ log "instance running"
 # --- an OpenAI chat request through GPUStack ------------------------------------------------
 KEY=$(api "$URL/v2/api-keys" -d '{"name": "e2e", "scope": ["inference"]}' \
   | python3 -c 'import json,sys; print(json.load(sys.stdin)["value"])')
-curl -fsS "$URL/v1/chat/completions" -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
+curl -sS --fail-with-body "$URL/v1/chat/completions" -H "Authorization: Bearer $KEY" -H 'content-type: application/json' \
   -d '{"model": "demo", "max_tokens": 24, "temperature": 0, "messages": [{"role": "user", "content": "def add(a, b):"}]}' \
   > "$WORK/chat.json" || die "chat request failed: $(cat "$WORK/chat.json")"
 python3 - "$WORK/chat.json" <<'PY' || die "bad answer: $(cat "$WORK/chat.json")"
