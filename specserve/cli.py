@@ -1,7 +1,8 @@
 """The `specserve` command: one entry point, one subcommand per part.
 
-Each part registers its own subcommands from a small `cli` module that imports
-nothing heavy at import time, so `specserve --help` stays fast.
+Each part registers its own subcommands from a small `cli` module. Only the module of
+the command being run is imported (some parsers import torch), so `specserve cluster ...`
+starts fast; `specserve --help` imports them all.
 """
 
 from __future__ import annotations
@@ -18,24 +19,36 @@ PART_MODULES: tuple[str, ...] = (
     "specserve.cluster.cli",
     "specserve.train.cli",
 )
+# The first word of a command line -> the module that registers that command.
+COMMAND_MODULES: dict[str, str] = {
+    "serve": "specserve.server.cli",
+    "quantize": "specserve.quant.cli",
+    "bench": "specserve.bench.cli",
+    "cluster": "specserve.cluster.cli",
+    "train": "specserve.train.cli",
+    "eval": "specserve.train.cli",
+}
 
 
 class CLIError(Exception):
     """A user-facing problem with flags, paths or inputs: printed as one line, exit code 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or only of `command` when it is a known one."""
     parser = argparse.ArgumentParser(
         prog="specserve", description="LLM serving with DSpark speculative decoding."
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in PART_MODULES:
+    names = (COMMAND_MODULES[command],) if command in COMMAND_MODULES else PART_MODULES
+    for name in names:
         importlib.import_module(name).register(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv[0] if argv else None)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -1,6 +1,7 @@
 """Credentials: admin password, UI sessions, API keys (hashed at rest), worker credentials.
 
-API keys look like `sk-<access key>-<secret>`; only the access key (for lookup) and a
+API keys look like GPUStack's, `gpustack_<access key>_<secret>` (keys of earlier specserve
+versions, `sk-<access key>-<secret>`, still work); only the access key (for lookup) and a
 SHA-256 of the secret are stored. Secrets are 256-bit random, so a plain hash suffices;
 the admin password, chosen by a person, is stretched with PBKDF2.
 """
@@ -21,6 +22,7 @@ from sqlalchemy.orm import sessionmaker
 from specserve.cluster.db import ApiKey, User, utcnow
 
 SESSION_COOKIE = "specserve_session"
+KEY_PREFIX = "gpustack"
 _PBKDF2_ROUNDS = 120_000
 
 
@@ -50,8 +52,17 @@ def verify_password(password: str, stored: str) -> bool:
 
 def new_api_key() -> tuple[str, str, str]:
     """(full key shown once, access key, secret hash)."""
-    access, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-    return f"sk-{access}-{secret}", access, hash_secret(secret)
+    access, secret = secrets.token_hex(8), secrets.token_hex(32)
+    return f"{KEY_PREFIX}_{access}_{secret}", access, hash_secret(secret)
+
+
+def split_api_key(key: str) -> tuple[str, str] | None:
+    """(access key, secret) of a `gpustack_A_S` or legacy `sk-A-S` key, else None."""
+    for prefix, sep in ((KEY_PREFIX, "_"), ("sk", "-")):
+        parts = key.split(sep, 2)
+        if len(parts) == 3 and parts[0] == prefix:
+            return parts[1], parts[2]
+    return None
 
 
 def bearer(request: Request) -> str | None:
@@ -83,13 +94,16 @@ class Authenticator:
         if self._session_ok(request.cookies.get(SESSION_COOKIE)):
             return
         header = request.headers.get("authorization", "")
-        if header.lower().startswith("basic ") and self._basic(header[6:].strip()):
-            return
+        if header.lower().startswith("basic "):
+            if self._basic(header[6:].strip()):
+                return
+            raise ApiError(401, "wrong username or password", "invalid_credentials")
         key = bearer(request)
         if key is None:
             raise ApiError(
                 401,
-                "missing credentials: send 'Authorization: Bearer <api key>'",
+                "missing credentials: send 'Authorization: Bearer <api key>' "
+                "(or the admin password as HTTP basic auth)",
                 "invalid_api_key",
             )
         if not self.check_api_key(key, scope):
@@ -100,16 +114,17 @@ class Authenticator:
             )
 
     def check_api_key(self, key: str, scope: str) -> bool:
-        parts = key.split("-", 2)
-        if len(parts) != 3 or parts[0] != "sk":
+        parts = split_api_key(key)
+        if parts is None:
             return False
+        access, secret = parts
         with self.sessions.begin() as s:
-            row = s.scalar(sa.select(ApiKey).where(ApiKey.access_key == parts[1]))
-            if row is None or not hmac.compare_digest(row.secret_hash, hash_secret(parts[2])):
+            row = s.scalar(sa.select(ApiKey).where(ApiKey.access_key == access))
+            if row is None or not hmac.compare_digest(row.secret_hash, hash_secret(secret)):
                 return False
             if row.expires_at is not None and row.expires_at < utcnow():
                 return False
-            if scope not in row.scopes and "management" not in row.scopes:
+            if not {scope, "*", "management"} & set(row.scopes):
                 return False
             if row.last_used_at is None or utcnow() - row.last_used_at > dt.timedelta(seconds=60):
                 row.last_used_at = utcnow()

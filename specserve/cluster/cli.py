@@ -18,14 +18,27 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="cluster_command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("start", help="run the server (and optionally a worker in it)")
-    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
     s.add_argument("--port", type=int, default=8080)
     s.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     s.add_argument("--database-url", help="sqlite:///PATH or postgresql://... (default: SQLite)")
     s.add_argument("--bootstrap-password", help="admin password on first start")
     s.add_argument("--token", help="worker registration token (default: generated)")
-    s.add_argument("--heartbeat-timeout", type=float, default=30.0)
-    s.add_argument("--schedule-interval", type=float, default=2.0)
+    s.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=30.0,
+        help="seconds without a heartbeat before a worker is not ready and its instances move "
+        "(default 30)",
+    )
+    s.add_argument(
+        "--schedule-interval",
+        type=float,
+        default=2.0,
+        help="seconds between scheduler passes (default 2; changes trigger one at once)",
+    )
     s.add_argument("--enable-worker", action="store_true", help="also run a worker here")
     _worker_flags(s)
     s.set_defaults(func=cmd_start)
@@ -66,18 +79,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     k = _client(sub, "api-key", "API keys", ["list", "create", "delete"])
     k.add_argument("name", nargs="?")
-    k.add_argument("--scope", action="append", choices=["inference", "management"])
+    k.add_argument(
+        "--scope",
+        action="append",
+        choices=["inference", "management", "*"],
+        help="what the key may do (repeatable; default inference; * = everything)",
+    )
     k.add_argument("--expires-in-days", type=int)
 
 
 def _worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--worker-name", help="default: host name")
-    p.add_argument("--worker-ip", help="address the server and gateway reach this worker on")
+    p.add_argument(
+        "--worker-ip",
+        help="address the server and gateway reach this worker on; instances listen there "
+        "(default: the local address that routes to the server)",
+    )
+    p.add_argument(
+        "--worker-host",
+        help="address the worker API listens on (default: --worker-ip only; 0.0.0.0: all)",
+    )
     p.add_argument("--worker-port", type=int, default=10150, help="worker API port")
     p.add_argument("--service-port-range", default="40000-40063", help="ports for instances")
     p.add_argument("--label", action="append", default=[], metavar="K=V", help="worker label")
-    p.add_argument("--heartbeat-interval", type=float, default=5.0)
-    p.add_argument("--restart-backoff", type=float, default=10.0, help="first restart delay (s)")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=float,
+        default=5.0,
+        help="seconds between worker heartbeats and health checks (default 5)",
+    )
+    p.add_argument(
+        "--restart-backoff",
+        type=float,
+        default=10.0,
+        help="seconds before the first restart of a crashed instance, doubled per crash "
+        "up to 300 (default 10)",
+    )
 
 
 def _client(sub: argparse._SubParsersAction, name: str, what: str, actions: list[str]):
@@ -131,6 +168,7 @@ def _worker_config(args: argparse.Namespace, server_url: str, token: str, data_d
             data_dir=data_dir,
             name=args.worker_name or socket.gethostname(),
             ip=args.worker_ip,
+            host=args.worker_host,
             port=args.worker_port,
             port_range=_port_range(args.service_port_range),
             labels=_pairs(args.label, "--label"),
@@ -147,6 +185,7 @@ def _setup_logging() -> None:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per heartbeat otherwise
 
 
 def cmd_start(args: argparse.Namespace) -> int:
@@ -184,7 +223,7 @@ def cmd_start(args: argparse.Namespace) -> int:
         )
         wc.data_dir.mkdir(parents=True, exist_ok=True)
         worker = Worker(wc)
-        servers.append(http_server(worker_app(worker), wc.host, wc.port))
+        servers.append(http_server(worker_app(worker), worker.host, wc.port))
         loops.append(worker.run())
     asyncio.run(serve_until_signal(servers, loops))
     return 0
@@ -210,8 +249,10 @@ class Client:
         headers, auth = {}, None
         if args.api_key:
             headers["Authorization"] = f"Bearer {args.api_key}"
+            self.credential_flag = "--api-key or SPECSERVE_API_KEY"
         elif args.password:
             auth = ("admin", args.password)
+            self.credential_flag = "--password or SPECSERVE_PASSWORD"
         else:
             raise CLIError("give --api-key (or SPECSERVE_API_KEY) or --password")
         self.http = httpx.Client(
@@ -230,8 +271,14 @@ class Client:
                 message = r.json()["error"]["message"]
             except (ValueError, KeyError, TypeError):
                 message = r.text[:300]
+            if r.status_code == 401:
+                message += f" (check {self.credential_flag})"
             raise CLIError(f"{r.status_code}: {message}")
         return r.json() if r.content else None
+
+    def items(self, path: str, **params: object) -> list:
+        """Every row of a GPUStack-style paginated list."""
+        return self.call("GET", path, params={**params, "page": -1})["items"]
 
 
 def _need(value: object, what: str) -> object:
@@ -259,11 +306,11 @@ def cmd_client(args: argparse.Namespace) -> int:
 
 
 COLUMNS = {
-    "backend": ["id", "name", "default_version", "builtin", "description"],
+    "backend": ["id", "backend_name", "default_version", "is_built_in", "description"],
     "deploy": ["id", "name", "backend", "replicas", "ready_replicas", "source"],
     "instances": ["id", "name", "state", "worker_name", "port", "restart_count", "state_message"],
-    "workers": ["id", "name", "ip", "state", "labels", "heartbeat_at"],
-    "api-key": ["id", "name", "access_key", "scopes", "expires_at", "last_used_at"],
+    "workers": ["id", "name", "ip", "state", "labels", "heartbeat_time"],
+    "api-key": ["id", "name", "access_key", "scope", "expires_at", "last_used_at"],
 }
 
 
@@ -276,7 +323,7 @@ def _table(rows: list[dict], columns: list[str]) -> None:
 
 def _backend(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/inference-backends")
+        return c.items("/v2/inference-backends")
     if a.action == "create":
         import yaml
 
@@ -295,7 +342,7 @@ def _backend(c: Client, a: argparse.Namespace) -> object:
 
 def _deploy(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/models")
+        return c.items("/v2/models")
     name = _need(a.name, "a deployment name")
     if a.action == "show":
         return c.call("GET", f"/v2/models/{name}")
@@ -307,7 +354,7 @@ def _deploy(c: Client, a: argparse.Namespace) -> object:
     sources = [
         ("local_path", a.model_path),
         ("huggingface", a.hf_repo),
-        ("modelscope", a.modelscope_repo),
+        ("model_scope", a.modelscope_repo),
     ]
     given = [(s, v) for s, v in sources if v]
     if len(given) != 1:
@@ -322,15 +369,16 @@ def _deploy(c: Client, a: argparse.Namespace) -> object:
         "backend_parameters": a.backend_parameters,
         "env": _pairs(a.env, "--env"),
         "worker_selector": _pairs(a.selector, "--selector"),
-        "placement": a.placement,
-        ("local_path" if source == "local_path" else "repo_id"): value,
-    }
+        "placement_strategy": a.placement,
+        {"local_path": "local_path", "huggingface": "huggingface_repo_id",
+         "model_scope": "model_scope_model_id"}[source]: value,
+    }  # fmt: skip
     return c.call("POST", "/v2/models", json=body)
 
 
 def _instances(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/model-instances", params={"model": a.model} if a.model else {})
+        return c.items("/v2/model-instances", **({"model": a.model} if a.model else {}))
     ref = _need(a.ref, "an instance id or name")
     if a.action == "restart":
         return c.call("DELETE", f"/v2/model-instances/{ref}")
@@ -347,17 +395,18 @@ def _instances(c: Client, a: argparse.Namespace) -> object:
 
 def _workers(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/workers")
+        return c.items("/v2/workers")
     return c.call("DELETE", f"/v2/workers/{_need(a.name, 'a worker name')}")
 
 
 def _api_key(c: Client, a: argparse.Namespace) -> object:
     if a.action == "list":
-        return c.call("GET", "/v2/api-keys")
+        return c.items("/v2/api-keys")
     name = _need(a.name, "a key name")
     if a.action == "delete":
         return c.call("DELETE", f"/v2/api-keys/{name}")
-    body = {"name": name, "scopes": a.scope or ["inference"], "expires_in_days": a.expires_in_days}
+    days = a.expires_in_days
+    body = {"name": name, "scope": a.scope or ["inference"], "expires_in": days and days * 86400}
     out = c.call("POST", "/v2/api-keys", json=body)
     print("the key is shown once; store it now:", file=sys.stderr)
     return out

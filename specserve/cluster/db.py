@@ -49,7 +49,12 @@ class InferenceBackend(Base):
     description: Mapped[str] = mapped_column(sa.Text, default="")
     builtin: Mapped[bool] = mapped_column(sa.Boolean, default=False)
     default_version: Mapped[str] = mapped_column(sa.String(64))
-    versions: Mapped[dict] = mapped_column(sa.JSON)  # version -> BackendVersion dict
+    versions: Mapped[dict] = mapped_column(sa.JSON)  # version -> schemas.VersionConfig dict
+    default_backend_param: Mapped[list] = mapped_column(sa.JSON, default=list)
+    default_run_command: Mapped[str] = mapped_column(sa.Text, default="")
+    default_entrypoint: Mapped[str] = mapped_column(sa.Text, default="")
+    default_env: Mapped[dict] = mapped_column(sa.JSON, default=dict)
+    health_check_path: Mapped[str] = mapped_column(sa.String(255), default="/health")
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
 
@@ -60,9 +65,10 @@ class Model(Base):
     __tablename__ = "models"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(255), unique=True)
-    source: Mapped[str] = mapped_column(sa.String(32))
+    description: Mapped[str] = mapped_column(sa.Text, default="")
+    source: Mapped[str] = mapped_column(sa.String(32))  # local_path | huggingface | model_scope
     local_path: Mapped[str | None] = mapped_column(sa.Text, nullable=True)
-    repo_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)
+    repo_id: Mapped[str | None] = mapped_column(sa.String(255), nullable=True)  # hub id
     replicas: Mapped[int] = mapped_column(sa.Integer, default=1)
     backend: Mapped[str] = mapped_column(sa.String(255))
     backend_version: Mapped[str | None] = mapped_column(sa.String(64), nullable=True)
@@ -70,12 +76,16 @@ class Model(Base):
     env: Mapped[dict] = mapped_column(sa.JSON, default=dict)
     worker_selector: Mapped[dict] = mapped_column(sa.JSON, default=dict)
     placement: Mapped[str] = mapped_column(sa.String(16), default="spread")
+    categories: Mapped[list] = mapped_column(sa.JSON, default=list)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow, onupdate=utcnow)
 
 
 class ModelInstance(Base):
+    """One replica of a deployment. Ids are never reused: workers match instances on them."""
+
     __tablename__ = "model_instances"
+    __table_args__ = {"sqlite_autoincrement": True}
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(255), unique=True)
     model_id: Mapped[int] = mapped_column(sa.ForeignKey("models.id"), index=True)
@@ -98,9 +108,10 @@ class ApiKey(Base):
     __tablename__ = "api_keys"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(sa.String(255), unique=True)
+    description: Mapped[str] = mapped_column(sa.Text, default="")
     access_key: Mapped[str] = mapped_column(sa.String(32), unique=True)
     secret_hash: Mapped[str] = mapped_column(sa.String(128))
-    scopes: Mapped[list] = mapped_column(sa.JSON, default=list)
+    scopes: Mapped[list] = mapped_column(sa.JSON, default=list)  # "*", management, inference
     expires_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime, nullable=True)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(sa.DateTime, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(sa.DateTime, default=utcnow)
@@ -195,9 +206,56 @@ def _v1_initial(op: Operations) -> None:
     )  # fmt: skip
 
 
+def _v2_instance_ids_never_reused(op: Operations) -> None:
+    # PostgreSQL sequences never hand out an id twice; SQLite reuses a deleted top rowid
+    # unless the table is declared AUTOINCREMENT, which needs a rebuilt table.
+    if op.get_bind().dialect.name != "sqlite":
+        return
+    with op.batch_alter_table(
+        "model_instances", recreate="always", table_kwargs={"sqlite_autoincrement": True}
+    ):
+        pass
+
+
+def _v3_gpustack_shapes(op: Operations) -> None:
+    """GPUStack's backend fields (per-backend defaults and health check, version configs with
+    image_name / run_command / custom_framework), model descriptions and categories, the
+    `model_scope` source name, API key descriptions."""
+    text, json = sa.Text, sa.JSON
+    for table, name, kind, default in [
+        ("inference_backends", "default_backend_param", json, "'[]'"),
+        ("inference_backends", "default_run_command", text, "''"),
+        ("inference_backends", "default_entrypoint", text, "''"),
+        ("inference_backends", "default_env", json, "'{}'"),
+        ("inference_backends", "health_check_path", sa.String(255), "'/health'"),
+        ("models", "description", text, "''"),
+        ("models", "categories", json, "'[]'"),
+        ("api_keys", "description", text, "''"),
+    ]:
+        op.add_column(table, sa.Column(name, kind, nullable=False, server_default=sa.text(default)))
+    conn = op.get_bind()
+    backends = sa.table("inference_backends", sa.column("id"), sa.column("default_version"),
+                        sa.column("versions", json), sa.column("health_check_path"))  # fmt: skip
+    renamed = {"image": "image_name", "framework": "custom_framework", "command": "run_command"}
+    for row in conn.execute(sa.select(backends)).all():
+        health = row.versions.get(row.default_version, {}).get("health_check_path", "/health")
+        versions = {
+            v: {renamed.get(k, k): x for k, x in spec.items() if k != "health_check_path"}
+            for v, spec in row.versions.items()
+        }
+        conn.execute(backends.update().where(backends.c.id == row.id)
+                     .values(versions=versions, health_check_path=health))  # fmt: skip
+    models = sa.table("models", sa.column("source"))
+    conn.execute(
+        models.update().where(models.c.source == "modelscope").values(source="model_scope")
+    )
+
+
 # Append-only: (version, description, step). Never edit a released step; add a new one.
 MIGRATIONS: list[tuple[int, str, Callable[[Operations], None]]] = [
     (1, "initial schema", _v1_initial),
+    (2, "model instance ids are never reused", _v2_instance_ids_never_reused),
+    (3, "GPUStack 2.x field names and defaults", _v3_gpustack_shapes),
 ]
 
 _versions = sa.Table(

@@ -1,7 +1,9 @@
 """OpenAI-compatible gateway: `/v1/...` requests routed by model name to running instances.
 
 Round-robin over the deployment's running instances; a request that cannot connect
-moves on to the next instance. Responses (streaming included) are relayed byte for byte.
+moves on to the next instance. The body, its `model` included, is forwarded unchanged, so
+an instance must answer to the deployment name (`--served-model-name {{model_name}}` in
+the backend's template). Responses (streaming included) are relayed byte for byte.
 """
 
 from __future__ import annotations
@@ -23,6 +25,19 @@ from specserve.cluster.db import Model, ModelInstance
 
 if TYPE_CHECKING:
     from specserve.cluster.server import ClusterState
+
+
+def reason(e: httpx.HTTPError) -> str:
+    """Why a call to an instance failed: httpx's message (sometimes empty or generic, e.g.
+    "All connection attempts failed") and the innermost OS error under it, if any."""
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    os_error, cause = None, e.__cause__ or e.__context__
+    while cause is not None:
+        os_error = cause if isinstance(cause, OSError) else os_error
+        cause = cause.__cause__ or cause.__context__
+    if os_error is None:
+        return text
+    return f"{text} ({type(os_error).__name__}: {os_error.strerror or os_error})"
 
 
 def gateway_router(state: ClusterState) -> APIRouter:
@@ -90,10 +105,12 @@ def gateway_router(state: ClusterState) -> APIRouter:
             try:
                 resp = await state.http.send(req, stream=True)
             except httpx.ConnectError as e:
-                last_error = f"{inst.name}: {e}"
+                last_error = f"{inst.name} at {inst.worker_ip}:{inst.port}: {reason(e)}"
                 continue
             except httpx.HTTPError as e:
-                raise ApiError(502, f"instance {inst.name} failed: {e}", "upstream_error") from e
+                raise ApiError(
+                    502, f"instance {inst.name} failed: {reason(e)}", "upstream_error"
+                ) from e
             return StreamingResponse(
                 resp.aiter_raw(),
                 status_code=resp.status_code,

@@ -15,7 +15,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specserve.cluster.schemas import BackendVersion, render_template
+from specserve.cluster.schemas import LaunchTemplate, render_template
 
 
 @dataclass(frozen=True)
@@ -32,21 +32,23 @@ class LaunchSpec:
 
 def build_launch_spec(
     name: str,
-    version: BackendVersion,
+    launch: LaunchTemplate,
     parameters: list[str],
     env: dict[str, str],
     values: dict[str, str],
     log_path: Path,
     gpu_ids: list[int],
 ) -> LaunchSpec:
-    """Render `entrypoint + command + parameters` and the env with the placeholder `values`."""
-    argv = shlex.split(version.entrypoint or "")
-    argv += shlex.split(render_template(version.command, values))
-    argv += [render_template(p, values) for p in parameters]
-    full_env = {k: render_template(v, values) for k, v in {**version.env, **env}.items()}
-    if version.framework == "cuda":
+    """As GPUStack: `run_command` rendered with the placeholder `values` and split like a shell
+    command line, after `entrypoint`; then the deployment's backend parameters (the backend's
+    `default_backend_param` when it has none). Unknown placeholders stay as written."""
+    argv = shlex.split(launch.entrypoint)
+    argv += shlex.split(render_template(launch.run_command, values))
+    argv += [render_template(p, values) for p in parameters or launch.default_parameters]
+    full_env = {k: render_template(v, values) for k, v in {**launch.env, **env}.items()}
+    if launch.framework == "cuda":
         full_env.setdefault("CUDA_VISIBLE_DEVICES", ",".join(map(str, gpu_ids)))
-    return LaunchSpec(name, argv, full_env, log_path, version.image, gpu_ids)
+    return LaunchSpec(name, argv, full_env, log_path, launch.image_name, gpu_ids)
 
 
 class LaunchError(Exception):

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
 from specserve.cluster.db import InferenceBackend, Model, ModelInstance, Worker, utcnow
-from specserve.cluster.schemas import BackendVersion, WorkerStatus
+from specserve.cluster.schemas import LaunchTemplate, WorkerStatus
 
 log = logging.getLogger("specserve.cluster.scheduler")
 GiB = 1024**3
@@ -215,13 +215,13 @@ class Controller:
             model = s.get(Model, inst.model_id) if inst else None
             if inst is None or model is None or inst.state != "pending":
                 return
-            version = backend_version(s, model)
+            launch = launch_template(s, model)
             workers = s.scalars(sa.select(Worker).order_by(Worker.id)).all()
-        if isinstance(version, str):
-            result: Placement | str = version
+        if isinstance(launch, str):
+            result: Placement | str = launch
         else:
             views = [await self.view(w, model) for w in workers]
-            result = place(views, version.framework, model.worker_selector, model.placement)
+            result = place(views, launch.framework, model.worker_selector, model.placement)
         with self.sessions.begin() as s:
             inst = s.get(ModelInstance, instance_id)
             if inst is None or inst.state != "pending":
@@ -291,15 +291,25 @@ class Controller:
         return int(info["size"]) if info.get("exists") else None
 
 
-def backend_version(s: Session, model: Model) -> BackendVersion | str:
-    """The backend version a deployment runs, or a message saying what is missing."""
+def launch_template(s: Session, model: Model) -> LaunchTemplate | str:
+    """How to launch a deployment (its backend version with the backend's defaults applied),
+    or a message saying what is missing."""
     backend = s.scalar(sa.select(InferenceBackend).where(InferenceBackend.name == model.backend))
     if backend is None:
         return f"inference backend {model.backend!r} does not exist"
     name = model.backend_version or backend.default_version
     if name not in backend.versions:
         return f"backend {backend.name!r} has no version {name!r}"
-    return BackendVersion.model_validate(backend.versions[name])
+    v = backend.versions[name]
+    return LaunchTemplate(
+        entrypoint=v.get("entrypoint") or backend.default_entrypoint,
+        run_command=v.get("run_command") or backend.default_run_command,
+        image_name=v.get("image_name"),
+        framework=v.get("custom_framework") or "cpu",
+        env={**backend.default_env, **(v.get("env") or {})},
+        default_parameters=backend.default_backend_param,
+        health_check_path=backend.health_check_path,
+    )
 
 
 def new_instance(m: Model) -> ModelInstance:

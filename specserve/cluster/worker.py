@@ -40,7 +40,7 @@ class WorkerConfig:
     data_dir: Path
     name: str = field(default_factory=socket.gethostname)
     ip: str | None = None  # default: the address that routes to the server
-    host: str = "0.0.0.0"
+    host: str | None = None  # where the worker API listens; default: `ip` only
     port: int = 10150  # the worker's own API (logs, path checks)
     port_range: tuple[int, int] = (40000, 40063)
     labels: dict[str, str] = field(default_factory=dict)
@@ -122,7 +122,7 @@ def checkpoint_size(path: Path) -> int:
 
 def resolve_hub_model(source: str, repo_id: str, cache_dir: Path) -> str:
     """Download (or find cached) a hub model; a LaunchError says why it cannot."""
-    module = {"huggingface": "huggingface_hub", "modelscope": "modelscope"}[source]
+    module = {"huggingface": "huggingface_hub", "model_scope": "modelscope"}[source]
     try:
         hub = __import__(module, fromlist=["snapshot_download"])
     except ImportError:
@@ -172,6 +172,7 @@ class Worker:
     def __init__(self, config: WorkerConfig, runtime: Runtime | None = None) -> None:
         self.config = config
         self.ip = config.ip or route_ip(config.server_url)
+        self.host = config.host or self.ip
         self.runtime = runtime or ProcessRuntime()
         self.locals: dict[int, Local] = {}
         self.worker_id: int | None = None
@@ -278,10 +279,12 @@ class Worker:
                 if not os.path.exists(path):
                     raise LaunchError(f"model path {path} not found on worker {self.config.name}")
             else:
+                local.state = "downloading"
+                await self.report(local)
                 path = await asyncio.to_thread(
                     resolve_hub_model,
                     model.source,
-                    model.repo_id or "",
+                    model.huggingface_repo_id or model.model_scope_model_id or "",
                     self.config.data_dir / "hub",
                 )
             if not port_free(self.ip, inst.port):
@@ -291,17 +294,17 @@ class Worker:
                 "port": str(inst.port),
                 "worker_ip": self.ip,
                 "model_name": model.name,
-                "gpu_count": str(len(inst.gpu_ids)),
-                "gpu_ids": ",".join(map(str, inst.gpu_ids)),
+                "gpu_count": str(len(inst.gpu_indexes)),
+                "gpu_ids": ",".join(map(str, inst.gpu_indexes)),
             }
             spec = build_launch_spec(
                 inst.name,
-                a.backend_version,
+                a.launch,
                 model.backend_parameters,
                 model.env,
                 values,
                 self.log_path(inst.id),
-                inst.gpu_ids,
+                inst.gpu_indexes,
             )
             local.handle = await asyncio.to_thread(self.runtime.start, spec)
         except LaunchError as e:
@@ -331,8 +334,8 @@ class Worker:
         if code is not None:
             self.crashed(local, f"process exited with code {code}")
             return
-        inst, version = local.assignment.instance, local.assignment.backend_version
-        url = f"http://{self.ip}:{inst.port}{version.health_check_path}"
+        inst, launch = local.assignment.instance, local.assignment.launch
+        url = f"http://{self.ip}:{inst.port}{launch.health_check_path}"
         try:
             healthy = (await self.http.get(url, timeout=3.0)).status_code == 200
         except httpx.HTTPError:
@@ -345,8 +348,7 @@ class Worker:
                 await asyncio.to_thread(self.runtime.stop, local.handle, 10.0)
                 self.crashed(
                     local,
-                    f"health check {version.health_check_path} failed "
-                    f"{local.health_failures} times",
+                    f"health check {launch.health_check_path} failed {local.health_failures} times",
                 )
 
     async def report(self, local: Local) -> None:
@@ -460,6 +462,6 @@ async def run_worker(config: WorkerConfig) -> None:
 
     config.data_dir.mkdir(parents=True, exist_ok=True)
     worker = Worker(config)
-    server = http_server(worker_app(worker), config.host, config.port)
+    server = http_server(worker_app(worker), worker.host, config.port)
     with contextlib.suppress(asyncio.CancelledError):
         await serve_until_signal([server], [worker.run()])

@@ -184,13 +184,13 @@ class Cluster:
 
     def workers_ready(self, n: int) -> list[dict]:
         def ready() -> list[dict] | None:
-            ws = [w for w in self.api.get("/v2/workers").json() if w["state"] == "ready"]
+            ws = [w for w in items(self.api.get("/v2/workers")) if w["state"] == "ready"]
             return ws if len(ws) >= n else None
 
         return wait_for(ready, 30, f"{n} ready workers")
 
     def instances(self, model: str) -> list[dict]:
-        return self.api.get("/v2/model-instances", params={"model": model}).json()
+        return items(self.api.get("/v2/model-instances", params={"model": model}))
 
     def wait_running(self, model: str, n: int, timeout: float = 40.0) -> list[dict]:
         def running() -> list[dict] | None:
@@ -210,6 +210,12 @@ class Cluster:
         for p in reversed(self.procs):
             p.stop()
         self.api.close()
+
+
+def items(response: httpx.Response) -> list[dict]:
+    """The rows of a GPUStack-style paginated list response."""
+    assert response.status_code == 200, response.text
+    return response.json()["items"]
 
 
 def fake_backend(name: str = "fake") -> dict:

@@ -36,7 +36,7 @@ def test_deploy_gateway_restart_and_failover(cluster: Cluster, model_dir) -> Non
     assert r.status_code == 401 and "message" in r.json()["error"]
     bad = {"Authorization": "Bearer sk-0000000000000000-nope"}
     assert httpx.get(f"{cluster.url}/v1/models", headers=bad).status_code == 401
-    key = api.post("/v2/api-keys", json={"name": "k", "scopes": ["inference"]}).json()["value"]
+    key = api.post("/v2/api-keys", json={"name": "k", "scope": ["inference"]}).json()["value"]
     auth = {"Authorization": f"Bearer {key}"}
     assert [
         m["id"] for m in httpx.get(f"{cluster.url}/v1/models", headers=auth).json()["data"]

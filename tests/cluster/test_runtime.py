@@ -10,15 +10,15 @@ from pathlib import Path
 import pytest
 
 from specserve.cluster.runtime import LaunchError, LaunchSpec, ProcessRuntime, build_launch_spec
-from specserve.cluster.schemas import BackendVersion, render_template
+from specserve.cluster.schemas import BackendCreate, LaunchTemplate, render_template
 
 VALUES = {"model_path": "/m", "port": "30000", "worker_ip": "10.0.0.2", "model_name": "ds",
           "gpu_count": "2", "gpu_ids": "0,1"}  # fmt: skip
 
 
 def test_seed_dspark_template_renders_to_the_seed_command(tmp_path: Path) -> None:
-    v = BackendVersion(entrypoint="sglang serve", framework="cuda",
-                       command="--model-path {{model_path}} --host {{worker_ip}} --port {{port}}")  # fmt: skip
+    v = LaunchTemplate(entrypoint="sglang serve", framework="cuda",
+                       run_command="--model-path {{model_path}} --host {{worker_ip}} --port {{port}}")  # fmt: skip
     spec = build_launch_spec("ds-1", v, ["--tp-size", "8", "--speculative-algorithm", "DSPARK"],
                              {"X": "{{gpu_count}}"}, VALUES, tmp_path / "l.log", [0, 1])  # fmt: skip
     assert spec.argv == ["sglang", "serve", "--model-path", "/m", "--host", "10.0.0.2", "--port",
@@ -26,11 +26,23 @@ def test_seed_dspark_template_renders_to_the_seed_command(tmp_path: Path) -> Non
     assert spec.env == {"X": "2", "CUDA_VISIBLE_DEVICES": "0,1"}
 
 
-def test_unknown_placeholder_is_rejected() -> None:
-    with pytest.raises(ValueError, match=r"unknown placeholder \{\{modelpath\}\}"):
-        BackendVersion(entrypoint="x", command="--model {{modelpath}}")
-    with pytest.raises(ValueError, match="entrypoint or an image"):
-        BackendVersion(command="--port {{port}}")
+def test_run_command_is_split_like_a_shell_line_unknown_placeholders_kept(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """GPUStack's rules: render, shlex-split, unknown `{{x}}` passed through with a warning."""
+    v = LaunchTemplate(run_command="serve --model {{model_path}} --chat-template "
+                       "'a b {{model_name}}' --extra {{modelpath}}",
+                       default_parameters=["--default", "1"])  # fmt: skip
+    spec = build_launch_spec("x", v, [], {}, VALUES, tmp_path / "l.log", [])
+    assert spec.argv == ["serve", "--model", "/m", "--chat-template", "a b ds", "--extra",
+                         "{{modelpath}}", "--default", "1"]  # fmt: skip
+    spec = build_launch_spec("x", v, ["--mine"], {}, VALUES, tmp_path / "l.log", [])
+    assert spec.argv[-1] == "--mine" and "--default" not in spec.argv
+    with caplog.at_level("WARNING"):
+        BackendCreate(backend_name="b-custom", version_configs={"v1": {"run_command": "{{x.y}}"}})
+    assert "unknown placeholder {{x.y}}" in caplog.text
+    with pytest.raises(ValueError, match="no image_name, entrypoint or run_command"):
+        BackendCreate(backend_name="b-custom", version_configs={"v1": {"env": {"A": "1"}}})
     assert render_template("{{ port }}/{{model_name}}", VALUES) == "30000/ds"
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -71,23 +72,28 @@ def test_backends_models_keys_and_errors(tmp_path: Path, db_url: str) -> None:
         c.auth = ("admin", PASSWORD)
 
         builtin = c.get("/v2/inference-backends/specserve").json()
-        version = builtin["versions"][builtin["default_version"]]
+        version = builtin["version_configs"][builtin["default_version"]]
         assert (
             version["entrypoint"].startswith(sys.executable)
             and "-m specserve serve" in version["entrypoint"]
         )
-        assert "--served-model-name {{model_name}}" in version["command"]
-        assert version["health_check_path"] == "/health"
+        assert "--served-model-name {{model_name}}" in version["run_command"]
+        assert builtin["health_check_path"] == "/health" and builtin["is_built_in"]
 
         r = c.post("/v2/inference-backends", json=SEED_DSPARK)
         assert r.status_code == 201, r.text
-        assert r.json()["versions"]["default"]["framework"] == "cuda"
+        assert r.json()["version_configs"]["default"]["custom_framework"] == "cuda"
         r = c.post("/v2/inference-backends", json=SEED_DSPARK)
         assert r.status_code == 409 and "already exists" in r.json()["error"]["message"]
+        # as in GPUStack, an unknown placeholder is kept verbatim (with a warning in the log)
         r = c.post(
             "/v2/inference-backends", json={**SEED_DSPARK, "name": "x", "command": "--p {{nope}}"}
         )
-        assert r.status_code == 400 and "{{nope}}" in r.json()["error"]["message"]
+        assert r.status_code == 201 and r.json()["version_configs"]["default"]["run_command"] == (
+            "--p {{nope}}"
+        )
+        r = c.post("/v2/inference-backends", json={**SEED_DSPARK, "name": "y", "framework": "tpu"})
+        assert r.status_code == 400 and "custom_framework" in r.json()["error"]["message"]
         assert c.delete("/v2/inference-backends/specserve").status_code == 400
 
         dep = {"name": "ds", "repo_id": "deepseek-ai/DeepSeek-V4-Flash", "backend": "dspark",
@@ -110,14 +116,15 @@ def test_backends_models_keys_and_errors(tmp_path: Path, db_url: str) -> None:
         assert c.patch("/v2/models/ds", json={"replicas": 3}).json()["replicas"] == 3
         assert c.get("/v2/models/404").status_code == 404
 
-        created = c.post("/v2/api-keys", json={"name": "k1"}).json()
+        created = c.post("/v2/api-keys", json={"name": "k1", "scope": ["inference"]}).json()
         value = created["value"]
-        assert "value" not in c.get("/v2/api-keys").json()[0]
+        assert value.startswith("gpustack_") and created["scope"] == ["inference"]
+        assert c.get("/v2/api-keys").json()["items"][0]["value"] is None
         engine = db.make_engine(db_url)
         with engine.connect() as conn:
             stored = conn.execute(sa.select(db.ApiKey.secret_hash)).scalar()
         engine.dispose()
-        assert value.split("-", 2)[2] not in stored
+        assert value.split("_", 2)[2] not in stored
         c.auth = None
         key = {"Authorization": f"Bearer {value}"}
         assert c.get("/v1/models", headers=key).status_code == 200
@@ -144,7 +151,7 @@ def test_workers_scheduling_and_liveness(tmp_path: Path, db_url: str) -> None:
         assignments = wait_for(assigned, 10, "two assignments")
         ports = {a["instance"]["port"] for a in assignments}
         assert ports == {45000, 45001}  # distinct ports from the worker's range
-        assert assignments[0]["backend_version"]["entrypoint"] == "sglang serve"
+        assert assignments[0]["launch"]["entrypoint"] == "sglang serve"
         iid = assignments[0]["instance"]["id"]
         r = c.put(f"/v2/workers/{wid}/instances/{iid}/state", auth=cred,
                   json={"state": "running", "pid": 42})  # fmt: skip
@@ -167,10 +174,38 @@ def test_workers_scheduling_and_liveness(tmp_path: Path, db_url: str) -> None:
                 break
             time.sleep(0.2)
         assert c.get("/v2/workers/w1").json()["state"] == "not_ready"
-        insts = c.get("/v2/model-instances", params={"model": "m"}).json()
+        insts = c.get("/v2/model-instances", params={"model": "m"}).json()["items"]
         assert all(i["worker_name"] != "w1" for i in insts)
         on_w2 = [i for i in insts if i["worker_name"] == "w2"]
         assert len(on_w2) == 2
         pending = [i for i in insts if i["state"] == "pending"]
         assert len(pending) == 1 and "w1: not ready" in pending[0]["state_message"]
         assert "w2: no free port" in pending[0]["state_message"]
+
+
+def test_v3_migration_converts_existing_rows(db_url: str, monkeypatch) -> None:
+    """A database written before GPUStack's shapes keeps its backends and hub models."""
+    engine = db.make_engine(db_url)
+    monkeypatch.setattr(db, "MIGRATIONS", db.MIGRATIONS[:2])
+    db.migrate(engine)
+    monkeypatch.undo()
+    now = db.utcnow()
+    old = {"entrypoint": "sglang serve", "image": None, "framework": "cuda", "env": {},
+           "command": "--port {{port}}", "health_check_path": "/healthz"}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(sa.text(
+            "INSERT INTO inference_backends (name, description, builtin, default_version, "
+            "versions, created_at, updated_at) VALUES ('dspark', '', false, 'v1', :v, :t, :t)"),
+            {"v": json.dumps({"v1": old}), "t": now})  # fmt: skip
+        conn.execute(sa.text(
+            "INSERT INTO models (name, source, repo_id, replicas, backend, backend_parameters, "
+            "env, worker_selector, placement, created_at, updated_at) VALUES ('m', 'modelscope', "
+            "'org/m', 0, 'dspark', '[]', '{}', '{}', 'spread', :t, :t)"), {"t": now})  # fmt: skip
+    assert db.migrate(engine) == db.MIGRATIONS[-1][0]
+    with sa.orm.Session(engine) as s:
+        b = s.scalar(sa.select(db.InferenceBackend))
+        assert b.versions == {"v1": {"entrypoint": "sglang serve", "image_name": None, "env": {},
+                                     "custom_framework": "cuda", "run_command": "--port {{port}}"}}  # fmt: skip
+        assert b.health_check_path == "/healthz" and b.default_backend_param == []
+        assert s.scalar(sa.select(db.Model.source)) == "model_scope"
+    engine.dispose()

@@ -42,26 +42,28 @@ function button(label, onclick) {
 
 async function refresh() {
   try {
+    const all = async (path) => (await api("GET", path + "?page=-1")).items;  // GPUStack-style pages
     const [models, instances, workers, backends, keys] = await Promise.all([
-      api("GET", "/v2/models"), api("GET", "/v2/model-instances"), api("GET", "/v2/workers"),
-      api("GET", "/v2/inference-backends"), api("GET", "/v2/api-keys")]);
+      all("/v2/models"), all("/v2/model-instances"), all("/v2/workers"),
+      all("/v2/inference-backends"), all("/v2/api-keys")]);
     fill("#deployments", models, (m) => [cell(m.name), cell(m.backend + (m.backend_version ? ":" + m.backend_version : "")),
-      cell(m.local_path || m.repo_id), cell(m.replicas), cell(m.ready_replicas + "/" + m.replicas),
+      cell(m.local_path || m.huggingface_repo_id || m.model_scope_model_id), cell(m.replicas), cell(m.ready_replicas + "/" + m.replicas),
       button("Delete", async () => { if (confirm("Delete " + m.name + "?")) { await api("DELETE", "/v2/models/" + m.id); refresh(); } })]);
     fill("#instances", instances, (i) => [cell(i.name), cell(i.model_name), cell(i.state, "state " + i.state),
       cell(i.worker_name), cell(i.port), cell(i.restart_count), cell(i.state_message),
       button("Logs", () => showLogs(i))]);
     fill("#workers", workers, (w) => [cell(w.name), cell(w.ip), cell(w.state, "state " + w.state),
-      cell(w.status.cpu_count + " cores, " + Math.round(w.status.cpu_percent) + "%"),
-      cell(gib(w.status.memory_total - w.status.memory_available) + " / " + gib(w.status.memory_total)),
-      cell(w.status.gpus.map((g) => g.name + " " + gib(g.memory_total)).join(", ") || "none"),
+      cell(w.status.cpu.total + " cores, " + Math.round(w.status.cpu.utilization_rate) + "%"),
+      cell(gib(w.status.memory.used) + " / " + gib(w.status.memory.total)),
+      cell(w.status.gpu_devices.map((g) => g.name + " " + gib(g.memory.total)).join(", ") || "none"),
       cell(Object.entries(w.labels).map(([k, v]) => k + "=" + v).join(" ")),
-      cell(new Date(w.heartbeat_at + "Z").toLocaleTimeString())]);
-    const versions = backends.flatMap((b) => Object.entries(b.versions).map(([v, spec]) => ({ b, v, spec })));
-    fill("#backends", versions, ({ b, v, spec }) => [cell(b.name + (b.builtin ? " (built in)" : "")), cell(v),
-      cell(spec.framework), cell(spec.entrypoint || spec.image), cell(spec.command)]);
-    fill("#keys", keys, (k) => [cell(k.name), cell(k.access_key), cell(k.scopes.join(", ")), cell(k.last_used_at || "never")]);
-    syncSelect("#deploy-backend", backends.map((b) => b.name));
+      cell(new Date(w.heartbeat_time + "Z").toLocaleTimeString())]);
+    const versions = backends.flatMap((b) => Object.entries(b.version_configs).map(([v, spec]) => ({ b, v, spec })));
+    fill("#backends", versions, ({ b, v, spec }) => [cell(b.backend_name + (b.is_built_in ? " (built in)" : "")), cell(v),
+      cell(spec.custom_framework || "cpu"), cell(spec.entrypoint || b.default_entrypoint || spec.image_name),
+      cell(spec.run_command || b.default_run_command)]);
+    fill("#keys", keys, (k) => [cell(k.name), cell(k.access_key), cell(k.scope.join(", ")), cell(k.last_used_at || "never")]);
+    syncSelect("#deploy-backend", backends.map((b) => b.backend_name));
     syncSelect("#pg-model", models.filter((m) => m.ready_replicas > 0).map((m) => m.name));
   } catch (e) { console.warn(e); }
 }
@@ -149,7 +151,7 @@ $("#deploy-form").onsubmit = async (ev) => {
 
 $("#key-form").onsubmit = async (ev) => {
   ev.preventDefault();
-  const k = await api("POST", "/v2/api-keys", { name: new FormData(ev.target).get("name") });
+  const k = await api("POST", "/v2/api-keys", { name: new FormData(ev.target).get("name"), scope: ["inference"] });
   const pre = $("#new-key"); pre.hidden = false;
   pre.textContent = "Copy this key now, it is not shown again:\n" + k.value;
   ev.target.reset(); refresh();
