@@ -74,9 +74,13 @@ class RankGroup:
         dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
         return int(t.item())
 
-    def make_runner(self, model, num_blocks, page_size, dtype, device, capture=()) -> ModelRunner:
+    def make_runner(
+        self, model, num_blocks, page_size, dtype, device, capture=(), attention_backend="torch"
+    ) -> ModelRunner:
         """Rank 0's runner: broadcasts each batch before running it."""
-        return BroadcastingRunner(self, model, num_blocks, page_size, dtype, device, capture)
+        return BroadcastingRunner(
+            self, model, num_blocks, page_size, dtype, device, capture, attention_backend
+        )
 
     def send_step(self, seqs: list[BatchSeq] | None) -> None:
         dist.broadcast_object_list([seqs], src=0, group=self.control)
