@@ -168,7 +168,7 @@ def build_engine(args: argparse.Namespace):
             cache=cache,
             scheduler=sched,
             attention_backend=args.attention_backend,
-            num_threads=args.num_threads or physical_cores(),
+            num_threads=physical_cores() if args.num_threads is None else args.num_threads,
         )
         ranks = _rank_spec(args, cache)
         from specserve.models.qwen3_moe import is_mxfp4_checkpoint
