@@ -9,7 +9,7 @@ import transformers
 from specserve.core import SamplingParams
 from specserve.engine.model_runner import BatchSeq, ModelRunner
 from specserve.llm import LLM
-from specserve.models.attention import CausalAttention
+from specserve.models.attention import CausalAttention, PagedAttention
 from specserve.models.loader import load_model
 
 
@@ -107,9 +107,14 @@ def test_chunked_prefill_after_prefix_hit_matches_hf(tiny_model_path):
     assert (got - want).abs().max().item() <= 1e-4
 
 
-def test_mixed_verify_windows_and_prefill_in_one_batch_match_hf(tiny_model_path):
+@pytest.mark.parametrize("group_bytes", [PagedAttention.GROUP_BYTES, 1])
+def test_mixed_verify_windows_and_prefill_in_one_batch_match_hf(
+    tiny_model_path, group_bytes, monkeypatch
+):
     """Decode, verify windows of several lengths and a prefill chunk, on contexts of very
-    different lengths (several length buckets), in one forward."""
+    different lengths (several length buckets), in one forward; with a tiny `GROUP_BYTES`
+    every sequence is attended in a group of its own."""
+    monkeypatch.setattr(PagedAttention, "GROUP_BYTES", group_bytes)
     runner, ref = _paged(tiny_model_path, num_blocks=301)
     contexts = [_ids(n, 10 + n) for n in (7, 150, 31, 3, 160, 64)]
     windows = [1, 16, 4, 9, 1, 20]
