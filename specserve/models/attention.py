@@ -117,7 +117,8 @@ class _Group:
     num_keys: int  # Lmax
     first_row: int  # with `pages` None: the sequence's first row in the batch
     mask: torch.Tensor | None  # [G, 1, Qmax, Lmax] True = may attend; None: every key visible
-    out_index: torch.Tensor  # [valid] positions in the flat [G * Qmax] output that are real
+    out_index: torch.Tensor | None  # [valid] real positions of the flat [G * Qmax] output;
+    #                                 None: no query is padding
     out_rows: torch.Tensor  # [valid] matching rows of the batch
 
 
@@ -147,6 +148,7 @@ class PagedAttention(AttentionContext):
         heads = torch.arange(two * kv, device=device)[:, None] * (num_blocks * page)
         self.write_rows = (heads + batch.slot_mapping.to(device)[None, :]).reshape(-1)
         self.groups = [self._group(batch, idx, device) for idx in self._plan(batch)]
+        self.padded = any(g.out_index is not None for g in self.groups)
 
     def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
         """Sequence indices per group: short queries bucketed by key length, long ones alone."""
@@ -194,7 +196,7 @@ class PagedAttention(AttentionContext):
             num_keys=lmax,
             first_row=int(starts[0]),
             mask=mask,
-            out_index=flat_valid.nonzero().squeeze(1).to(device),
+            out_index=None if bool(valid.all()) else flat_valid.nonzero().squeeze(1).to(device),
             out_rows=rows.reshape(-1)[flat_valid].to(device),
         )
 
@@ -207,11 +209,15 @@ class PagedAttention(AttentionContext):
         if self.groups[0].rows is None:  # one group, the whole batch: plain reshapes
             grp = self.groups[0]
             return self._attend_group(grp, q.view(*grp.shape, h, d), k, v, cache).view(-1, h, d)
-        q_pad = torch.cat([q, q.new_zeros(1, h, d)])
+        q_pad = torch.cat([q, q.new_zeros(1, h, d)]) if self.padded else q
         out = q.new_empty(q.shape)
         for grp in self.groups:
-            o = self._attend_group(grp, q_pad[grp.rows], k, v, cache).reshape(-1, h, d)
-            out[grp.out_rows] = o[grp.out_index]
+            qg = q_pad.index_select(0, grp.rows.view(-1)).view(*grp.shape, h, d)
+            o = self._attend_group(grp, qg, k, v, cache).reshape(-1, h, d)
+            if grp.out_index is None:
+                out.index_copy_(0, grp.out_rows, o)
+            else:
+                out[grp.out_rows] = o[grp.out_index]
         return out
 
     @staticmethod
@@ -226,7 +232,9 @@ class PagedAttention(AttentionContext):
         else:
             g, lmax = grp.shape[0], grp.num_keys
             kvg = cache.view(-1, page * d).index_select(0, grp.pages)
-            kvg = kvg.view(two, kv, g, -1, d)[:, :, :, :lmax].to(qg.dtype)
+            kvg = kvg.view(two, kv, g, -1, d)[:, :, :, :lmax]
+            if kvg.dtype != qg.dtype:
+                kvg = kvg.to(qg.dtype)
             keys, values = kvg[0].transpose(0, 1), kvg[1].transpose(0, 1)  # [G, kv, L, d]
             causal = False
         o = F.scaled_dot_product_attention(
