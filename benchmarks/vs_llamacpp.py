@@ -37,7 +37,7 @@ from llama_cpp import Llama
 path, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 ids = [int(t) for t in prompt.split(",")]
 llm = Llama(model_path=path, n_ctx=len(ids) + tokens + 8, n_threads=threads,
-            n_threads_batch=threads, n_batch=64, logits_all=False, verbose=False)
+            n_threads_batch=threads, n_batch=64, verbose=False)
 t = time.perf_counter()
 llm.eval(ids)
 for _ in range(tokens - 1):
@@ -46,20 +46,36 @@ print(tokens / (time.perf_counter() - t))
 """
 
 # Runs the vendored converter with this project's Python, mapping an unknown pre-tokenizer
-# hash to gpt-2 (the demo tokenizer's split regex is GPT-2's).
+# hash to gpt-2 (the demo tokenizer's split regex is GPT-2's). Qwen's converter imports
+# sentencepiece before it looks for a tokenizer.model; ours has only tokenizer.json, so the
+# missing file is reported first and the converter takes its GPT-2 vocabulary path.
 CONVERT = """
 import sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
 import convert_hf_to_gguf as conv
-for cls in vars(conv).values():
-    if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
-        original = cls.get_vocab_base_pre
-        def patched(self, tokenizer, _original=original):
-            try:
-                return _original(self, tokenizer)
-            except NotImplementedError:
-                return "gpt-2"
-        cls.get_vocab_base_pre = patched
+
+def gpt2_if_unknown(original):
+    def patched(self, tokenizer):
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:
+            return "gpt-2"
+    return patched
+
+def no_sentencepiece_without_model(original):
+    def patched(self):
+        if not (self.dir_model / "tokenizer.model").is_file():
+            raise FileNotFoundError("no tokenizer.model")
+        return original(self)
+    return patched
+
+for module in list(sys.modules.values()):
+    for cls in list(vars(module).values()) if module else ():
+        if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
+            cls.get_vocab_base_pre = gpt2_if_unknown(cls.get_vocab_base_pre)
+        if isinstance(cls, type) and "_create_vocab_sentencepiece" in vars(cls):
+            cls._create_vocab_sentencepiece = no_sentencepiece_without_model(
+                cls._create_vocab_sentencepiece)
 sys.argv = ["convert_hf_to_gguf.py", sys.argv[2], "--outfile", sys.argv[3], "--outtype", "f32"]
 conv.main()
 """
