@@ -1,25 +1,39 @@
-"""Plain decode speed of our engine vs Hugging Face transformers, measured side by side.
+"""Engine speed against its floor and against `transformers`, measured side by side.
 
-    .venv/bin/python benchmarks/engine_decode.py [--sizes 10m,150m] [--tokens 128]
+    .venv/bin/python benchmarks/engine_decode.py [--models demo,150m] [--quick] [--threads 1]
 
-For each model size (a random Qwen3 checkpoint written to a temp folder) it prints:
+For each model (`demo` = models/demo/target, `10m`/`150m` = random Qwen3 checkpoints written to
+a temp folder) it prints:
   * greedy decode tok/s at batch 1, ours vs `transformers` `generate`, and the ratio;
-  * our decode step time against the floor `weight bytes / copy bandwidth`;
-  * total tok/s at batch 1, 8, 32 (10M model) and the scaling ratio;
-  * the time of one forward over 1, 8 and 16 tokens of one request at KV length 512.
+  * a grid batch {1, 10, 32} x context {64, 1024, 2048} x step {decode, verify 4, verify 8,
+    prefill chunk 512} (`--quick`: batch {1, 10} x context {1024} x {decode, verify 8}). Each
+    cell is one target forward through `ModelRunner` on a cache filled with random K/V (the
+    step's cost depends on shapes, not values): its time, its floor (the bytes the step must
+    read, weights plus every request's K/V, over the best copy bandwidth sampled between the
+    cell's timings), the
+    ratio, and `transformers` running one forward over the same tokens on a `DynamicCache` of
+    the same length (arms alternated; min and median of `--reps`). Requests' contexts differ by
+    a few tokens on our side (as in serving), all equal on the `transformers` side. "prefill
+    512" is one request's 512-token chunk after the context while the others decode.
+  * with `--profile`, torch ops per decode step and the share of the step spent outside them.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
+import warnings
+from pathlib import Path
 
 import torch
+from torch.profiler import profile
 
 from specserve.core import SamplingParams
-from specserve.engine.model_runner import BatchSeq
+from specserve.engine.model_runner import BatchSeq, ModelRunner
 from specserve.llm import LLM
+from specserve.models.loader import load_model
 from specserve.models.tiny import make_checkpoint
 
 SIZES = {
@@ -44,6 +58,8 @@ SIZES = {
         head_dim=64,
     ),
 }
+DEMO_TARGET = Path(__file__).resolve().parent.parent / "models" / "demo" / "target"
+PAGE = 16
 
 
 def copy_bandwidth() -> float:
@@ -86,65 +102,174 @@ def hf_decode(path: str, tokens: int) -> float:
     return tokens / (time.perf_counter() - t)
 
 
-def forward_times(path: str, widths=(1, 8, 16), kv_len: int = 512) -> dict[int, float]:
-    llm = LLM(path, max_total_tokens=4096, page_size=16)
-    runner = llm.engine.runner
-    blocks = list(range(-(-(kv_len + max(widths)) // 16)))
-    prefix = [(j * 13) % 1000 + 3 for j in range(kv_len)]
-    runner.forward([BatchSeq(prefix, 0, blocks, kv_len)])
-    out = {}
-    for w in widths:
-        toks = [5] * w
-        runner.forward([BatchSeq(toks, kv_len, blocks, 0)])
-        reps = 20
+STEPS = {"decode": 1, "verify 4": 4, "verify 8": 8, "prefill 512": 512}
+
+
+class Cell:
+    """One grid cell: B requests with about `context` cached tokens each and one step kind."""
+
+    def __init__(self, path: str, batch: int, context: int, step: str) -> None:
+        self.batch, self.context, self.step = batch, context, step
+        self.width = STEPS[step]
+        self.contexts = [max(1, context - i % 8) for i in range(batch)]
+        self.queries = [1 if step == "prefill 512" and i else self.width for i in range(batch)]
+        self.path = path
+
+    def ours(self) -> tuple[ModelRunner, list[BatchSeq]]:
+        model, _ = load_model(self.path)
+        model.fuse()
+        per = -(-(self.context + self.width) // PAGE)
+        runner = ModelRunner(model, self.batch * per, PAGE, torch.float32, "cpu")
+        for layer in runner.kv_cache:
+            layer.normal_()
+        seqs = [
+            BatchSeq([5] * q, c, list(range(i * per, (i + 1) * per)), q - 1 if q > 8 else 0)
+            for i, (c, q) in enumerate(zip(self.contexts, self.queries, strict=True))
+        ]
+        return runner, seqs
+
+    def bytes_read(self, runner: ModelRunner) -> int:
+        """Weights (the embedding only by the rows it reads) plus the K/V every query sees."""
+        model = runner.model
+        embed = model.model.embed_tokens.weight
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        if model.lm_head.weight is not embed:
+            weights -= embed.numel() * embed.element_size()
+        cache = runner.kv_cache[0]
+        per_token = cache[0, :, 0, 0].numel() * 2 * cache.element_size() * len(runner.kv_cache)
+        return weights + per_token * sum(
+            c + q for c, q in zip(self.contexts, self.queries, strict=True)
+        )
+
+    def hf(self):
+        import transformers
+
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            self.path, dtype=torch.float32
+        ).eval()
+        cfg = model.config
+        cache = transformers.DynamicCache()
+        shape = (self.batch, cfg.num_key_value_heads, self.context, cfg.head_dim)
+        for layer in range(cfg.num_hidden_layers):
+            cache.update(torch.randn(shape), torch.randn(shape), layer)
+        if self.step == "prefill 512":  # one request's chunk; the others' decode is separate
+            runs = [(1, 512), (self.batch - 1, 1)] if self.batch > 1 else [(1, 512)]
+        else:
+            runs = [(self.batch, self.width)]
+
+        def step() -> None:
+            for b, q in runs:
+                c = transformers.DynamicCache()
+                for layer in range(cfg.num_hidden_layers):
+                    k, v = cache.layers[layer].keys[:b], cache.layers[layer].values[:b]
+                    c.update(k, v, layer)
+                model(
+                    torch.full((b, q), 5),
+                    past_key_values=c,
+                    attention_mask=torch.ones(b, self.context + q, dtype=torch.long),
+                    logits_to_keep=1,
+                )
+
+        return step
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
         t = time.perf_counter()
-        for _ in range(reps):
-            runner.forward([BatchSeq(toks, kv_len, blocks, 0)])
-        out[w] = (time.perf_counter() - t) / reps
+        fn()
+        out.append(time.perf_counter() - t)
     return out
+
+
+@torch.inference_mode()
+def run_cell(cell: Cell, reps: int, with_hf: bool) -> str:
+    """Arms alternated with a copy-bandwidth sample each round (the load on a shared machine
+    moves); the floor uses the best bandwidth seen, the ratio the best step time."""
+    runner, seqs = cell.ours()
+    hf_step = cell.hf() if with_hf else None
+    ours_fn = lambda: runner.forward(seqs)  # noqa: E731
+    ours_fn()
+    if hf_step:
+        hf_step()
+    ours_t, hf_t, bws = [], [], []
+    for _ in range(reps):
+        ours_t += timed(ours_fn, 1)
+        if hf_step:
+            hf_t += timed(hf_step, 1)
+        bws.append(copy_bandwidth())
+    floor = cell.bytes_read(runner) / max(bws)
+    o_min, o_med = min(ours_t), statistics.median(ours_t)
+    line = (
+        f"| {cell.batch} | {cell.context} | {cell.step} | {1e3 * o_min:.2f} / {1e3 * o_med:.2f} "
+        f"| {max(bws) / 1e9:.1f} | {1e3 * floor:.2f} | {o_min / floor:.1f}x |"
+    )
+    if hf_t:
+        h_min, h_med = min(hf_t), statistics.median(hf_t)
+        line += f" {1e3 * h_min:.2f} / {1e3 * h_med:.2f} | {h_min / o_min:.2f}x |"
+    else:
+        line += " — | — |"
+    return line
+
+
+def op_profile(cell: Cell, steps: int = 5) -> str:
+    """Top-level torch ops per step and the share of wall time outside them (Python)."""
+    runner, seqs = cell.ours()
+    runner.forward(seqs)
+    t = time.perf_counter()
+    with profile() as prof:
+        for _ in range(steps):
+            runner.forward(seqs)
+    wall = time.perf_counter() - t
+    top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    in_ops = sum(e.cpu_time_total for e in top) / 1e6
+    return (
+        f"profile b{cell.batch} ctx{cell.context} {cell.step}: {len(top) / steps:.0f} ops/step, "
+        f"{1 - in_ops / wall:.0%} of the (profiled) step outside torch ops"
+    )
+
+
+def model_path(name: str, tmp: str) -> str:
+    if name == "demo":
+        return str(DEMO_TARGET)
+    return str(make_checkpoint(f"{tmp}/{name}", **SIZES[name]))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="10m,150m")
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads (both sides)")
+    ap.add_argument("--models", default="demo,150m")
+    ap.add_argument("--quick", action="store_true", help="batch 1, 10 x context 1024 only")
+    ap.add_argument("--tokens", type=int, default=128, help="batch-1 generate length")
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (both sides)")
+    ap.add_argument("--reps", type=int, default=5, help="alternated timings per arm and cell")
+    ap.add_argument("--no-hf", action="store_true", help="skip transformers in the grid")
+    ap.add_argument("--profile", action="store_true", help="ops per decode step")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    bw = copy_bandwidth()
-    print(f"copy bandwidth: {bw / 1e9:.1f} GB/s, torch threads: {torch.get_num_threads()}")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' cache argument
+    batches, contexts = ((1, 10), (1024,)) if args.quick else ((1, 10, 32), (64, 1024, 2048))
+    steps = ("decode", "verify 8") if args.quick else tuple(STEPS)
+    print(f"torch threads: {torch.get_num_threads()}")
     with tempfile.TemporaryDirectory() as tmp:
-        for size in args.sizes.split(","):
-            path = str(make_checkpoint(f"{tmp}/{size}", **SIZES[size]))
-            llm = LLM(path, max_total_tokens=1024)
-            n_params = sum(p.numel() for p in llm.engine.model.parameters())
-            weight_bytes = n_params * 4
-            del llm
-            print(f"\n== {size}: {n_params / 1e6:.1f}M parameters, fp32")
-            ours = ours_decode(path, 1, args.tokens)
-            hf = hf_decode(path, args.tokens)
-            print(
-                f"batch-1 greedy decode: ours {ours:.1f} tok/s, transformers {hf:.1f} tok/s, "
-                f"ratio {ours / hf:.2f}x"
-            )
-            floor = weight_bytes / bw
-            print(
-                f"step time {1e3 / ours:.2f} ms vs floor weight bytes / copy bandwidth "
-                f"{1e3 * floor:.2f} ms ({floor * ours:.2f} of the floor speed)"
-            )
-            if size == "10m":
-                tput = {b: ours_decode(path, b, args.tokens) for b in (1, 8, 32)}
-                print(
-                    "batched decode tok/s: "
-                    + ", ".join(f"b{b} {v:.0f}" for b, v in tput.items())
-                    + f"; b32/b1 = {tput[32] / tput[1]:.1f}x, b8/b1 = {tput[8] / tput[1]:.1f}x"
-                )
-            ft = forward_times(path)
-            print(
-                "one forward at KV 512: "
-                + ", ".join(f"{w} tok {1e3 * t:.2f} ms" for w, t in ft.items())
-                + f"; 8/1 = {ft[8] / ft[1]:.2f}x, 16/1 = {ft[16] / ft[1]:.2f}x"
-            )
+        for name in args.models.split(","):
+            path = model_path(name, tmp)
+            model, _ = load_model(path)
+            n_params = sum(p.numel() for p in model.parameters())
+            del model
+            print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, fp32")
+            ours, hf = ours_decode(path, 1, args.tokens), hf_decode(path, args.tokens)
+            print(f"batch-1 greedy decode: ours {ours:.1f} tok/s, transformers {hf:.1f} tok/s, "
+                  f"ratio {ours / hf:.2f}x")  # fmt: skip
+            if args.profile:
+                print(op_profile(Cell(path, 10, 1024, "decode")))
+            print("| batch | context | step | ours ms min / median | copy GB/s | floor ms "
+                  "| ours / floor | transformers ms min / median | transformers / ours |")  # fmt: skip
+            print("|---|---|---|---|---|---|---|---|---|")
+            for b in batches:
+                for c in contexts:
+                    for st in steps:
+                        cell = Cell(path, b, c, st)
+                        print(run_cell(cell, args.reps, not args.no_hf), flush=True)
 
 
 if __name__ == "__main__":

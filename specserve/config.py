@@ -216,6 +216,13 @@ class SchedulerConfig:
             raise ConfigError("--max-queued-requests must be positive")
 
 
+def physical_cores() -> int:
+    """CPU cores without hyper-threads (torch's own default thread count)."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model_path: str
@@ -224,10 +231,18 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    attention_backend: str = "torch"
+    num_threads: int | None = None  # torch CPU threads; None keeps the process's setting
 
     def __post_init__(self) -> None:
+        from specserve.models.attention import ATTENTION_BACKENDS
+
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.num_threads is not None and self.num_threads <= 0:
+            raise ConfigError("--num-threads must be positive")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
             raise ConfigError("--device must be cpu or cuda")
         if self.device.startswith("cuda") and not torch.cuda.is_available():

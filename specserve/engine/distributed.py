@@ -82,10 +82,11 @@ class RankGroup:
         dtype: torch.dtype,
         device: str,
         capture: tuple[int, ...] = (),
+        attention_backend: str = "torch",
     ) -> ModelRunner | StateRunner:
         """Rank 0's runner: broadcasts each batch before running it."""
         cls = BroadcastingStateRunner if hasattr(model, "new_state") else BroadcastingRunner
-        return cls(self, model, num_blocks, page_size, dtype, device, capture)
+        return cls(self, model, num_blocks, page_size, dtype, device, capture, attention_backend)
 
     def send_step(self, seqs: list[BatchSeq] | None) -> None:
         dist.broadcast_object_list([seqs], src=0, group=self.control)

@@ -121,6 +121,8 @@ class LLMEngine:
         it). `group`: this is rank 0 of a tensor / expert parallel group (`start_ranks`)."""
         torch.manual_seed(config.seed)
         random.seed(config.seed)
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
         self.config, self.group = config, group
         self.model, self.model_config = load_model(
             config.model_path,
@@ -154,6 +156,7 @@ class LLMEngine:
             config.torch_dtype,
             config.device,
             self.drafter.capture_layers,
+            config.attention_backend,
         )
         self.context_length = min(
             config.scheduler.context_length,

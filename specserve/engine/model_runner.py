@@ -8,7 +8,7 @@ import psutil
 import torch
 
 from specserve.config import CacheConfig, ModelConfig
-from specserve.models.attention import PagedAttention
+from specserve.models.attention import PagedBatch, make_attention_backend
 from specserve.models.qwen3 import CausalLM
 
 
@@ -65,52 +65,40 @@ class ModelRunner:
         dtype: torch.dtype,
         device: str,
         capture: tuple[int, ...] = (),
+        attention_backend: str = "torch",
     ) -> None:
         self.model, self.page_size, self.device, self.capture = model, page_size, device, capture
-        shape = (num_blocks * page_size, *model.kv_head_shape())  # this rank's KV heads under TP
-        layers = range(model.config.num_hidden_layers)
-        self.k_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
-        self.v_cache = [torch.zeros(shape, dtype=dtype, device=device) for _ in layers]
+        self.backend = make_attention_backend(attention_backend)
+        kv_heads, head_dim = model.kv_head_shape()  # this rank's KV heads under TP
+        self.kv_cache = self.backend.allocate(
+            model.config.num_hidden_layers, num_blocks, page_size, kv_heads, head_dim, dtype, device
+        )
 
-    def _slots(self, block_table: list[int], start: int, end: int) -> torch.Tensor:
-        blocks = torch.tensor(block_table, dtype=torch.long)
-        slots = (blocks[:, None] * self.page_size + torch.arange(self.page_size)).reshape(-1)
-        return slots[start:end]
+    def _batch(self, seqs: list[BatchSeq]) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
+        """The step's cache layout, token positions and logits rows, with tensor ops only."""
+        qlens = torch.tensor([len(s.token_ids) for s in seqs])
+        starts = torch.tensor([s.start_position for s in seqs])
+        logits_from = torch.tensor([s.logits_from for s in seqs])
+        width = max(len(s.block_table) for s in seqs)
+        tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
+        seq = torch.repeat_interleave(torch.arange(len(seqs)), qlens)  # [N] sequence of a token
+        local = torch.arange(len(seq)) - (torch.cumsum(qlens, 0) - qlens)[seq]
+        positions = starts[seq] + local
+        pages = tables[seq, positions // self.page_size]
+        slots = pages * self.page_size + positions % self.page_size
+        batch = PagedBatch(qlens, starts + qlens, tables, slots)
+        rows = (local >= logits_from[seq]).nonzero().squeeze(1)
+        return batch, positions, rows
 
     @torch.inference_mode()
     def forward(self, seqs: list[BatchSeq]) -> ForwardResult:
-        ids: list[int] = []
-        pos: list[int] = []
-        rows: list[int] = []
-        counts: list[int] = []
-        new_slots: list[torch.Tensor] = []
-        kv_slots: list[torch.Tensor] = []
-        offset = 0
-        for s in seqs:
-            n = len(s.token_ids)
-            end = s.start_position + n
-            ids.extend(s.token_ids)
-            pos.extend(range(s.start_position, end))
-            all_slots = self._slots(s.block_table, 0, end)
-            new_slots.append(all_slots[s.start_position :])
-            kv_slots.append(all_slots.to(self.device))
-            rows.extend(range(offset + s.logits_from, offset + n))
-            counts.append(n - s.logits_from)
-            offset += n
+        batch, positions, rows = self._batch(seqs)
         dev = self.device
-        ctx = PagedAttention(
-            self.k_cache,
-            self.v_cache,
-            torch.cat(new_slots).to(dev),
-            [len(s.token_ids) for s in seqs],
-            kv_slots,
-        )
-        out = self.model(
-            torch.tensor(ids, device=dev), torch.tensor(pos, device=dev), ctx, self.capture
-        )
-        logits = self.model.compute_logits(
-            out.hidden[torch.tensor(rows, dtype=torch.long, device=dev)]
-        )
+        ids = torch.tensor([t for s in seqs for t in s.token_ids], device=dev)
+        ctx = self.backend.context(self.kv_cache, batch)
+        out = self.model(ids, positions.to(dev), ctx, self.capture)
+        logits = self.model.compute_logits(out.hidden[rows.to(dev)])
+        counts = (batch.query_lens - torch.tensor([s.logits_from for s in seqs])).tolist()
         return ForwardResult(logits, counts, out.hidden, out.captured)
 
     @torch.inference_mode()

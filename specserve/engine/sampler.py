@@ -77,10 +77,17 @@ def _top_k_top_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch
 
 
 def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
-    """One token per row of probs [M, V]; row i uses generators[i] (None: the global RNG)."""
+    """One token per row of probs [M, V]; row i uses generators[i] (None: the global RNG).
+    Rows on the global RNG are drawn in one call; seeded rows each from their own generator."""
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if not seeded:
+        return torch.multinomial(probs, 1)[:, 0]
     out = torch.empty(probs.shape[0], dtype=torch.long, device=probs.device)
-    for i, g in enumerate(generators):
-        out[i] = torch.multinomial(probs[i], 1, generator=g)
+    free = [i for i, g in enumerate(generators) if g is None]
+    if free:
+        out[free] = torch.multinomial(probs[free], 1)[:, 0]
+    for i in seeded:
+        out[i] = torch.multinomial(probs[i], 1, generator=generators[i])
     return out
 
 

@@ -28,6 +28,7 @@ class StateRunner:
         dtype: torch.dtype,
         device: str,
         capture: tuple[int, ...] = (),
+        attention_backend: str = "torch",  # unused: attention runs inside the model's state
     ) -> None:
         self.model, self.device, self.capture = model, device, capture
         self.states: dict[int, tuple[object, list[int]]] = {}  # first block -> (state, table)

@@ -1,8 +1,10 @@
-"""Attention backends: how a layer's queries meet keys and values.
+"""Attention: how a layer's queries meet keys and values, and where K/V live.
 
 A model layer computes q, k, v for the N tokens of a flattened batch and calls
 `ctx.attend(layer_idx, q, k, v)`. The context decides where K/V live (a paged cache for
-serving, nothing for training) and which keys each query may see.
+serving, nothing for training) and which keys each query may see. An `AttentionBackend`
+(`--attention-backend`) allocates the paged cache and makes one context per forward, so a
+FlashInfer or FlashAttention backend can replace the pure PyTorch one without touching models.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ class AttentionContext(abc.ABC):
     """Contract: `attend(layer_idx, q [N, h, d], k [N, kv, d], v [N, kv, d]) -> [N, h, d]`.
 
     N is the number of tokens in this forward, flattened over sequences in the order the
-    context was built with; h is a multiple of kv (grouped-query attention).
+    context was built with; h is a multiple of kv (grouped-query attention). Query j of a
+    sequence that has L keys after this forward and Q new tokens sees keys 0 .. L - Q + j.
     """
 
     @abc.abstractmethod
@@ -40,120 +43,206 @@ class CausalAttention(AttentionContext):
         return out.transpose(1, 2).reshape(b * t, out.shape[1], out.shape[3])
 
 
+@dataclass(frozen=True)
+class PagedBatch:
+    """Where the tokens of one forward sit in the paged cache; built once per step.
+
+    B sequences, N = sum(query_lens) new tokens. Sequence i's new tokens are the last
+    `query_lens[i]` of its `kv_lens[i]` tokens; token t of a sequence lives in page
+    `block_tables[i, t // page_size]` at offset `t % page_size`.
+    """
+
+    query_lens: torch.Tensor  # [B] int64, CPU
+    kv_lens: torch.Tensor  # [B] int64, CPU: cached + new tokens
+    block_tables: torch.Tensor  # [B, max_pages] int64, CPU, padded with page 0
+    slot_mapping: torch.Tensor  # [N] int64: page * page_size + offset of each new token
+
+
+class AttentionBackend(abc.ABC):
+    """Owns the KV-cache layout and builds the `AttentionContext` of each forward.
+
+    `allocate` returns one cache tensor per layer (its shape is the backend's business);
+    `context(cache, batch)` returns a context whose `attend` writes the new K/V of `batch`
+    into `cache[layer_idx]` and attends over each sequence's pages.
+    """
+
+    @abc.abstractmethod
+    def allocate(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        page_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: str,
+    ) -> list[torch.Tensor]: ...
+
+    @abc.abstractmethod
+    def context(self, cache: list[torch.Tensor], batch: PagedBatch) -> AttentionContext: ...
+
+
+class TorchBackend(AttentionBackend):
+    """Pure PyTorch (any device). Per layer one tensor [2, kv, num_blocks, page_size, d]:
+    K and V, head-major, so that gathering a sequence's pages yields [kv, L, d] contiguous
+    keys per head in one `index_select`, the unit of gathering being a page."""
+
+    def allocate(self, num_layers, num_blocks, page_size, num_kv_heads, head_dim, dtype, device):
+        shape = (2, num_kv_heads, num_blocks, page_size, head_dim)
+        return [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    def context(self, cache, batch):
+        return PagedAttention(cache, batch)
+
+
+ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend}
+
+
+def make_attention_backend(name: str) -> AttentionBackend:
+    """The backend named by `--attention-backend`."""
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"attention backend {name!r} is not one of {sorted(ATTENTION_BACKENDS)}")
+    return ATTENTION_BACKENDS[name]()
+
+
 @dataclass
 class _Group:
-    """Sequences attended together, padded to the longest query and key lengths."""
+    """Sequences attended in one SDPA call, padded to the longest query and key lengths."""
 
-    q_index: torch.Tensor  # [G, Qmax] rows of the flattened batch (N = a zero pad row)
-    kv_slots: torch.Tensor  # [G, Lmax] cache slots (padding points at slot 0, masked out)
-    mask: torch.Tensor | None  # [G, 1, Qmax, Lmax] True = may attend
-    causal: bool  # with mask None: causal (prefill without prefix) or not (a single query)
-    out_index: torch.Tensor  # [valid] positions in the flattened [G*Qmax] output that are real
+    shape: tuple[int, int]  # (G, Qmax)
+    rows: torch.Tensor | None  # [G, Qmax] rows of the flattened batch (N = a zero pad row);
+    #                            None: the group is the whole batch in order, no padding
+    pages: torch.Tensor | None  # [2 * kv * G * pages] rows of the cache viewed [-1, P * d];
+    #                             None: no cached prefix, attend over the new k, v directly
+    num_keys: int  # Lmax
+    first_row: int  # with `pages` None: the sequence's first row in the batch
+    mask: torch.Tensor | None  # [G, 1, Qmax, Lmax] True = may attend; None: every key visible
+    out_index: torch.Tensor | None  # [valid] real positions of the flat [G * Qmax] output;
+    #                                 None: no query is padding
     out_rows: torch.Tensor  # [valid] matching rows of the batch
-    whole: bool = False  # the group is the whole batch with no padding: plain reshapes
 
 
 class PagedAttention(AttentionContext):
-    """K/V in a paged cache: one flat tensor per layer of shape [num_slots, kv, d].
+    """Paged attention in pure PyTorch over `TorchBackend`'s cache layout.
 
-    Slot s belongs to block s // page_size. Each sequence i has `query_lens[i]` new tokens whose
-    K/V go to `slot_mapping`, and sees `kv_slots[i]` (its whole history, new tokens last),
-    causally: query j of a sequence with L keys and Q queries sees keys < L - Q + j + 1.
-    Short queries (decode, verify windows) are padded into one group; each long query
-    (a prefill chunk) is its own group.
+    New K/V go to their slots with one `index_copy_` per layer. Short queries (decode steps,
+    verify windows of up to `SHORT_QUERY` tokens) are bucketed by key length so that padding
+    stays under `1 / BUCKET_FILL - 1` of the keys read (the only mask is over that padding and
+    the window's causal corner, built once per forward) and the gathered pages of a bucket
+    (`GROUP_BYTES`) are still in cache when SDPA reads them; each bucket gathers its pages with
+    one `index_select` and runs one SDPA call. A long query (a prefill chunk) is its own group:
+    with no cached prefix it attends over its own k, v (causal, nothing gathered), after a
+    prefix hit it gathers the prefix pages the same way.
     """
 
     SHORT_QUERY = 16
+    BUCKET_FILL = 0.8  # a bucket admits a sequence with at least this fraction of its keys
+    GROUP_BYTES = 4 << 20  # gathered K/V per SDPA call: read back from cache, not memory
 
-    def __init__(
-        self,
-        k_cache: list[torch.Tensor],
-        v_cache: list[torch.Tensor],
-        slot_mapping: torch.Tensor,
-        query_lens: list[int],
-        kv_slots: list[torch.Tensor],
-    ) -> None:
-        self.k_cache, self.v_cache = k_cache, v_cache
-        self.slot_mapping = slot_mapping
-        self.num_tokens = sum(query_lens)
-        device = slot_mapping.device
-        starts, pos = [], 0
-        for q in query_lens:
-            starts.append(pos)
-            pos += q
-        short = [i for i, q in enumerate(query_lens) if q <= self.SHORT_QUERY]
-        long = [i for i, q in enumerate(query_lens) if q > self.SHORT_QUERY]
-        members = ([short] if short else []) + [[i] for i in long]
-        self.groups = [
-            self._group(
-                [starts[i] for i in m], [query_lens[i] for i in m], [kv_slots[i] for i in m], device
-            )
-            for m in members
-        ]
+    def __init__(self, cache: list[torch.Tensor], batch: PagedBatch) -> None:
+        self.cache = cache
+        two, kv, num_blocks, page, _ = cache[0].shape
+        self.num_tokens = int(batch.query_lens.sum())
+        device = cache[0].device
+        # one write index into the cache viewed [2 * kv * num_blocks * page, d]
+        heads = torch.arange(two * kv, device=device)[:, None] * (num_blocks * page)
+        self.write_rows = (heads + batch.slot_mapping.to(device)[None, :]).reshape(-1)
+        self.groups = [self._group(batch, idx, device) for idx in self._plan(batch)]
+        self.padded = any(g.out_index is not None for g in self.groups)
 
-    def _group(self, starts, qlens, slots, device) -> _Group:
-        g, qmax = len(qlens), max(qlens)
-        lens = [len(s) for s in slots]
-        lmax = max(lens)
-        ar_q = torch.arange(qmax, device=device)
-        ar_l = torch.arange(lmax, device=device)
-        st = torch.tensor(starts, device=device)
-        ql = torch.tensor(qlens, device=device)
-        kl = torch.tensor(lens, device=device)
-        valid_q = ar_q[None, :] < ql[:, None]  # [G, Qmax]
-        q_index = torch.where(valid_q, st[:, None] + ar_q[None, :], self.num_tokens)
-        kv = torch.zeros(g, lmax, dtype=torch.long, device=device)
-        for i, s in enumerate(slots):
-            kv[i, : len(s)] = s
-        if g == 1 and (qlens[0] == lens[0] or qlens[0] == 1):
-            mask = None  # plain causal (no cached prefix) or one query that sees every key
-        else:
+    def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
+        """Sequence indices per group: short queries bucketed by key length, long ones alone."""
+        qlens, klens = batch.query_lens.tolist(), batch.kv_lens.tolist()
+        short = sorted((i for i, q in enumerate(qlens) if q <= self.SHORT_QUERY),
+                       key=lambda i: -klens[i])  # fmt: skip
+        two, kv, _, _, d = self.cache[0].shape
+        per_key = two * kv * d * self.cache[0].element_size()
+        buckets: list[list[int]] = []
+        for i in short:
+            if buckets and (
+                klens[i] >= self.BUCKET_FILL * klens[buckets[-1][0]]
+                and (len(buckets[-1]) + 1) * klens[buckets[-1][0]] * per_key <= self.GROUP_BYTES
+            ):
+                buckets[-1].append(i)
+            else:
+                buckets.append([i])
+        long = [[i] for i, q in enumerate(qlens) if q > self.SHORT_QUERY]
+        return [torch.tensor(g) for g in [sorted(b) for b in buckets] + long]
+
+    def _group(self, batch: PagedBatch, idx: torch.Tensor, device) -> _Group:
+        two, kv, num_blocks, page, _ = self.cache[0].shape
+        qlens, klens = batch.query_lens[idx], batch.kv_lens[idx]
+        g, qmax, lmax = len(idx), int(qlens.max()), int(klens.max())
+        starts = torch.cumsum(batch.query_lens, 0)[idx] - qlens
+        ar_q = torch.arange(qmax)
+        valid = ar_q[None, :] < qlens[:, None]  # [G, Qmax]
+        rows = torch.where(valid, starts[:, None] + ar_q[None, :], self.num_tokens)
+        whole = g == len(batch.query_lens) and bool((qlens == qmax).all())
+        mask = pages = None
+        if not (g == 1 and qmax == lmax):  # else a prefill chunk with no cached prefix
+            tables = batch.block_tables[idx, : -(-lmax // page)]  # [G, pages]
+            heads = torch.arange(two * kv)[:, None, None] * num_blocks
+            pages = (heads + tables[None]).reshape(-1).to(device)
             # key l visible to query j iff l <= (L - Q) + j and l < L
-            limit = (kl - ql)[:, None] + ar_q[None, :]  # [G, Qmax]
-            mask = ar_l[None, None, :] <= limit[:, :, None]
-            mask &= ar_l[None, None, :] < kl[:, None, None]
-            mask[~valid_q] = False
-            mask[..., 0] |= ~valid_q  # padded queries look at slot 0 to avoid NaN rows
-            mask = mask.unsqueeze(1)
-        flat_valid = valid_q.reshape(-1)
-        whole = sum(qlens) == self.num_tokens and all(q == qmax for q in qlens)
+            ar_l = torch.arange(lmax)
+            limit = torch.minimum((klens - qlens)[:, None] + ar_q[None, :], klens[:, None] - 1)
+            seen = ar_l[None, None, :] <= limit[:, :, None]  # [G, Qmax, Lmax]
+            mask = None if bool(seen.all()) else seen.unsqueeze(1).to(device)
+        flat_valid = valid.reshape(-1)
         return _Group(
-            whole=whole,
-            q_index=q_index,
-            kv_slots=kv,
+            shape=(g, qmax),
+            rows=None if whole else rows.to(device),
+            pages=pages,
+            num_keys=lmax,
+            first_row=int(starts[0]),
             mask=mask,
-            causal=mask is None and qmax > 1,
-            out_index=flat_valid.nonzero().squeeze(1),
-            out_rows=q_index.reshape(-1)[flat_valid],
+            out_index=None if bool(valid.all()) else flat_valid.nonzero().squeeze(1).to(device),
+            out_rows=rows.reshape(-1)[flat_valid].to(device),
         )
 
     def attend(self, layer_idx, q, k, v):
-        kc, vc = self.k_cache[layer_idx], self.v_cache[layer_idx]
-        kc.index_copy_(0, self.slot_mapping, k.to(kc.dtype))
-        vc.index_copy_(0, self.slot_mapping, v.to(vc.dtype))
-        h, d = q.shape[1], q.shape[2]
-        if len(self.groups) == 1 and self.groups[0].whole:  # e.g. a decode batch
+        cache = self.cache[layer_idx]
+        d = cache.shape[-1]
+        new = torch.stack([k, v]).to(cache.dtype).transpose(1, 2)  # [2, kv, N, d]
+        cache.view(-1, d).index_copy_(0, self.write_rows, new.reshape(-1, d))
+        h = q.shape[1]
+        if self.groups[0].rows is None:  # one group, the whole batch: plain reshapes
             grp = self.groups[0]
-            return self._attend_group(grp, q.view(*grp.q_index.shape, h, d), kc, vc).view(-1, h, d)
-        q_pad = torch.cat([q, q.new_zeros(1, h, d)])
+            return self._attend_group(grp, q.view(*grp.shape, h, d), k, v, cache).view(-1, h, d)
+        q_pad = torch.cat([q, q.new_zeros(1, h, d)]) if self.padded else q
         out = q.new_empty(q.shape)
         for grp in self.groups:
-            o = self._attend_group(grp, q_pad[grp.q_index], kc, vc).reshape(-1, h, d)
-            out[grp.out_rows] = o[grp.out_index]
+            qg = q_pad.index_select(0, grp.rows.view(-1)).view(*grp.shape, h, d)
+            o = self._attend_group(grp, qg, k, v, cache).reshape(-1, h, d)
+            if grp.out_index is None:
+                out.index_copy_(0, grp.out_rows, o)
+            else:
+                out[grp.out_rows] = o[grp.out_index]
         return out
 
     @staticmethod
-    def _attend_group(grp: _Group, qg: torch.Tensor, kc: torch.Tensor, vc: torch.Tensor):
-        """qg [G, Qmax, h, d] -> [G, Qmax, h, d] over the group's cached keys and values."""
-        kg, vg = kc[grp.kv_slots], vc[grp.kv_slots]  # [G, Lmax, kv, d]
-        if kg.dtype != qg.dtype:
-            kg, vg = kg.to(qg.dtype), vg.to(qg.dtype)
+    def _attend_group(grp: _Group, qg, k, v, cache) -> torch.Tensor:
+        """qg [G, Qmax, h, d] -> [G, Qmax, h, d] over the group's keys and values."""
+        two, kv, _, page, d = cache.shape
+        if grp.pages is None:  # a prefill chunk with no cached prefix: its own k, v
+            n = grp.shape[1]
+            own = (x.narrow(0, grp.first_row, n).view(1, n, kv, d) for x in (k, v))
+            keys, values = (x.transpose(1, 2) for x in own)
+            causal = True
+        else:
+            g, lmax = grp.shape[0], grp.num_keys
+            kvg = cache.view(-1, page * d).index_select(0, grp.pages)
+            kvg = kvg.view(two, kv, g, -1, d)[:, :, :, :lmax]
+            if kvg.dtype != qg.dtype:
+                kvg = kvg.to(qg.dtype)
+            keys, values = kvg[0].transpose(0, 1), kvg[1].transpose(0, 1)  # [G, kv, L, d]
+            causal = False
         o = F.scaled_dot_product_attention(
             qg.transpose(1, 2),
-            kg.transpose(1, 2),
-            vg.transpose(1, 2),
+            keys,
+            values,
             attn_mask=grp.mask,
-            is_causal=grp.causal,
+            is_causal=causal,
             enable_gqa=True,
         )
         return o.transpose(1, 2)

@@ -103,27 +103,26 @@ class RotaryEmbedding(nn.Module):
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [N]; q [N, h, d], k [N, kv, d] -> rotated q, k."""
-        return self.bind(positions)(positions, q, k)
+        rotated = self.bind(positions)(torch.cat([q, k], dim=1))
+        return rotated.split([q.shape[1], k.shape[1]], dim=1)
 
     def bind(self, positions: torch.Tensor) -> BoundRotary:
         """The cos/sin rows of `positions`, looked up once for all layers of one forward."""
-        return BoundRotary(self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1))
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        return BoundRotary(torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1))
 
 
 class BoundRotary:
-    """A rotary embedding for fixed positions; called like `RotaryEmbedding`."""
+    """A rotary embedding for fixed positions: x [N, heads, d] -> x rotated (rotate_half form
+    x * cos + roll(x, d / 2) * [-sin, sin], computed in float32)."""
 
     def __init__(self, cos: torch.Tensor, sin: torch.Tensor) -> None:
-        self.cos, self.sin = cos, sin
+        self.cos, self.sin = cos, sin  # [N, 1, d] each
 
-    def __call__(
-        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x = torch.cat([q, k], dim=1)  # one pass over q and k
-        x1, x2 = x.float().chunk(2, dim=-1)
-        cos, sin = self.cos, self.sin
-        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).to(q.dtype)
-        return out.split([q.shape[1], k.shape[1]], dim=1)
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        out = torch.addcmul(xf * self.cos, xf.roll(xf.shape[-1] // 2, dims=-1), self.sin)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class GatedMLP(nn.Module):
@@ -138,13 +137,10 @@ class GatedMLP(nn.Module):
         self._fused: torch.Tensor | None = None
 
     def fuse(self) -> None:
-        """Concatenate gate and up weights for inference (one matmul instead of two); the two
-        weights become views of the fused tensor, so no second copy is kept."""
+        """Gate and up weights in one input-major block for inference (one product instead of
+        two, in the faster form for wide outputs); the two weights become views of it."""
         if self.gate_proj.bias is None:
-            fused = torch.cat([self.gate_proj.weight, self.up_proj.weight]).detach()
-            self.gate_proj.weight.data = fused[: self.intermediate]
-            self.up_proj.weight.data = fused[self.intermediate :]
-            self._fused = fused
+            self._fused = to_input_major(self.gate_proj.weight, self.up_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:

@@ -9,11 +9,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from specserve.config import ModelConfig
 from specserve.models.attention import AttentionContext
-from specserve.models.layers import GatedMLP, RMSNorm, RotaryEmbedding, linear, to_input_major
+from specserve.models.layers import (
+    BoundRotary,
+    GatedMLP,
+    RMSNorm,
+    RotaryEmbedding,
+    linear,
+    to_input_major,
+)
 from specserve.models.parallel import (
     Parallel,
     column_linear,
@@ -45,6 +53,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
         self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self._qk_weight: torch.Tensor | None = None  # q_norm, k_norm weights per head (fused)
 
     def fuse(self) -> None:
         """Inference layout: q, k and v in one input-major block (one product), o too."""
@@ -53,29 +62,41 @@ class Attention(nn.Module):
         bias = torch.cat([p.bias for p in projs]).detach() if self.q_proj.bias is not None else None
         self._qkv = (weight, bias)
         to_input_major(self.o_proj.weight)
+        if self.qk_norm:
+            self._qk_weight = self._qk_norm_weight().detach()
 
     def forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rotary: BoundRotary,
         ctx: AttentionContext,
         layer_idx: int,
     ) -> torch.Tensor:
-        n = x.shape[0]
-        qd, kvd = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        n, h, kv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self._qkv is not None:
-            q, k, v = linear(x, *self._qkv).split([qd, kvd, kvd], dim=-1)
+            qkv = linear(x, *self._qkv)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(n, self.num_heads, self.head_dim)
-        k = k.reshape(n, self.num_kv_heads, self.head_dim)
-        v = v.reshape(n, self.num_kv_heads, self.head_dim)
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+        qk = qkv[:, : (h + kv) * d].view(n, h + kv, d)  # q and k heads side by side
+        v = qkv[:, (h + kv) * d :].view(n, kv, d)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        out = ctx.attend(layer_idx, q, k, v)
-        return self.o_proj(out.reshape(n, qd))
+            qk = self._qk_norm(qk)
+        qk = rotary(qk)
+        out = ctx.attend(layer_idx, qk[:, :h], qk[:, h:], v)
+        return self.o_proj(out.reshape(n, h * d))
+
+    def _qk_norm_weight(self) -> torch.Tensor:
+        """[h + kv, d]: q_norm's weight for each q head, then k_norm's for each k head."""
+        q, k = self.q_norm.weight, self.k_norm.weight
+        return torch.cat([q.expand(self.num_heads, -1), k.expand(self.num_kv_heads, -1)])
+
+    def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
+        """q_norm on the q heads and k_norm on the k heads, in one normalisation."""
+        weight = self._qk_norm_weight() if self._qk_weight is None else self._qk_weight
+        normed = F.rms_norm(qk.float(), (self.head_dim,), None, self.q_norm.eps)
+        if qk.dtype == torch.float32:
+            return normed * weight
+        return weight * normed.to(qk.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -86,8 +107,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, positions, rotary, ctx, layer_idx):
-        x = x + self.self_attn(self.input_layernorm(x), positions, rotary, ctx, layer_idx)
+    def forward(self, x, rotary, ctx, layer_idx):
+        x = x + self.self_attn(self.input_layernorm(x), rotary, ctx, layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -151,7 +172,7 @@ class CausalLM(nn.Module):
         last = len(self.model.layers) - 1
         rotary = self.model.rotary.bind(positions)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, positions, rotary, ctx, i)
+            x = layer(x, rotary, ctx, i)
             if i in capture and i != last:
                 kept[i] = x
         x = self.model.norm(x)

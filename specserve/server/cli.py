@@ -99,6 +99,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--attention-backend", default="torch", help="paged attention kernels (torch: any device)"
+    )
+    p.add_argument(
+        "--num-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads (default: physical cores; see README on shared hosts)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     _add_parallel_args(p)
@@ -168,7 +177,13 @@ def _rank_spec(args: argparse.Namespace, cache):
 def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, str]:
     """Flags -> a ready LLMEngine (and the speculative algorithm's name)."""
     from specserve.cli import CLIError
-    from specserve.config import CacheConfig, ConfigError, EngineConfig, SchedulerConfig
+    from specserve.config import (
+        CacheConfig,
+        ConfigError,
+        EngineConfig,
+        SchedulerConfig,
+        physical_cores,
+    )
     from specserve.engine.distributed import DistributedError, start_ranks
     from specserve.engine.engine import LLMEngine
 
@@ -198,6 +213,8 @@ def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, str]:
             seed=args.seed,
             cache=cache,
             scheduler=sched,
+            attention_backend=args.attention_backend,
+            num_threads=physical_cores() if args.num_threads is None else args.num_threads,
         )
         ranks = _rank_spec(args, cache)
         from specserve.models.qwen3_moe import is_mxfp4_checkpoint

@@ -83,7 +83,7 @@ class MTPModule(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, ctx: AttentionContext
     ) -> torch.Tensor:
         """x [N, H] flattened rows -> layer output [N, H]."""
-        return self.layers[0](x, positions, self.rotary, ctx, 0)
+        return self.layers[0](x, self.rotary.bind(positions), ctx, 0)
 
     def compute_logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(out)).float()

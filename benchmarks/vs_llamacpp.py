@@ -1,0 +1,163 @@
+"""Batch-1 greedy decode, specserve vs llama.cpp, on the same model (run by hand).
+
+    .venv/bin/python benchmarks/vs_llamacpp.py [--model models/demo/target] [--threads 1]
+        [--tokens 256] [--rounds 3] [--work /tmp/specserve-llamacpp]
+
+The first run builds `llama-cpp-python==0.3.36` from source into its own venv under `--work`
+(about 11 minutes of two quiet cores; later runs reuse it) and converts the model folder to
+GGUF f32 with the converter that release vendors (llama.cpp of 2026-10-01), run by this
+project's Python (it needs torch and transformers, which the llama venv must not install
+again). Our demo tokenizer is a plain byte-level BPE with the GPT-2 split regex whose hash the
+converter does not know; the converter is told it is `gpt-2`. Then, alternating the two
+engines `--rounds` times, each decodes `--tokens` tokens greedily after a 16-token prompt on
+`--threads` threads; it prints tok/s of both (best and median over rounds) and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+VERSION = "0.3.36"
+PROMPT = [(7 * j) % 1000 + 3 for j in range(16)]
+
+# Runs inside the llama venv: greedy decode with llama.cpp's low-level eval loop (EOS ignored,
+# as on our side); prints tokens per second.
+LLAMA_DECODE = """
+import sys, time, numpy as np
+from llama_cpp import Llama
+path, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+ids = [int(t) for t in prompt.split(",")]
+llm = Llama(model_path=path, n_ctx=len(ids) + tokens + 8, n_threads=threads,
+            n_threads_batch=threads, n_batch=64, verbose=False)
+t = time.perf_counter()
+llm.eval(ids)
+for _ in range(tokens - 1):
+    llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+print(tokens / (time.perf_counter() - t))
+"""
+
+# Runs the vendored converter with this project's Python, mapping an unknown pre-tokenizer
+# hash to gpt-2 (the demo tokenizer's split regex is GPT-2's). Qwen's converter imports
+# sentencepiece before it looks for a tokenizer.model; ours has only tokenizer.json, so the
+# missing file is reported first and the converter takes its GPT-2 vocabulary path.
+CONVERT = """
+import sys
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
+import convert_hf_to_gguf as conv
+
+def gpt2_if_unknown(original):
+    def patched(self, tokenizer):
+        try:
+            return original(self, tokenizer)
+        except NotImplementedError:
+            return "gpt-2"
+    return patched
+
+def no_sentencepiece_without_model(original):
+    def patched(self):
+        if not (self.dir_model / "tokenizer.model").is_file():
+            raise FileNotFoundError("no tokenizer.model")
+        return original(self)
+    return patched
+
+for module in list(sys.modules.values()):
+    for cls in list(vars(module).values()) if module else ():
+        if isinstance(cls, type) and "get_vocab_base_pre" in vars(cls):
+            cls.get_vocab_base_pre = gpt2_if_unknown(cls.get_vocab_base_pre)
+        if isinstance(cls, type) and "_create_vocab_sentencepiece" in vars(cls):
+            cls._create_vocab_sentencepiece = no_sentencepiece_without_model(
+                cls._create_vocab_sentencepiece)
+sys.argv = ["convert_hf_to_gguf.py", sys.argv[2], "--outfile", sys.argv[3], "--outtype", "f32"]
+conv.main()
+"""
+
+
+def run(cmd: list[str], **kw) -> str:
+    print("+", " ".join(cmd), flush=True)
+    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
+
+
+def llama_env(work: Path) -> tuple[Path, Path]:
+    """The venv with llama-cpp-python built from source, and the unpacked source."""
+    venv, src = work / "venv", work / f"llama_cpp_python-{VERSION}"
+    python = venv / "bin" / "python"
+    if not src.is_dir():
+        run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+             "-d", str(work), f"llama-cpp-python=={VERSION}"])  # fmt: skip
+        with tarfile.open(work / f"llama_cpp_python-{VERSION}.tar.gz") as tar:
+            tar.extractall(work, filter="data")
+    if not python.exists():
+        run([sys.executable, "-m", "venv", str(venv)])
+        run([str(python), "-m", "pip", "install", "--quiet", "numpy"])
+        start = time.perf_counter()
+        env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON", CMAKE_BUILD_PARALLEL_LEVEL="2")
+        run([str(python), "-m", "pip", "install", "--no-deps", str(src)], env=env)
+        print(f"built llama-cpp-python in {time.perf_counter() - start:.0f} s")
+    return python, src
+
+
+def to_gguf(model: Path, src: Path, work: Path) -> Path:
+    tag = hashlib.sha1(str(model.resolve()).encode()).hexdigest()[:8]
+    out = work / f"{model.resolve().name}-{tag}-f32.gguf"
+    if not out.exists():
+        converter = src / "vendor" / "llama.cpp"
+        run([sys.executable, "-c", CONVERT, str(converter), str(model), str(out)])
+    return out
+
+
+def ours_tok_s(model: Path, threads: int, tokens: int) -> float:
+    import torch
+
+    from specserve.core import SamplingParams
+    from specserve.llm import LLM
+
+    llm = LLM(str(model), max_total_tokens=len(PROMPT) + tokens + 64, num_threads=threads)
+    params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
+    llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+    t = time.perf_counter()
+    llm.generate([PROMPT], params)
+    dt = time.perf_counter() - t
+    assert torch.get_num_threads() == threads
+    return tokens / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/demo/target")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/specserve-llamacpp")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    python, src = llama_env(work)
+    gguf = to_gguf(Path(args.model), src, work)
+    prompt = ",".join(map(str, PROMPT))
+    ours, theirs = [], []
+    for _ in range(args.rounds):  # alternate the engines
+        cmd = [str(python), "-c", LLAMA_DECODE, str(gguf), str(args.threads), str(args.tokens)]
+        theirs.append(float(run([*cmd, prompt]).strip().splitlines()[-1]))
+        ours.append(ours_tok_s(Path(args.model), args.threads, args.tokens))
+    result = {
+        "model": args.model,
+        "threads": args.threads,
+        "tokens": args.tokens,
+        "specserve_tok_s": {"best": max(ours), "median": statistics.median(ours)},
+        "llamacpp_tok_s": {"best": max(theirs), "median": statistics.median(theirs)},
+        "ratio_median": statistics.median(ours) / statistics.median(theirs),
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
