@@ -87,7 +87,7 @@ def main() -> None:
             return r.status_code == 200
 
         def instance() -> dict | None:
-            insts = api.get("/v2/model-instances").json()
+            insts = api.get("/v2/model-instances").json()["items"]
             return insts[0] if insts and insts[0]["state"] == "running" else None
 
         t0 = time.monotonic()
