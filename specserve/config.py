@@ -49,6 +49,11 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
+# Architectures whose model code reads its own attention layout and RoPE (DeepSeek-V4: window,
+# CSA and HCA layers, YaRN on the compressed ones), so the checks below are not theirs.
+_OWN_ATTENTION_CONFIG = frozenset({"DeepseekV4ForCausalLM"})
+
+
 def _check_full_attention(cfg: dict[str, Any]) -> None:
     """Sliding-window layers are not implemented: refuse them rather than attend too far."""
     if cfg.get("use_sliding_window"):
@@ -109,7 +114,7 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise ConfigError(f"config.json: hidden_act {self.hidden_act!r} is not supported")
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
-        if kind not in ROPE_TYPES:
+        if kind not in ROPE_TYPES and self.architecture not in _OWN_ATTENTION_CONFIG:
             raise ConfigError(f"config.json: rope type {kind!r} is not supported")
 
     @classmethod
@@ -117,7 +122,8 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ConfigError("config.json has no 'architectures' entry")
-        _check_full_attention(cfg)
+        if archs[0] not in _OWN_ATTENTION_CONFIG:
+            _check_full_attention(cfg)
         try:
             heads = int(cfg["num_attention_heads"])
             rope_theta, rope_scaling = _rope(cfg)
