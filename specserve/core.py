@@ -30,6 +30,8 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # number of top logprobs per token; 0 = only the chosen one
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,6 +45,14 @@ class SamplingParams:
             (-2.0 <= self.presence_penalty <= 2.0, "presence_penalty must be in [-2, 2]"),
             (1 <= self.n <= 128, "n must be in [1, 128]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs must be in [0, 20]"),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20,
+                "prompt_logprobs must be in [0, 20]",
+            ),
+            (
+                all(-100.0 <= b <= 100.0 for _, b in self.logit_bias),
+                "logit_bias values must be in [-100, 100]",
+            ),
             (all(s for s in self.stop), "stop strings must be non-empty"),
         ]
         for ok, message in checks:

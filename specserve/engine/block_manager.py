@@ -74,8 +74,8 @@ class BlockManager:
         assert not request.block_table
         tokens = request.all_token_ids
         self.prefix_query_tokens += len(tokens)
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return 0  # prompt logprobs need every prompt token's logits
         usable = (len(tokens) - 1) // self.page_size
         prev = None
         for i in range(usable):

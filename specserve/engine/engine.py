@@ -18,7 +18,12 @@ from specserve.config import EngineConfig
 from specserve.core import Request, RequestStatus, SamplingParams
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.model_runner import BatchSeq, ModelRunner, num_kv_blocks
-from specserve.engine.sampler import apply_penalties, probs_from_logits, top_logprobs
+from specserve.engine.sampler import (
+    apply_logit_bias,
+    apply_penalties,
+    probs_from_logits,
+    top_logprobs,
+)
 from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.models.loader import load_model
@@ -55,6 +60,9 @@ class RequestOutput:
     cached_tokens: int = 0
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     meta_info: dict = field(default_factory=dict)
+    # with the first output of a request that asked for them: one entry per prompt token,
+    # the first one's logprob None (nothing precedes it)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -90,6 +98,11 @@ class _Stream:
         self.emitted = 0  # characters of detok.text already streamed
         self.pending_tokens: list[int] = []
         self.pending_logprobs: list = []
+        ids = request.prompt_token_ids
+        # prompt token i's entry arrives with the logits row of token i - 1
+        self.prompt_logprobs: list | None = (
+            None if request.params.prompt_logprobs is None else [(ids[0], None, [])]
+        )
 
 
 class LLMEngine:
@@ -180,6 +193,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
         room = self.context_length - len(ids)
         if room < 1:
             raise RequestError(
@@ -236,7 +251,8 @@ class LLMEngine:
         outputs: list[RequestOutput] = []
         committed_hidden: list[torch.Tensor | None] = []
         finishing = [s for s in scheduled if s.reaches_end]
-        new_tokens = self._verify(finishing, drafts, result.logits, result.logits_counts, scheduled)
+        rows_of = self._split_logits(scheduled, drafts, result.logits, result.logits_counts)
+        new_tokens = self._verify(finishing, drafts, rows_of, result.logits)
         offset = 0
         for s in scheduled:
             req = s.request
@@ -291,16 +307,51 @@ class LLMEngine:
         if draft is not None:
             tokens = tokens + draft.tokens
         logits_from = s.num_new_tokens - 1 if s.reaches_end else len(tokens)
+        if self._scores_prompt(req):
+            logits_from = 0
         return BatchSeq(tokens, start, req.block_table, logits_from)
 
-    def _verify(self, finishing, drafts, logits, counts, scheduled):
-        """Tokens to append per finishing request (accepted drafts + one from the target)."""
+    def _scores_prompt(self, req: Request) -> bool:
+        """This request wants prompt logprobs and some prompt tokens are not scored yet."""
+        stream = self.streams[req.request_id]
+        return (
+            stream.prompt_logprobs is not None
+            and len(stream.prompt_logprobs) < req.num_prompt_tokens
+        )
+
+    def _split_logits(self, scheduled, drafts, logits, counts) -> dict[str, torch.Tensor]:
+        """The rows each finishing request verifies (its last draft + 1 rows); rows before them
+        score prompt tokens for requests that asked for prompt logprobs."""
         rows_of: dict[str, torch.Tensor] = {}
         row = 0
         for s, c in zip(scheduled, counts, strict=True):
-            if c:
-                rows_of[s.request.request_id] = logits[row : row + c]
+            req, rows = s.request, logits[row : row + c]
             row += c
+            if self._scores_prompt(req):
+                self._score_prompt(req, req.num_computed_tokens, rows)
+            if s.reaches_end:
+                n_verify = 1 + len(drafts.get(req.request_id, DraftProposal([])).tokens)
+                rows_of[req.request_id] = rows[c - n_verify :]
+        return rows_of
+
+    def _score_prompt(self, req: Request, start: int, rows: torch.Tensor) -> None:
+        """rows[j] holds the logits after token start + j: they score prompt token start + j + 1.
+        A chunk recomputed after preemption is not scored twice."""
+        entries = self.streams[req.request_id].prompt_logprobs
+        first = len(entries)  # the next prompt token without an entry
+        end = min(start + rows.shape[0] + 1, req.num_prompt_tokens)
+        if end <= first:
+            return
+        ids = req.prompt_token_ids
+        scored = top_logprobs(
+            rows[first - 1 - start : end - 1 - start],
+            torch.tensor(ids[first:end], device=rows.device),
+            req.params.prompt_logprobs,
+        )
+        entries.extend((t, lp, top) for t, (lp, top) in zip(ids[first:end], scored, strict=True))
+
+    def _verify(self, finishing, drafts, rows_of, logits):
+        """Tokens to append per finishing request (accepted drafts + one from the target)."""
         out: dict[str, tuple[list[int], list]] = {}
         for greedy in (True, False):
             group = [s.request for s in finishing if s.request.params.greedy == greedy]
@@ -320,6 +371,8 @@ class LLMEngine:
                 if r.params.has_penalties:  # row j follows the drafts before it
                     hist = [r.output_token_ids + p.tokens[:j] for j in range(n)]
                     rows = apply_penalties(rows, [r.params] * n, [r.prompt_token_ids] * n, hist)
+                if r.params.logit_bias:  # the target distribution at every verified position
+                    rows = apply_logit_bias(rows, r.params.logit_bias)
                 probs[i, :n] = rows if greedy else probs_from_logits(rows, [r.params] * n)
             if greedy:
                 tokens, num = greedy_verify(draft_tokens, lens, probs.argmax(dim=-1))
@@ -427,8 +480,10 @@ class LLMEngine:
             cached_tokens=req.num_cached_tokens,
             logprobs=stream.pending_logprobs,
             meta_info=_meta_info(req),
+            prompt_logprobs=stream.prompt_logprobs,
         )
         stream.pending_tokens, stream.pending_logprobs = [], []
+        stream.prompt_logprobs = None  # sent once, with the first output
         return out
 
 

@@ -56,6 +56,8 @@ class Tokenizer:
             raise ChatTemplateError(
                 "this model's tokenizer has no chat template; use /v1/completions instead"
             )
+        if any("tool_calls" in m for m in messages) and "tool_calls" not in self.chat_template:
+            raise ChatTemplateError("this model's chat template does not render tool_calls")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import time
 import uuid
@@ -155,22 +156,29 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     @v1.post("/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        params = _params(body, body.max_tokens, body.logprobs)
+        scoring_only = body.max_tokens == 0
+        if scoring_only and not body.echo:
+            raise APIError(400, "max_tokens=0 needs echo=true (scoring)", param="max_tokens")
+        params = _params(body, 1 if scoring_only else body.max_tokens, body.logprobs)
+        if body.echo:  # scoring: prefill only, the drafter never runs on the prompt
+            params = replace(params, prompt_logprobs=body.logprobs)
         prompts = body.prompts()
         rid = f"cmpl-{uuid.uuid4().hex}"
         runs = await _start_all(prompts, params, rid)
-        fmt = _CompletionFormat(
-            rid, config.served_model_name, created=int(time.time()), tok=engine.engine.tokenizer
-        )
+        tok = engine.engine.tokenizer
+        fmt = _CompletionFormat(rid, config.served_model_name, created=int(time.time()), tok=tok)
+        fmt.prompt_texts = [
+            p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False) for p in prompts
+        ]
+        fmt.echo, fmt.scoring_only = body.echo, scoring_only
+        fmt.prompt_of = [r.result.prompt_index for r in runs]
         return await _respond(request, body.stream, body.stream_options, runs, fmt)
 
     @v1.post("/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.template_dict() for m in body.messages]
             prompt = engine.engine.tokenizer.apply_chat_template(
                 messages, body.add_generation_prompt
             )
@@ -212,6 +220,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def _respond(request, stream, stream_options, runs, fmt) -> Response:
         if stream:
             include_usage = bool(stream_options and stream_options.include_usage)
+            fmt.continuous_usage = bool(stream_options and stream_options.continuous_usage_stats)
             gen = _stream(request, runs, fmt, include_usage)
             return StreamingResponse(gen, media_type="text/event-stream")
         watcher = _DisconnectWatch(request, runs)
@@ -249,6 +258,8 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                     continue
                 chunk = fmt.chunk(run.index, item)
                 if chunk is not None:
+                    if fmt.continuous_usage:
+                        chunk["usage"] = fmt.running_usage(item)
                     yield _sse(chunk)
             if include_usage:
                 yield _sse(fmt.usage_chunk([r.result for r in runs]))
@@ -286,6 +297,7 @@ class _Result:
     logprobs: list | None = None
     meta_info: dict | None = None
     prompt_index: int = 0
+    prompt_logprobs: list | None = None
 
 
 class _Run:
@@ -338,6 +350,8 @@ class _Run:
         r.logprobs.extend(out.logprobs)
         r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.completion_tokens
         r.cached_tokens, r.meta_info = out.cached_tokens, out.meta_info
+        if out.prompt_logprobs is not None:
+            r.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             r.finish_reason, r.stop_reason = out.finish_reason, out.stop_reason
             metrics.e2e.labels(name).observe(now - self.start)
@@ -393,6 +407,7 @@ class _Format:
     """OpenAI response bodies for one request id: stream chunks, the usage chunk, the full body."""
 
     object_full = object_chunk = ""
+    continuous_usage = False  # stream_options.continuous_usage_stats
 
     def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
         self.tok = tok
@@ -436,7 +451,7 @@ class _Format:
         return choice
 
     def chunk(self, index: int, out: RequestOutput) -> dict | None:
-        if not out.new_text and not out.finished:
+        if not out.new_text and not out.logprobs and not out.finished:
             return None
         choice = self._choice(
             index,
@@ -452,6 +467,14 @@ class _Format:
     def usage_chunk(self, results: list[_Result]) -> dict:
         return self._body(True, choices=[], usage=_usage(results))
 
+    def running_usage(self, out: RequestOutput) -> dict:
+        """The usage of the choice a chunk belongs to, so far (vLLM's continuous usage)."""
+        return {
+            "prompt_tokens": out.prompt_tokens,
+            "completion_tokens": out.completion_tokens,
+            "total_tokens": out.prompt_tokens + out.completion_tokens,
+        }
+
     def full(self, results: list[_Result]) -> dict:
         choices = [
             self._choice(
@@ -463,13 +486,82 @@ class _Format:
 
 
 class _CompletionFormat(_Format):
+    """Completions, with `echo` (the prompt and its logprobs before the output) and pure
+    scoring (`max_tokens: 0`: the one token generated to finish the prefill is dropped)."""
+
     object_full = object_chunk = "text_completion"
+    echo = scoring_only = False
+    prompt_texts: list[str] = []
+    prompt_of: list[int] = []  # choice -> prompt index
+
+    def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
+        super().__init__(rid, model, created, tok)
+        self.offsets: dict[int, int] = {}  # choice -> text_offset of its next token
 
     def _content(self, text: str, streaming: bool) -> dict:
         return {"text": text}
 
     def _logprobs(self, entries: list) -> dict:
         return _completion_logprobs(entries, self.tok)
+
+    def _with_echo(
+        self, index: int, prompt_index: int, text: str, logprobs: list, prompt_logprobs
+    ) -> tuple[str, dict | None]:
+        """The choice's text and logprobs (text_offset continuing across stream chunks)."""
+        if self.scoring_only:
+            text, logprobs = "", []
+        first = index not in self.offsets
+        if first:
+            self.offsets[index] = 0 if self.echo else len(self.prompt_texts[prompt_index])
+        if first and self.echo:
+            text = self.prompt_texts[prompt_index] + text
+            logprobs = list(prompt_logprobs or []) + list(logprobs)
+        if not logprobs:
+            return text, None
+        body = _completion_logprobs(logprobs, self.tok, self.offsets[index])
+        self.offsets[index] += sum(len(t) for t in body["tokens"])
+        return text, body
+
+    def chunk(self, index: int, out: RequestOutput) -> dict | None:
+        text, lp = self._with_echo(
+            index, self.prompt_of[index], out.new_text, out.logprobs, out.prompt_logprobs
+        )
+        if not text and not lp and not out.finished:
+            return None
+        choice = {"index": index, "text": text, "logprobs": lp, "finish_reason": None}
+        if out.finished:
+            choice.update(
+                finish_reason=out.finish_reason,
+                stop_reason=out.stop_reason,
+                meta_info=out.meta_info,
+            )
+        return self._body(True, choices=[choice])
+
+    def full(self, results: list[_Result]) -> dict:
+        choices = []
+        for i, r in enumerate(results):
+            text, lp = self._with_echo(
+                i, r.prompt_index, r.text, r.logprobs or [], r.prompt_logprobs
+            )
+            choices.append(
+                {
+                    "index": i,
+                    "text": text,
+                    "logprobs": lp,
+                    "finish_reason": r.finish_reason,
+                    "stop_reason": r.stop_reason,
+                    "meta_info": r.meta_info,
+                }
+            )
+        return self._body(False, choices=choices, usage=self._usage(results))
+
+    def usage_chunk(self, results: list[_Result]) -> dict:
+        return self._body(True, choices=[], usage=self._usage(results))
+
+    def _usage(self, results: list[_Result]) -> dict:
+        if self.scoring_only:
+            results = [replace(r, completion_tokens=0) for r in results]
+        return _usage(results)
 
 
 class _ChatFormat(_Format):
@@ -492,14 +584,22 @@ class _ChatFormat(_Format):
         return [self._body(True, choices=[{"index": i, **first}]) for i in range(n)]
 
 
-def _completion_logprobs(entries: list, tok: Tokenizer) -> dict:
+def _completion_logprobs(entries: list, tok: Tokenizer, offset: int = 0) -> dict:
+    """OpenAI's legacy logprobs; an entry with logprob None (the first prompt token under
+    echo) has top_logprobs None; text_offset counts characters from `offset`."""
+
     def s(t: int) -> str:
         return tok.decode([t], skip_special_tokens=False)
 
+    tokens = [s(t) for t, _, _ in entries]
+    starts = [offset + n for n in itertools.accumulate((len(t) for t in tokens), initial=0)]
     return {
-        "tokens": [s(t) for t, _, _ in entries],
+        "tokens": tokens,
         "token_logprobs": [lp for _, lp, _ in entries],
-        "top_logprobs": [{s(t): lp for t, lp in top} for _, _, top in entries],
+        "top_logprobs": [
+            None if lp is None else {s(t): v for t, v in top} for _, lp, top in entries
+        ],
+        "text_offset": starts[:-1],
     }
 
 

@@ -2,15 +2,59 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_core import PydanticCustomError
 
 from specserve.core import SamplingParams
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+    continuous_usage_stats: bool = False  # vLLM: usage so far in every chunk
+
+
+def _unset(v: Any) -> bool:
+    return v is None
+
+
+# OpenAI parameters specserve does not implement, and the values that ask for nothing beyond
+# what it does. Any other value is a 400 naming the parameter, never silently ignored.
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "best_of": lambda v: v in (None, 1),
+    "suffix": lambda v: not v,
+    "audio": _unset,
+    "modalities": lambda v: v in (None, ["text"]),
+    "prediction": _unset,
+    "functions": _unset,
+    "function_call": lambda v: v in (None, "none"),
+    "tools": lambda v: not v,
+    "tool_choice": lambda v: v in (None, "none"),
+    "parallel_tool_calls": _unset,
+    "response_format": lambda v: v is None or v == {"type": "text"},
+    "store": lambda v: not v,
+    "metadata": lambda v: not v,
+    "service_tier": lambda v: v in (None, "auto", "default"),
+    "reasoning_effort": _unset,
+    "verbosity": _unset,
+    "web_search_options": _unset,
+    "moderation": _unset,
+    "prompt_cache_retention": _unset,
+    "prompt_cache_options": _unset,
+}
+
+
+def _check_supported(value: Any, info: Any) -> Any:
+    if not UNSUPPORTED[info.field_name](value):
+        raise PydanticCustomError(
+            "unsupported",
+            "{name}={value} is not supported by this server",
+            {"name": info.field_name, "value": json.dumps(value)},
+        )
+    return value
 
 
 class _Common(BaseModel):
@@ -32,7 +76,16 @@ class _Common(BaseModel):
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    user: str | None = None
+    user: str | None = None  # an end-user id: by OpenAI's definition it never changes output
+    logit_bias: dict[str, float] | None = None
+    best_of: Any = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v and not all(k.strip().isdigit() for k in v):
+            raise ValueError("keys must be token ids")
+        return v
 
     def sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -51,6 +104,7 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
             n=self.n,
             logprobs=logprobs,
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
         )
 
 
@@ -59,6 +113,9 @@ class CompletionRequest(_Common):
     max_tokens: int | None = 16
     logprobs: int | None = None
     echo: bool = False
+    suffix: Any = None
+
+    _unsupported = field_validator("best_of", "suffix", mode="before")(_check_supported)
 
     @field_validator("prompt")
     @classmethod
@@ -76,11 +133,49 @@ class CompletionRequest(_Common):
         return list(p)  # type: ignore[arg-type]
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(BaseModel):
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+    def template_dict(self) -> dict[str, Any]:
+        try:
+            args = json.loads(self.function.arguments or "{}")
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"tool_calls: the arguments of {self.function.name!r} are not valid JSON"
+            ) from None
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.function.name, "arguments": args},
+        }
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCall] | None = None  # an earlier assistant turn's calls
+    tool_call_id: str | None = None  # a tool message: which call it answers
+    name: str | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates read it (tool-call arguments as a mapping, as
+        `transformers` passes them)."""
+        msg: dict[str, Any] = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            msg["tool_calls"] = [c.template_dict() for c in self.tool_calls]
+        for key in ("tool_call_id", "name"):
+            if getattr(self, key) is not None:
+                msg[key] = getattr(self, key)
+        return msg
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
@@ -100,6 +195,30 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    audio: Any = None
+    modalities: Any = None
+    prediction: Any = None
+    functions: Any = None
+    function_call: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    parallel_tool_calls: Any = None
+    response_format: Any = None
+    store: Any = None
+    metadata: Any = None
+    service_tier: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
+    web_search_options: Any = None
+    moderation: Any = None
+    prompt_cache_retention: Any = None
+    prompt_cache_options: Any = None
+    prompt_cache_key: str | None = None  # a cache-routing hint; the prefix cache is automatic
+    safety_identifier: str | None = None  # an end-user id, like `user`
+
+    _unsupported = field_validator(
+        "best_of", *(k for k in UNSUPPORTED if k not in ("best_of", "suffix")), mode="before"
+    )(_check_supported)
 
 
 def error_body(

@@ -8,18 +8,29 @@ import httpx
 import pytest
 import uvicorn
 
-from specserve.config import CacheConfig, EngineConfig
+from specserve.config import CacheConfig, EngineConfig, SpecConfig
 from specserve.engine.engine import LLMEngine
 from specserve.server.api import ServerConfig, create_app
 from specserve.server.async_engine import AsyncEngine
+from specserve.speculative.factory import build_speculation
 
 
 class RunningServer:
-    def __init__(self, model_path: str, api_key: str | None = None, **cache) -> None:
+    def __init__(
+        self,
+        model_path: str,
+        api_key: str | None = None,
+        spec: SpecConfig | None = None,
+        **cache,
+    ) -> None:
         config = EngineConfig(model_path=model_path, cache=CacheConfig(**cache))
-        self.engine = AsyncEngine(LLMEngine(config))
+        llm_engine = LLMEngine(config)
+        if spec is not None:
+            llm_engine.set_speculation(*build_speculation(spec, llm_engine))
+        self.engine = AsyncEngine(llm_engine)
         self.engine.start()
-        app = create_app(self.engine, ServerConfig("tiny", api_key))
+        algorithm = spec.algorithm if spec else "NONE"
+        app = create_app(self.engine, ServerConfig("tiny", api_key, algorithm))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
