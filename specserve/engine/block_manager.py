@@ -123,6 +123,15 @@ class BlockManager:
         while len(request.block_table) > keep:
             self._release(request.block_table.pop())
 
+    def flush_prefix_cache(self) -> bool:
+        """Forget every cached prefix (SGLang's /flush_cache); only while no block is in use."""
+        if len(self.free) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.hash, block.tokens = None, ()
+        self.cached.clear()
+        return True
+
     def free_request(self, request: Request) -> None:
         for block_id in reversed(request.block_table):
             self._release(block_id)

@@ -108,21 +108,19 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             return err(503, "engine loop is not running", type_="server_error")
         return Response(status_code=200)
 
+    def model_card() -> dict:
+        return {
+            "id": config.served_model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "specserve",
+            "root": engine.engine.config.model_path,
+            "max_model_len": engine.engine.context_length,
+        }
+
     @v1.get("/models")
     async def models() -> dict:
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": config.served_model_name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "specserve",
-                    "root": engine.engine.config.model_path,
-                    "max_model_len": engine.engine.context_length,
-                }
-            ],
-        }
+        return {"object": "list", "data": [model_card()]}
 
     @app.get("/metrics")
     async def prometheus() -> Response:
@@ -271,6 +269,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
                 await r.close()
 
     app.include_router(v1)
+    from specserve.server.native_routes import native_router  # it imports this module
+
+    app.include_router(
+        native_router(engine, config, metrics, model_card, server_info, [Depends(check_api_key)])
+    )
     return app
 
 

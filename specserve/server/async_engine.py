@@ -12,8 +12,9 @@ import logging
 import queue
 import threading
 import traceback
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from specserve.core import SamplingParams
 from specserve.engine.engine import LLMEngine, RequestError, RequestOutput
@@ -37,6 +38,13 @@ class _Add:
 @dataclass
 class _Abort:
     request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
 
 
 _ABORTED = object()  # ends a request's output stream after an abort
@@ -90,6 +98,15 @@ class AsyncEngine:
         """Abort from any thread; the request's stream, if still read, then ends."""
         self._commands.put(_Abort(request_id))
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Runs fn() on the engine thread between two steps and returns its result."""
+        if not self._thread.is_alive():
+            raise EngineDeadError("the engine loop is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._commands.put(_Call(fn, future, loop))
+        return await future
+
     # -- engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -109,8 +126,15 @@ class AsyncEngine:
             if self.engine.has_unfinished():
                 self._step()
 
-    def _handle(self, cmd: _Add | _Abort | None) -> None:
-        if isinstance(cmd, _Add):
+    def _handle(self, cmd: _Add | _Abort | _Call | None) -> None:
+        if isinstance(cmd, _Call):
+            try:
+                result = cmd.fn()
+            except Exception as e:
+                cmd.loop.call_soon_threadsafe(cmd.future.set_exception, e)
+            else:
+                cmd.loop.call_soon_threadsafe(cmd.future.set_result, result)
+        elif isinstance(cmd, _Add):
             try:
                 self.engine.add_request(cmd.prompt, cmd.params, cmd.request_id)
             except RequestError as e:

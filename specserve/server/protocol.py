@@ -228,3 +228,102 @@ def error_body(
     code: str | int | None = None,
 ) -> dict[str, Any]:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class NativeSamplingParams(BaseModel):
+    """SGLang's `sampling_params` of `/generate`; an unknown key is a 400 naming it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int | None = 128
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    n: int = 1
+    sampling_seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    skip_special_tokens: Literal[True] = True
+    spaces_between_special_tokens: Literal[True] = True
+    no_stop_trim: Literal[False] = False
+    min_new_tokens: Literal[0] = 0
+    json_schema: None = None
+    regex: None = None
+    ebnf: None = None
+    custom_params: None = None
+
+    def to_params(self, prompt_logprobs: int | None, logprobs: int | None) -> SamplingParams:
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=-1 if self.top_k in (0, -1) else self.top_k,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            frequency_penalty=self.frequency_penalty,
+            presence_penalty=self.presence_penalty,
+            seed=self.sampling_seed,
+            stop=tuple(stop),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            n=self.n,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+        )
+
+
+class GenerateRequest(BaseModel):
+    """SGLang's `POST /generate` body (one prompt or a batch, text or token ids)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | list[str] | None = None
+    input_ids: list[int] | list[list[int]] | None = None
+    sampling_params: NativeSamplingParams = Field(default_factory=NativeSamplingParams)
+    stream: bool = False
+    return_logprob: bool = False
+    logprob_start_len: int = -1  # -1: output tokens only
+    top_logprobs_num: int = 0
+    return_text_in_logprobs: bool = False
+    rid: str | None = None
+    lora_path: None = None
+    image_data: None = None
+    return_hidden_states: Literal[False] = False
+
+    def prompts(self) -> list[str | list[int]]:
+        if (self.text is None) == (self.input_ids is None):
+            raise ValueError("give exactly one of text and input_ids")
+        p = self.text if self.text is not None else self.input_ids
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            return [p]  # type: ignore[list-item]
+        if not p:
+            raise ValueError("the prompt is empty")
+        return list(p)  # type: ignore[arg-type]
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `POST /tokenize`: a prompt, or chat messages rendered by the chat template."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: list[int]
