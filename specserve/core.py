@@ -6,8 +6,12 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from specserve.structured.grammar import GrammarSpec
 
 
 class SamplingParamsError(ValueError):
@@ -32,6 +36,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per token; 0 = only the chosen one
     prompt_logprobs: int | None = None  # the same for every prompt token after the first
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    grammar: GrammarSpec | None = None  # structured output: what the text must match
 
     def __post_init__(self) -> None:
         checks = [

@@ -29,6 +29,7 @@ from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.models.loader import load_model
 from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
 from specserve.speculative.verify import greedy_verify, rejection_verify
+from specserve.structured.grammar import GrammarBackend, GrammarError, GrammarMatcher
 
 if TYPE_CHECKING:
     from specserve.engine.distributed import RankGroup
@@ -103,6 +104,7 @@ class _Stream:
         self.prompt_logprobs: list | None = (
             None if request.params.prompt_logprobs is None else [(ids[0], None, [])]
         )
+        self.matcher: GrammarMatcher | None = None  # structured output
 
 
 class LLMEngine:
@@ -155,6 +157,11 @@ class LLMEngine:
         )
         self.streams: dict[str, _Stream] = {}
         self.stats = EngineStats()
+        self.grammar = (
+            GrammarBackend(config.model_path, self.model_config.vocab_size, self.eos_token_ids)
+            if config.grammar_backend == "llguidance"
+            else None
+        )
 
     def close(self) -> None:
         """Stop the other ranks of a parallel group (nothing to do in one process)."""
@@ -216,9 +223,22 @@ class LLMEngine:
             req.request_id = request_id
         if req.request_id in self.streams:
             raise RequestError(f"duplicate request id {req.request_id!r}")
-        self.streams[req.request_id] = _Stream(req, self.tokenizer)
+        stream = _Stream(req, self.tokenizer)
+        if params.grammar is not None:
+            stream.matcher = self._matcher(params)
+        self.streams[req.request_id] = stream
         self.scheduler.add(req)
         return req
+
+    def _matcher(self, params: SamplingParams) -> GrammarMatcher:
+        if self.grammar is None:
+            raise RequestError("structured output is off on this server (--grammar-backend none)")
+        if params.ignore_eos:
+            raise RequestError("ignore_eos cannot be combined with structured output")
+        try:
+            return self.grammar.matcher(params.grammar)
+        except GrammarError as e:
+            raise RequestError(str(e)) from None
 
     def abort(self, request_id: str) -> None:
         stream = self.streams.pop(request_id, None)
@@ -373,6 +393,11 @@ class LLMEngine:
                     rows = apply_penalties(rows, [r.params] * n, [r.prompt_token_ids] * n, hist)
                 if r.params.logit_bias:  # the target distribution at every verified position
                     rows = apply_logit_bias(rows, r.params.logit_bias)
+                matcher = self.streams[r.request_id].matcher
+                if matcher is not None:  # the grammar masks every verified position
+                    allowed, keep = matcher.masks_along(p.tokens)
+                    lens[i], n = keep, keep + 1
+                    rows = rows[:n].masked_fill(~allowed.to(rows.device), float("-inf"))
                 probs[i, :n] = rows if greedy else probs_from_logits(rows, [r.params] * n)
             if greedy:
                 tokens, num = greedy_verify(draft_tokens, lens, probs.argmax(dim=-1))
@@ -431,6 +456,8 @@ class LLMEngine:
             req.output_token_ids.append(tok)
             self.stats.generation_tokens += 1
             stream.pending_tokens.append(tok)
+            if stream.matcher is not None:
+                stream.matcher.advance([tok])
             if i < len(logprobs):
                 stream.pending_logprobs.append((tok, *logprobs[i]))
             if tok in req.eos_token_ids or tok in p.stop_token_ids:

@@ -48,6 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--grammar-backend",
+        default="llguidance",
+        choices=["llguidance", "none"],
+        help="structured output (response_format, json_schema, regex, ebnf, guided_*)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     _add_parallel_args(p)
@@ -152,6 +158,7 @@ def build_engine(args: argparse.Namespace):
             seed=args.seed,
             cache=cache,
             scheduler=sched,
+            grammar_backend=args.grammar_backend,
         )
         ranks = _rank_spec(args, cache)
         from specserve.models.qwen3_moe import is_mxfp4_checkpoint

@@ -9,7 +9,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from specserve.core import SamplingParams
+from specserve.core import SamplingParams, SamplingParamsError
+from specserve.structured.grammar import GrammarSpec
 
 
 class StreamOptions(BaseModel):
@@ -34,7 +35,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "tools": lambda v: not v,
     "tool_choice": lambda v: v in (None, "none"),
     "parallel_tool_calls": _unset,
-    "response_format": lambda v: v is None or v == {"type": "text"},
     "store": lambda v: not v,
     "metadata": lambda v: not v,
     "service_tier": lambda v: v in (None, "auto", "default"),
@@ -79,6 +79,47 @@ class _Common(BaseModel):
     user: str | None = None  # an end-user id: by OpenAI's definition it never changes output
     logit_bias: dict[str, float] | None = None
     best_of: Any = None
+    # structured output: OpenAI's response_format, SGLang's and vLLM's extra parameters
+    response_format: dict[str, Any] | None = None
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _known_format(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        _response_format(v)
+        return v
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        """The one structured-output constraint of the request, if any."""
+        given = {
+            name: spec
+            for name, spec in (
+                ("response_format", _response_format(self.response_format)),
+                ("json_schema", _schema_spec(self.json_schema)),
+                ("guided_json", _schema_spec(self.guided_json)),
+                ("regex", self.regex and GrammarSpec("regex", self.regex)),
+                ("guided_regex", self.guided_regex and GrammarSpec("regex", self.guided_regex)),
+                ("ebnf", self.ebnf and GrammarSpec("ebnf", self.ebnf)),
+                (
+                    "guided_grammar",
+                    self.guided_grammar and GrammarSpec("ebnf", self.guided_grammar),
+                ),
+                (
+                    "guided_choice",
+                    self.guided_choice and GrammarSpec("choice", json.dumps(self.guided_choice)),
+                ),
+            )
+            if spec
+        }
+        if len(given) > 1:
+            raise SamplingParamsError(f"give at most one of {', '.join(given)}")
+        return next(iter(given.values()), None)
 
     @field_validator("logit_bias")
     @classmethod
@@ -105,7 +146,29 @@ class _Common(BaseModel):
             n=self.n,
             logprobs=logprobs,
             logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+            grammar=self.grammar_spec(),
         )
+
+
+def _schema_spec(schema: str | dict[str, Any] | None) -> GrammarSpec | None:
+    if schema is None:
+        return None
+    return GrammarSpec("json_schema", schema if isinstance(schema, str) else json.dumps(schema))
+
+
+def _response_format(fmt: dict[str, Any] | None) -> GrammarSpec | None:
+    """OpenAI's response_format: text, json_object, or json_schema with a `schema`."""
+    kind = (fmt or {}).get("type", "text")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return GrammarSpec("json_object", "")
+    schema = (fmt or {}).get("json_schema", {}).get("schema")
+    if kind != "json_schema" or not isinstance(schema, dict):
+        raise SamplingParamsError(
+            "response_format must be text, json_object, or json_schema with json_schema.schema"
+        )
+    return _schema_spec(schema)
 
 
 class CompletionRequest(_Common):
@@ -253,10 +316,24 @@ class NativeSamplingParams(BaseModel):
     spaces_between_special_tokens: Literal[True] = True
     no_stop_trim: Literal[False] = False
     min_new_tokens: Literal[0] = 0
-    json_schema: None = None
-    regex: None = None
-    ebnf: None = None
+    json_schema: str | None = None
+    regex: str | None = None
+    ebnf: str | None = None
     custom_params: None = None
+
+    def grammar_spec(self) -> GrammarSpec | None:
+        given = [
+            GrammarSpec(kind, value)
+            for kind, value in (
+                ("json_schema", self.json_schema),
+                ("regex", self.regex),
+                ("ebnf", self.ebnf),
+            )
+            if value is not None
+        ]
+        if len(given) > 1:
+            raise SamplingParamsError("give at most one of json_schema, regex and ebnf")
+        return given[0] if given else None
 
     def to_params(self, prompt_logprobs: int | None, logprobs: int | None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -277,6 +354,7 @@ class NativeSamplingParams(BaseModel):
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
             logit_bias=tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items()),
+            grammar=self.grammar_spec(),
         )
 
 

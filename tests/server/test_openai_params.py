@@ -52,7 +52,7 @@ IMPLEMENTED_CHAT = {
     "safety_identifier": "s-1",
     "prompt_cache_key": "k-1",
     "modalities": ["text"],
-    "response_format": {"type": "text"},
+    "response_format": {"type": "json_object"},
     "service_tier": "auto",
     "store": False,
 }
@@ -70,7 +70,7 @@ REJECTED_CHAT = {
     "prompt_cache_options": {"mode": "x"},
     "prompt_cache_retention": "24h",
     "reasoning_effort": "high",
-    "response_format": {"type": "json_object"},
+    "response_format": {"type": "structural_tag"},
     "service_tier": "flex",
     "store": True,
     "tool_choice": "required",
