@@ -124,6 +124,9 @@ class GrammarMatcher:
         return torch.stack(rows), len(rows) - 1
 
     def advance(self, tokens: list[int]) -> None:
-        """Commit tokens the verifier produced (all allowed by construction)."""
+        """Commit tokens the verifier produced (all allowed by construction). Once the grammar
+        is complete only EOS is allowed, which ends the request: nothing left to follow."""
+        if self.m.is_stopped():
+            return
         if not self.m.consume_tokens(tokens):
             raise RuntimeError(f"grammar matcher refused committed tokens: {self.m.get_error()}")
