@@ -88,3 +88,18 @@ def start_server():
     yield start
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def start_module_server():
+    """Like start_server, for servers shared by the tests of one module."""
+    started: list[RunningServer] = []
+
+    def start(model_path: str, **kwargs) -> RunningServer:
+        s = RunningServer(model_path, **kwargs)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
