@@ -23,7 +23,13 @@ from specserve.engine.engine import RequestError, RequestOutput
 from specserve.engine.tokenizer import ChatTemplateError, Tokenizer
 from specserve.server.async_engine import AsyncEngine
 from specserve.server.metrics import ServerMetrics
-from specserve.server.protocol import ChatCompletionRequest, CompletionRequest, error_body
+from specserve.server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    tool_plan,
+)
+from specserve.server.tool_parser import StreamingToolParser, parse_tool_calls
 
 
 @dataclass(frozen=True)
@@ -31,6 +37,7 @@ class ServerConfig:
     served_model_name: str
     api_key: str | None = None
     speculative_algorithm: str = "NONE"
+    tool_call_parser: str | None = None  # hermes | qwen25: read tool calls in chat output
 
 
 class APIError(Exception):
@@ -176,9 +183,13 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
         try:
+            tools = tool_plan(body, config.tool_call_parser)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
+        try:
             messages = [m.template_dict() for m in body.messages]
             prompt = engine.engine.tokenizer.apply_chat_template(
-                messages, body.add_generation_prompt
+                messages, body.add_generation_prompt, tools.render
             )
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
@@ -190,11 +201,16 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
             body.max_completion_tokens or body.max_tokens,
             (top or 0) if body.logprobs else None,
         )
+        if tools.grammar is not None:
+            if params.grammar is not None:
+                raise APIError(400, "a forced tool call excludes response_format", param="tools")
+            params = replace(params, grammar=tools.grammar)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         runs = await _start_all([prompt], params, rid)
         fmt = _ChatFormat(
             rid, config.served_model_name, created=int(time.time()), tok=engine.engine.tokenizer
         )
+        fmt.parse_tools, fmt.single_call = tools.parse, tools.single
         return await _respond(request, body.stream, body.stream_options, runs, fmt)
 
     async def _start_all(prompts, params: SamplingParams, rid: str) -> list[_Run]:
@@ -568,7 +584,58 @@ class _CompletionFormat(_Format):
 
 
 class _ChatFormat(_Format):
+    """Chat bodies; with tools, the output's tool calls become `tool_calls` (whole calls in
+    streamed deltas, finish_reason `tool_calls`)."""
+
     object_full, object_chunk = "chat.completion", "chat.completion.chunk"
+    parse_tools = single_call = False
+
+    def __init__(self, rid: str, model: str, created: int, tok: Tokenizer) -> None:
+        super().__init__(rid, model, created, tok)
+        self.parsers: dict[int, StreamingToolParser] = {}
+
+    def _calls(self, calls: list, before: int) -> list:
+        return calls[: max(0, 1 - before)] if self.single_call else calls
+
+    def chunk(self, index: int, out: RequestOutput) -> dict | None:
+        if not self.parse_tools:
+            return super().chunk(index, out)
+        parser = self.parsers.setdefault(index, StreamingToolParser())
+        before = parser.num_calls
+        text, calls = parser.feed(out.new_text, final=out.finished)
+        calls = self._calls(calls, before)
+        delta: dict[str, Any] = {"content": text} if text else {}
+        if calls:
+            delta["tool_calls"] = [c.to_openai(before + k) for k, c in enumerate(calls)]
+        if not delta and not out.logprobs and not out.finished:
+            return None
+        finish = out.finish_reason
+        if finish == "stop" and parser.num_calls:
+            finish = "tool_calls"
+        choice = {
+            "index": index,
+            "delta": delta,
+            "logprobs": self._logprobs(out.logprobs) if out.logprobs else None,
+            "finish_reason": finish,
+        }
+        if out.finished:
+            choice.update(stop_reason=out.stop_reason, meta_info=out.meta_info)
+        return self._body(True, choices=[choice])
+
+    def full(self, results: list[_Result]) -> dict:
+        body = super().full(results)
+        for choice in body["choices"] if self.parse_tools else []:
+            content, calls = parse_tool_calls(choice["message"]["content"])
+            calls = self._calls(calls, 0)
+            if calls:
+                choice["message"] = {
+                    "role": "assistant",
+                    "content": content or None,
+                    "tool_calls": [c.to_openai() for c in calls],
+                }
+                if choice["finish_reason"] == "stop":
+                    choice["finish_reason"] = "tool_calls"
+        return body
 
     def _content(self, text: str, streaming: bool) -> dict:
         if streaming:

@@ -54,6 +54,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="structured output (response_format, json_schema, regex, ebnf, guided_*)",
     )
     p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "qwen25"],
+        help="read <tool_call>{json}</tool_call> in chat output as tool_calls (tool_choice auto)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     _add_parallel_args(p)
@@ -231,7 +237,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or Path(args.model_path).resolve().name
     async_engine = AsyncEngine(engine)
     async_engine.start()
-    app = create_app(async_engine, ServerConfig(name, args.api_key, algorithm))
+    app = create_app(
+        async_engine, ServerConfig(name, args.api_key, algorithm, args.tool_call_parser)
+    )
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:

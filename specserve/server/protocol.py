@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
 from specserve.core import SamplingParams, SamplingParamsError
+from specserve.server.tool_parser import forced_calls_grammar
 from specserve.structured.grammar import GrammarSpec
 
 
@@ -32,9 +34,6 @@ UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
     "prediction": _unset,
     "functions": _unset,
     "function_call": lambda v: v in (None, "none"),
-    "tools": lambda v: not v,
-    "tool_choice": lambda v: v in (None, "none"),
-    "parallel_tool_calls": _unset,
     "store": lambda v: not v,
     "metadata": lambda v: not v,
     "service_tier": lambda v: v in (None, "auto", "default"),
@@ -220,6 +219,27 @@ class ToolCall(BaseModel):
         }
 
 
+class FunctionDef(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDef
+
+
+class _FunctionName(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"] = "function"
+    function: _FunctionName
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -258,15 +278,14 @@ class ChatCompletionRequest(_Common):
     logprobs: bool = False
     top_logprobs: int | None = None
     add_generation_prompt: bool = True
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     audio: Any = None
     modalities: Any = None
     prediction: Any = None
     functions: Any = None
     function_call: Any = None
-    tools: Any = None
-    tool_choice: Any = None
-    parallel_tool_calls: Any = None
-    response_format: Any = None
     store: Any = None
     metadata: Any = None
     service_tier: Any = None
@@ -282,6 +301,36 @@ class ChatCompletionRequest(_Common):
     _unsupported = field_validator(
         "best_of", *(k for k in UNSUPPORTED if k not in ("best_of", "suffix")), mode="before"
     )(_check_supported)
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What a chat request's tools mean for the prompt, the decoding and the response."""
+
+    render: list[dict[str, Any]] | None = None  # tools for the chat template
+    grammar: GrammarSpec | None = None  # required / named: calls forced by a grammar
+    parse: bool = False  # read tool calls out of the output
+    single: bool = False  # parallel_tool_calls: false
+
+
+def tool_plan(body: ChatCompletionRequest, parser: str | None) -> ToolPlan:
+    """Raises ValueError naming the parameter when the tools cannot be served as asked."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
+    choice = body.tool_choice or ("auto" if tools else "none")
+    if choice != "none" and not tools:
+        raise ValueError("tool_choice: needs tools")
+    if choice == "none":
+        return ToolPlan()
+    single = body.parallel_tool_calls is False
+    if choice == "auto":
+        if parser is None:
+            raise ValueError('tool_choice: "auto" needs a server started with --tool-call-parser')
+        return ToolPlan(tools, None, True, single)
+    name = None if choice == "required" else choice.function.name
+    if name is not None and name not in {t["function"]["name"] for t in tools}:
+        raise ValueError(f"tool_choice: no tool is named {name!r}")
+    grammar = forced_calls_grammar(tools, name, parallel=name is None and not single)
+    return ToolPlan(tools, grammar, True, single or name is not None)
 
 
 def error_body(

@@ -21,6 +21,7 @@ class RunningServer:
         model_path: str,
         api_key: str | None = None,
         spec: SpecConfig | None = None,
+        tool_call_parser: str | None = "hermes",
         **cache,
     ) -> None:
         config = EngineConfig(model_path=model_path, cache=CacheConfig(**cache))
@@ -30,7 +31,7 @@ class RunningServer:
         self.engine = AsyncEngine(llm_engine)
         self.engine.start()
         algorithm = spec.algorithm if spec else "NONE"
-        app = create_app(self.engine, ServerConfig("tiny", api_key, algorithm))
+        app = create_app(self.engine, ServerConfig("tiny", api_key, algorithm, tool_call_parser))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]

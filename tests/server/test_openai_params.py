@@ -10,6 +10,9 @@ import pytest
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
+from specserve.engine.tokenizer import ChatTemplateError, Tokenizer
+from specserve.models.tiny import save_tokenizer
+
 # parameter -> a value that exercises it; each is implemented (the request succeeds)
 IMPLEMENTED_COMPLETION = {
     "model": "tiny",
@@ -55,6 +58,9 @@ IMPLEMENTED_CHAT = {
     "response_format": {"type": "json_object"},
     "service_tier": "auto",
     "store": False,
+    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
+    "tool_choice": "none",
+    "parallel_tool_calls": True,
 }
 # parameter -> a value this server does not implement: a 400 whose param names it
 REJECTED_COMPLETION = {"best_of": 2, "suffix": "})"}
@@ -65,7 +71,6 @@ REJECTED_CHAT = {
     "metadata": {"k": "v"},
     "modalities": ["text", "audio"],
     "moderation": {"model": "omni"},
-    "parallel_tool_calls": True,
     "prediction": {"type": "content", "content": "x"},
     "prompt_cache_options": {"mode": "x"},
     "prompt_cache_retention": "24h",
@@ -73,8 +78,6 @@ REJECTED_CHAT = {
     "response_format": {"type": "structural_tag"},
     "service_tier": "flex",
     "store": True,
-    "tool_choice": "required",
-    "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}],
     "verbosity": "low",
     "web_search_options": {},
 }
@@ -146,12 +149,25 @@ def test_continuous_usage_stats(client):
     assert events[-1]["choices"] == [] and events[-1]["usage"]["completion_tokens"] == 5
 
 
-def test_assistant_tool_calls_need_a_template_that_renders_them(client):
+def test_assistant_tool_calls_in_history(client, tmp_path):
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
     messages = [
         {"role": "user", "content": "hi"},
         {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c1", "content": "2"},
     ]
-    r = client.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 2})
-    assert r.status_code == 400 and "tool_calls" in r.json()["error"]["message"]
+    r = client.post("/tokenize", json={"messages": messages, "return_token_strs": True})
+    assert '{"name": "f", "arguments": {"a": 1}}' in "".join(r.json()["token_strs"])
+    bad = [
+        *messages[:1],
+        {**messages[1], "tool_calls": [{**call, "function": {"name": "f", "arguments": "{"}}]},
+    ]
+    r = client.post("/v1/chat/completions", json={"messages": bad, "max_tokens": 2})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    # a template that cannot show them is a 400, not a silently shortened history
+    plain = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
+    save_tokenizer(tmp_path, 300, chat_template=plain)
+    with pytest.raises(ChatTemplateError, match="tool_calls"):
+        Tokenizer(tmp_path).apply_chat_template(messages)
+    with pytest.raises(ChatTemplateError, match="tools"):
+        Tokenizer(tmp_path).apply_chat_template(messages[:1], tools=[{"type": "function"}])
