@@ -224,8 +224,11 @@ class EngineConfig:
     seed: int = 0
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    grammar_backend: str = "llguidance"  # structured output: llguidance | none
 
     def __post_init__(self) -> None:
+        if self.grammar_backend not in ("llguidance", "none"):
+            raise ConfigError("--grammar-backend must be llguidance or none")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
         if self.device.split(":")[0] not in ("cpu", "cuda"):
