@@ -92,10 +92,13 @@ def native_router(gen: _Generation) -> APIRouter:
 
     @router.get("/flush_cache", operation_id="flush_cache_get")
     @router.post("/flush_cache", operation_id="flush_cache_post")
-    async def flush_cache() -> Response:
-        done = await engine.call(
-            lambda: not eng.has_unfinished() and eng.block_manager.flush_prefix_cache()
-        )
+    async def flush_cache(request: Request) -> Response:
+        try:
+            done = await engine.call(
+                lambda: not eng.has_unfinished() and eng.block_manager.flush_prefix_cache()
+            )
+        except Exception as e:  # a dead loop is a 503, like every route's
+            raise _engine_error(e, request_id(request.scope)) from None
         if not done:
             raise APIError(400, "cache not flushed: requests are running or waiting")
         return Response("Cache flushed.\n", media_type="text/plain")

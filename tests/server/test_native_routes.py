@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 
+import httpx
 import pytest
 
 from specserve import __version__
-from specserve.config import SpecConfig
+from specserve.config import SchedulerConfig, SpecConfig
+from specserve.server.api import ServerConfig
 
 
 def _sse(r) -> list[dict]:
@@ -140,8 +144,6 @@ def test_tokenize_detokenize(client, server):
 
 def test_spec_accept_length_and_vllm_metric_names(start_server, tiny_model_path):
     srv = start_server(tiny_model_path, spec=SpecConfig("NGRAM"), max_total_tokens=4096)
-    import httpx
-
     with httpx.Client(base_url=srv.url, timeout=60) as c:
         sp = {"temperature": 0, "max_new_tokens": 24, "ignore_eos": True}
         meta = c.post("/generate", json={"text": "a a a a a a a a", "sampling_params": sp}).json()[
@@ -157,3 +159,60 @@ def test_spec_accept_length_and_vllm_metric_names(start_server, tiny_model_path)
         ]
         vllm = [x for x in metrics.splitlines() if x.startswith(f"vllm:spec_decode_{name}_total")]
         assert ours and [x.split()[-1] for x in ours] == [x.split()[-1] for x in vllm]
+
+
+# -- the native routes under the OpenAI routes' rules (admission, caps, a dead loop) -------------
+def test_generate_obeys_admission_and_the_logprob_cap(tiny_model_path, start_server):
+    s = start_server(
+        tiny_model_path,
+        max_total_tokens=1024,
+        scheduler=SchedulerConfig(max_queued_requests=2),
+        server=ServerConfig("tiny", max_logprobs=3),
+    )
+    sp = {"max_new_tokens": 2, "n": 3}
+    r = httpx.post(s.url + "/generate", json={"text": "x", "sampling_params": sp}, timeout=30)
+    assert r.status_code == 400 and "--max-queued-requests" in r.json()["error"]["message"]
+    body = {"text": "x", "return_logprob": True, "top_logprobs_num": 4}
+    r = httpx.post(s.url + "/generate", json=body, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs_num"
+    body["top_logprobs_num"] = 3
+    assert httpx.post(s.url + "/generate", json=body, timeout=30).status_code == 200
+
+
+def test_a_bad_grammar_is_a_400_before_any_stream(client):
+    for route, body in (
+        ("/generate", {"text": "x", "stream": True, "sampling_params": {"regex": "a(("}}),
+        ("/v1/completions", {"prompt": "x", "stream": True, "regex": "a(("}),
+    ):
+        r = client.post(route, json=body)
+        assert r.status_code == 400 and "regex" in r.json()["error"]["message"], r.text
+
+
+def test_native_routes_report_a_dead_engine_loop_as_503(tiny_model_path, start_server):
+    s = start_server(tiny_model_path, max_total_tokens=1024)
+    died = threading.Event()
+    s.engine.on_death = lambda reason: died.set()
+
+    def broken() -> bool:
+        raise RuntimeError("loop bug")
+
+    s.engine.engine.has_unfinished = broken
+    httpx.post(s.url + "/generate", json={"text": "x"}, timeout=30)  # wakes the loop: it dies
+    assert died.wait(5)
+    for method, path, body in (
+        ("POST", "/generate", {"text": "x"}),
+        ("POST", "/flush_cache", None),
+        ("GET", "/health_generate", None),
+    ):
+        r = httpx.request(method, s.url + path, json=body, timeout=30)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "server_error", (path, r.text)
+
+
+def test_call_runs_on_the_engine_thread_and_raises_its_errors(server):
+    async def run() -> None:
+        name = await server.engine.call(lambda: threading.current_thread().name)
+        assert name == "engine-loop"
+        with pytest.raises(ZeroDivisionError):
+            await server.engine.call(lambda: 1 / 0)
+
+    asyncio.run(run())

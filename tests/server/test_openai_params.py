@@ -127,6 +127,7 @@ def test_logit_bias_steers_greedy_output(client):
     assert len(set(tokens)) == 1 and tokens[0] != first
     for bad, needle in (
         ({"x": 1}, "token ids"),
+        ({"²": 1}, "token ids"),  # a digit to str.isdigit, not to int()
         ({"100000": 1}, "logit_bias"),
         ({"5": 500}, "[-100"),
     ):
