@@ -239,10 +239,13 @@ class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     attention_backend: str = "torch"
     num_threads: int | None = None  # torch CPU threads; None keeps the process's setting
+    grammar_backend: str = "llguidance"  # structured output: llguidance | none
 
     def __post_init__(self) -> None:
         from specserve.models.attention import ATTENTION_BACKENDS
 
+        if self.grammar_backend not in ("llguidance", "none"):
+            raise ConfigError("--grammar-backend must be llguidance or none")
         if self.dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
         if self.attention_backend not in ATTENTION_BACKENDS:

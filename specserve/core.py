@@ -5,8 +5,12 @@ from __future__ import annotations
 import enum
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from specserve.structured.grammar import GrammarSpec
 
 
 class SamplingParamsError(ValueError):
@@ -40,6 +44,9 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # number of top logprobs per token; 0 = only the chosen one
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    grammar: GrammarSpec | None = None  # structured output: what the text must match
 
     def __post_init__(self) -> None:
         checks = [
@@ -60,8 +67,16 @@ class SamplingParams:
                 f"logprobs must be in [0, {MAX_LOGPROBS}]",
             ),
             (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be in [0, {MAX_LOGPROBS}]",
+            ),
+            (
                 self.seed is None or SEED_MIN <= self.seed <= SEED_MAX,
                 f"seed must be in [{SEED_MIN}, {SEED_MAX}]",
+            ),
+            (
+                all(-100.0 <= b <= 100.0 for _, b in self.logit_bias),
+                "logit_bias values must be in [-100, 100]",
             ),
             (all(s for s in self.stop), "stop strings must be non-empty"),
         ]

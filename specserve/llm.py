@@ -25,6 +25,7 @@ class GenerationOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     meta_info: list[dict]
+    prompt_logprobs: list | None = None  # (token, logprob or None, top) per prompt token
 
 
 class LLM:
@@ -59,8 +60,11 @@ class LLM:
         texts: dict[str, list[str]] = {}
         logprobs: dict[str, list] = {}
         finals: dict[str, Any] = {}
+        prompt_logprobs: dict[str, list] = {}
         while self.engine.has_unfinished():
             for out in self.engine.step():
+                if out.prompt_logprobs is not None:
+                    prompt_logprobs[out.request_id] = out.prompt_logprobs
                 texts.setdefault(out.request_id, []).append(out.new_text)
                 logprobs.setdefault(out.request_id, []).extend(out.logprobs)
                 if out.finished:
@@ -83,6 +87,7 @@ class LLM:
                     group[0].prompt_token_ids,
                     outs,
                     [finals[r.request_id].meta_info for r in group],
+                    prompt_logprobs.get(group[0].request_id),
                 )
             )
         return results

@@ -1,7 +1,8 @@
 """Speculative-decoding statistics the server reports about itself.
 
 Two sources, whichever the server offers:
-* vLLM-style Prometheus counters on `/metrics` (any prefix: `vllm:`, `specserve:`, ...):
+* vLLM-style Prometheus counters on `/metrics` (one prefix: `specserve:` if present, else
+  `vllm:` or whichever appears first):
   `*spec_decode_num_drafts_total`, `*spec_decode_num_accepted_tokens_total`,
   `*spec_decode_num_draft_tokens_total` and, per draft position,
   `*spec_decode_num_accepted_tokens_per_pos_total{position="k"}`. Read before and after a
@@ -25,6 +26,7 @@ DRAFTS = "spec_decode_num_drafts_total"
 ACCEPTED = "spec_decode_num_accepted_tokens_total"
 DRAFT_TOKENS = "spec_decode_num_draft_tokens_total"
 ACCEPTED_PER_POS = "spec_decode_num_accepted_tokens_per_pos_total"
+PREFERRED_PREFIX = "specserve:"
 
 
 @dataclass(frozen=True)
@@ -60,22 +62,33 @@ def parse_prometheus(text: str) -> list[tuple[str, dict[str, str], float]]:
 
 
 def spec_counters(text: str) -> SpecCounters | None:
-    """The spec-decode counters in a `/metrics` page, or None if it has no drafts counter."""
-    totals = {DRAFTS: 0.0, ACCEPTED: 0.0, DRAFT_TOKENS: 0.0}
-    found = False
-    per_pos: dict[int, float] = {}
+    """The spec-decode counters in a `/metrics` page, or None if it has no drafts counter.
+    Series of one prefix only: specserve exports them as `specserve:` and again as `vllm:`,
+    and adding both would double every total. `specserve:` wins, else the first prefix seen."""
+    found: dict[str, SpecCounters] = {}
+    for prefix, (totals, per_pos) in _by_prefix(text).items():
+        if DRAFTS in totals:
+            found[prefix] = SpecCounters(
+                totals[DRAFTS], totals.get(ACCEPTED, 0.0), totals.get(DRAFT_TOKENS, 0.0), per_pos
+            )
+    return found.get(PREFERRED_PREFIX) or next(iter(found.values()), None)
+
+
+def _by_prefix(text: str) -> dict[str, tuple[dict[str, float], dict[int, float]]]:
+    """prefix -> (totals by counter suffix, accepted per position), summed over label sets."""
+    out: dict[str, tuple[dict[str, float], dict[int, float]]] = {}
     for name, labels, value in parse_prometheus(text):
-        if name.endswith(ACCEPTED_PER_POS) and labels.get("position", "").isdigit():
-            pos = int(labels["position"])
-            per_pos[pos] = per_pos.get(pos, 0.0) + value
-            continue
-        for suffix in totals:
-            if name.endswith(suffix):
-                totals[suffix] += value
-                found |= suffix == DRAFTS
-    if not found:
-        return None
-    return SpecCounters(totals[DRAFTS], totals[ACCEPTED], totals[DRAFT_TOKENS], per_pos)
+        for suffix in (ACCEPTED_PER_POS, DRAFTS, ACCEPTED, DRAFT_TOKENS):
+            if not name.endswith(suffix):
+                continue
+            totals, per_pos = out.setdefault(name[: -len(suffix)], ({}, {}))
+            if suffix != ACCEPTED_PER_POS:
+                totals[suffix] = totals.get(suffix, 0.0) + value
+            elif labels.get("position", "").isdigit():
+                pos = int(labels["position"])
+                per_pos[pos] = per_pos.get(pos, 0.0) + value
+            break
+    return out
 
 
 def stats_from_counters(before: SpecCounters, after: SpecCounters) -> SpecStats | None:

@@ -74,8 +74,8 @@ class BlockManager:
         assert not request.block_table
         tokens = request.all_token_ids
         self.prefix_query_tokens += len(tokens)
-        if not self.enable_prefix_caching:
-            return 0
+        if not self.enable_prefix_caching or request.params.prompt_logprobs is not None:
+            return 0  # prompt logprobs need every prompt token's logits
         usable = (len(tokens) - 1) // self.page_size
         prev = None
         for i in range(usable):
@@ -122,6 +122,15 @@ class BlockManager:
         assert keep >= request.num_hashed_blocks, "rollback into committed KV"
         while len(request.block_table) > keep:
             self._release(request.block_table.pop())
+
+    def flush_prefix_cache(self) -> bool:
+        """Forget every cached prefix (SGLang's /flush_cache); only while no block is in use."""
+        if len(self.free) != self.num_blocks:
+            return False
+        for block in self.blocks:
+            block.hash, block.tokens = None, ()
+        self.cached.clear()
+        return True
 
     def free_request(self, request: Request) -> None:
         for block_id in reversed(request.block_table):

@@ -19,7 +19,12 @@ from specserve.config import EngineConfig
 from specserve.core import Request, RequestStatus, SamplingParams
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.model_runner import BatchSeq, ModelRunner, num_kv_blocks
-from specserve.engine.sampler import apply_penalties, probs_from_logits, top_logprobs
+from specserve.engine.sampler import (
+    apply_logit_bias,
+    apply_penalties,
+    probs_from_logits,
+    top_logprobs,
+)
 from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.engine.state_runner import StateRunner
 from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -28,6 +33,7 @@ from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
 from specserve.speculative.handle import TargetHandle
 from specserve.speculative.planner import Planner, StepStats
 from specserve.speculative.verify import greedy_verify, rejection_verify
+from specserve.structured.grammar import GrammarBackend, GrammarError, GrammarMatcher
 
 if TYPE_CHECKING:
     from specserve.engine.distributed import RankGroup
@@ -70,6 +76,9 @@ class RequestOutput:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     meta_info: dict = field(default_factory=dict)
     error: str | None = None  # set when the request failed inside the engine (finished)
+    # with the first output of a request that asked for them: one entry per prompt token,
+    # the first one's logprob None (nothing precedes it)
+    prompt_logprobs: list[tuple[int, float | None, list[tuple[int, float]]]] | None = None
 
 
 @dataclass
@@ -105,6 +114,12 @@ class _Stream:
         self.emitted = 0  # characters of detok.text already streamed
         self.pending_tokens: list[int] = []
         self.pending_logprobs: list = []
+        ids = request.prompt_token_ids
+        # prompt token i's entry arrives with the logits row of token i - 1
+        self.prompt_logprobs: list | None = (
+            None if request.params.prompt_logprobs is None else [(ids[0], None, [])]
+        )
+        self.matcher: GrammarMatcher | None = None  # structured output
 
 
 class LLMEngine:
@@ -168,6 +183,11 @@ class LLMEngine:
         )
         self.streams: dict[str, _Stream] = {}
         self.stats = EngineStats()
+        self.grammar = (
+            GrammarBackend(config.model_path, self.model_config.vocab_size, self.eos_token_ids)
+            if config.grammar_backend == "llguidance"
+            else None
+        )
 
     def close(self) -> None:
         """Stop the other ranks of a parallel group (nothing to do in one process)."""
@@ -219,7 +239,10 @@ class LLMEngine:
             req.request_id = request_id
         if req.request_id in self.streams:
             raise RequestError(f"duplicate request id {req.request_id!r}")
-        self.streams[req.request_id] = _Stream(req, self.tokenizer)
+        stream = _Stream(req, self.tokenizer)
+        if params.grammar is not None:  # compiled (and cached) by check_request
+            stream.matcher = self._grammar(params).matcher(params.grammar)
+        self.streams[req.request_id] = stream
         self.scheduler.add(req)
         return req
 
@@ -231,6 +254,8 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         if any(not 0 <= t < vocab for t in ids):
             raise RequestError(f"prompt token ids must be in [0, {vocab})")
+        if any(not 0 <= t < vocab for t, _ in params.logit_bias):
+            raise RequestError(f"logit_bias token ids must be in [0, {vocab})")
         room = self.context_length - len(ids)
         if room < 1:
             raise RequestError(
@@ -242,6 +267,20 @@ class LLMEngine:
                 f"max_tokens ({params.max_tokens}) + prompt tokens ({len(ids)}) exceeds the "
                 f"context length ({self.context_length})"
             )
+        if params.grammar is not None:
+            self._grammar(params)
+
+    def _grammar(self, params: SamplingParams) -> GrammarBackend:
+        """The backend, once the request's grammar is known to compile (RequestError if not)."""
+        if self.grammar is None:
+            raise RequestError("structured output is off on this server (--grammar-backend none)")
+        if params.ignore_eos:
+            raise RequestError("ignore_eos cannot be combined with structured output")
+        try:
+            self.grammar.compile(params.grammar)
+        except GrammarError as e:
+            raise RequestError(str(e)) from None
+        return self.grammar
 
     def abort(self, request_id: str) -> None:
         stream = self.streams.pop(request_id, None)
@@ -269,7 +308,8 @@ class LLMEngine:
         )
         t_fwd = time.perf_counter() - t_fwd
         finishing = [s for s in scheduled if s.reaches_end]
-        new_tokens = self._verify(finishing, drafts, result.logits, result.logits_counts, scheduled)
+        rows_of = self._split_logits(scheduled, drafts, result.logits, result.logits_counts)
+        new_tokens = self._verify(finishing, drafts, rows_of, result.logits)
         outputs = self._commit(scheduled, drafts, new_tokens, result.captured)
         finished = [s.request for s in scheduled if s.request.finished]
         step_s = time.perf_counter() - t0
@@ -352,23 +392,65 @@ class LLMEngine:
         if draft is not None:
             tokens = tokens + draft.tokens
         logits_from = s.num_new_tokens - 1 if s.reaches_end else len(tokens)
+        if self._scores_prompt(req):
+            logits_from = 0
         return BatchSeq(tokens, start, req.block_table, logits_from)
+
+    def _scores_prompt(self, req: Request) -> bool:
+        """This request wants prompt logprobs and some prompt tokens are not scored yet."""
+        stream = self.streams[req.request_id]
+        return (
+            stream.prompt_logprobs is not None
+            and len(stream.prompt_logprobs) < req.num_prompt_tokens
+        )
+
+    def _split_logits(
+        self,
+        scheduled: list[ScheduledRequest],
+        drafts: dict[str, DraftProposal],
+        logits: torch.Tensor,
+        counts: list[int],
+    ) -> dict[str, torch.Tensor]:
+        """The rows each finishing request verifies (its last draft + 1 rows); rows before them
+        score prompt tokens for requests that asked for prompt logprobs."""
+        rows_of: dict[str, torch.Tensor] = {}
+        row = 0
+        for s, c in zip(scheduled, counts, strict=True):
+            req, rows = s.request, logits[row : row + c]
+            row += c
+            if self._scores_prompt(req):
+                with _blame(req):
+                    self._score_prompt(req, req.num_computed_tokens, rows)
+            if s.reaches_end:
+                n_verify = 1 + len(drafts.get(req.request_id, DraftProposal([])).tokens)
+                rows_of[req.request_id] = rows[c - n_verify :]
+        return rows_of
+
+    def _score_prompt(self, req: Request, start: int, rows: torch.Tensor) -> None:
+        """rows[j] holds the logits after token start + j: they score prompt token start + j + 1.
+        A chunk recomputed after preemption is not scored twice."""
+        entries, k = self.streams[req.request_id].prompt_logprobs, req.params.prompt_logprobs
+        assert entries is not None and k is not None  # checked by _scores_prompt
+        first = len(entries)  # the next prompt token without an entry
+        end = min(start + rows.shape[0] + 1, req.num_prompt_tokens)
+        if end <= first:
+            return
+        ids = req.prompt_token_ids
+        scored = top_logprobs(
+            rows[first - 1 - start : end - 1 - start],
+            torch.tensor(ids[first:end], device=rows.device),
+            k,
+        )
+        entries.extend((t, lp, top) for t, (lp, top) in zip(ids[first:end], scored, strict=True))
 
     def _verify(
         self,
         finishing: list[ScheduledRequest],
         drafts: dict[str, DraftProposal],
+        rows_of: dict[str, torch.Tensor],
         logits: torch.Tensor,
-        counts: list[int],
-        scheduled: list[ScheduledRequest],
     ) -> dict[str, tuple[list[int], list]]:
         """Tokens to append per finishing request (accepted drafts + one from the target)."""
-        rows_of: dict[str, torch.Tensor] = {}
-        row = 0
-        for s, c in zip(scheduled, counts, strict=True):
-            if c:
-                rows_of[s.request.request_id] = logits[row : row + c]
-            row += c
         out: dict[str, tuple[list[int], list]] = {}
         for greedy in (True, False):
             group = [s.request for s in finishing if s.request.params.greedy == greedy]
@@ -389,6 +471,13 @@ class LLMEngine:
                     if r.params.has_penalties:  # row j follows the drafts before it
                         hist = [r.output_token_ids + p.tokens[:j] for j in range(n)]
                         rows = apply_penalties(rows, [r.params] * n, [r.prompt_token_ids] * n, hist)
+                    if r.params.logit_bias:  # the target distribution at every verified position
+                        rows = apply_logit_bias(rows, r.params.logit_bias)
+                    matcher = self.streams[r.request_id].matcher
+                    if matcher is not None:  # the grammar masks every verified position
+                        allowed, keep = matcher.masks_along(p.tokens)
+                        lens[i], n = keep, keep + 1
+                        rows = rows[:n].masked_fill(~allowed.to(rows.device), float("-inf"))
                     probs[i, :n] = rows if greedy else probs_from_logits(rows, [r.params] * n)
             if greedy:
                 tokens, num = greedy_verify(draft_tokens, lens, probs.argmax(dim=-1))
@@ -460,6 +549,8 @@ class LLMEngine:
             req.output_token_ids.append(tok)
             self.stats.generation_tokens += 1
             stream.pending_tokens.append(tok)
+            if stream.matcher is not None:
+                stream.matcher.advance([tok])
             if i < len(logprobs):
                 stream.pending_logprobs.append((tok, *logprobs[i]))
             if tok in req.eos_token_ids or tok in p.stop_token_ids:
@@ -509,8 +600,10 @@ class LLMEngine:
             cached_tokens=req.num_cached_tokens,
             logprobs=stream.pending_logprobs,
             meta_info=_meta_info(req),
+            prompt_logprobs=stream.prompt_logprobs,
         )
         stream.pending_tokens, stream.pending_logprobs = [], []
+        stream.prompt_logprobs = None  # sent once, with the first output
         return out
 
 

@@ -39,6 +39,13 @@ def apply_penalties(
     return logits
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """logits [M, V] of one request + its OpenAI logit_bias on every row (a new tensor)."""
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.long, device=logits.device)
+    add = torch.tensor([b for _, b in bias], dtype=logits.dtype, device=logits.device)
+    return logits.index_add(1, ids, add.expand(logits.shape[0], -1))
+
+
 def probs_from_logits(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
     """logits [M, V] (penalised) -> probabilities [M, V] after temperature, min-p, top-k, top-p.
     Greedy rows become one-hot on the argmax."""

@@ -50,23 +50,37 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> str:
         if not self.chat_template:
             raise ChatTemplateError(
                 "this model's tokenizer has no chat template; use /v1/completions instead"
             )
+        if any("tool_calls" in m for m in messages) and "tool_calls" not in self.chat_template:
+            raise ChatTemplateError("this model's chat template does not render tool_calls")
+        if tools and "tools" not in self.chat_template:
+            raise ChatTemplateError("this model's chat template does not render tools")
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise
+        env.filters["tojson"] = _tojson
         try:
             return env.from_string(self.chat_template).render(
                 messages=messages,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",
+                tools=tools,
             )
         except jinja2.TemplateError as e:
             raise ChatTemplateError(f"chat template failed: {e}") from None
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, **kw: Any) -> str:
+    """`tojson` as `transformers` defines it for chat templates (no HTML escaping)."""
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, **kw)
 
 
 def _token_text(tok: Any) -> str | None:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible HTTP server (FastAPI): completions, chat, models, health, metrics.
+"""The OpenAI-compatible HTTP server (FastAPI): completions, chat, models, health, metrics, and
+SGLang's / vLLM's native routes (`native_routes.py`).
 
 Every request gets an id (`X-Request-Id`) and passes the `--api-key` check in middleware. Bad
 input is a 400 with an OpenAI error body, a full queue a 429 with `Retry-After`, an internal error
@@ -46,8 +47,10 @@ from specserve.server.protocol import (
     CompletionRequest,
     CompletionResponse,
     ErrorResponse,
+    ModelCard,
     ModelList,
     error_body,
+    tool_plan,
 )
 
 log = logging.getLogger("specserve.server")
@@ -63,6 +66,7 @@ class ServerConfig:
     max_logprobs: int = 20  # --max-logprobs (vLLM's default)
     queue_timeout: float | None = None  # --queue-timeout: seconds to the first output
     disable_docs: bool = False  # --disable-fastapi-docs: no /docs, /redoc, /openapi.json
+    tool_call_parser: str | None = None  # --tool-call-parser hermes | qwen25
 
 
 class APIError(Exception):
@@ -98,7 +102,11 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
     _add_error_handlers(app, metrics)
     app.include_router(_info_router(app, config, metrics))
-    app.include_router(_Generation(app, config, metrics).router())
+    generation = _Generation(app, config, metrics)
+    app.include_router(generation.router())
+    from specserve.server.native_routes import native_router  # it imports this module
+
+    app.include_router(native_router(generation))
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 
@@ -200,6 +208,7 @@ def _info_router(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> 
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @router.get("/get_server_info")
+    @router.get("/server_info")  # SGLang's newer name
     async def server_info() -> dict[str, Any]:
         e, snap = engine.engine, engine.snapshot  # only the engine's frozen config is read
         return {
@@ -227,25 +236,42 @@ def _info_router(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> 
             ],
         }
 
+    card = {
+        "id": config.served_model_name,
+        "object": "model",
+        "created": created,
+        "owned_by": "specserve",
+        "root": engine.engine.config.model_path,
+        "max_model_len": engine.engine.context_length,
+    }
+
     @router.get("/v1/models", responses={200: {"model": ModelList}, **_errors(401)})
     async def models() -> dict[str, Any]:
-        card = {
-            "id": config.served_model_name,
-            "object": "model",
-            "created": created,
-            "owned_by": "specserve",
-            "root": engine.engine.config.model_path,
-            "max_model_len": engine.engine.context_length,
-        }
         return {"object": "list", "data": [card]}
+
+    @router.get("/v1/models/{model_id:path}", responses={200: {"model": ModelCard}, **_errors(404)})
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model(config, model_id)
+        return card
 
     return router
 
 
+def check_model(config: ServerConfig, name: str | None) -> None:
+    served = config.served_model_name
+    if name and name != served:
+        raise APIError(
+            404,
+            f"the model {name!r} does not exist; this server serves {served!r}",
+            param="model",
+            code="model_not_found",
+        )
+
+
 # -- completions and chat ----------------------------------------------------------------------
 class _Generation:
-    """The two generation routes and what they share: checks, tokenising, submission, and the
-    streamed or collected response."""
+    """The two generation routes and what they share (with the native routes): checks,
+    tokenising, submission, and the streamed or collected response."""
 
     def __init__(self, app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> None:
         self.app, self.config, self.metrics = app, config, metrics
@@ -268,35 +294,57 @@ class _Generation:
         return r
 
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
-        if body.echo:
-            raise APIError(400, "echo is not supported", param="echo")
-        if body.best_of is not None and body.best_of != body.n:
-            raise APIError(400, "best_of other than n is not supported", param="best_of")
-        params = self._params(body, body.max_tokens, body.logprobs, "logprobs")
+        check_model(self.config, body.model)
+        scoring_only = body.max_tokens == 0
+        if scoring_only and not body.echo:
+            raise APIError(400, "max_tokens=0 needs echo=true (scoring)", param="max_tokens")
+        max_tokens = 1 if scoring_only else body.max_tokens
+        params = self._params(body, max_tokens, body.logprobs, "logprobs")
+        if body.echo:  # scoring: prefill only, the drafter never runs on the prompt
+            params = replace(params, prompt_logprobs=body.logprobs)
+        prompts = body.prompts()
+        tok = self.engine.engine.tokenizer
+        texts = await asyncio.to_thread(
+            lambda: [
+                p if isinstance(p, str) else tok.decode(p, skip_special_tokens=False)
+                for p in prompts
+            ]
+        )
         fmt = CompletionFormat(
             f"cmpl-{uuid.uuid4().hex}",
             self.config.served_model_name,
             int(time.time()),
-            self.engine.engine.tokenizer,
+            tok,
+            texts,
+            echo=body.echo,
+            scoring_only=scoring_only,
         )
-        return await self._generate(request, body, body.prompts(), params, fmt)
+        return await self._generate(request, body, prompts, params, fmt)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
-        self._check_model(body.model)
+        check_model(self.config, body.model)
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs requires logprobs=true", param="top_logprobs")
+        try:
+            tools = tool_plan(body, self.config.tool_call_parser)
+        except ValueError as e:
+            raise APIError(400, str(e), param="tool_choice") from None
         max_tokens = body.max_tokens
         if body.max_completion_tokens is not None:
             max_tokens = body.max_completion_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = self._params(body, max_tokens, logprobs, "top_logprobs")
+        if tools.grammar is not None:
+            if params.grammar is not None:
+                raise APIError(400, "a forced tool call excludes response_format", param="tools")
+            params = replace(params, grammar=tools.grammar)
         try:
-            messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+            messages = [m.template_dict() for m in body.messages]
             prompt = await asyncio.to_thread(
                 self.engine.engine.tokenizer.apply_chat_template,
                 messages,
                 body.add_generation_prompt,
+                tools.render,
             )
         except (ChatTemplateError, ValueError) as e:
             raise APIError(400, str(e), param="messages") from None
@@ -305,18 +353,10 @@ class _Generation:
             self.config.served_model_name,
             int(time.time()),
             self.engine.engine.tokenizer,
+            parse_tools=tools.parse,
+            single_call=tools.single,
         )
         return await self._generate(request, body, [prompt], params, fmt)
-
-    def _check_model(self, name: str | None) -> None:
-        served = self.config.served_model_name
-        if name and name != served:
-            raise APIError(
-                404,
-                f"the model {name!r} does not exist; this server serves {served!r}",
-                param="model",
-                code="model_not_found",
-            )
 
     def _params(
         self, body: Any, max_tokens: int | None, logprobs: int | None, logprobs_field: str
@@ -330,6 +370,18 @@ class _Generation:
         except SamplingParamsError as e:
             raise APIError(400, str(e)) from None
 
+    def check_admission(self, total: int) -> None:
+        """503 while draining; 400 for a request larger than the whole queue."""
+        if self.app.state.draining:
+            raise APIError(503, "the server is shutting down", type_="server_error")
+        if total > self.engine.max_queued:
+            raise APIError(
+                400,
+                f"this request asks for {total} completions (n × prompts); at most "
+                f"{self.engine.max_queued} (--max-queued-requests)",
+                param="n",
+            )
+
     async def _generate(
         self,
         request: Request,
@@ -338,25 +390,19 @@ class _Generation:
         params: SamplingParams,
         fmt: Format,
     ) -> Response:
-        if self.app.state.draining:
-            raise APIError(503, "the server is shutting down", type_="server_error")
-        total = len(prompts) * params.n
-        if total > self.engine.max_queued:
-            raise APIError(
-                400,
-                f"this request asks for {total} completions (n × prompts); at most "
-                f"{self.engine.max_queued} (--max-queued-requests)",
-                param="n",
-            )
-        ids = await asyncio.to_thread(self._tokenize, prompts, params)
-        runs = self._submit(ids, params, fmt.meta["id"], request_id(request.scope))
+        self.check_admission(len(prompts) * params.n)
+        ids = await asyncio.to_thread(self.tokenize, prompts, params)
+        runs = self.submit(ids, params, fmt.meta["id"], request_id(request.scope))
         if body.stream:
-            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            opts = body.stream_options
+            include_usage = bool(opts and opts.include_usage)
+            fmt.continuous_usage = bool(opts and opts.continuous_usage_stats)
             stream = self._stream(runs, fmt, include_usage, request_id(request.scope))
             return _EventStream(stream, lambda: _close(runs))
-        return await self._collect(request, runs, fmt)
+        results = await self.collect(request, runs)
+        return Response(status_code=499) if results is None else JSONResponse(fmt.full(results))
 
-    def _tokenize(self, prompts: list[str | list[int]], params: SamplingParams) -> list[list[int]]:
+    def tokenize(self, prompts: list[str | list[int]], params: SamplingParams) -> list[list[int]]:
         """Runs in a worker thread: tokenising a long prompt stalls neither loop."""
         engine = self.engine.engine
         out = []
@@ -369,7 +415,7 @@ class _Generation:
             out.append(ids)
         return out
 
-    def _submit(
+    def submit(
         self, prompts: list[list[int]], params: SamplingParams, rid: str, http_id: str
     ) -> list[_Run]:
         """Every (prompt, choice) as one engine request, all admitted or none."""
@@ -384,7 +430,8 @@ class _Generation:
             raise _engine_error(e, http_id) from None
         return [_Run(s, i, pairs[i][0], self.metrics) for i, s in enumerate(streams)]
 
-    async def _collect(self, request: Request, runs: list[_Run], fmt: Format) -> Response:
+    async def collect(self, request: Request, runs: list[_Run]) -> list[Result] | None:
+        """Every run's result; None if the client went away (the runs are aborted)."""
         watcher = _DisconnectWatch(request, runs)
         try:
             results = [await r.collect() for r in runs]
@@ -393,9 +440,7 @@ class _Generation:
         finally:
             await watcher.stop()
             _close(runs)
-        if watcher.disconnected:
-            return Response(status_code=499)
-        return JSONResponse(fmt.full(results))
+        return None if watcher.disconnected else results
 
     async def _stream(
         self, runs: list[_Run], fmt: Format, include_usage: bool, http_id: str
@@ -415,17 +460,19 @@ class _Generation:
         pending = len(runs)
         try:
             for chunk in fmt.first_chunks(len(runs)):
-                yield _sse(chunk)
+                yield sse(chunk)
             while pending:
                 run, item = await queue.get()
                 if item is None:
                     pending -= 1
                 elif isinstance(item, Exception):
-                    yield _sse(_engine_error(item, http_id).body())
-                elif (piece := fmt.chunk(run.index, item)) is not None:
-                    yield _sse(piece)
+                    yield sse(_engine_error(item, http_id).body())
+                elif (piece := fmt.chunk(run.index, item, run.result.prompt_index)) is not None:
+                    if fmt.continuous_usage:
+                        piece["usage"] = fmt.running_usage(item)
+                    yield sse(piece)
             if include_usage:
-                yield _sse(fmt.usage_chunk([r.result for r in runs]))
+                yield sse(fmt.usage_chunk([r.result for r in runs]))
             yield "data: [DONE]\n\n"
         finally:  # normal end, or the client went away: stop the pumps before closing
             for t in tasks:
@@ -434,7 +481,7 @@ class _Generation:
             _close(runs)
 
 
-def _sse(obj: dict) -> str:
+def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
@@ -477,6 +524,8 @@ class _Run:
         r.logprobs.extend(out.logprobs)
         r.prompt_tokens, r.completion_tokens = out.prompt_tokens, out.completion_tokens
         r.cached_tokens, r.meta_info = out.cached_tokens, out.meta_info
+        if out.prompt_logprobs is not None:
+            r.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             r.finish_reason, r.stop_reason = out.finish_reason, out.stop_reason
             metrics.e2e.labels(name).observe(now - self.start)

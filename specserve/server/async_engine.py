@@ -1,6 +1,6 @@
 """Runs the engine loop on its own thread and hands each request's outputs to asyncio.
 
-The engine is only ever touched from that thread: the server sends it commands (add, abort)
+The engine is only ever touched from that thread: the server sends it commands (add, abort, call)
 through a queue, receives `RequestOutput`s on a per-request `RequestStream`, and reads the engine's
 state only from the `EngineSnapshot` the thread publishes after every iteration. A failure inside
 a step fails the request it belongs to (or, when it cannot be narrowed, the requests of that step),
@@ -142,6 +142,26 @@ class _Abort:
     error: Exception | None = None  # delivered to the stream instead of a plain end
 
 
+@dataclass
+class _Call:
+    fn: Callable[[], Any]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+    def settle(self, result: Any, error: BaseException | None) -> None:
+        """From the engine thread: resolve the future unless its caller has gone."""
+
+        def resolve() -> None:
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        self.loop.call_soon_threadsafe(resolve)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, on_death: Callable[[str], None] | None = None) -> None:
         self.engine, self.on_death = engine, on_death
@@ -198,6 +218,17 @@ class AsyncEngine:
         """Abort every open request; their streams raise `error` (used at shutdown)."""
         self._commands.put(_Abort(None, error))
 
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn() on the engine thread between two steps and return its result (or raise its
+        exception); for the few routes that must act on the engine itself (/flush_cache)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        with self._lock:
+            if not self.snapshot.alive or self._stop.is_set():
+                raise EngineDeadError(f"the engine loop is not running: {self.snapshot.error}")
+            self._commands.put(_Call(fn, future, loop))
+        return await future
+
     # -- engine thread -------------------------------------------------------------------
     def _run(self) -> None:
         try:
@@ -223,14 +254,24 @@ class AsyncEngine:
             self._step()
         self._publish()
 
-    def _handle(self, cmd: _Add | _Abort | None) -> None:
+    def _handle(self, cmd: _Add | _Abort | _Call | None) -> None:
         if isinstance(cmd, _Add):
             self._add(cmd)
+        elif isinstance(cmd, _Call):
+            self._call(cmd)
         elif isinstance(cmd, _Abort):
             ids = list(self._sinks) if cmd.request_id is None else [cmd.request_id]
             for rid in ids:
                 self._end(rid, _ABORTED if cmd.error is None else cmd.error)
                 self.engine.abort(rid)
+
+    def _call(self, cmd: _Call) -> None:
+        try:
+            result = cmd.fn()
+        except Exception as e:
+            cmd.settle(None, e)
+        else:
+            cmd.settle(result, None)
 
     def _add(self, cmd: _Add) -> None:
         rid = cmd.stream.request_id
@@ -306,5 +347,7 @@ class AsyncEngine:
                 break
             if isinstance(cmd, _Add):
                 cmd.loop.call_soon_threadsafe(cmd.stream.items.put_nowait, error)
+            elif isinstance(cmd, _Call):
+                cmd.settle(None, error)
         if self.on_death is not None:
             self.on_death(reason)

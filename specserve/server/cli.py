@@ -108,6 +108,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="torch CPU threads (default: physical cores; see README on shared hosts)",
     )
     p.add_argument(
+        "--grammar-backend",
+        default="llguidance",
+        choices=["llguidance", "none"],
+        help="structured output (response_format, json_schema, regex, ebnf, guided_*)",
+    )
+    p.add_argument(
+        "--tool-call-parser",
+        default=None,
+        choices=["hermes", "qwen25"],
+        help="read <tool_call>{json}</tool_call> in chat output as tool_calls (tool_choice auto)",
+    )
+    p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     _add_parallel_args(p)
@@ -215,6 +227,7 @@ def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, str]:
             scheduler=sched,
             attention_backend=args.attention_backend,
             num_threads=physical_cores() if args.num_threads is None else args.num_threads,
+            grammar_backend=args.grammar_backend,
         )
         ranks = _rank_spec(args, cache)
         from specserve.models.qwen3_moe import is_mxfp4_checkpoint
@@ -322,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         args.max_logprobs,
         args.queue_timeout,
         args.disable_fastapi_docs,
+        tool_call_parser=args.tool_call_parser,
     )
     app = create_app(async_engine, config)
     try:

@@ -12,9 +12,13 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from specserve.engine.engine import EngineStats
 from specserve.server.async_engine import EngineSnapshot
 
 PREFIX = "specserve:"
+# `vllm bench serve` prints its speculative-decoding section only from `vllm:spec_decode_*`
+# lines, so those four counters are also exported under vLLM's prefix (same names and labels).
+VLLM_SPEC_PREFIX = "vllm:"
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -49,8 +53,10 @@ class EngineCollector:
         g.add_metric(list(self.labels.values()), value)
         return g
 
-    def _counter(self, name: str, doc: str, value: float) -> CounterMetricFamily:
-        c = CounterMetricFamily(PREFIX + name, doc, labels=list(self.labels))
+    def _counter(
+        self, name: str, doc: str, value: float, prefix: str = PREFIX
+    ) -> CounterMetricFamily:
+        c = CounterMetricFamily(prefix + name, doc, labels=list(self.labels))
         c.add_metric(list(self.labels.values()), value)
         return c
 
@@ -85,21 +91,8 @@ class EngineCollector:
             "Engine steps that failed (their requests failed).",
             snap.num_step_errors,
         )
-        yield self._counter("spec_decode_num_drafts", "Draft blocks verified.", st.num_drafts)
-        yield self._counter(
-            "spec_decode_num_draft_tokens", "Draft tokens verified.", st.num_draft_tokens
-        )
-        yield self._counter(
-            "spec_decode_num_accepted_tokens", "Draft tokens accepted.", st.num_accepted_tokens
-        )
-        per_pos = CounterMetricFamily(
-            PREFIX + "spec_decode_num_accepted_tokens_per_pos",
-            "Accepted draft tokens by position in the block.",
-            labels=[*self.labels, "position"],
-        )
-        for pos, n in enumerate(st.accepted_per_position):
-            per_pos.add_metric([*self.labels.values(), str(pos)], n)
-        yield per_pos
+        for prefix in (PREFIX, VLLM_SPEC_PREFIX):
+            yield from self._spec_counters(st, prefix)
         yield self._gauge(
             "spec_decode_accept_length",
             "Mean committed tokens per verify pass (bonus included).",
@@ -111,6 +104,28 @@ class EngineCollector:
             "Mean draft tokens the verify planner sent to the target.",
             mean_verify,
         )
+
+    def _spec_counters(self, st: EngineStats, prefix: str) -> Iterator[Metric]:
+        yield self._counter(
+            "spec_decode_num_drafts", "Draft blocks verified.", st.num_drafts, prefix
+        )
+        yield self._counter(
+            "spec_decode_num_draft_tokens", "Draft tokens verified.", st.num_draft_tokens, prefix
+        )
+        yield self._counter(
+            "spec_decode_num_accepted_tokens",
+            "Draft tokens accepted.",
+            st.num_accepted_tokens,
+            prefix,
+        )
+        per_pos = CounterMetricFamily(
+            prefix + "spec_decode_num_accepted_tokens_per_pos",
+            "Accepted draft tokens by position in the block.",
+            labels=[*self.labels, "position"],
+        )
+        for pos, n in enumerate(st.accepted_per_position):
+            per_pos.add_metric([*self.labels.values(), str(pos)], n)
+        yield per_pos
 
 
 class ServerMetrics:

@@ -27,6 +27,16 @@ def test_counters_any_prefix_summed_over_labels():
     assert spec_counters("up 1\n") is None
 
 
+def test_counters_of_one_prefix_when_a_server_exports_two():
+    """specserve exports its spec_decode counters as `specserve:` and again as `vllm:`: the
+    totals are those of one prefix, not their sum, and `specserve:` wins where they differ."""
+    ours = PAGE.replace("vllm:", "specserve:")
+    assert spec_counters(ours + PAGE) == spec_counters(PAGE)
+    doubled = PAGE.replace("} 10.0", "} 99.0")  # a vllm: series that disagrees
+    c = spec_counters(doubled + ours)
+    assert (c.drafts, c.accepted, c.accepted_per_pos[1]) == (20.0, 30.0, 10.0)
+
+
 def test_accept_length_from_deltas():
     before = SpecCounters(drafts=10, accepted=5, draft_tokens=30, accepted_per_pos={0: 4, 1: 1})
     after = SpecCounters(

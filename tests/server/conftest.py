@@ -8,10 +8,11 @@ import httpx
 import pytest
 import uvicorn
 
-from specserve.config import CacheConfig, EngineConfig, SchedulerConfig
+from specserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 from specserve.engine.engine import LLMEngine
 from specserve.server.api import ServerConfig, create_app
 from specserve.server.async_engine import AsyncEngine
+from specserve.speculative.factory import build_speculation
 
 
 class RunningServer:
@@ -21,6 +22,8 @@ class RunningServer:
         api_key: str | None = None,
         scheduler: SchedulerConfig | None = None,
         server: ServerConfig | None = None,
+        spec: SpecConfig | None = None,
+        tool_call_parser: str | None = "hermes",
         **cache,
     ) -> None:
         config = EngineConfig(
@@ -28,9 +31,16 @@ class RunningServer:
             cache=CacheConfig(**cache),
             scheduler=scheduler or SchedulerConfig(),
         )
-        self.engine = AsyncEngine(LLMEngine(config))
+        llm_engine = LLMEngine(config)
+        if spec is not None:
+            llm_engine.set_speculation(*build_speculation(spec, llm_engine))
+        self.engine = AsyncEngine(llm_engine)
         self.engine.start()
-        self.app = create_app(self.engine, server or ServerConfig("tiny", api_key))
+        algorithm = spec.algorithm if spec else "NONE"
+        self.app = create_app(
+            self.engine,
+            server or ServerConfig("tiny", api_key, algorithm, tool_call_parser=tool_call_parser),
+        )
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -91,6 +101,21 @@ def client(server):
 @pytest.fixture
 def start_server():
     """Factory for extra servers in one test; all are stopped at the end."""
+    started: list[RunningServer] = []
+
+    def start(model_path: str, **kwargs) -> RunningServer:
+        s = RunningServer(model_path, **kwargs)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def start_module_server():
+    """Like start_server, for servers shared by the tests of one module."""
     started: list[RunningServer] = []
 
     def start(model_path: str, **kwargs) -> RunningServer:

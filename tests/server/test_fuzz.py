@@ -41,8 +41,26 @@ _SAMPLING = {
     "stop_token_ids": st.one_of(st.lists(st.integers(-5, 600), max_size=3), _WEIRD),
     "ignore_eos": st.one_of(st.booleans(), _WEIRD),
     "stream": st.booleans(),
-    "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": st.booleans()}), _WEIRD),
+    "stream_options": st.one_of(
+        st.fixed_dictionaries(
+            {"include_usage": st.booleans()}, optional={"continuous_usage_stats": st.booleans()}
+        ),
+        _WEIRD,
+    ),
     "model": st.one_of(st.just("tiny"), st.text(max_size=4), _WEIRD),
+    # issue 18's parameters
+    "logit_bias": st.one_of(
+        st.dictionaries(st.text(max_size=4), _num(-200, 200), max_size=2), _WEIRD
+    ),
+    "response_format": st.one_of(
+        st.fixed_dictionaries(
+            {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"])},
+            optional={"json_schema": st.one_of(st.just({"schema": {"type": "object"}}), _WEIRD)},
+        ),
+        _WEIRD,
+    ),
+    "regex": st.one_of(st.sampled_from(["[ab]+", "a((", "", ".*"]), _WEIRD),
+    "guided_choice": st.one_of(st.lists(st.text(max_size=3), max_size=2), _WEIRD),
 }
 _PROMPT = st.one_of(
     st.text(max_size=30),
@@ -78,6 +96,10 @@ _CHAT = st.fixed_dictionaries(
         "logprobs": st.one_of(st.booleans(), _WEIRD),
         "top_logprobs": st.one_of(st.integers(-1, 25), _WEIRD),
         "add_generation_prompt": st.one_of(st.booleans(), _WEIRD),
+        "tool_choice": st.one_of(st.sampled_from(["none", "auto", "required"]), _WEIRD),
+        "tools": st.one_of(
+            st.just([{"type": "function", "function": {"name": "f", "parameters": {}}}]), _WEIRD
+        ),
     },
 )
 # in range everywhere, edges included: what a valid request may look like

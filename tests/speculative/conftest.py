@@ -58,6 +58,12 @@ def bundle(tmp_path_factory) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="session")
+def peaked(tmp_path_factory):
+    """A target whose temperature-1 distributions are peaked enough for a chi-squared test."""
+    return make_checkpoint(tmp_path_factory.mktemp("peaked") / "t", seed=0, init_std=1.0)
+
+
 def _bigram_boost(model, sequences: list[list[int]], scale: float = 8.0) -> None:
     """Make the Markov head propose the most frequent successor of each token in `sequences`
     (the target's own outputs), so the DSpark drafter is accepted often and tests cover both

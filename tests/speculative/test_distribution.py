@@ -13,7 +13,6 @@ import specserve.engine.engine as engine_mod
 from specserve.config import SpecConfig
 from specserve.core import SamplingParams
 from specserve.llm import LLM
-from specserve.models.tiny import make_checkpoint
 from specserve.speculative.checkpoint import load_drafter, save_drafter
 from specserve.speculative.factory import build_speculation
 from specserve.speculative.gate import DraftGate
@@ -24,8 +23,10 @@ N = 200
 PROMPT = [5, 6, 7, 8, 9, 10, 5, 6, 7]
 
 
-def _samples(llm, seed0: int) -> list[tuple[int, int]]:
-    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=seed0 + i) for i in range(N)]
+def _samples(llm, seed0: int, **extra) -> list[tuple[int, int]]:
+    params = [
+        SamplingParams(max_tokens=3, temperature=1.0, seed=seed0 + i, **extra) for i in range(N)
+    ]
     outs = llm.generate([PROMPT] * N, params)
     # tokens 2 and 3 come from verify passes (token 1 from the prefill)
     return [tuple(o.outputs[0].token_ids[1:3]) for o in outs]
@@ -41,12 +42,6 @@ def _p_value(a: list, b: list) -> float:
         rows[0].append(rest[0])
         rows[1].append(rest[1])
     return float(chi2_contingency(rows).pvalue)
-
-
-@pytest.fixture(scope="module")
-def peaked(tmp_path_factory):
-    """A target whose temperature-1 distributions are peaked enough for a chi-squared test."""
-    return make_checkpoint(tmp_path_factory.mktemp("peaked") / "t", seed=0, init_std=1.0)
 
 
 def _llm(bundle, peaked, algorithm="NONE", policy=None):
