@@ -18,11 +18,12 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import httpx
 import yaml
 
 from specserve.bench.datasets import domains_in_turn
 
-BUNDLE = Path(__file__).resolve().parent.parent / "models" / "demo"
+BUNDLE = Path("models/demo")  # from the repository root, where `make demo` runs; or --bundle
 
 LONG_PROMPTS = "prompts_long.jsonl"  # whole held-out files (code and prose), one per prompt
 
@@ -160,18 +161,18 @@ def compare_config(bundle: Path, workloads: list[dict], notes: list[str] = ()) -
     }
 
 
-def run_bundle(out: Path) -> int:
+def run_bundle(bundle: Path, out: Path) -> int:
     from specserve.bench.compare import run_compare
 
     out.mkdir(parents=True, exist_ok=True)
     cfg_path = out / "compare.yaml"
-    workloads, notes = plan_workloads(BUNDLE, out)
+    workloads, notes = plan_workloads(bundle, out)
     for note in notes:
         print(f"note: {note}", flush=True)
     if not workloads:
         print("no workload fits this bundle; nothing to compare", file=sys.stderr)
         return 1
-    config = compare_config(BUNDLE, workloads, notes)
+    config = compare_config(bundle, workloads, notes)
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"bench compare --config {cfg_path} --out {out}", flush=True)
     code = run_compare(cfg_path, out)
@@ -181,85 +182,55 @@ def run_bundle(out: Path) -> int:
     return code
 
 
-def run_fallback() -> int:
+def run_fallback(bundle: Path) -> int:
     """No bundle yet: serve a small random model and show a few requests end to end."""
-    import socket
-    import subprocess
-
-    import httpx
-
+    from specserve.bench.compare import CompareError, ServerProcess, free_port
     from specserve.models.tiny import make_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp) / "tiny-random")
-        print(f"no demo bundle in {BUNDLE}; serving a random tiny model from {path}")
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        cmd = [
-            sys.executable,
-            "-m",
-            "specserve",
-            "serve",
-            "--model-path",
-            str(path),
-            "--port",
-            str(port),
-            "--max-total-tokens",
-            "8192",
-            "--log-level",
-            "warning",
-        ]
-        proc = subprocess.Popen(cmd)
+        print(f"no demo bundle in {bundle}; serving a random tiny model from {path}")
+        port = free_port()
+        argv = [sys.executable, "-m", "specserve", "serve", "--model-path", str(path)]
+        argv += ["--port", str(port), "--max-total-tokens", "8192", "--log-level", "warning"]
+        server = ServerProcess(argv, Path(tmp) / "server.log", f"http://127.0.0.1:{port}")
+        server.start()
         try:
-            with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as c:
-                deadline = time.time() + 120
-                while True:
-                    try:
-                        if c.get("/health").status_code == 200:
-                            break
-                    except httpx.TransportError:
-                        pass
-                    if proc.poll() is not None or time.time() > deadline:
-                        print("the server did not start", file=sys.stderr)
-                        return 1
-                    time.sleep(0.2)
-                t = time.perf_counter()
-                r = c.post(
-                    "/v1/completions",
-                    json={
-                        "prompt": "def fib(n):",
-                        "max_tokens": 32,
-                        "temperature": 0,
-                        "ignore_eos": True,
-                    },
-                )
-                print(
-                    "completion:",
-                    json.dumps(r.json()["choices"][0]["text"]),
-                    f"({time.perf_counter() - t:.2f}s)",
-                )
-                r = c.post(
-                    "/v1/chat/completions",
-                    json={"messages": [{"role": "user", "content": "hello"}], "max_tokens": 16},
-                )
-                print("chat:", json.dumps(r.json()["choices"][0]["message"]["content"]))
-                print("usage:", r.json()["usage"])
-                info = c.get("/get_server_info").json()
-                print("server info:", {k: info[k] for k in ("context_length", "page_size")})
+            server.wait_healthy(120)
+            with httpx.Client(base_url=server.base_url, timeout=60) as c:
+                _show_requests(c)
+        except CompareError as e:
+            print(f"the server did not start: {e}", file=sys.stderr)
+            return 1
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            server.stop(30)
     return 0
+
+
+def _show_requests(c: httpx.Client) -> None:
+    t = time.perf_counter()
+    body = {"prompt": "def fib(n):", "max_tokens": 32, "temperature": 0, "ignore_eos": True}
+    r = c.post("/v1/completions", json=body)
+    text = json.dumps(r.json()["choices"][0]["text"])
+    print("completion:", text, f"({time.perf_counter() - t:.2f}s)")
+    chat = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 16}
+    r = c.post("/v1/chat/completions", json=chat)
+    print("chat:", json.dumps(r.json()["choices"][0]["message"]["content"]))
+    print("usage:", r.json()["usage"])
+    info = c.get("/get_server_info").json()
+    print("server info:", {k: info[k] for k in ("context_length", "page_size")})
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m specserve.demo")
     ap.add_argument("--out", default="runs/demo", help="where report.md, results and plots go")
+    ap.add_argument(
+        "--bundle", type=Path, default=BUNDLE, help="the demo bundle folder (default: %(default)s)"
+    )
     args = ap.parse_args(argv)
-    if (BUNDLE / "target" / "config.json").is_file():
-        return run_bundle(Path(args.out))
-    return run_fallback()
+    if (args.bundle / "target" / "config.json").is_file():
+        return run_bundle(args.bundle, Path(args.out))
+    return run_fallback(args.bundle)
 
 
 if __name__ == "__main__":

@@ -172,17 +172,17 @@ class AsyncEngine:
         self._sinks: dict[str, tuple[RequestStream, asyncio.AbstractEventLoop]] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()  # orders submissions against the loop's death
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
+        self._worker = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._num_step_errors = 0
         self._publish()
 
     def start(self) -> None:
-        self._thread.start()
+        self._worker.start()
 
     def shutdown(self) -> None:
         self._stop.set()
         self._commands.put(None)
-        self._thread.join(timeout=10)
+        self._worker.join(timeout=10)
 
     # -- asyncio side --------------------------------------------------------------------
     def add(
