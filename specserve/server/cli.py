@@ -39,6 +39,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=None,
         help="max prompt + output tokens (default: the model's)",
     )
+    _add_scheduler_args(p)
+    _add_cache_args(p)
+    _add_runtime_args(p)
+    _add_parallel_args(p)
+    from specserve.speculative.factory import add_cli_args
+
+    add_cli_args(p)
+    p.set_defaults(func=run)
+
+
+def _add_scheduler_args(p: argparse.ArgumentParser) -> None:
+    """Admission: running and queued requests, timeouts, the logprobs cap."""
     p.add_argument("--max-running-requests", type=int, default=64)
     p.add_argument(
         "--max-queued-requests",
@@ -68,6 +80,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=20,
         help="the most top logprobs a request may ask for, at most 20 (default 20)",
     )
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    """KV cache size and layout, dtype and device."""
     mem = p.add_mutually_exclusive_group()
     mem.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
     mem.add_argument(
@@ -86,6 +102,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--disable-radix-cache", action="store_true", help="turn off prefix caching")
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    """Access control, seeds, kernels, threads, structured output and tool calls, logging."""
     p.add_argument(
         "--api-key",
         default=None,
@@ -122,11 +142,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
-    _add_parallel_args(p)
-    from specserve.speculative.factory import add_cli_args
-
-    add_cli_args(p)
-    p.set_defaults(func=run)
 
 
 MOE_BACKEND_CHOICES = ("auto", "torch", "mxfp4", "flashinfer_mxfp4")
