@@ -48,83 +48,106 @@ def gateway_router(state: ClusterState) -> APIRouter:
 
     r = APIRouter(dependencies=[Depends(inference)])
 
-    def running(model: str) -> list[ModelInstance]:
-        with state.sessions() as s:
-            return list(
-                s.scalars(
-                    sa.select(ModelInstance)
-                    .where(ModelInstance.model_name == model, ModelInstance.state == "running")
-                    .order_by(ModelInstance.id)
-                )
-            )
-
     @r.get("/v1/models")
     def models() -> dict:
-        with state.sessions() as s:
-            names = s.scalars(sa.select(Model.name).order_by(Model.id)).all()
-            created = {m.name: int(m.created_at.timestamp()) for m in s.scalars(sa.select(Model))}
-        live = [n for n in names if running(n)]
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": n,
-                    "object": "model",
-                    "created": created.get(n, int(time.time())),
-                    "owned_by": "specserve",
-                }
-                for n in live
-            ],
-        }
-
-    async def proxy(request: Request, path: str) -> StreamingResponse:
-        body = await request.body()
-        try:
-            model = json.loads(body).get("model")
-        except (ValueError, AttributeError):
-            raise ApiError(400, "request body must be a JSON object", "invalid_json") from None
-        if not isinstance(model, str) or not model:
-            raise ApiError(400, "missing 'model'", "missing_model")
-        instances = running(model)
-        if not instances:
-            with state.sessions() as s:
-                exists = s.scalar(sa.select(Model.id).where(Model.name == model)) is not None
-            if not exists:
-                raise ApiError(404, f"model {model!r} does not exist", "model_not_found")
-            raise ApiError(503, f"model {model!r} has no running instance", "model_unavailable")
-        start = next(counters[model])
-        last_error = ""
-        for k in range(len(instances)):
-            inst = instances[(start + k) % len(instances)]
-            req = state.http.build_request(
-                "POST",
-                f"http://{inst.worker_ip}:{inst.port}{path}",
-                content=body,
-                headers={"content-type": "application/json"},
-            )
-            try:
-                resp = await state.http.send(req, stream=True)
-            except httpx.ConnectError as e:
-                last_error = f"{inst.name} at {inst.worker_ip}:{inst.port}: {reason(e)}"
-                continue
-            except httpx.HTTPError as e:
-                raise ApiError(
-                    502, f"instance {inst.name} failed: {reason(e)}", "upstream_error"
-                ) from e
-            return StreamingResponse(
-                resp.aiter_raw(),
-                status_code=resp.status_code,
-                media_type=resp.headers.get("content-type", "application/json"),
-                background=BackgroundTask(resp.aclose),
-            )
-        raise ApiError(502, f"no instance of {model!r} reachable ({last_error})", "upstream_error")
+        return _model_list(state)
 
     @r.post("/v1/completions")
     async def completions(request: Request) -> StreamingResponse:
-        return await proxy(request, "/v1/completions")
+        return await _proxy(state, counters, request, "/v1/completions")
 
     @r.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> StreamingResponse:
-        return await proxy(request, "/v1/chat/completions")
+        return await _proxy(state, counters, request, "/v1/chat/completions")
 
     return r
+
+
+def _running(state: ClusterState, model: str) -> list[ModelInstance]:
+    with state.sessions() as s:
+        return list(
+            s.scalars(
+                sa.select(ModelInstance)
+                .where(ModelInstance.model_name == model, ModelInstance.state == "running")
+                .order_by(ModelInstance.id)
+            )
+        )
+
+
+def _model_list(state: ClusterState) -> dict:
+    """`/v1/models`: the deployments with at least one running instance."""
+    with state.sessions() as s:
+        names = s.scalars(sa.select(Model.name).order_by(Model.id)).all()
+        created = {m.name: int(m.created_at.timestamp()) for m in s.scalars(sa.select(Model))}
+    live = [n for n in names if _running(state, n)]
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": n,
+                "object": "model",
+                "created": created.get(n, int(time.time())),
+                "owned_by": "specserve",
+            }
+            for n in live
+        ],
+    }
+
+
+def _requested_model(body: bytes) -> str:
+    """The body's `model`, or 400."""
+    try:
+        model = json.loads(body).get("model")
+    except (ValueError, AttributeError):
+        raise ApiError(400, "request body must be a JSON object", "invalid_json") from None
+    if not isinstance(model, str) or not model:
+        raise ApiError(400, "missing 'model'", "missing_model")
+    return model
+
+
+def _serving(state: ClusterState, model: str) -> list[ModelInstance]:
+    """The running instances of `model`; 404 for an unknown model, 503 when none runs."""
+    instances = _running(state, model)
+    if not instances:
+        with state.sessions() as s:
+            exists = s.scalar(sa.select(Model.id).where(Model.name == model)) is not None
+        if not exists:
+            raise ApiError(404, f"model {model!r} does not exist", "model_not_found")
+        raise ApiError(503, f"model {model!r} has no running instance", "model_unavailable")
+    return instances
+
+
+async def _proxy(
+    state: ClusterState, counters: dict[str, itertools.count], request: Request, path: str
+) -> StreamingResponse:
+    """Forward the request to the model's next instance in turn, moving on past instances
+    that refuse the connection."""
+    body = await request.body()
+    model = _requested_model(body)
+    instances = _serving(state, model)
+    start = next(counters[model])
+    last_error = ""
+    for k in range(len(instances)):
+        inst = instances[(start + k) % len(instances)]
+        req = state.http.build_request(
+            "POST",
+            f"http://{inst.worker_ip}:{inst.port}{path}",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        try:
+            resp = await state.http.send(req, stream=True)
+        except httpx.ConnectError as e:
+            last_error = f"{inst.name} at {inst.worker_ip}:{inst.port}: {reason(e)}"
+            continue
+        except httpx.HTTPError as e:
+            raise ApiError(
+                502, f"instance {inst.name} failed: {reason(e)}", "upstream_error"
+            ) from e
+        return StreamingResponse(
+            resp.aiter_raw(),
+            status_code=resp.status_code,
+            media_type=resp.headers.get("content-type", "application/json"),
+            background=BackgroundTask(resp.aclose),
+        )
+    raise ApiError(502, f"no instance of {model!r} reachable ({last_error})", "upstream_error")

@@ -17,12 +17,30 @@ def register(sub) -> None:
     tsub = train.add_subparsers(
         dest="train_command", required=True, metavar="STEP", parser_class=RecipeParser
     )
+    for add in (
+        _add_corpus,
+        _add_tokenizer,
+        _add_target,
+        _add_prompts,
+        _add_gendata,
+        _add_drafter,
+        _add_cache_target,
+        _add_plot,
+        _add_calibrate,
+    ):
+        add(tsub)
+    ev = sub.add_parser("eval", help="offline evaluation")
+    _add_eval(ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT"))
 
+
+def _add_corpus(tsub) -> None:
     p = tsub.add_parser("corpus", help="export the demo corpus (stdlib code, man-page prose)")
     p.add_argument("--out", required=True)
     p.add_argument("--max-mb", type=float, default=24.0, help="cap per domain")
     p.set_defaults(func=_corpus)
 
+
+def _add_tokenizer(tsub) -> None:
     p = tsub.add_parser("tokenizer", help="byte-level BPE on the corpora's train split")
     p.add_argument("--corpus", nargs="+", required=True, metavar="DIR")
     p.add_argument("--vocab-size", type=int, required=True)
@@ -30,6 +48,8 @@ def register(sub) -> None:
     _threads(p)
     p.set_defaults(func=_tokenizer)
 
+
+def _add_target(tsub) -> None:
     p = tsub.add_parser("target", help="pre-train a Qwen3 target LM")
     p.run_sections = ("model", "train", "max_bytes_per_corpus")
     p.add_argument(
@@ -45,6 +65,8 @@ def register(sub) -> None:
     _common(p, resume=True)
     p.set_defaults(func=_target)
 
+
+def _add_prompts(tsub) -> None:
     p = tsub.add_parser("prompts", help="cut prompts (token windows) from corpus files")
     p.add_argument("--corpus", nargs="+", required=True, metavar="DIR")
     p.add_argument("--tokenizer", required=True)
@@ -61,6 +83,8 @@ def register(sub) -> None:
     _threads(p)
     p.set_defaults(func=_prompts)
 
+
+def _add_gendata(tsub) -> None:
     p = tsub.add_parser("gen-data", help="continue prompts with the target (training data)")
     p.add_argument("--target", required=True)
     p.add_argument("--prompts", required=True, help="JSON lines with token_ids or text")
@@ -72,18 +96,43 @@ def register(sub) -> None:
     _common(p, resume=False)
     p.set_defaults(func=_gendata)
 
+
+def _add_drafter(tsub) -> None:
     p = tsub.add_parser("drafter", help="train an MTP, DFlash or DSpark drafter")
     _recipe(p)
     p.add_argument("--algorithm", required=True, choices=["mtp", "dflash", "dspark"])
     p.add_argument("--target", required=True)
     p.add_argument("--data", required=True, nargs="+", help="gen-data folders (several are pooled)")
     p.add_argument("--out", required=True)
+    _drafter_model_flags(p)
+    _drafter_loss_flags(p)
+    p.add_argument("--mtp-depth", type=int, default=3)
+    _drafter_schedule_flags(p)
+    _parallel(p, overrides=False)
+    p.add_argument(
+        "--cache-target-states",
+        action="store_true",
+        help="first write the target's states of the data to OUT/target_cache, then train from "
+        "it (kept for --resume)",
+    )
+    p.add_argument("--target-cache", help="train from this cache (`specserve train cache-target`)")
+    _cache_dtype(p)
+    _common(p, resume=True)
+    p.set_defaults(func=_drafter)
+
+
+def _drafter_model_flags(p: argparse.ArgumentParser) -> None:
+    """The drafter's shape: block, layers, the target layers it reads, the Markov head."""
     p.add_argument("--block-size", type=int, default=7)
     p.add_argument("--num-layers", type=int, default=1)
     p.add_argument("--target-layer-ids", type=int, nargs="+")
     p.add_argument("--mask-token-id", type=int, help="default: <|im_start|> (id 1)")
     p.add_argument("--markov-rank", type=int, default=128)
     p.add_argument("--markov-head-type", choices=["vanilla", "gated", "rnn"], default="vanilla")
+
+
+def _drafter_loss_flags(p: argparse.ArgumentParser) -> None:
+    """Anchors per sequence, slot weights and the weights of the three losses."""
     p.add_argument("--anchors-per-seq", type=int, default=16)
     p.add_argument(
         "--loss-decay-gamma",
@@ -97,7 +146,10 @@ def register(sub) -> None:
         ("--confidence-head-alpha", "confidence BCE"),
     ):
         p.add_argument(flag, type=float, help=f"{loss} loss weight (default: the algorithm's)")
-    p.add_argument("--mtp-depth", type=int, default=3)
+
+
+def _drafter_schedule_flags(p: argparse.ArgumentParser) -> None:
+    """Steps, learning-rate schedule, optimizer, seed and checkpoint interval."""
     p.add_argument("--steps", type=int, help="optimizer steps (default 300)")
     p.add_argument(
         "--num-train-epochs", type=float, help="instead of --steps: passes over the data"
@@ -109,18 +161,9 @@ def register(sub) -> None:
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global grad norm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-minutes", type=float, default=3.0)
-    _parallel(p, overrides=False)
-    p.add_argument(
-        "--cache-target-states",
-        action="store_true",
-        help="first write the target's states of the data to OUT/target_cache, then train from "
-        "it (kept for --resume)",
-    )
-    p.add_argument("--target-cache", help="train from this cache (`specserve train cache-target`)")
-    _cache_dtype(p)
-    _common(p, resume=True)
-    p.set_defaults(func=_drafter)
 
+
+def _add_cache_target(tsub) -> None:
     p = tsub.add_parser(
         "cache-target", help="write the target's states of drafter data to disk (once)"
     )
@@ -139,12 +182,16 @@ def register(sub) -> None:
     _common(p, resume=False)
     p.set_defaults(func=_cache_target)
 
+
+def _add_plot(tsub) -> None:
     p = tsub.add_parser("plot", help="draw a run's train_log.jsonl or TensorBoard log as a PNG")
     p.add_argument("--log", required=True, help="a run folder, train_log.jsonl or tensorboard/")
     p.add_argument("--out", required=True, help="PNG file")
     p.add_argument("--metrics", nargs="+", help="default: every logged metric but lr")
     p.set_defaults(func=_plot)
 
+
+def _add_calibrate(tsub) -> None:
     p = tsub.add_parser("calibrate", help="fit STS temperatures of a DSpark confidence head")
     p.add_argument("--drafter", required=True)
     p.add_argument("--data", required=True, help="a gen-data folder of held-out prompts")
@@ -154,8 +201,8 @@ def register(sub) -> None:
     _common(p, resume=False)
     p.set_defaults(func=_calibrate)
 
-    ev = sub.add_parser("eval", help="offline evaluation")
-    esub = ev.add_subparsers(dest="eval_command", required=True, metavar="WHAT")
+
+def _add_eval(esub) -> None:
     p = esub.add_parser("drafter", help="accept length per domain (and context length), no server")
     p.add_argument("--target", required=True)
     p.add_argument("--drafter", required=True)

@@ -22,7 +22,7 @@ from specserve.models.attention import CausalAttention
 from specserve.models.loader import load_model
 from specserve.train.anchors import sample_anchors
 from specserve.train.gendata import load_dataset
-from specserve.train.loop import TrainConfig, fit, trainable, write_json
+from specserve.train.loop import LossFn, TrainConfig, fit, trainable, write_json
 from specserve.train.losses import DFLASH_WEIGHTS, DSPARK_WEIGHTS, LossParts, draft_loss
 from specserve.train.parallel import World
 from specserve.train.state_cache import INDEX_NAME, CacheKey, TargetStateCache, write_cache
@@ -264,19 +264,9 @@ def train_drafter(
         cache.check(key, ignore=("target_layer_ids",) if spec.algorithm == "mtp" else ())
     t_cache = time.monotonic() - t_cache
 
-    def loss_fn(idx: torch.Tensor, gen: torch.Generator):
-        t = int(lengths[idx].max())  # rows of shorter prompts are right-padded: cut the padding
-        states = cache.batch(idx, device) if cache is not None else None
-        states = states and tuple(s[:, :t] for s in states)
-        batch = ids_all[idx, :t].to(device)
-        parts = step_loss(
-            drafter, target, batch, prompt_lens[idx], spec, gen, states, lengths[idx].to(device)
-        )
-        return parts.total, {k: getattr(parts, k) for k in ("total", "ce", "tv", "bce", "accept")}
-
     log, elapsed = fit(
         drafter,
-        loss_fn,
+        _loss_fn(drafter, target, spec, ids_all, prompt_lens, lengths, cache, device),
         lambda step: _batch_indices(step, train.batch_size, lengths, train.seed),
         train,
         out,
@@ -300,6 +290,31 @@ def train_drafter(
         save_drafter(drafter, out)
         write_json(out / "train_log.json", summary)
     return summary
+
+
+def _loss_fn(
+    drafter: torch.nn.Module,
+    target: torch.nn.Module,
+    spec: DrafterSpec,
+    ids: torch.Tensor,
+    prompt_lens: torch.Tensor,
+    lengths: torch.Tensor,
+    cache: TargetStateCache | None,
+    device: str,
+) -> LossFn:
+    """`fit`'s loss: the loss of the rows `idx` and its parts to log."""
+
+    def loss_fn(idx: torch.Tensor, gen: torch.Generator):
+        t = int(lengths[idx].max())  # rows of shorter prompts are right-padded: cut the padding
+        states = cache.batch(idx, device) if cache is not None else None
+        states = states and tuple(s[:, :t] for s in states)
+        batch = ids[idx, :t].to(device)
+        parts = step_loss(
+            drafter, target, batch, prompt_lens[idx], spec, gen, states, lengths[idx].to(device)
+        )
+        return parts.total, {k: getattr(parts, k) for k in ("total", "ce", "tv", "bce", "accept")}
+
+    return loss_fn
 
 
 def _batch_indices(step: int, batch_size: int, lengths: torch.Tensor, seed: int) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
 from fastapi import APIRouter, Request
+from sqlalchemy.orm import Session
 
 from specserve.cluster import schemas as S
 from specserve.cluster.auth import ApiError, bearer, hash_secret
@@ -46,15 +47,37 @@ def worker_out(w: Worker) -> S.WorkerOut:
 
 def router(state: ClusterState) -> APIRouter:
     r = APIRouter(prefix="/v2/workers")
-    A = admin(state)
+    _admin_routes(r, state)
+    _worker_routes(r, state)
+    return r
 
-    def worker_auth(request: Request, worker_id: int) -> Worker:
-        with state.sessions() as s:
-            w = s.get(Worker, worker_id)
-        cred = bearer(request) or ""
-        if w is None or not hmac.compare_digest(w.credential_hash, hash_secret(cred)):
-            raise ApiError(401, "invalid worker credential", "invalid_credential")
-        return w
+
+def _worker_auth(state: ClusterState, request: Request, worker_id: int) -> Worker:
+    """The worker whose credential the request carries, or 401."""
+    with state.sessions() as s:
+        w = s.get(Worker, worker_id)
+    cred = bearer(request) or ""
+    if w is None or not hmac.compare_digest(w.credential_hash, hash_secret(cred)):
+        raise ApiError(401, "invalid worker credential", "invalid_credential")
+    return w
+
+
+def _assignments(s: Session, w: Worker) -> list[S.Assignment]:
+    """The instances placed on `w` whose model still launches."""
+    out = []
+    for inst in s.scalars(sa.select(ModelInstance).where(ModelInstance.worker_id == w.id)):
+        m = s.get(Model, inst.model_id)
+        launch = launch_template(s, m) if m else "model deleted"
+        if isinstance(launch, S.LaunchTemplate):
+            out.append(
+                S.Assignment(instance=instance_out(inst, m), model=model_out(s, m), launch=launch)
+            )
+    return out
+
+
+def _admin_routes(r: APIRouter, state: ClusterState) -> None:
+    """The admin's list, get and delete."""
+    A = admin(state)
 
     @r.get("", dependencies=A)
     def list_workers(page: int = 1, perPage: int = 100) -> S.Page[S.WorkerOut]:  # noqa: N803
@@ -75,6 +98,11 @@ def router(state: ClusterState) -> APIRouter:
                 reset_instance(inst, f"worker {w.name} was removed; rescheduling")
             s.delete(w)
         wake(state)
+
+
+def _worker_routes(r: APIRouter, state: ClusterState) -> None:
+    """What workers call: registration (cluster token), heartbeats and instance state pushes
+    (the worker's own credential)."""
 
     @r.post("/register")
     def register(body: S.WorkerRegister, request: Request) -> S.WorkerRegistered:
@@ -99,29 +127,20 @@ def router(state: ClusterState) -> APIRouter:
     @r.post("/{worker_id}/heartbeat")
     def heartbeat(worker_id: int, body: S.WorkerStatus, request: Request) -> list[S.Assignment]:
         """Record status; answer with the instances this worker must run."""
-        worker_auth(request, worker_id)
+        _worker_auth(state, request, worker_id)
         with state.sessions.begin() as s:
             w = s.get(Worker, worker_id)
             w.status, w.heartbeat_at = body.model_dump(), utcnow()
             if w.state != "ready":
                 w.state, w.state_message = "ready", ""
-            out = []
-            for inst in s.scalars(sa.select(ModelInstance).where(ModelInstance.worker_id == w.id)):
-                m = s.get(Model, inst.model_id)
-                launch = launch_template(s, m) if m else "model deleted"
-                if isinstance(launch, S.LaunchTemplate):
-                    out.append(
-                        S.Assignment(
-                            instance=instance_out(inst, m), model=model_out(s, m), launch=launch
-                        )
-                    )
+            out = _assignments(s, w)
         return out
 
     @r.put("/{worker_id}/instances/{instance_id}/state")
     def push_state(
         worker_id: int, instance_id: int, body: S.InstanceStateUpdate, request: Request
     ) -> dict:
-        w = worker_auth(request, worker_id)
+        w = _worker_auth(state, request, worker_id)
         if body.state in ("pending", "scheduled"):
             raise ApiError(400, f"workers may not set state {body.state!r}")
         with state.sessions.begin() as s:
@@ -136,5 +155,3 @@ def router(state: ClusterState) -> APIRouter:
             if body.restart_count is not None:
                 inst.restart_count = body.restart_count
         return {}
-
-    return r
