@@ -136,11 +136,16 @@ class GatedMLP(nn.Module):
         self.intermediate = intermediate
         self._fused: torch.Tensor | None = None
 
-    def fuse(self) -> None:
+    def fuse(self, share_storage: bool = False) -> None:
         """Gate and up weights in one input-major block for inference (one product instead of
-        two, in the faster form for wide outputs); the two weights become views of it."""
+        two, in the faster form for wide outputs). With `share_storage` the two weights are
+        re-pointed into that block, so no second copy is kept (MoE experts: most of a model)."""
         if self.gate_proj.bias is None:
             self._fused = to_input_major(self.gate_proj.weight, self.up_proj.weight)
+            if share_storage:
+                n = self.intermediate
+                self.gate_proj.weight.data = self._fused[:n]
+                self.up_proj.weight.data = self._fused[n:]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:

@@ -112,14 +112,6 @@ class MXFP4MLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-def _fuse_in_place(mlp: GatedMLP) -> None:
-    """GatedMLP.fuse, with gate and up re-pointed into the fused tensor: experts are most of an
-    MoE model's memory, so no second copy of them is kept."""
-    mlp.fuse()
-    n = mlp.intermediate
-    mlp.gate_proj.weight.data, mlp.up_proj.weight.data = mlp._fused[:n], mlp._fused[n:]
-
-
 class SparseMoeBlock(nn.Module):
     """Router + this rank's experts. forward: x [N, H] -> [N, H] (all experts combined)."""
 
@@ -156,7 +148,7 @@ class SparseMoeBlock(nn.Module):
     def fuse(self) -> None:
         for mlp in self.experts.values():
             if isinstance(mlp, GatedMLP):
-                _fuse_in_place(mlp)
+                mlp.fuse(share_storage=True)
             else:
                 mlp.fuse()
 
