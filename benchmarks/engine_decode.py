@@ -34,7 +34,7 @@ from specserve.core import SamplingParams
 from specserve.engine.model_runner import BatchSeq, ModelRunner
 from specserve.llm import LLM
 from specserve.models.loader import load_model
-from specserve.models.tiny import make_checkpoint
+from specserve.testing.tiny import make_checkpoint
 
 SIZES = {
     # ~10M parameters: bound by per-layer overhead

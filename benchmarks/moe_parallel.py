@@ -26,9 +26,9 @@ from specserve.core import SamplingParams
 from specserve.engine.model_runner import BatchSeq
 from specserve.models.loader import load_model
 from specserve.models.qwen3_moe import expert_bytes
-from specserve.models.tiny import make_checkpoint
 from specserve.quant.convert import convert_checkpoint
 from specserve.server.cli import build_engine
+from specserve.testing.tiny import make_checkpoint
 
 SIZE = dict(
     vocab_size=1024, hidden_size=512, num_hidden_layers=4, num_attention_heads=8,

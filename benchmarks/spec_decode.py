@@ -24,8 +24,8 @@ from specserve.speculative.factory import build_speculation
 
 
 def _random_bundle(root: Path) -> tuple[Path, dict[str, Path | None]]:
-    from specserve.models.tiny import make_checkpoint
     from specserve.speculative.checkpoint import new_drafter, save_drafter
+    from specserve.testing.tiny import make_checkpoint
 
     target = make_checkpoint(root / "target", init_std=0.2)
     raw = json.loads((target / "config.json").read_text())

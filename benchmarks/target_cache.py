@@ -111,7 +111,7 @@ def _child(args, target_dir, cache: Path, reader: str) -> dict:
 
 
 def _random_target(path: Path) -> str:
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     overrides = dict(hidden_size=256, intermediate_size=768, num_hidden_layers=4, head_dim=32)
     overrides |= dict(num_attention_heads=8, num_key_value_heads=4)

@@ -185,7 +185,7 @@ def run_bundle(bundle: Path, out: Path) -> int:
 def run_fallback(bundle: Path) -> int:
     """No bundle yet: serve a small random model and show a few requests end to end."""
     from specserve.bench.compare import CompareError, ServerProcess, free_port
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
         path = make_checkpoint(Path(tmp) / "tiny-random")

@@ -20,14 +20,14 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory) -> str:
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     return str(make_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen3", seed=0))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory) -> str:
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     return str(
         make_checkpoint(

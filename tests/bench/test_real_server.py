@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> str:
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     return str(make_checkpoint(tmp_path_factory.mktemp("bench-tiny") / "qwen3", seed=0))
 

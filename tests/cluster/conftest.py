@@ -45,6 +45,6 @@ def model_dir(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random Qwen3 checkpoint for the built-in `specserve` backend."""
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     return str(make_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen3", seed=0))

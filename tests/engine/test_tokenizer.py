@@ -6,7 +6,7 @@ import pytest
 
 from specserve.config import ConfigError
 from specserve.engine.tokenizer import ChatTemplateError, IncrementalDetokenizer, Tokenizer
-from specserve.models.tiny import save_tokenizer
+from specserve.train.tokenizer import save_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_v4_path(tmp_path_factory) -> str:
-    from specserve.models.tiny import make_deepseek_v4_checkpoint
+    from specserve.testing.tiny import make_deepseek_v4_checkpoint
 
     return str(make_deepseek_v4_checkpoint(tmp_path_factory.mktemp("v4") / "dsv4", seed=0))
 

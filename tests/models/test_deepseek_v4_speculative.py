@@ -15,11 +15,11 @@ from specserve.config import ConfigError, SpecConfig
 from specserve.core import Request, SamplingParams
 from specserve.llm import LLM
 from specserve.models.deepseek_v4 import V4Context
-from specserve.models.tiny import make_deepseek_v4_checkpoint
 from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.deepseek_v4_mtp import DeepseekV4MTPDrafter
 from specserve.speculative.factory import build_speculation
 from specserve.speculative.planner import Planner
+from specserve.testing.tiny import make_deepseek_v4_checkpoint
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(40, 63)), list(range(100, 138))]
 

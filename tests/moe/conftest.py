@@ -8,7 +8,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_moe_path(tmp_path_factory) -> str:
     """Layer 0 dense (mlp_only_layers), layers 1-2 sparse: both MLP kinds in one model."""
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     return str(
         make_checkpoint(

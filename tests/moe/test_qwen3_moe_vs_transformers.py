@@ -11,7 +11,7 @@ from specserve.models.attention import CausalAttention
 from specserve.models.loader import load_model
 from specserve.models.qwen3 import GatedMLP
 from specserve.models.qwen3_moe import SparseMoeBlock, make_mlp
-from specserve.models.tiny import make_checkpoint
+from specserve.testing.tiny import make_checkpoint
 
 
 def _hf(path: str):

@@ -46,7 +46,7 @@ def test_missing_rank_times_out_with_a_message(tiny_moe_tp_path, capsys, node_ra
 
 
 def test_mxfp4_blocks_cannot_be_split(tmp_path, capsys):
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     path = make_checkpoint(tmp_path / "m", model_type="qwen3_moe", moe_intermediate_size=32)
     assert _serve(str(path), "--tp-size", "2", "--moe-runner-backend", "mxfp4") == 2

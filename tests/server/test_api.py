@@ -199,7 +199,8 @@ def test_malformed_json_unknown_model_and_chat_errors(client):
 
 
 def test_chat_without_template_is_a_clear_400(tmp_path, start_server):
-    from specserve.models.tiny import make_checkpoint, save_tokenizer
+    from specserve.testing.tiny import make_checkpoint
+    from specserve.train.tokenizer import save_tokenizer
 
     path = make_checkpoint(tmp_path / "m")
     save_tokenizer(path, 512, chat_template=None)

@@ -11,7 +11,7 @@ from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
 from specserve.engine.tokenizer import ChatTemplateError, Tokenizer
-from specserve.models.tiny import save_tokenizer
+from specserve.train.tokenizer import save_tokenizer
 
 # parameter -> a value that exercises it; each is implemented (the request succeeds)
 IMPLEMENTED_COMPLETION = {

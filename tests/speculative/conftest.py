@@ -13,11 +13,11 @@ from specserve.core import Request, SamplingParams
 from specserve.engine.sampler import probs_from_logits
 from specserve.llm import LLM
 from specserve.models.attention import CausalAttention
-from specserve.models.tiny import make_checkpoint
 from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.checkpoint import new_drafter, save_drafter
 from specserve.speculative.factory import build_speculation
 from specserve.speculative.profile import SPSTable
+from specserve.testing.tiny import make_checkpoint
 
 BLOCK = 4
 TARGET = {"init_std": 0.2}  # peaked distributions: repetitive greedy text, low-entropy sampling

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from specserve.config import ModelConfig
-from specserve.models.tiny import tiny_config
 from specserve.speculative.draft_config import DraftConfig
 from specserve.speculative.dspark import DSparkDraftModel
 from specserve.speculative.mtp import MTPModule, PrefixAttention
+from specserve.testing.tiny import tiny_config
 
 TARGET = tiny_config(
     vocab_size=64,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from specserve.core import SamplingParams
-from specserve.models.tiny import make_checkpoint
+from specserve.testing.tiny import make_checkpoint
 
 from .conftest import (
     ALGORITHMS,

@@ -12,7 +12,7 @@ PROMPT_LEN, NEW_TOKENS = 12, 16
 
 @pytest.fixture(scope="session")
 def tiny_target(tmp_path_factory) -> str:
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     path = tmp_path_factory.mktemp("train") / "target"
     return str(make_checkpoint(path, seed=3, init_std=0.08, num_hidden_layers=4))

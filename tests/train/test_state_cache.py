@@ -53,7 +53,7 @@ def test_shards_of_several_ranks_read_as_one(live, tmp_path):
 
 
 def test_a_cache_of_another_target_data_or_layers_is_refused(live, tiny_target, tmp_path):
-    from specserve.models.tiny import make_checkpoint
+    from specserve.testing.tiny import make_checkpoint
 
     target, ids, key, _ = live
     cache = TargetStateCache(write_cache(target, key, ids, tmp_path / "c"))
