@@ -49,8 +49,15 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
+#: architectures whose model code implements its own attention layer types (`layer_types`)
+OWN_LAYER_TYPES = ("DeepseekV4ForCausalLM",)
+
+
 def _check_full_attention(cfg: dict[str, Any]) -> None:
-    """Sliding-window layers are not implemented: refuse them rather than attend too far."""
+    """Sliding-window layers are not implemented (except in the `OWN_LAYER_TYPES` models): refuse
+    them rather than attend too far."""
+    if (cfg.get("architectures") or [None])[0] in OWN_LAYER_TYPES:
+        return
     if cfg.get("use_sliding_window"):
         raise ConfigError(
             "config.json: use_sliding_window (sliding-window attention) is not supported"

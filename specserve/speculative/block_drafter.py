@@ -11,6 +11,7 @@ from specserve.core import Request
 from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.calibration import apply_sts
 from specserve.speculative.context_cache import ContextCache
+from specserve.speculative.deepseek_v4_dspark import DeepseekV4DSparkModel
 from specserve.speculative.dflash import DFlashDraftModel
 from specserve.speculative.sampling import draw, proposal_probs
 
@@ -23,7 +24,7 @@ class DFlashDrafter(Drafter):
 
     def __init__(
         self,
-        model: DFlashDraftModel,
+        model: DFlashDraftModel | DeepseekV4DSparkModel,
         block_size: int | None = None,
         sts_temperatures: torch.Tensor | None = None,
     ) -> None:
@@ -50,10 +51,10 @@ class DFlashDrafter(Drafter):
         if not rows:
             return
         positions = torch.cat(pos)
-        kv = self.model.context_kv(torch.cat(rows).to(self.model.fc.weight.dtype), positions)
+        kv = self.model.context_kv(torch.cat(rows).to(self.model.context_dtype), positions)
         start = 0
         for rid, n in owners:
-            part = [(k[start : start + n], v[start : start + n]) for k, v in kv]
+            part = [tuple(t[start : start + n] for t in layer) for layer in kv]
             self.contexts.setdefault(rid, ContextCache()).add(part, positions[start : start + n])
             start += n
 
@@ -72,7 +73,7 @@ class DFlashDrafter(Drafter):
             return out
         reqs = [requests[i] for i in live]
         k = max(ks[i] for i in live)
-        dev = self.model.fc.weight.device
+        dev = self.model.device
         anchor = torch.tensor([r.last_token_id for r in reqs], device=dev)
         hidden = self.model.draft_hidden(
             anchor,

@@ -19,6 +19,7 @@ from specserve.models.tiny import make_deepseek_v4_checkpoint
 from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.deepseek_v4_mtp import DeepseekV4MTPDrafter
 from specserve.speculative.factory import build_speculation
+from specserve.speculative.planner import Planner
 
 PROMPTS = [[5, 6, 7, 8, 9], list(range(40, 63)), list(range(100, 138))]
 
@@ -64,7 +65,7 @@ def _llm(path: str, algorithm: str = "NONE", oracle_k: int = 4, **kw) -> LLM:
     llm = LLM(path, max_total_tokens=2048, page_size=8, chunked_prefill_size=16, **kw)
     if algorithm == "ORACLE":
         oracle = OracleDrafter(llm.engine.model, oracle_k)
-        llm.engine.set_speculation(oracle, lambda p, r: [len(x.tokens) for x in p])
+        llm.engine.set_speculation(oracle, Planner())  # full verify windows
     elif algorithm != "NONE":
         spec = SpecConfig(
             algorithm=algorithm,
