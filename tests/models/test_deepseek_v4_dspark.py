@@ -24,6 +24,7 @@ from specserve.models.deepseek_v4 import HyperMix, V4Context, hyper_head
 from specserve.models.tiny import TINY_V4_DSPARK, make_deepseek_v4_checkpoint
 from specserve.speculative.base import DraftProposal
 from specserve.speculative.block_drafter import DFlashDrafter
+from specserve.speculative.calibration import save_sts
 from specserve.speculative.deepseek_v4_dspark import DeepseekV4DSparkModel
 from specserve.speculative.factory import build_speculation
 
@@ -193,6 +194,29 @@ def test_preemption_under_speculation(v4d, reference, algorithm):
     assert llm.engine.scheduler.num_preemptions > 0
     assert [o.outputs[0].token_ids for o in outs] == reference
     _kv_baseline(llm)
+
+
+def test_sts_temperatures_calibrate_its_confidence_head(v4d, reference, tmp_path):
+    temps = torch.tensor([0.5, 1.0, 2.0, 4.0])
+    save_sts(tmp_path / "sts.json", temps)
+    llm = LLM(v4d, max_total_tokens=2048, page_size=8)
+    sts = str(tmp_path / "sts.json")
+    spec = SpecConfig("DSPARK", v4d, verify_policy="threshold", confidence_sts_path=sts)
+    drafter, planner = build_speculation(spec, llm.engine)
+    torch.testing.assert_close(drafter.sts, temps)
+    seen = []
+    propose = drafter.propose
+
+    def spy(requests, max_tokens):
+        out = propose(requests, max_tokens)
+        seen.extend(p.confidences for p in out if p.tokens)
+        return out
+
+    drafter.propose = spy
+    llm.engine.set_speculation(drafter, planner)
+    outs = llm.generate(PROMPTS[:1], _greedy([12]))
+    assert outs[0].outputs[0].token_ids == reference[0][:12]
+    assert seen and all(c.shape == (BLOCK,) and bool(((c > 0) & (c < 1)).all()) for c in seen)
 
 
 # -- fit checks and folders ------------------------------------------------------------------------
