@@ -55,7 +55,8 @@ class DFlashDrafter(Drafter):
         start = 0
         for rid, n in owners:
             part = [tuple(t[start : start + n] for t in layer) for layer in kv]
-            self.contexts.setdefault(rid, ContextCache()).add(part, positions[start : start + n])
+            cache = self.contexts.setdefault(rid, ContextCache(self.model.context_rows))
+            cache.add(part, positions[start : start + n])
             start += n
 
     def release(self, request: Request) -> None:

@@ -8,11 +8,13 @@ import torch
 
 class ContextCache:
     """One request's projected context per draft layer (a tuple of row-aligned tensors: (K, V),
-    or (K=V,) for DeepSeek-V4 stages), with the position of each row."""
+    or (K=V,) for DeepSeek-V4 stages), with the position of each row. `max_rows`: keep only the
+    latest rows (a drafter with a sliding window reads no more); None keeps all."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_rows: int | None = None) -> None:
         self.kv: list[tuple[torch.Tensor, ...]] = []
         self.positions = torch.zeros(0, dtype=torch.long)
+        self.max_rows = max_rows
 
     def add(self, kv: list[tuple[torch.Tensor, ...]], positions: torch.Tensor) -> None:
         """Append rows; rows at positions >= positions[0] are replaced (replay after preemption)."""
@@ -28,6 +30,10 @@ class ContextCache:
             self.positions = torch.cat([self.positions, positions.cpu()])
         else:
             self.kv, self.positions = kv, positions.cpu()
+        if self.max_rows is not None and self.positions.shape[0] > self.max_rows:
+            cut = self.positions.shape[0] - self.max_rows
+            self.kv = [tuple(t[cut:] for t in layer) for layer in self.kv]
+            self.positions = self.positions[cut:]
 
 
 def pad_stack(kvs: list[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -22,9 +22,10 @@ Checkpoint names: stage i's block is `mtp.{i}.{attn,ffn,attn_norm,ffn_norm,hc_at
 the target's. The number of stages is `len(dspark_target_layer_ids)`, as in SGLang.
 
 Serving reuses `DFlashDrafter` (block_drafter.py): `context_kv` gives the per-request rows that
-`ContextCache` keeps (only committed positions ever enter it, so a rejected draft leaves nothing
-to roll back; a replay after preemption replaces rows), `draft_hidden` runs one block per
-request, and the drafting loop and confidence heads are `DSparkHeads`'.
+`ContextCache` keeps, the last `sliding_window - 1` (only committed positions ever enter it, so
+a rejected draft leaves nothing to roll back; a replay after preemption replaces rows),
+`draft_hidden` runs one block per request, and the drafting loop and confidence heads are
+`DSparkHeads`'.
 """
 
 from __future__ import annotations
@@ -117,9 +118,11 @@ def has_dspark(path: str | Path) -> bool:
 @dataclass(frozen=True)
 class _Context:
     """What a draft forward's attention reads besides the block: per request, per stage, the
-    context rows (K = V [L, d], positions 0..L-1), and each request's rows in the block."""
+    context rows (K = V [L, d] of the L positions before its anchor), and its rows in the
+    block."""
 
     rows: list[list[torch.Tensor]]
+    anchors: list[int]  # each request's rows are the positions just before its anchor
     spans: list[tuple[int, int]]
 
 
@@ -134,11 +137,11 @@ class DSparkAttention(Attention):
         q = self.query(self.q_norm(self.wq_a(x)), rope, cos, sin)
         kv = self.key_value(x, rope, cos, sin)
         out = torch.empty_like(q)
-        for rows, (a, b) in zip(ctx.rows, ctx.spans, strict=True):
+        for rows, anchor, (a, b) in zip(ctx.rows, ctx.anchors, ctx.spans, strict=True):
             context = rows[stage]
             first = max(0, context.shape[0] - (self.window - 1))
-            key_pos = torch.arange(first, context.shape[0], device=x.device)
-            far = positions[a:b, None] - key_pos[None, :] >= self.window
+            key_pos = anchor - context.shape[0] + torch.arange(first, context.shape[0])
+            far = positions[a:b, None] - key_pos[None, :].to(x.device) >= self.window
             bias = torch.zeros(b - a, key_pos.shape[0] + b - a, device=x.device)
             bias[:, : key_pos.shape[0]].masked_fill_(far, float("-inf"))
             out[a:b] = self._attend(q[a:b], torch.cat([context[first:], kv[a:b]]), bias)
@@ -180,6 +183,7 @@ class DeepseekV4DSparkModel(DSparkHeads, nn.Module):
             ConfidenceHead(h + extra, bias=False) if cfg.enable_confidence_head else None
         )
         self.capture_layers = cfg.target_layer_ids
+        self.context_rows = v4.sliding_window - 1  # the most any block query reads
         self.shared = _Shared(target)
 
     @property
@@ -216,15 +220,14 @@ class DeepseekV4DSparkModel(DSparkHeads, nn.Module):
         k: int,
     ) -> torch.Tensor:
         """One block per request: anchor_tokens, anchor_positions [R]; contexts[r] per stage
-        (K=V [L_r, d],) of positions 0..L_r-1 -> x [R, k, H] (before `norm`)."""
+        (K=V [L_r, d],) of the L_r positions before the anchor -> x [R, k, H] (before `norm`)."""
         r = anchor_tokens.shape[0]
         ids = anchor_tokens.new_full((r, k), self.config.noise_token_id)
         ids[:, 0] = anchor_tokens
         ids = ids.flatten()
         positions = (anchor_positions[:, None] + torch.arange(k, device=ids.device)).flatten()
-        ctx = _Context(
-            [[t[0] for t in c] for c in contexts], [(i * k, i * k + k) for i in range(r)]
-        )
+        spans = [(i * k, i * k + k) for i in range(r)]
+        ctx = _Context([[t[0] for t in c] for c in contexts], anchor_positions.tolist(), spans)
         target = self.shared.target
         streams = target.embed(ids).unsqueeze(1).expand(-1, self.v4.hc_mult, -1)
         ropes = target.bind_ropes(positions)

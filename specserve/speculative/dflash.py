@@ -129,6 +129,8 @@ class DFlashDraftModel(BlockDrafting, nn.Module):
         #: target layers whose hidden states feed `context_kv`
         self.capture_layers = cfg.target_layer_ids
 
+    context_rows: int | None = None  # every committed position's context is read
+
     @property
     def device(self) -> torch.device:
         return self.fc.weight.device

@@ -21,7 +21,7 @@ from specserve.config import ConfigError, SpecConfig
 from specserve.core import Request, SamplingParams
 from specserve.llm import LLM
 from specserve.models.deepseek_v4 import HyperMix, V4Context, hyper_head
-from specserve.models.tiny import TINY_V4_DSPARK, make_deepseek_v4_checkpoint
+from specserve.models.tiny import TINY_DEEPSEEK_V4, TINY_V4_DSPARK, make_deepseek_v4_checkpoint
 from specserve.speculative.base import DraftProposal
 from specserve.speculative.block_drafter import DFlashDrafter
 from specserve.speculative.calibration import save_sts
@@ -29,6 +29,7 @@ from specserve.speculative.deepseek_v4_dspark import DeepseekV4DSparkModel
 from specserve.speculative.factory import build_speculation
 
 BLOCK = TINY_V4_DSPARK["dspark_block_size"]
+WINDOW = TINY_DEEPSEEK_V4["sliding_window"]
 PROMPTS = [[5, 6, 7, 8, 9], list(range(40, 63)), list(range(100, 138))]
 MAX_TOKENS = [30, 12, 24]
 POLICIES = ["full", "threshold", "scheduler"]
@@ -94,7 +95,8 @@ def _greedy(max_tokens=MAX_TOKENS, **kw):
 
 
 def _waves(llm: LLM) -> list[list[int]]:
-    """Requests join while the engine runs: one, then the next two after three steps."""
+    """Requests join while the engine runs: one, then the next two after three steps. The
+    drafter's context caches never hold more than the window's `sliding_window - 1` rows."""
     eng, params = llm.engine, _greedy()
     reqs = [eng.add_request(PROMPTS[0], params[0])]
     for _ in range(3):
@@ -102,6 +104,8 @@ def _waves(llm: LLM) -> list[list[int]]:
     reqs += [eng.add_request(p, q) for p, q in zip(PROMPTS[1:], params[1:], strict=True)]
     while eng.has_unfinished():
         eng.step()
+        rows = [c.positions.shape[0] for c in eng.drafter.contexts.values()]
+        assert max(rows, default=0) <= WINDOW - 1
     return [r.output_token_ids for r in reqs]
 
 
@@ -363,6 +367,10 @@ def test_block_logits_match_a_dense_reference(v4d):
     hidden = model.draft_hidden(torch.tensor([anchor]), torch.tensor([n_ctx]), [rows], BLOCK)
     tokens, logits = model.draft(hidden, torch.tensor([anchor]), lambda x: (x.argmax(-1), x))
     conf = model.block_confidence_logits(hidden, torch.tensor([anchor]), tokens)
+    kept = [(t[0][-(WINDOW - 1) :],) for t in rows]  # what the served context cache keeps
+    torch.testing.assert_close(
+        model.draft_hidden(torch.tensor([anchor]), torch.tensor([n_ctx]), [kept], BLOCK), hidden
+    )
     want_logits, want_conf = _dense_block_logits(model, target, captured[:n_ctx], anchor, tokens[0])
     torch.testing.assert_close(logits[0], want_logits, rtol=0, atol=1e-4)
     torch.testing.assert_close(conf[0], want_conf, rtol=0, atol=1e-4)
