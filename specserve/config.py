@@ -49,14 +49,14 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, scaling
 
 
-#: architectures whose model code implements its own attention layer types (`layer_types`)
-OWN_LAYER_TYPES = ("DeepseekV4ForCausalLM",)
+#: architectures whose model code reads its own attention layout (`layer_types`, RoPE variants)
+OWN_ATTENTION = ("DeepseekV4ForCausalLM",)
 
 
 def _check_full_attention(cfg: dict[str, Any]) -> None:
-    """Sliding-window layers are not implemented (except in the `OWN_LAYER_TYPES` models): refuse
+    """Sliding-window layers are not implemented (except in the `OWN_ATTENTION` models): refuse
     them rather than attend too far."""
-    if (cfg.get("architectures") or [None])[0] in OWN_LAYER_TYPES:
+    if (cfg.get("architectures") or [None])[0] in OWN_ATTENTION:
         return
     if cfg.get("use_sliding_window"):
         raise ConfigError(
@@ -116,7 +116,7 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise ConfigError(f"config.json: hidden_act {self.hidden_act!r} is not supported")
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
-        if kind not in ROPE_TYPES:
+        if kind not in ROPE_TYPES and self.architecture not in OWN_ATTENTION:
             raise ConfigError(f"config.json: rope type {kind!r} is not supported")
 
     @classmethod
