@@ -30,7 +30,6 @@ a rejected draft leaves nothing to roll back; a replay after preemption replaces
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -38,7 +37,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from specserve.config import ConfigError
+from specserve.config import ConfigError, read_config_json
 from specserve.models.deepseek_v4 import (
     Attention,
     Block,
@@ -67,8 +66,7 @@ FIT_FIELDS = (
     "n_routed_experts",
     "moe_intermediate_size",
 )
-_FIRST = ("main_proj.", "main_norm.")  # stage 0's names on the model
-_LAST = ("norm.", "hc_head_fn", "hc_head_base", "hc_head_scale", "markov_head.", "confidence_head.")
+_FIRST = ("main_proj.", "main_norm.")  # stage 0's; the other model-level names are the last's
 
 
 @dataclass(frozen=True)
@@ -111,8 +109,10 @@ class V4DSparkConfig:
 
 def has_dspark(path: str | Path) -> bool:
     """Whether the folder's config.json describes a DeepSeek-V4 DSpark drafter."""
-    cfg = Path(path) / "config.json"
-    return cfg.is_file() and "dspark_block_size" in json.loads(cfg.read_text())
+    try:
+        return "dspark_block_size" in read_config_json(path)
+    except ConfigError:  # no or unreadable config.json: the target's loading reports it
+        return False
 
 
 @dataclass(frozen=True)
@@ -247,7 +247,7 @@ def load_v4_dspark(path: str | Path, target: DeepseekV4ForCausalLM) -> DeepseekV
     """The DSpark drafter of a DeepSeek-V4 folder (the target's own, or a separate one whose
     config must fit the target), in the target's dtype and device."""
     path = Path(path)
-    raw = json.loads((path / "config.json").read_text())
+    raw = read_config_json(path, label="drafter ")
     cfg = V4DSparkConfig.from_raw(raw, str(path))
     check_fit(raw, target, cfg, path)
     model = DeepseekV4DSparkModel(target.v4, cfg, target)
