@@ -51,11 +51,14 @@ def _rope(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
 
 # Architectures whose model code reads its own attention layout and RoPE (DeepSeek-V4: window,
 # CSA and HCA layers, YaRN on the compressed ones), so the checks below are not theirs.
-_OWN_ATTENTION_CONFIG = frozenset({"DeepseekV4ForCausalLM"})
+OWN_ATTENTION = frozenset({"DeepseekV4ForCausalLM"})
 
 
 def _check_full_attention(cfg: dict[str, Any]) -> None:
-    """Sliding-window layers are not implemented: refuse them rather than attend too far."""
+    """Sliding-window layers are not implemented (except in the `OWN_ATTENTION` models): refuse
+    them rather than attend too far."""
+    if (cfg.get("architectures") or [None])[0] in OWN_ATTENTION:
+        return
     if cfg.get("use_sliding_window"):
         raise ConfigError(
             "config.json: use_sliding_window (sliding-window attention) is not supported"
@@ -114,7 +117,7 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise ConfigError(f"config.json: hidden_act {self.hidden_act!r} is not supported")
         kind = (self.rope_scaling or {}).get("rope_type", (self.rope_scaling or {}).get("type"))
-        if kind not in ROPE_TYPES and self.architecture not in _OWN_ATTENTION_CONFIG:
+        if kind not in ROPE_TYPES and self.architecture not in OWN_ATTENTION:
             raise ConfigError(f"config.json: rope type {kind!r} is not supported")
 
     @classmethod
@@ -122,8 +125,7 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if not archs:
             raise ConfigError("config.json has no 'architectures' entry")
-        if archs[0] not in _OWN_ATTENTION_CONFIG:
-            _check_full_attention(cfg)
+        _check_full_attention(cfg)
         try:
             heads = int(cfg["num_attention_heads"])
             rope_theta, rope_scaling = _rope(cfg)

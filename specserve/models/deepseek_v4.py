@@ -243,11 +243,10 @@ class Attention(nn.Module):
         ctx: V4Context,
         layer_idx: int,
     ) -> torch.Tensor:
-        n, h, d = x.shape[0], self.num_heads, self.head_dim
         rope, cos, sin = ropes[self.rope_kind]
         q_res = self.q_norm(self.wq_a(x))
-        q = rope.apply(unit_rms(self.wq_b(q_res).view(n, h, d), self.eps), cos, sin)
-        kv = rope.apply(self.norm(self.wkv(x)), cos, sin)
+        q = self.query(q_res, rope, cos, sin)
+        kv = self.key_value(x, rope, cos, sin)
         comp = self.compressor.project(x) if self.compressor is not None else None
         index = self._index_inputs(x, q_res, ropes["compress"]) if self.indexer else None
         out = torch.empty_like(q)
@@ -260,6 +259,20 @@ class Attention(nn.Module):
                 )
                 keys, bias = torch.cat([keys, entries]), torch.cat([bias, entry_bias], dim=1)
             out[a:b] = self._attend(q[a:b], keys, bias)
+        return self.output(out, rope, cos, sin)
+
+    def query(self, q_res: torch.Tensor, rope: InterleavedRope, cos, sin) -> torch.Tensor:
+        """Low-rank query q_res [n, q_lora] -> per-head RMS-normed, rotated q [n, h, d]."""
+        q = self.wq_b(q_res).view(q_res.shape[0], self.num_heads, self.head_dim)
+        return rope.apply(unit_rms(q, self.eps), cos, sin)
+
+    def key_value(self, x: torch.Tensor, rope: InterleavedRope, cos, sin) -> torch.Tensor:
+        """The one K=V head of x [n, hidden]: normed and rotated, [n, d]."""
+        return rope.apply(self.norm(self.wkv(x)), cos, sin)
+
+    def output(self, out: torch.Tensor, rope: InterleavedRope, cos, sin) -> torch.Tensor:
+        """Attention output [n, h, d] -> un-rotated, grouped low-rank projection [n, hidden]."""
+        n = out.shape[0]
         out = rope.apply(out, cos, -sin)
         grouped = out.reshape(n, self.groups, -1).transpose(0, 1)  # [g, n, h*d/g]
         w = self.wo_a.weight.view(self.groups, -1, grouped.shape[-1])  # [g, o_lora, h*d/g]
@@ -458,11 +471,13 @@ class MoE(nn.Module):
 
 
 class Block(nn.Module):
+    attention: type[Attention] = Attention  # a drafter's stage swaps in its own attention
+
     def __init__(self, cfg: V4Config, layer: int, par: Parallel | None = None) -> None:
         super().__init__()
         hc, hidden = cfg.hc_mult, cfg.hidden_size
         mix = (2 + hc) * hc
-        self.attn = Attention(cfg, layer, par)
+        self.attn = self.attention(cfg, layer, par)
         self.ffn = MoE(cfg, layer, par)
         self.attn_norm = RMSNorm(hidden, cfg.rms_norm_eps)
         self.ffn_norm = RMSNorm(hidden, cfg.rms_norm_eps)

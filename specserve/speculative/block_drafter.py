@@ -11,6 +11,7 @@ from specserve.core import Request
 from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.calibration import apply_sts
 from specserve.speculative.context_cache import ContextCache
+from specserve.speculative.deepseek_v4_dspark import DeepseekV4DSparkModel
 from specserve.speculative.dflash import DFlashDraftModel
 from specserve.speculative.sampling import draw, proposal_probs
 
@@ -23,7 +24,7 @@ class DFlashDrafter(Drafter):
 
     def __init__(
         self,
-        model: DFlashDraftModel,
+        model: DFlashDraftModel | DeepseekV4DSparkModel,
         block_size: int | None = None,
         sts_temperatures: torch.Tensor | None = None,
     ) -> None:
@@ -50,11 +51,12 @@ class DFlashDrafter(Drafter):
         if not rows:
             return
         positions = torch.cat(pos)
-        kv = self.model.context_kv(torch.cat(rows).to(self.model.fc.weight.dtype), positions)
+        kv = self.model.context_kv(torch.cat(rows).to(self.model.context_dtype), positions)
         start = 0
         for rid, n in owners:
-            part = [(k[start : start + n], v[start : start + n]) for k, v in kv]
-            self.contexts.setdefault(rid, ContextCache()).add(part, positions[start : start + n])
+            part = [tuple(t[start : start + n] for t in layer) for layer in kv]
+            cache = self.contexts.setdefault(rid, ContextCache(self.model.context_rows))
+            cache.add(part, positions[start : start + n])
             start += n
 
     def release(self, request: Request) -> None:
@@ -72,7 +74,7 @@ class DFlashDrafter(Drafter):
             return out
         reqs = [requests[i] for i in live]
         k = max(ks[i] for i in live)
-        dev = self.model.fc.weight.device
+        dev = self.model.device
         anchor = torch.tensor([r.last_token_id for r in reqs], device=dev)
         hidden = self.model.draft_hidden(
             anchor,

@@ -42,6 +42,7 @@ The config lives in `draft_config.py`, the draft layer in `draft_layers.py`, the
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
 
@@ -65,7 +66,50 @@ class DFlashOutput:
     valid: torch.Tensor  # [B, A, K] bool
 
 
-class DFlashDraftModel(nn.Module):
+class BlockDrafting:
+    """The one left-to-right drafting loop of the block drafters (serving and offline evaluation
+    alike). A model provides `compute_logits` (hidden [..., H] -> base logits [..., V]); DSpark
+    models override `markov_step` and `confidence_logits`."""
+
+    compute_logits: Callable[[Tensor], Tensor]
+
+    def markov_step(
+        self,
+        base: torch.Tensor,
+        prev: torch.Tensor,
+        hidden: torch.Tensor,
+        state: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of one slot from its backbone logits base [..., V], the token picked at the slot
+        before, prev [...], and the slot's hidden [..., H]. DFlash: base itself (DSpark adds
+        the Markov bias)."""
+        return base, state
+
+    def confidence_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
+        """hidden [..., H], prev [...] token before each slot -> logits [...]; None: no head."""
+        return None
+
+    def draft(self, hidden: torch.Tensor, anchor: torch.Tensor, pick: Pick) -> tuple[Tensor, ...]:
+        """Pick a block's tokens left to right: hidden [..., K, H] (`draft_hidden`, `run_blocks`),
+        anchor [...] the token before slot 0 -> pick's outputs per slot stacked on a slot axis
+        (tokens [..., K] first). Slot k reads the token picked at slot k - 1 (`markov_step`)."""
+        base = self.compute_logits(hidden)
+        prev, state, steps = anchor, None, []
+        for k in range(hidden.shape[-2]):
+            logits, state = self.markov_step(base[..., k, :], prev, hidden[..., k, :], state)
+            steps.append(pick(logits))
+            prev = steps[-1][0]
+        return tuple(torch.stack(x, dim=anchor.dim()) for x in zip(*steps, strict=True))
+
+    def block_confidence_logits(
+        self, hidden: torch.Tensor, anchor: torch.Tensor, tokens: torch.Tensor
+    ) -> torch.Tensor | None:
+        """Confidence logits [..., K] of a drafted block (tokens [..., K]); None: no head."""
+        prev = torch.cat([anchor[..., None], tokens[..., :-1]], dim=-1)
+        return self.confidence_logits(hidden, prev)
+
+
+class DFlashDraftModel(BlockDrafting, nn.Module):
     """The DFlash backbone (see the module docstring for the training API)."""
 
     def __init__(self, cfg: DraftConfig) -> None:
@@ -84,6 +128,17 @@ class DFlashDraftModel(nn.Module):
         )
         #: target layers whose hidden states feed `context_kv`
         self.capture_layers = cfg.target_layer_ids
+
+    context_rows: int | None = None  # every committed position's context is read
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @property
+    def context_dtype(self) -> torch.dtype:
+        """The dtype `context_kv` takes target hidden states in."""
+        return self.fc.weight.dtype
 
     #: submodules that are the target's own (not saved with the drafter by default)
     SHARED = ("embed_tokens", "lm_head")
@@ -125,42 +180,6 @@ class DFlashDraftModel(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
 
-    # -- drafting (serving and offline evaluation) ----------------------------------------------
-    def markov_step(
-        self,
-        base: torch.Tensor,
-        prev: torch.Tensor,
-        hidden: torch.Tensor,
-        state: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Logits of one slot from its backbone logits base [..., V], the token picked at the slot
-        before, prev [...], and the slot's hidden [..., H]. DFlash: base itself (DSpark adds
-        the Markov bias)."""
-        return base, state
-
-    def confidence_logits(self, hidden: torch.Tensor, prev: torch.Tensor) -> torch.Tensor | None:
-        """hidden [..., H], prev [...] token before each slot -> logits [...]; None: no head."""
-        return None
-
-    def draft(self, hidden: torch.Tensor, anchor: torch.Tensor, pick: Pick) -> tuple[Tensor, ...]:
-        """Pick a block's tokens left to right: hidden [..., K, H] (`draft_hidden`, `run_blocks`),
-        anchor [...] the token before slot 0 -> pick's outputs per slot stacked on a slot axis
-        (tokens [..., K] first). Slot k reads the token picked at slot k - 1 (`markov_step`)."""
-        base = self.compute_logits(hidden)
-        prev, state, steps = anchor, None, []
-        for k in range(hidden.shape[-2]):
-            logits, state = self.markov_step(base[..., k, :], prev, hidden[..., k, :], state)
-            steps.append(pick(logits))
-            prev = steps[-1][0]
-        return tuple(torch.stack(x, dim=anchor.dim()) for x in zip(*steps, strict=True))
-
-    def block_confidence_logits(
-        self, hidden: torch.Tensor, anchor: torch.Tensor, tokens: torch.Tensor
-    ) -> torch.Tensor | None:
-        """Confidence logits [..., K] of a drafted block (tokens [..., K]); None: no head."""
-        prev = torch.cat([anchor[..., None], tokens[..., :-1]], dim=-1)
-        return self.confidence_logits(hidden, prev)
-
     # -- training ------------------------------------------------------------------------------
     def run_blocks(
         self,
@@ -201,7 +220,7 @@ class DFlashDraftModel(nn.Module):
         self,
         anchor_tokens: torch.Tensor,
         anchor_positions: torch.Tensor,
-        contexts: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        contexts: list[list[tuple[torch.Tensor, ...]]],
         k: int,
     ) -> torch.Tensor:
         """One block per request: anchor_tokens, anchor_positions [R]; contexts[r] per layer

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from specserve.models.layers import Linear
-from specserve.speculative.dflash import DFlashDraftModel, DFlashOutput
+from specserve.speculative.dflash import BlockDrafting, DFlashDraftModel, DFlashOutput
 from specserve.speculative.draft_config import DraftConfig
 from specserve.speculative.draft_masks import safe_anchors
 
@@ -85,9 +85,9 @@ class MarkovHead(nn.Module):
 
 
 class ConfidenceHead(nn.Module):
-    def __init__(self, in_dim: int) -> None:
+    def __init__(self, in_dim: int, bias: bool = True) -> None:
         super().__init__()
-        self.proj = Linear(in_dim, 1, bias=True)
+        self.proj = Linear(in_dim, 1, bias=bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(features).squeeze(-1).float()
@@ -99,19 +99,13 @@ class DSparkOutput(DFlashOutput):
     confidence_logits: torch.Tensor | None = None  # [B, A, K]
 
 
-class DSparkDraftModel(DFlashDraftModel):
-    def __init__(self, cfg: DraftConfig) -> None:
-        super().__init__(cfg)
-        m = cfg.model
-        self.markov_head = (
-            MarkovHead(cfg.markov_head_type, m.vocab_size, cfg.markov_rank, m.hidden_size)
-            if cfg.markov_rank > 0
-            else None
-        )
-        self.confidence_head = None
-        if cfg.enable_confidence_head:
-            extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
-            self.confidence_head = ConfidenceHead(m.hidden_size + extra)
+class DSparkHeads(BlockDrafting):
+    """The drafting steps DSpark adds to a block backbone (the Qwen3-style DSpark here, the
+    DeepSeek-V4 one in `deepseek_v4_dspark.py`): the Markov bias and the confidence logits."""
+
+    markov_head: MarkovHead | None
+    confidence_head: ConfidenceHead | None
+    confidence_with_markov: bool  # the confidence head also reads W1[x_{k-1}]
 
     def markov_step(
         self,
@@ -130,10 +124,26 @@ class DSparkDraftModel(DFlashDraftModel):
         """hidden [..., H], prev [...] token before each slot -> logits [...] (None: no head)."""
         if self.confidence_head is None:
             return None
-        if self.markov_head is not None and self.config.confidence_head_with_markov:
+        if self.markov_head is not None and self.confidence_with_markov:
             e = self.markov_head.prev_embedding(prev).to(hidden.dtype)
             hidden = torch.cat([hidden, e], dim=-1)
         return self.confidence_head(hidden)
+
+
+class DSparkDraftModel(DSparkHeads, DFlashDraftModel):
+    def __init__(self, cfg: DraftConfig) -> None:
+        super().__init__(cfg)
+        m = cfg.model
+        self.markov_head = (
+            MarkovHead(cfg.markov_head_type, m.vocab_size, cfg.markov_rank, m.hidden_size)
+            if cfg.markov_rank > 0
+            else None
+        )
+        self.confidence_head = None
+        if cfg.enable_confidence_head:
+            extra = cfg.markov_rank if cfg.confidence_head_with_markov else 0
+            self.confidence_head = ConfidenceHead(m.hidden_size + extra)
+        self.confidence_with_markov = cfg.confidence_head_with_markov
 
     def forward(
         self,

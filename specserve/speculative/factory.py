@@ -13,6 +13,8 @@ import logging
 import time
 from pathlib import Path
 
+import torch
+
 from specserve.config import ConfigError, SpecConfig
 from specserve.engine.engine import LLMEngine
 from specserve.models.deepseek_v4 import DeepseekV4ForCausalLM
@@ -21,9 +23,10 @@ from specserve.speculative.base import Drafter, NoDrafter
 from specserve.speculative.block_drafter import DFlashDrafter
 from specserve.speculative.calibration import load_sts
 from specserve.speculative.checkpoint import load_drafter
-from specserve.speculative.deepseek_v4_mtp import DeepseekV4MTPDrafter, load_mtp_layer
+from specserve.speculative.deepseek_v4_dspark import has_dspark, load_v4_dspark
+from specserve.speculative.deepseek_v4_mtp import DeepseekV4MTPDrafter, MTPLayer, load_mtp_layer
 from specserve.speculative.dflash import DFlashDraftModel
-from specserve.speculative.dspark import DSparkDraftModel
+from specserve.speculative.dspark import DSparkDraftModel, DSparkHeads
 from specserve.speculative.gate import DraftGate
 from specserve.speculative.mtp import MTPDrafter, MTPModule
 from specserve.speculative.ngram import NgramDrafter
@@ -91,7 +94,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def spec_config_from_args(args: argparse.Namespace) -> SpecConfig:
     return SpecConfig(
         algorithm=args.speculative_algorithm,
-        draft_model_path=args.speculative_draft_model_path,
+        draft_model_path=_draft_model_path(args),
         num_steps=args.speculative_num_steps,
         eagle_topk=args.speculative_eagle_topk,
         num_draft_tokens=args.speculative_num_draft_tokens,
@@ -102,6 +105,15 @@ def spec_config_from_args(args: argparse.Namespace) -> SpecConfig:
         confidence_sts_path=args.speculative_dspark_confidence_sts_path,
         adaptive_drafting=args.speculative_adaptive_drafting,
     )
+
+
+def _draft_model_path(args: argparse.Namespace) -> str | None:
+    """--speculative-draft-model-path, else for DSPARK the target folder when it carries a
+    DeepSeek-V4 DSpark drafter (as SGLang serves DeepSeek-V4-Flash-DSpark)."""
+    path, target = args.speculative_draft_model_path, getattr(args, "model_path", None)
+    if path is None and args.speculative_algorithm.upper() == "DSPARK" and target:
+        return str(target) if has_dspark(target) else None
+    return path
 
 
 def build_speculation(
@@ -128,13 +140,7 @@ def build_drafter(spec: SpecConfig, engine: LLMEngine, moe_backend: str | None =
     if not path.is_dir():
         raise ConfigError(f"--speculative-draft-model-path {spec.draft_model_path}: no such folder")
     if isinstance(engine.model, DeepseekV4ForCausalLM):
-        if algo != "NEXTN":
-            raise ConfigError(f"--speculative-algorithm {algo} is not supported for DeepSeek-V4")
-        layer = load_mtp_layer(path, engine.model)
-        if moe_backend is not None:
-            set_moe_backend(layer, moe_backend)
-        steps = spec.num_steps or window or DEFAULT_MTP_STEPS
-        return DeepseekV4MTPDrafter(layer, engine.model, steps)
+        return _deepseek_v4_drafter(spec, engine.model, path, window, moe_backend)
     cfg = engine.config
     model = load_drafter(path, engine.target_handle(), cfg.torch_dtype, cfg.device)
     if moe_backend is not None:
@@ -147,11 +153,41 @@ def build_drafter(spec: SpecConfig, engine: LLMEngine, moe_backend: str | None =
         raise ConfigError(f"--speculative-algorithm {algo}: {path} is an MTP drafter")
     block = _block_size(spec, model.config.block_size, window)
     if algo == "DSPARK" and isinstance(model, DSparkDraftModel):
-        sts = load_sts(spec.confidence_sts_path) if spec.confidence_sts_path else None
-        if sts is not None and model.confidence_head is None:
-            raise ConfigError(f"{spec.confidence_sts_path}: the drafter has no confidence head")
-        return DFlashDrafter(model, block, sts)
+        return DFlashDrafter(model, block, _sts(spec, model))
     return DFlashDrafter(model, block)
+
+
+def _deepseek_v4_drafter(
+    spec: SpecConfig,
+    target: DeepseekV4ForCausalLM,
+    path: Path,
+    window: int | None,
+    moe_backend: str | None,
+) -> Drafter:
+    """NEXTN: the checkpoint's MTP layer; DSPARK: its DSpark stages (the target folder's own or
+    a separate drafter folder)."""
+    if spec.algorithm not in ("NEXTN", "DSPARK"):
+        raise ConfigError(
+            f"--speculative-algorithm {spec.algorithm} is not supported for DeepSeek-V4"
+        )
+    model = (
+        load_mtp_layer(path, target) if spec.algorithm == "NEXTN" else load_v4_dspark(path, target)
+    )
+    if moe_backend is not None:
+        set_moe_backend(model, moe_backend)
+    if isinstance(model, MTPLayer):
+        return DeepseekV4MTPDrafter(model, target, spec.num_steps or window or DEFAULT_MTP_STEPS)
+    block = _block_size(spec, model.block_size, window)
+    return DFlashDrafter(model, block, _sts(spec, model))
+
+
+def _sts(spec: SpecConfig, model: DSparkHeads) -> torch.Tensor | None:
+    """The STS temperatures of --speculative-dspark-confidence-sts-path, if given."""
+    if not spec.confidence_sts_path:
+        return None
+    if model.confidence_head is None:
+        raise ConfigError(f"{spec.confidence_sts_path}: the drafter has no confidence head")
+    return load_sts(spec.confidence_sts_path)
 
 
 def _block_size(spec: SpecConfig, trained: int, window: int | None) -> int:

@@ -129,13 +129,27 @@ TINY_DEEPSEEK_V4: dict[str, Any] = {
 }
 
 
+#: the DSpark drafter keys `make_deepseek_v4_checkpoint(dspark=True)` adds to config.json (three
+#: stages reading the last three layers, as DeepSeek-V4-Flash-DSpark's [40, 41, 42] of 43)
+TINY_V4_DSPARK: dict[str, Any] = {
+    "dspark_block_size": 4,
+    "dspark_target_layer_ids": [1, 2, 3],
+    "dspark_noise_token_id": 511,
+    "dspark_markov_rank": 16,
+}
+
+
 def make_deepseek_v4_checkpoint(
-    out: str | Path, seed: int = 0, mtp: bool = True, **overrides: Any
+    out: str | Path, seed: int = 0, mtp: bool = True, dspark: bool = False, **overrides: Any
 ) -> Path:
     """The issue-16 tiny DeepSeek-V4, built with `transformers` and saved by `save_pretrained`:
     random fp32 weights with the hash table, sinks, compressor position biases, router biases and
     hyper-connection biases randomised too (left at their zero init they hide bugs). `mtp`: add
-    a random `mtp.0.*` layer (which transformers neither builds nor saves) in `mtp.safetensors`."""
+    a random `mtp.0.*` layer (which transformers neither builds nor saves) in `mtp.safetensors`.
+    `dspark`: instead, a random DSpark drafter as DeepSeek-V4-Flash-DSpark ships it (`dspark_*`
+    config keys, `TINY_V4_DSPARK`; stages `mtp.{i}.*` in `dspark.safetensors`)."""
+    if mtp and dspark:
+        raise ValueError("the MTP layer and the DSpark stages both use mtp.* names; pick one")
     from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
 
     out = Path(out)
@@ -155,6 +169,8 @@ def make_deepseek_v4_checkpoint(
     save_tokenizer(out, cfg.vocab_size)
     if mtp:
         _save_random_mtp(out, gen)
+    if dspark:
+        _save_random_dspark(out, gen)
     return out
 
 
@@ -164,13 +180,32 @@ def _save_random_mtp(out: Path, gen: torch.Generator) -> None:
     from specserve.speculative.deepseek_v4_mtp import PREFIX, MTPLayer
 
     layer = MTPLayer(V4Config.from_model_config(ModelConfig.from_pretrained(out)))
-    state = {}
-    for name, p in layer.state_dict().items():
-        if name.endswith("norm.weight"):
-            t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
-        elif name.endswith(("scale", "gate.bias", "attn_sink")):
-            t = 1.0 + 0.5 * torch.randn(p.shape, generator=gen)
-        else:
-            t = 0.05 * torch.randn(p.shape, generator=gen)
-        state[PREFIX + name] = t.contiguous()
+    state = {PREFIX + n: _random_like(n, p, gen) for n, p in layer.state_dict().items()}
     save_file(state, str(out / "mtp.safetensors"))
+
+
+def _save_random_dspark(out: Path, gen: torch.Generator) -> None:
+    from specserve.config import ModelConfig
+    from specserve.models.deepseek_v4 import DeepseekV4ForCausalLM
+    from specserve.speculative.deepseek_v4_dspark import DeepseekV4DSparkModel, V4DSparkConfig
+
+    path = out / "config.json"
+    raw = {**json.loads(path.read_text()), **TINY_V4_DSPARK}
+    path.write_text(json.dumps(raw, indent=2))
+    with torch.device("meta"):
+        target = DeepseekV4ForCausalLM(ModelConfig.from_pretrained(out))
+    model = DeepseekV4DSparkModel(target.v4, V4DSparkConfig.from_raw(raw, str(out)), target)
+    state = {
+        model.checkpoint_name(n): _random_like(n, p, gen) for n, p in model.state_dict().items()
+    }
+    save_file(state, str(out / "dspark.safetensors"))
+
+
+def _random_like(name: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    if name.endswith("norm.weight"):
+        t = 1.0 + 0.1 * torch.randn(p.shape, generator=gen)
+    elif name.endswith(("scale", "gate.bias", "attn_sink")):
+        t = 1.0 + 0.5 * torch.randn(p.shape, generator=gen)
+    else:
+        t = 0.05 * torch.randn(p.shape, generator=gen)
+    return t.contiguous()

@@ -65,7 +65,7 @@ def _llm(path: str, algorithm: str = "NONE", oracle_k: int = 4, **kw) -> LLM:
     llm = LLM(path, max_total_tokens=2048, page_size=8, chunked_prefill_size=16, **kw)
     if algorithm == "ORACLE":
         oracle = OracleDrafter(llm.engine.model, oracle_k)
-        llm.engine.set_speculation(oracle, Planner())
+        llm.engine.set_speculation(oracle, Planner())  # full verify windows
     elif algorithm != "NONE":
         spec = SpecConfig(
             algorithm=algorithm,
