@@ -102,7 +102,7 @@ def create_app(engine: AsyncEngine, config: ServerConfig) -> FastAPI:
     app.state.engine, app.state.metrics, app.state.draining = engine, metrics, False
     _add_error_handlers(app, metrics)
     app.include_router(_info_router(app, config, metrics))
-    generation = _Generation(app, config, metrics)
+    generation = Generation(app, config, metrics)
     app.include_router(generation.router())
     from specserve.server.native_routes import native_router  # it imports this module
 
@@ -161,7 +161,7 @@ def _internal_error(rid: str) -> APIError:
     return APIError(500, f"internal server error (request id {rid})", type_="server_error")
 
 
-def _engine_error(e: Exception, rid: str) -> APIError:
+def engine_error(e: Exception, rid: str) -> APIError:
     """The client's view of why the engine did not (fully) serve a request."""
     if isinstance(e, RequestError):
         return APIError(400, str(e))
@@ -269,7 +269,7 @@ def check_model(config: ServerConfig, name: str | None) -> None:
 
 
 # -- completions and chat ----------------------------------------------------------------------
-class _Generation:
+class Generation:
     """The two generation routes and what they share (with the native routes): checks,
     tokenising, submission, and the streamed or collected response."""
 
@@ -398,7 +398,7 @@ class _Generation:
             include_usage = bool(opts and opts.include_usage)
             fmt.continuous_usage = bool(opts and opts.continuous_usage_stats)
             stream = self._stream(runs, fmt, include_usage, request_id(request.scope))
-            return _EventStream(stream, lambda: _close(runs))
+            return EventStream(stream, lambda: close_runs(runs))
         results = await self.collect(request, runs)
         return Response(status_code=499) if results is None else JSONResponse(fmt.full(results))
 
@@ -417,7 +417,7 @@ class _Generation:
 
     def submit(
         self, prompts: list[list[int]], params: SamplingParams, rid: str, http_id: str
-    ) -> list[_Run]:
+    ) -> list[Run]:
         """Every (prompt, choice) as one engine request, all admitted or none."""
         pairs = [(p, i) for p in range(len(prompts)) for i in range(params.n)]
         subs = [replace(params, n=1, seed=choice_seed(params.seed, i)) for _, i in pairs]
@@ -427,27 +427,27 @@ class _Generation:
                 [prompts[p] for p, _ in pairs], subs, ids, self.config.queue_timeout
             )
         except Exception as e:
-            raise _engine_error(e, http_id) from None
-        return [_Run(s, i, pairs[i][0], self.metrics) for i, s in enumerate(streams)]
+            raise engine_error(e, http_id) from None
+        return [Run(s, i, pairs[i][0], self.metrics) for i, s in enumerate(streams)]
 
-    async def collect(self, request: Request, runs: list[_Run]) -> list[Result] | None:
+    async def collect(self, request: Request, runs: list[Run]) -> list[Result] | None:
         """Every run's result; None if the client went away (the runs are aborted)."""
         watcher = _DisconnectWatch(request, runs)
         try:
             results = [await r.collect() for r in runs]
         except Exception as e:
-            raise _engine_error(e, request_id(request.scope)) from None
+            raise engine_error(e, request_id(request.scope)) from None
         finally:
             await watcher.stop()
-            _close(runs)
+            close_runs(runs)
         return None if watcher.disconnected else results
 
     async def _stream(
-        self, runs: list[_Run], fmt: Format, include_usage: bool, http_id: str
+        self, runs: list[Run], fmt: Format, include_usage: bool, http_id: str
     ) -> AsyncIterator[str]:
         queue: asyncio.Queue = asyncio.Queue()
 
-        async def pump(run: _Run) -> None:
+        async def pump(run: Run) -> None:
             try:
                 async for out in run.stream:
                     run.observe(out)
@@ -466,7 +466,7 @@ class _Generation:
                 if item is None:
                     pending -= 1
                 elif isinstance(item, Exception):
-                    yield sse(_engine_error(item, http_id).body())
+                    yield sse(engine_error(item, http_id).body())
                 elif (piece := fmt.chunk(run.index, item, run.result.prompt_index)) is not None:
                     if fmt.continuous_usage:
                         piece["usage"] = fmt.running_usage(item)
@@ -478,14 +478,14 @@ class _Generation:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            _close(runs)
+            close_runs(runs)
 
 
 def sse(obj: dict) -> str:
     return f"data: {json.dumps(obj, separators=(',', ':'))}\n\n"
 
 
-class _EventStream(StreamingResponse):
+class EventStream(StreamingResponse):
     """An SSE response that runs `on_close` however it ends, even if the body never started."""
 
     def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
@@ -499,7 +499,7 @@ class _EventStream(StreamingResponse):
             self.on_close()
 
 
-class _Run:
+class Run:
     """One choice: its engine stream plus timing for the latency histograms."""
 
     def __init__(
@@ -537,7 +537,7 @@ class _Run:
         return self.result
 
 
-def _close(runs: list[_Run]) -> None:
+def close_runs(runs: list[Run]) -> None:
     for r in runs:
         r.stream.close()
 
@@ -545,14 +545,14 @@ def _close(runs: list[_Run]) -> None:
 class _DisconnectWatch:
     """Aborts a non-streaming request when its client disconnects (polled, as vLLM does)."""
 
-    def __init__(self, request: Request, runs: list[_Run], interval: float = 0.1) -> None:
+    def __init__(self, request: Request, runs: list[Run], interval: float = 0.1) -> None:
         self.disconnected = False
 
         async def watch() -> None:
             while not await request.is_disconnected():
                 await asyncio.sleep(interval)
             self.disconnected = True
-            _close(runs)
+            close_runs(runs)
 
         self.task = asyncio.create_task(watch())
 

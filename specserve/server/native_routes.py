@@ -1,7 +1,7 @@
 """SGLang's native routes (`/generate`, `/get_model_info`, `/flush_cache`, `/health_generate`,
 `/version`) and vLLM's `/tokenize` and `/detokenize`, in the shapes those projects' clients read.
 
-They share the OpenAI routes' machinery (`api._Generation`): the same checks, admission,
+They share the OpenAI routes' machinery (`api.Generation`): the same checks, admission,
 tokenising off the event loop, `AsyncEngine.add`, the API key and the OpenAI error body.
 """
 
@@ -23,12 +23,12 @@ from specserve.core import SamplingParams, SamplingParamsError
 from specserve.engine.tokenizer import ChatTemplateError, Tokenizer
 from specserve.server.api import (
     APIError,
-    _close,
-    _engine_error,
-    _EventStream,
-    _Generation,
-    _Run,
+    EventStream,
+    Generation,
+    Run,
     check_model,
+    close_runs,
+    engine_error,
     sse,
 )
 from specserve.server.formats import Result
@@ -39,11 +39,17 @@ HEALTH_TIMEOUT_S = 20.0
 HEALTH_PARAMS = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
 
 
-def native_router(gen: _Generation) -> APIRouter:
+def native_router(gen: Generation) -> APIRouter:
     router = APIRouter()
-    engine, config = gen.engine, gen.config
-    eng = engine.engine  # only what is fixed at start-up is read here (config, tokenizer)
-    tok = eng.tokenizer
+    _generate_route(router, gen)
+    _engine_routes(router, gen)
+    _tokenizer_routes(router, gen)
+    return router
+
+
+def _generate_route(router: APIRouter, gen: Generation) -> None:
+    """SGLang's `/generate`: one prompt or a batch, streamed or collected."""
+    config, tok = gen.config, gen.engine.engine.tokenizer
 
     @router.post("/generate")
     async def generate(body: GenerateRequest, request: Request) -> Response:
@@ -65,25 +71,31 @@ def native_router(gen: _Generation) -> APIRouter:
         runs = gen.submit(ids, params, body.rid or uuid.uuid4().hex, http_id)
         fmt = _GenerateFormat(tok, body, max(start, 0))
         if body.stream:
-            return _EventStream(_stream(runs[0], fmt, http_id), lambda: _close(runs))
+            return EventStream(_stream(runs[0], fmt, http_id), lambda: close_runs(runs))
         results = await gen.collect(request, runs)
         if results is None:
             return Response(status_code=499)
         bodies = [fmt.body(r, time.monotonic() - runs[0].start) for r in results]
         return JSONResponse(bodies[0] if len(bodies) == 1 else bodies)
 
-    async def _stream(run: _Run, fmt: _GenerateFormat, http_id: str) -> AsyncIterator[str]:
-        try:
-            async for out in run.stream:
-                run.observe(out)
-                if out.new_text or out.finished or out.new_token_ids:
-                    yield sse(fmt.body(run.result, time.monotonic() - run.start))
-        except Exception as e:
-            yield sse(_engine_error(e, http_id).body())
-        finally:
-            run.stream.close()
-        yield "data: [DONE]\n\n"
 
+async def _stream(run: Run, fmt: _GenerateFormat, http_id: str) -> AsyncIterator[str]:
+    try:
+        async for out in run.stream:
+            run.observe(out)
+            if out.new_text or out.finished or out.new_token_ids:
+                yield sse(fmt.body(run.result, time.monotonic() - run.start))
+    except Exception as e:
+        yield sse(engine_error(e, http_id).body())
+    finally:
+        run.stream.close()
+    yield "data: [DONE]\n\n"
+
+
+def _engine_routes(router: APIRouter, gen: Generation) -> None:
+    """`/get_model_info`, `/flush_cache`, `/health_generate`, `/version`."""
+    engine = gen.engine
+    eng = engine.engine  # only what is fixed at start-up is read here (config, tokenizer)
     model_info_body = _model_info(eng.config.model_path)
 
     @router.get("/get_model_info")
@@ -98,7 +110,7 @@ def native_router(gen: _Generation) -> APIRouter:
                 lambda: not eng.has_unfinished() and eng.block_manager.flush_prefix_cache()
             )
         except Exception as e:  # a dead loop is a 503, like every route's
-            raise _engine_error(e, request_id(request.scope)) from None
+            raise engine_error(e, request_id(request.scope)) from None
         if not done:
             raise APIError(400, "cache not flushed: requests are running or waiting")
         return Response("Cache flushed.\n", media_type="text/plain")
@@ -106,7 +118,7 @@ def native_router(gen: _Generation) -> APIRouter:
     @router.get("/health_generate")
     async def health_generate() -> Response:
         """Healthy when the engine generates one token within HEALTH_TIMEOUT_S."""
-        runs: list[_Run] = []
+        runs: list[Run] = []
         try:
             gen.check_admission(1)
             runs = gen.submit([[0]], HEALTH_PARAMS, f"health-{uuid.uuid4().hex}", "")
@@ -115,12 +127,18 @@ def native_router(gen: _Generation) -> APIRouter:
             msg = e.message if isinstance(e, APIError) else str(e) or type(e).__name__
             raise APIError(503, f"the engine did not generate: {msg}", "server_error") from None
         finally:
-            _close(runs)
+            close_runs(runs)
         return Response(status_code=200)
 
     @router.get("/version")
     async def version() -> dict:
         return {"version": __version__}
+
+
+def _tokenizer_routes(router: APIRouter, gen: Generation) -> None:
+    """vLLM's `/tokenize` and `/detokenize`."""
+    config, eng = gen.config, gen.engine.engine
+    tok = eng.tokenizer
 
     @router.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict:
@@ -145,8 +163,6 @@ def native_router(gen: _Generation) -> APIRouter:
         if any(not 0 <= t < vocab for t in body.tokens):
             raise APIError(400, f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": await asyncio.to_thread(tok.decode, body.tokens)}
-
-    return router
 
 
 def _model_info(model_path: str) -> dict[str, Any]:
