@@ -53,7 +53,10 @@ class Scheduler:
                 continue
             decoding = not req.in_prefill
             n = 1 if decoding else min(req.num_tokens - req.num_computed_tokens, budget)
-            look = min(num_lookahead, max(0, budget - n)) if decoding else 0
+            # drafts past the last token the request may produce would only run positions
+            # beyond its context (and past the model's RoPE table at the context's edge)
+            left = req.max_new_tokens - len(req.output_token_ids) - 1
+            look = min(num_lookahead, max(0, budget - n), max(0, left)) if decoding else 0
             if n <= 0 or n + look > budget:
                 continue
             if not self._allocate_or_preempt(req, req.num_computed_tokens + n + look, preempted):

@@ -53,6 +53,22 @@ def test_decode_reserves_lookahead_for_draft_tokens():
     assert len(a.block_table) == 3
 
 
+def test_lookahead_stops_at_the_last_token_the_request_may_produce():
+    """A request 2 tokens from max_tokens gets room for 1 draft (1 accepted + the bonus token
+    end it): a second could only run a position past its end, and past the model's RoPE table
+    when the request ends at the context's edge."""
+    sched = _scheduler()
+    a = _req(5, "a")  # max_tokens 8
+    sched.add(a)
+    _commit(sched.schedule(num_lookahead=3)[0])  # the prompt's KV
+    a.output_token_ids.extend([7] * 6)  # 6 of 8 produced, all but the last have KV
+    a.num_computed_tokens += 5
+    assert sched.schedule(num_lookahead=3)[0][0].num_lookahead == 1
+    a.output_token_ids.append(7)  # 7 of 8: the next token is the last, nothing to draft
+    a.num_computed_tokens += 1
+    assert sched.schedule(num_lookahead=3)[0][0].num_lookahead == 0
+
+
 def test_running_limit_keeps_the_rest_waiting():
     sched = _scheduler(running=2)
     for rid in "abc":

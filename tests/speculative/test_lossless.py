@@ -121,6 +121,20 @@ def test_eos_inside_accepted_block(bundle, reference, tmp_path):
     assert_kv_baseline(llm)
 
 
+def test_request_ending_at_the_context_edge(bundle, tmp_path):
+    """prompt + max_tokens = the model's whole context: drafts must stop at the last token the
+    request may produce (a draft past it would run a position the RoPE table does not have)."""
+    prompt = PROMPTS[2]  # 30 tokens
+    target = make_checkpoint(tmp_path / "t", seed=0, max_position_embeddings=64)
+    params = SamplingParams(max_tokens=64 - len(prompt), temperature=0, ignore_eos=True)
+    want = make_llm(bundle, target=target).generate(prompt, params)[0].outputs[0]
+    llm = make_llm(bundle, target=target)
+    llm.engine.set_speculation(OracleDrafter(llm.engine.model, BLOCK), llm.engine.planner)
+    got = llm.generate(prompt, params)[0].outputs[0]
+    assert got.token_ids == want.token_ids and len(got.token_ids) == 64 - len(prompt)
+    assert_kv_baseline(llm)
+
+
 @pytest.mark.parametrize("algorithm", ["DSPARK", "NEXTN"])
 def test_preemption_under_speculation(bundle, reference, algorithm):
     llm = make_llm(bundle, algorithm, max_total_tokens=128, page_size=16)
