@@ -73,7 +73,9 @@ class DFlashDrafter(Drafter):
         if not live:
             return out
         reqs = [requests[i] for i in live]
-        k = max(ks[i] for i in live)
+        # Always the whole block, as trained: slots attend to each other both ways, so a shorter
+        # block would change the drafts of the slots kept. A request with less room keeps fewer.
+        k = self.block_size
         dev = self.model.device
         anchor = torch.tensor([r.last_token_id for r in reqs], device=dev)
         hidden = self.model.draft_hidden(

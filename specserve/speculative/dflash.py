@@ -231,4 +231,7 @@ class DFlashDraftModel(BlockDrafting, nn.Module):
         mask = draft_mask(lens, ctx[0][0].shape[1] if ctx else 0, k)
         x = self.block_embeddings(anchor_tokens, k)
         positions = anchor_positions[:, None] + torch.arange(k, device=dev)
+        # A request near the end of the context keeps fewer than k slots (the scheduler gives it
+        # no room past its last token); its extra slots, discarded, stay inside the RoPE table.
+        positions = positions.clamp(max=self.rotary.cos.shape[0] - 1)
         return self.backbone(x, positions, ctx, mask)

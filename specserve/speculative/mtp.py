@@ -111,7 +111,8 @@ class MTPModule(nn.Module):
         steps = [pick(self.compute_logits(hidden))]
         for s in range(1, k):
             x = self.combine(steps[-1][0], hidden).reshape(-1, hidden.shape[-1])
-            pos = (anchor_positions + s - 1).reshape(-1)
+            # past a request's own lookahead (discarded) a step stays inside the RoPE table
+            pos = (anchor_positions + s - 1).clamp(max=self.rotary.cos.shape[0] - 1).reshape(-1)
             hidden = self.layer(x, pos, ctx).view(hidden.shape)
             steps.append(pick(self.compute_logits(hidden)))
         dim = anchor_positions.dim()

@@ -82,6 +82,17 @@ def test_inference_path_matches_training_forward():
     torch.testing.assert_close(h[1], alone[0], atol=1e-5, rtol=1e-5)
 
 
+def test_a_block_at_the_end_of_the_context_drafts():
+    """The batch drafts k slots for every request; one whose anchor sits near the last position
+    the model has must not index past its RoPE table (its extra slots are discarded)."""
+    m = _dspark()
+    last = TARGET["max_position_embeddings"] - 1
+    ctx = [m.context_kv(torch.randn(5, 64), torch.arange(last - 6, last - 1))]
+    ctx = [tuple(t for t in layer) for layer in ctx[0]]
+    h = m.draft_hidden(torch.tensor([7]), torch.tensor([last - 1]), [ctx], 4)
+    assert h.shape == (1, 4, 32) and torch.isfinite(h).all()
+
+
 def test_mtp_incremental_equals_causal():
     torch.manual_seed(0)
     mtp = MTPModule(ModelConfig.from_dict(TARGET)).eval()
