@@ -213,14 +213,16 @@ def test_sts_temperatures_calibrate_its_confidence_head(v4d, reference, tmp_path
 
     def spy(requests, max_tokens):
         out = propose(requests, max_tokens)
-        seen.extend(p.confidences for p in out if p.tokens)
+        seen.extend((len(p.tokens), p.confidences) for p in out if p.tokens)
         return out
 
     drafter.propose = spy
     llm.engine.set_speculation(drafter, planner)
     outs = llm.generate(PROMPTS[:1], _greedy([12]))
     assert outs[0].outputs[0].token_ids == reference[0][:12]
-    assert seen and all(c.shape == (BLOCK,) and bool(((c > 0) & (c < 1)).all()) for c in seen)
+    # one confidence per kept draft; whole blocks until the request's end leaves less room
+    assert any(n == BLOCK for n, _ in seen)
+    assert all(c.shape == (n,) and bool(((c > 0) & (c < 1)).all()) for n, c in seen)
 
 
 # -- fit checks and folders ------------------------------------------------------------------------
@@ -399,9 +401,12 @@ def peaked(tmp_path_factory):
 
 def _samples(path: str, algorithm: str, n: int = 200) -> tuple[list, LLM]:
     llm = _llm(path, algorithm, "full", max_running_requests=128)
-    params = [SamplingParams(max_tokens=3, temperature=1.0, seed=10_000 + i) for i in range(n)]
+    # room for one whole block after the prefill's token: no drafts past a request's last token
+    params = [
+        SamplingParams(max_tokens=BLOCK + 2, temperature=1.0, seed=10_000 + i) for i in range(n)
+    ]
     outs = llm.generate([PROMPTS[0]] * n, params)
-    return [tuple(o.outputs[0].token_ids[1:3]) for o in outs], llm  # verify-pass tokens
+    return [tuple(o.outputs[0].token_ids[1:3]) for o in outs], llm  # first verify pass
 
 
 def _p_value(a: list, b: list) -> float:
