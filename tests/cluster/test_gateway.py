@@ -16,6 +16,27 @@ from .harness import PASSWORD, free_port, items
 from .test_store import app_client
 
 
+def read_whole_request(conn: socket.socket) -> None:
+    """Read one HTTP request (headers, then Content-Length bytes of body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(body) < length:
+        chunk = conn.recv(65536)
+        if not chunk:
+            return
+        body += chunk
+
+
 @pytest.fixture
 def hang_up_port() -> Iterator[int]:
     """A port whose server accepts each connection and closes it without answering."""
@@ -29,7 +50,7 @@ def hang_up_port() -> Iterator[int]:
                 conn, _ = srv.accept()
             except TimeoutError:
                 continue
-            conn.recv(65536)
+            read_whole_request(conn)  # unread bytes would make close() send a reset
             conn.close()
 
     t = threading.Thread(target=serve, daemon=True)
