@@ -74,9 +74,10 @@ def copy_bandwidth() -> float:
     return 2 * a.numel() * 4 / dt
 
 
-def ours_decode(path: str, batch: int, tokens: int) -> float:
+def ours_decode(path: str, batch: int, tokens: int, backend: str) -> float:
     llm = LLM(
         path,
+        attention_backend=backend,
         max_total_tokens=max(4096, batch * (tokens + 64)),
         page_size=16,
         max_running_requests=max(batch, 1),
@@ -115,11 +116,13 @@ class Cell:
         self.queries = [1 if step == "prefill 512" and i else self.width for i in range(batch)]
         self.path = path
 
-    def ours(self) -> tuple[ModelRunner, list[BatchSeq]]:
+    def ours(self, backend: str = "torch") -> tuple[ModelRunner, list[BatchSeq]]:
         model, _ = load_model(self.path)
         model.fuse()
         per = -(-(self.context + self.width) // PAGE)
-        runner = ModelRunner(model, self.batch * per, PAGE, torch.float32, "cpu")
+        runner = ModelRunner(
+            model, self.batch * per, PAGE, torch.float32, "cpu", attention_backend=backend
+        )
         for layer in runner.kv_cache:
             layer.normal_()
         seqs = [
@@ -183,38 +186,38 @@ def timed(fn, reps: int) -> list[float]:
 
 
 @torch.inference_mode()
-def run_cell(cell: Cell, reps: int, with_hf: bool) -> str:
-    """Arms alternated with a copy-bandwidth sample each round (the load on a shared machine
-    moves); the floor uses the best bandwidth seen, the ratio the best step time."""
-    runner, seqs = cell.ours()
-    hf_step = cell.hf() if with_hf else None
-    ours_fn = lambda: runner.forward(seqs)  # noqa: E731
-    ours_fn()
-    if hf_step:
-        hf_step()
-    ours_t, hf_t, bws = [], [], []
+def run_cell(cell: Cell, reps: int, with_hf: bool, backends: list[str]) -> str:
+    """Arms (each attention backend, then `transformers`) alternated with a copy-bandwidth
+    sample each round (the load on a shared machine moves); the floor uses the best bandwidth
+    seen, each ratio the best step time."""
+    arms = []
+    for b in backends:
+        runner, seqs = cell.ours(b)
+        arms.append(lambda r=runner, s=seqs: r.forward(s))
+    if with_hf:
+        arms.append(cell.hf())
+    for fn in arms:
+        fn()
+    times: list[list[float]] = [[] for _ in arms]
+    bws = []
     for _ in range(reps):
-        ours_t += timed(ours_fn, 1)
-        if hf_step:
-            hf_t += timed(hf_step, 1)
+        for fn, t in zip(arms, times, strict=True):
+            t += timed(fn, 1)
         bws.append(copy_bandwidth())
     floor = cell.bytes_read(runner) / max(bws)
-    o_min, o_med = min(ours_t), statistics.median(ours_t)
-    line = (
-        f"| {cell.batch} | {cell.context} | {cell.step} | {1e3 * o_min:.2f} / {1e3 * o_med:.2f} "
-        f"| {max(bws) / 1e9:.1f} | {1e3 * floor:.2f} | {o_min / floor:.1f}x |"
-    )
-    if hf_t:
-        h_min, h_med = min(hf_t), statistics.median(hf_t)
-        line += f" {1e3 * h_min:.2f} / {1e3 * h_med:.2f} | {h_min / o_min:.2f}x |"
-    else:
-        line += " — | — |"
+    line = f"| {cell.batch} | {cell.context} | {cell.step} | {max(bws) / 1e9:.1f} | {1e3 * floor:.2f} |"
+    for t in times[: len(backends)]:
+        line += f" {1e3 * min(t):.2f} / {1e3 * statistics.median(t):.2f} | {min(t) / floor:.1f}x |"
+    if with_hf:
+        best = min(min(t) for t in times[: len(backends)])
+        h = times[-1]
+        line += f" {1e3 * min(h):.2f} / {1e3 * statistics.median(h):.2f} | {min(h) / best:.2f}x |"
     return line
 
 
-def op_profile(cell: Cell, steps: int = 5) -> str:
+def op_profile(cell: Cell, backend: str, steps: int = 5) -> str:
     """Top-level torch ops per step and the share of wall time outside them (Python)."""
-    runner, seqs = cell.ours()
+    runner, seqs = cell.ours(backend)
     runner.forward(seqs)
     t = time.perf_counter()
     with profile() as prof:
@@ -224,7 +227,8 @@ def op_profile(cell: Cell, steps: int = 5) -> str:
     top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
     in_ops = sum(e.cpu_time_total for e in top) / 1e6
     return (
-        f"profile b{cell.batch} ctx{cell.context} {cell.step}: {len(top) / steps:.0f} ops/step, "
+        f"profile {backend} b{cell.batch} ctx{cell.context} {cell.step}: "
+        f"{len(top) / steps:.0f} ops/step, "
         f"{1 - in_ops / wall:.0%} of the (profiled) step outside torch ops"
     )
 
@@ -244,8 +248,12 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="alternated timings per arm and cell")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers in the grid")
     ap.add_argument("--profile", action="store_true", help="ops per decode step")
+    ap.add_argument(
+        "--attention-backends", default="torch,cpp", help="ours: one arm per backend, side by side"
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    backends = args.attention_backends.split(",")
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' cache argument
     batches, contexts = ((1, 10), (1024,)) if args.quick else ((1, 10, 32), (64, 1024, 2048))
     steps = ("decode", "verify 8") if args.quick else tuple(STEPS)
@@ -257,19 +265,27 @@ def main() -> None:
             n_params = sum(p.numel() for p in model.parameters())
             del model
             print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, fp32")
-            ours, hf = ours_decode(path, 1, args.tokens), hf_decode(path, args.tokens)
-            print(f"batch-1 greedy decode: ours {ours:.1f} tok/s, transformers {hf:.1f} tok/s, "
-                  f"ratio {ours / hf:.2f}x")  # fmt: skip
+            for _ in range(2):  # A B A B
+                hf = hf_decode(path, args.tokens)
+                for b in backends:
+                    ours = ours_decode(path, 1, args.tokens, b)
+                    print(f"batch-1 greedy decode: ours ({b}) {ours:.1f} tok/s, transformers "
+                          f"{hf:.1f} tok/s, ratio {ours / hf:.2f}x", flush=True)  # fmt: skip
             if args.profile:
-                print(op_profile(Cell(path, 10, 1024, "decode")))
-            print("| batch | context | step | ours ms min / median | copy GB/s | floor ms "
-                  "| ours / floor | transformers ms min / median | transformers / ours |")  # fmt: skip
-            print("|---|---|---|---|---|---|---|---|---|")
+                for b in backends:
+                    print(op_profile(Cell(path, 10, 1024, "decode"), b))
+            head = "| batch | context | step | copy GB/s | floor ms |"
+            for b in backends:
+                head += f" {b} ms min / median | {b} / floor |"
+            if not args.no_hf:
+                head += " transformers ms min / median | transformers / best ours |"
+            print(head)
+            print("|---" * (head.count("|") - 1) + "|")
             for b in batches:
                 for c in contexts:
                     for st in steps:
                         cell = Cell(path, b, c, st)
-                        print(run_cell(cell, args.reps, not args.no_hf), flush=True)
+                        print(run_cell(cell, args.reps, not args.no_hf, backends), flush=True)
 
 
 if __name__ == "__main__":

@@ -252,6 +252,8 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}")
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ConfigError(f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}")
+        if self.attention_backend == "cpp" and not self.device.startswith("cpu"):
+            raise ConfigError("--attention-backend cpp runs on the CPU; use torch on --device cuda")
         if self.num_threads is not None and self.num_threads <= 0:
             raise ConfigError("--num-threads must be positive")
         if self.device.split(":")[0] not in ("cpu", "cuda"):

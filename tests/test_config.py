@@ -23,6 +23,11 @@ def test_bad_engine_options_name_the_flag(field, value, flag):
         EngineConfig(model_path="m", **{field: value})
 
 
+def test_cpp_attention_backend_refuses_cuda():
+    with pytest.raises(ConfigError, match="--attention-backend cpp runs on the CPU"):
+        EngineConfig(model_path="m", device="cuda", attention_backend="cpp")
+
+
 def test_num_threads_sets_torch_threads(tiny_model_path):
     before = torch.get_num_threads()
     try:

@@ -95,7 +95,28 @@ class TorchBackend(AttentionBackend):
         return PagedAttention(cache, batch)
 
 
-ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend}
+class CppBackend(TorchBackend):
+    """`TorchBackend`'s cache, with decode steps and verify windows attended by a compiled CPU
+    kernel (`specserve/kernels`) that reads each page in place with an online softmax: no
+    gather, no mask. Prefill chunks keep the PyTorch path (SDPA's flash kernel)."""
+
+    def __init__(self) -> None:
+        from specserve import kernels
+
+        kernels.load()
+
+    def allocate(self, num_layers, num_blocks, page_size, num_kv_heads, head_dim, dtype, device):
+        if torch.device(device).type != "cpu":
+            raise ValueError("--attention-backend cpp runs on the CPU only; use torch on GPUs")
+        return super().allocate(
+            num_layers, num_blocks, page_size, num_kv_heads, head_dim, dtype, device
+        )
+
+    def context(self, cache, batch):
+        return KernelPagedAttention(cache, batch)
+
+
+ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "cpp": CppBackend}
 
 
 def make_attention_backend(name: str) -> AttentionBackend:
@@ -202,23 +223,36 @@ class PagedAttention(AttentionContext):
 
     def attend(self, layer_idx, q, k, v):
         cache = self.cache[layer_idx]
+        self._write(cache, k, v)
+        if self.groups[0].rows is None:  # one group, the whole batch: plain reshapes
+            grp = self.groups[0]
+            qg = q.view(*grp.shape, *q.shape[1:])
+            return self._attend_group(grp, qg, k, v, cache).view(q.shape)
+        out = q.new_empty(q.shape)
+        self._attend_groups(q, k, v, cache, out)
+        return out
+
+    def _write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The new tokens' K/V into their slots: one `index_copy_`."""
         d = cache.shape[-1]
         new = torch.stack([k, v]).to(cache.dtype).transpose(1, 2)  # [2, kv, N, d]
         cache.view(-1, d).index_copy_(0, self.write_rows, new.reshape(-1, d))
-        h = q.shape[1]
-        if self.groups[0].rows is None:  # one group, the whole batch: plain reshapes
-            grp = self.groups[0]
-            return self._attend_group(grp, q.view(*grp.shape, h, d), k, v, cache).view(-1, h, d)
+
+    def _attend_groups(self, q, k, v, cache, out) -> None:
+        h, d = q.shape[1:]
         q_pad = torch.cat([q, q.new_zeros(1, h, d)]) if self.padded else q
-        out = q.new_empty(q.shape)
         for grp in self.groups:
+            if grp.rows is None:  # the whole batch, in order
+                out.copy_(
+                    self._attend_group(grp, q.view(*grp.shape, h, d), k, v, cache).view(q.shape)
+                )
+                continue
             qg = q_pad.index_select(0, grp.rows.view(-1)).view(*grp.shape, h, d)
             o = self._attend_group(grp, qg, k, v, cache).reshape(-1, h, d)
             if grp.out_index is None:
                 out.index_copy_(0, grp.out_rows, o)
             else:
                 out[grp.out_rows] = o[grp.out_index]
-        return out
 
     @staticmethod
     def _attend_group(grp: _Group, qg, k, v, cache) -> torch.Tensor:
@@ -246,3 +280,39 @@ class PagedAttention(AttentionContext):
             enable_gqa=True,
         )
         return o.transpose(1, 2)
+
+
+class KernelPagedAttention(PagedAttention):
+    """`CppBackend`'s context: every short query (decode, verify window) in one kernel call per
+    layer over the pages in place; long queries (prefill chunks) grouped as in `PagedAttention`."""
+
+    def __init__(self, cache: list[torch.Tensor], batch: PagedBatch) -> None:
+        short = (batch.query_lens <= self.SHORT_QUERY).nonzero().squeeze(1)
+        starts = torch.cumsum(batch.query_lens, 0) - batch.query_lens
+        self.kernel_args = None
+        if len(short):
+            self.kernel_args = tuple(
+                x.contiguous()
+                for x in (batch.block_tables[short], starts[short], batch.query_lens[short],
+                          batch.kv_lens[short])
+            )  # fmt: skip
+        super().__init__(cache, batch)
+
+    def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
+        qlens = batch.query_lens.tolist()
+        return [torch.tensor([i]) for i, q in enumerate(qlens) if q > self.SHORT_QUERY]
+
+    def attend(self, layer_idx, q, k, v):
+        cache = self.cache[layer_idx]
+        self._write(cache, k, v)
+        dtype = q.dtype
+        q, k, v = (x.to(cache.dtype) for x in (q, k, v))  # no-ops unless the cache is narrower
+        out = q.new_empty(q.shape)
+        if self.kernel_args is not None:
+            scale = q.shape[-1] ** -0.5
+            torch.ops.specserve.paged_attention(
+                out, q.contiguous(), cache, *self.kernel_args, scale
+            )
+        if self.groups:
+            self._attend_groups(q, k, v, cache, out)
+        return out.to(dtype)

@@ -119,7 +119,10 @@ def _add_runtime_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
-        "--attention-backend", default="torch", help="paged attention kernels (torch: any device)"
+        "--attention-backend",
+        default="torch",
+        help="paged attention: torch (pure PyTorch, any device) or cpp (a C++ kernel for "
+        "decode and verify steps on the CPU, compiled with g++ on first use)",
     )
     p.add_argument(
         "--num-threads",

@@ -12,6 +12,8 @@ from specserve.llm import LLM
 from specserve.models.attention import CausalAttention, PagedAttention
 from specserve.models.loader import load_model
 
+BACKENDS = pytest.mark.parametrize("backend", ["torch", "cpp"])  # --attention-backend
+
 
 def _hf(path: str):
     return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
@@ -30,12 +32,10 @@ def test_prefill_logits_match(which, request):
     assert (got - want).abs().max().item() <= 1e-4
 
 
-def test_paged_decode_logits_match(tiny_model_path):
+@BACKENDS
+def test_paged_decode_logits_match(tiny_model_path, backend):
     """Chunked prefill then one-token decode steps through the paged cache equal HF's logits."""
-    ours, _ = load_model(tiny_model_path)
-    ours.fuse()
-    ref = _hf(tiny_model_path)
-    runner = ModelRunner(ours, num_blocks=16, page_size=4, dtype=torch.float32, device="cpu")
+    runner, ref = _paged(tiny_model_path, 16, 4, backend)
     ids = torch.randint(0, 512, (30,), generator=torch.Generator().manual_seed(1)).tolist()
     blocks = list(range(8))
     with torch.no_grad():
@@ -65,11 +65,12 @@ def test_hidden_state_capture_matches_hf(tiny_model_path):
     assert (out.captured - want).abs().max().item() <= 1e-4
 
 
+@BACKENDS
 @pytest.mark.parametrize("which", ["tiny_model_path", "tiny_llama_path"])
-def test_greedy_generation_is_token_identical(which, request):
+def test_greedy_generation_is_token_identical(which, backend, request):
     path = request.getfixturevalue(which)
     ref = _hf(path)
-    llm = LLM(path, max_total_tokens=4096, page_size=8)
+    llm = LLM(path, max_total_tokens=4096, page_size=8, attention_backend=backend)
     prompts = [[5, 17, 300, 42], list(range(100, 133))]
     outs = llm.generate(prompts, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
     for prompt, out in zip(prompts, outs, strict=True):
@@ -80,10 +81,13 @@ def test_greedy_generation_is_token_identical(which, request):
         assert out.outputs[0].token_ids == ids[len(prompt) :]
 
 
-def _paged(path: str, num_blocks: int = 64, page_size: int = 4):
+def _paged(path: str, num_blocks: int = 64, page_size: int = 4, backend: str = "torch"):
     ours, _ = load_model(path)
     ours.fuse()
-    return ModelRunner(ours, num_blocks, page_size, dtype=torch.float32, device="cpu"), _hf(path)
+    runner = ModelRunner(
+        ours, num_blocks, page_size, torch.float32, "cpu", attention_backend=backend
+    )
+    return runner, _hf(path)
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -95,10 +99,11 @@ def _hf_logits(ref, ids: list[int]) -> torch.Tensor:
         return ref(torch.tensor([ids])).logits[0]
 
 
-def test_chunked_prefill_after_prefix_hit_matches_hf(tiny_model_path):
+@BACKENDS
+def test_chunked_prefill_after_prefix_hit_matches_hf(tiny_model_path, backend):
     """A second sequence shares the first one's full prefix pages and prefills the rest in one
     long chunk that reads those pages from the cache."""
-    runner, ref = _paged(tiny_model_path)
+    runner, ref = _paged(tiny_model_path, backend=backend)
     prefix, a_tail, b_tail = _ids(24, 3), _ids(5, 4), _ids(21, 5)
     a_blocks, b_blocks = list(range(10, 18)), [10, 11, 12, 13, 14, 15, *range(30, 36)]
     runner.forward([BatchSeq(prefix + a_tail, 0, a_blocks, 29)])
@@ -107,15 +112,18 @@ def test_chunked_prefill_after_prefix_hit_matches_hf(tiny_model_path):
     assert (got - want).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("group_bytes", [PagedAttention.GROUP_BYTES, 1])
+@pytest.mark.parametrize(
+    ("backend", "group_bytes"),
+    [("torch", PagedAttention.GROUP_BYTES), ("torch", 1), ("cpp", PagedAttention.GROUP_BYTES)],
+)
 def test_mixed_verify_windows_and_prefill_in_one_batch_match_hf(
-    tiny_model_path, group_bytes, monkeypatch
+    tiny_model_path, backend, group_bytes, monkeypatch
 ):
     """Decode, verify windows of several lengths and a prefill chunk, on contexts of very
     different lengths (several length buckets), in one forward; with a tiny `GROUP_BYTES`
     every sequence is attended in a group of its own."""
     monkeypatch.setattr(PagedAttention, "GROUP_BYTES", group_bytes)
-    runner, ref = _paged(tiny_model_path, num_blocks=301)
+    runner, ref = _paged(tiny_model_path, num_blocks=301, backend=backend)
     contexts = [_ids(n, 10 + n) for n in (7, 150, 31, 3, 160, 64)]
     windows = [1, 16, 4, 9, 1, 20]
     tables = [list(range(1 + 50 * i, 51 + 50 * i)) for i in range(len(contexts))]
@@ -132,10 +140,11 @@ def test_mixed_verify_windows_and_prefill_in_one_batch_match_hf(
     assert (got - torch.cat(want)).abs().max().item() <= 1e-4
 
 
-def test_logits_after_rollback_match_hf(tiny_model_path):
+@BACKENDS
+def test_logits_after_rollback_match_hf(tiny_model_path, backend):
     """A verify window is rejected after 3 tokens; the next, shorter window overwrites only
     part of the rejected slots and must not see the stale K/V left behind."""
-    runner, ref = _paged(tiny_model_path)
+    runner, ref = _paged(tiny_model_path, backend=backend)
     ctx, rejected, accepted = _ids(13, 20), _ids(8, 21), _ids(2, 22)
     table = list(range(5, 15))
     runner.forward([BatchSeq(ctx, 0, table, 13)])

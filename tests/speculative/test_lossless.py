@@ -62,6 +62,16 @@ def test_greedy_identical_to_plain(bundle, reference, algorithm, policy):
         assert_kv_baseline(single)
 
 
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_greedy_identical_with_the_cpp_attention_kernel(bundle, reference, algorithm):
+    """Verify windows, rollbacks and joins through `--attention-backend cpp` against plain
+    decoding on the pure PyTorch backend."""
+    llm = make_llm(bundle, algorithm, attention_backend="cpp")
+    assert _run_waves(llm, PROMPTS, _params()) == reference
+    assert_kv_baseline(llm)
+    assert llm.engine.stats.num_draft_tokens > 0
+
+
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_exact_copy_of_target_is_always_accepted(bundle, temperature):
     llm = make_llm(bundle)

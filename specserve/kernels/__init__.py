@@ -1,0 +1,57 @@
+"""Compiled CPU kernels, built on first use with the machine's C++ compiler.
+
+`load()` compiles `paged_attention.cpp` with `torch.utils.cpp_extension` (ninja and the C++
+compiler that `make venv` expects: gcc on a fresh machine) into torch's extension cache
+(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`) and registers
+`torch.ops.specserve.paged_attention`. The first build takes about a minute; later loads reuse
+it. Nothing here is needed by the pure PyTorch path (`--attention-backend torch`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+import torch
+
+from specserve.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+SOURCES = [Path(__file__).with_name("paged_attention.cpp")]
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+
+
+class KernelUnavailable(ConfigError):
+    """The compiled kernels could not be built or loaded on this machine (a setup error: the
+    CLI prints it and exits)."""
+
+
+@functools.cache
+def load() -> None:
+    """Build (once per machine) and load the kernels; raise `KernelUnavailable` with the cause."""
+    try:
+        from torch.utils.cpp_extension import load as build
+    except ImportError as e:  # pragma: no cover - part of every torch build
+        raise KernelUnavailable(f"torch.utils.cpp_extension is missing: {e}") from e
+    try:
+        build(
+            name="specserve_kernels",
+            sources=[str(s) for s in SOURCES],
+            extra_cflags=FLAGS,
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+            verbose=False,
+        )
+    except Exception as e:  # a missing compiler or ninja, or a compile error
+        raise KernelUnavailable(
+            "could not build the C++ kernels of --attention-backend cpp "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}); "
+            "it needs a C++ compiler (g++) and the ninja package, or use --attention-backend torch"
+        ) from e
+    if not hasattr(torch.ops.specserve, "paged_attention"):  # pragma: no cover
+        raise KernelUnavailable(
+            "the kernels built but torch.ops.specserve.paged_attention is missing"
+        )
+    log.info("loaded the C++ kernels (torch.ops.specserve)")
