@@ -21,6 +21,7 @@ a temp folder) it prints:
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -110,8 +111,10 @@ class Cell:
     """One grid cell: B requests with about `context` cached tokens each and one step kind."""
 
     def __init__(self, path: str, batch: int, context: int, step: str) -> None:
-        self.batch, self.context, self.step = batch, context, step
         self.width = STEPS[step]
+        # a context the model has positions for (today's demo target stops at 2,048)
+        limit = json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
+        self.batch, self.context, self.step = batch, min(context, limit - self.width), step
         self.contexts = [max(1, context - i % 8) for i in range(batch)]
         self.queries = [1 if step == "prefill 512" and i else self.width for i in range(batch)]
         self.path = path

@@ -123,9 +123,27 @@ def write_heldout_prompts(tokenizer_dir: Path, path: Path, length: int, per_doma
     return len(lines)
 
 
-def compare_config(bundle: Path, workloads: list[dict], notes: list[str] = ()) -> dict:
+def attention_backend() -> str:
+    """`cpp` (the compiled paged-attention kernel) when it builds on this machine, else the pure
+    PyTorch `torch` backend, with the reason printed. Every arm uses the same one."""
+    from specserve.kernels import KernelUnavailable, load
+
+    try:
+        load()
+        return "cpp"
+    except KernelUnavailable as e:
+        print(f"note: {e}; the demo uses --attention-backend torch", flush=True)
+        return "torch"
+
+
+def compare_config(
+    bundle: Path, workloads: list[dict], notes: list[str] = (), backend: str = "torch"
+) -> dict:
     target = str(bundle / "target")
-    common = f"--model-path {target} --served-model-name demo --max-total-tokens 32768"
+    common = (
+        f"--model-path {target} --served-model-name demo --max-total-tokens 32768 "
+        f"--attention-backend {backend}"
+    )
     arms = [{"name": "NONE", "serve": common}]
     if (bundle / "mtp").is_dir():
         arms.append(
@@ -153,7 +171,8 @@ def compare_config(bundle: Path, workloads: list[dict], notes: list[str] = ()) -
             f"{w.key} {w.seed} -> {w.input_len}/{w.output_len} x{w.users}" for w in WORKLOADS
         )
         + " (inputs 4x and 32x shorter, outputs 2x and 12x, so the three arms run in minutes "
-        "on a CPU). Greedy, ignore_eos. Gain = last arm vs the baseline arm (the seed's MTP)."
+        f"on a CPU). Greedy, ignore_eos, --attention-backend {backend} on every arm. "
+        "Gain = last arm vs the baseline arm (the seed's MTP)."
         + "".join(f" Note: {n}." for n in notes),
         "baseline": arms[1]["name"] if len(arms) > 2 else arms[0]["name"],
         "arms": arms,
@@ -172,7 +191,7 @@ def run_bundle(bundle: Path, out: Path) -> int:
     if not workloads:
         print("no workload fits this bundle; nothing to compare", file=sys.stderr)
         return 1
-    config = compare_config(bundle, workloads, notes)
+    config = compare_config(bundle, workloads, notes, attention_backend())
     cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
     print(f"bench compare --config {cfg_path} --out {out}", flush=True)
     code = run_compare(cfg_path, out)
