@@ -4,15 +4,18 @@ A decode step that drafts for request r commits 1 + a_r tokens for it, where a_r
 of draft tokens the target accepts; plain decoding commits 1. Drafting pays when
 (1 + a_r) / t_spec > 1 / t_plain, i.e. a_r > t_spec / t_plain - 1, with t_spec and t_plain the
 measured wall times of a decode step with and without drafting (moving averages by batch
-size) and a_r r's running acceptance (accepted tokens per verify: the mean of its first
-drafted steps, then a moving average). Until both times are measured the bar is one accepted
-token per step, and a request is judged only after `min_samples` drafted steps (acceptance
-comes in bursts: one unlucky first step must not stop drafting). A request below the bar decodes
+size) and a_r r's expected acceptance. For a drafter with a confidence head (DSpark) that is
+what the head predicts for the tokens the planner verifies, sum_i prod_{j<=i} c_j, averaged
+over r's drafted steps and judged from the first one; for the others it is the running
+acceptance (accepted tokens per verify: the mean of its first drafted steps, then a moving
+average), judged only after `min_samples` drafted steps (acceptance comes in bursts: one
+unlucky first step must not stop drafting). Until both times are measured the bar is one
+accepted token per step. A request below the bar decodes
 plainly and is probed again (drafts once) every `probe_every` steps, so a request whose text
 turns predictable gets drafts back. Only proposals with tokens count as acceptance samples.
 
-Lossless: a decision reads only wall times and acceptance counts of finished steps, never a
-token of the step it decides. Each step, drafted or not, commits tokens distributed exactly as
+Lossless: a decision reads only wall times, acceptance counts and drafter confidences of
+earlier steps, never a token of the step it decides. Each step, drafted or not, commits tokens distributed exactly as
 the target's given the history, so any choice made from the history alone leaves the output
 distribution unchanged (and greedy output token-identical).
 """
@@ -31,10 +34,17 @@ class _Acceptance:
     rate: float = 0.0  # accepted draft tokens per verify (mean, then moving average)
     samples: int = 0  # drafted steps seen
     skipped: int = 0  # decode steps without drafts since the last draft
+    expected: float = 0.0  # accepted draft tokens the confidence head predicted (same average)
+    expected_samples: int = 0
 
     def add(self, accepted: int, decay: float) -> None:
         self.samples += 1
         self.rate += max(1.0 - decay, 1.0 / self.samples) * (accepted - self.rate)
+
+    def add_expected(self, expected: float, decay: float) -> None:
+        self.expected_samples += 1
+        step = max(1.0 - decay, 1.0 / self.expected_samples)
+        self.expected += step * (expected - self.expected)
 
 
 class DraftGate(Planner):
@@ -51,7 +61,13 @@ class DraftGate(Planner):
         self.acceptance: dict[str, _Acceptance] = {}
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
-        return self.planner.plan(proposals, requests)
+        lens = self.planner.plan(proposals, requests)
+        for p, req, n in zip(proposals, requests, lens, strict=True):
+            if p.confidences is not None and n > 0:  # what verifying n tokens should accept
+                expected = float(p.confidences[:n].float().clamp(0, 1).cumprod(0).sum())
+                acc = self.acceptance.setdefault(req.request_id, _Acceptance())
+                acc.add_expected(expected, self.decay)
+        return lens
 
     def break_even(self, num_requests: int) -> float:
         """Accepted tokens per step that a drafted request must reach for drafting to pay."""
@@ -66,12 +82,11 @@ class DraftGate(Planner):
         out = []
         for req in requests:
             acc = self.acceptance.get(req.request_id)
-            ok = (
-                acc is None
-                or acc.samples < self.min_samples
-                or acc.rate >= bar
-                or acc.skipped + 1 >= self.probe_every
-            )
+            ok = acc is None or acc.skipped + 1 >= self.probe_every
+            if acc is not None and acc.expected_samples:  # the confidence head's estimate
+                ok = ok or acc.expected >= bar
+            elif acc is not None:
+                ok = ok or acc.samples < self.min_samples or acc.rate >= bar
             if acc is not None:
                 acc.skipped = 0 if ok else acc.skipped + 1
             out.append(ok)

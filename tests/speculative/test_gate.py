@@ -62,6 +62,29 @@ def test_a_request_is_judged_after_min_samples_drafted_steps():
     assert gate.allow([req]) == [False]
 
 
+def test_the_confidence_head_judges_from_the_first_drafted_step():
+    """With confidences the expected acceptance of the verified tokens (sum of cumulative
+    products) is the estimate, from one drafted step on; without them, min_samples apply."""
+    import torch
+
+    from specserve.speculative.base import DraftProposal
+
+    gate = DraftGate(Planner(), min_samples=3)
+    _decode(gate, 2.0, {"x": 5})
+    _decode(gate, 1.0, {})  # break-even: 1 accepted token
+    sure, unsure, plain = _req("sure"), _req("unsure"), _req("plain")
+    proposals = [
+        DraftProposal([1, 2, 3], confidences=torch.tensor([0.9, 0.9, 0.5])),  # 0.9+0.81+0.405
+        DraftProposal([1, 2, 3], confidences=torch.tensor([0.5, 0.4, 0.9])),  # 0.5+0.2+0.18
+        DraftProposal([1, 2, 3]),
+    ]
+    assert gate.plan(proposals, [sure, unsure, plain]) == [3, 3, 3]
+    assert gate.acceptance["sure"].expected == pytest.approx(2.115)
+    assert gate.acceptance["unsure"].expected == pytest.approx(0.88)
+    _decode(gate, 2.0, {"sure": 0, "unsure": 3, "plain": 0})  # realised counts do not decide
+    assert gate.allow([sure, unsure, plain]) == [True, False, True]  # plain: one sample of 3
+
+
 def test_steps_with_prefill_do_not_count_as_decode_times():
     gate = DraftGate(Planner())
     gate.observe(StepStats(0, 0.0, 50.0, False, 2, {}))
