@@ -4,7 +4,11 @@ All matrix products go through `linear()`, so the choice of kernel form lives in
 At inference, `to_input_major` stores weights input-major ([in, out] contiguous; the `weight`
 parameter stays an [out, in] view of it, so names and shapes are unchanged): on this CPU's MKL
 `x @ W_t` streams a large weight at ~22 GB/s for one row where `F.linear` reaches ~12 GB/s
-(benchmarks/engine_decode.py measures the effect end to end).
+(benchmarks/engine_decode.py measures the effect end to end). On the CPU in float32 it also
+keeps a oneDNN-packed copy of each inference weight (`pack_for_rows`) for products over several
+rows (batched decode, verify windows, prefill), where oneDNN runs 1.4-2.9x MKL's `mm` here
+(AVX-512 kernels; MKL takes its AVX2 path on this AMD CPU); one row stays on MKL, which is
+faster there. The copy doubles the dense weights' memory.
 """
 
 from __future__ import annotations
@@ -15,25 +19,47 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+ONEDNN_MIN_ROWS = 2  # products over at least this many rows use the oneDNN-packed weight
+
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ weight.T + bias for x [N, in], weight [out, in] -> [N, out]."""
+    packed = getattr(weight, "onednn_packed", None)
+    if packed is not None and x.shape[0] >= ONEDNN_MIN_ROWS and x.dtype == torch.float32:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     if weight.stride(0) == 1 and weight.dim() == 2:  # input-major storage
         w_t = weight.t()
         return torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
     return F.linear(x, weight, bias)
 
 
-def to_input_major(*weights: torch.Tensor) -> torch.Tensor:
+def to_input_major(*weights: torch.Tensor, pack: bool = True) -> torch.Tensor:
     """Store `weights` ([out_i, in] each) in one input-major block [in, sum out_i] and make each
     an [out_i, in] view of it. Returns the whole block as an [sum out_i, in] view (a fused
-    weight for one product over all of them)."""
+    weight for one product over all of them), packed for several rows (`pack_for_rows`) unless
+    `pack` is False; a single weight is packed itself."""
     block = torch.cat([w.detach().t() for w in weights], dim=1).contiguous()
     start = 0
     for w in weights:
         w.data = block[:, start : start + w.shape[0]].t()
         start += w.shape[0]
-    return block.t()
+    fused = weights[0] if len(weights) == 1 else block.t()
+    if pack:
+        pack_for_rows(fused)
+    return fused
+
+
+def pack_for_rows(weight: torch.Tensor) -> None:
+    """Keep a oneDNN-packed copy of an inference weight [out, in] (CPU, float32) that `linear`
+    uses for products over `ONEDNN_MIN_ROWS` rows or more. Elsewhere a no-op."""
+    if (
+        weight.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 16)
+    weight.onednn_packed = packed  # type: ignore[attr-defined]
 
 
 class Linear(nn.Module):
@@ -141,7 +167,10 @@ class GatedMLP(nn.Module):
         two, in the faster form for wide outputs). With `share_storage` the two weights are
         re-pointed into that block, so no second copy is kept (MoE experts: most of a model)."""
         if self.gate_proj.bias is None:
-            self._fused = to_input_major(self.gate_proj.weight, self.up_proj.weight)
+            weights = (self.gate_proj.weight, self.up_proj.weight)
+            self._fused = to_input_major(*weights, pack=not share_storage)
+            if not share_storage:
+                pack_for_rows(self.down_proj.weight)
             if share_storage:
                 n = self.intermediate
                 self.gate_proj.weight.data = self._fused[:n]

@@ -1,0 +1,79 @@
+"""MKL `mm` on input-major weights vs oneDNN on packed weights, by rows, side by side.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/linear_kernels.py [--threads 1]
+
+`specserve.models.layers.linear` sends products over `ONEDNN_MIN_ROWS` rows or more to
+oneDNN's packed weights and one row to MKL; this prints both kernels for each of the demo
+target's and the 150M model's weight shapes at 1, 10 and 80 rows (a decode step, ten decoding
+requests, ten verify windows of 8): time per product (the 10th percentile of 300, arms
+alternated in blocks, eight distinct weights per shape so they stream from memory like a
+model's layers), GFLOP/s and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+SHAPES = {  # (in, out): the fused products of one layer
+    "demo qkv": (256, 512),
+    "demo gate_up": (256, 1536),
+    "demo down": (768, 256),
+    "150m qkv": (768, 1536),
+    "150m gate_up": (768, 4096),
+    "150m down": (2048, 768),
+}
+
+
+def p10(fn, reps: int = 300) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return sorted(times)[reps // 10]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch threads: {torch.get_num_threads()}")
+    print(
+        "| weight | rows | MKL µs | oneDNN µs | MKL GFLOP/s | oneDNN GFLOP/s | oneDNN / MKL speed |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, (k, n) in SHAPES.items():
+        weights = [torch.randn(n, k) for _ in range(8)]
+        input_major = [w.t().contiguous() for w in weights]
+        packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
+        for rows in (1, 10, 80):
+            x = torch.randn(rows, k)
+            ref = x @ input_major[0]
+            got = torch.ops.mkldnn._linear_pointwise(x, packed[0], None, "none", [], "")
+            assert torch.allclose(got, ref, atol=1e-3), "oneDNN and MKL disagree"
+
+            def mkl(x=x, ws=input_major):
+                return [torch.mm(x, w) for w in ws]
+
+            def onednn(x=x, ps=packed):
+                return [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in ps]
+
+            t_mkl = t_dnn = float("inf")
+            for _ in range(2):  # A B A B
+                t_mkl = min(t_mkl, p10(mkl) / 8)
+                t_dnn = min(t_dnn, p10(onednn) / 8)
+            flop = 2 * rows * k * n
+            print(
+                f"| {name} | {rows} | {t_mkl * 1e6:.0f} | {t_dnn * 1e6:.0f} | "
+                f"{flop / t_mkl / 1e9:.0f} | {flop / t_dnn / 1e9:.0f} | {t_mkl / t_dnn:.2f}x |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
