@@ -46,6 +46,8 @@ class Recipe:
     engine_check_prompts: int
     position_edges: tuple[int, ...]  # held-out LM loss of the target per range of positions
     drafter_batch: int = 16
+    # A curriculum: this short-sequence phase first, then `target_train` from its weights.
+    target_warmup: dict[str, Any] | None = None
     target_layer_ids: tuple[int, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -90,13 +92,25 @@ FULL = Recipe(
         "head_dim": 64,
         "max_position_embeddings": 4096,
     },
-    target_train={  # 1.64 M tokens (the 256-token build: 1.43 M)
-        "steps": 200,
-        "batch_size": 4,
-        "seq_len": 2048,
+    # 1.23 M tokens of 256-token sequences (the 256-token build: 700 steps, 1.43 M, train loss
+    # 3.9), then 0.49 M of 2,048-token ones from those weights. 200 steps of 4 x 2,048 tokens
+    # from scratch (1.64 M tokens) were far too few optimizer steps: loss 5.6 after 155.
+    target_warmup={
+        "steps": 600,
+        "batch_size": 8,
+        "seq_len": 256,
         "lr": 3e-3,
         "min_lr": 3e-4,
-        "warmup": 10,
+        "warmup": 30,
+        "checkpoint_minutes": 3.0,
+    },
+    target_train={
+        "steps": 60,
+        "batch_size": 4,
+        "seq_len": 2048,
+        "lr": 1e-3,
+        "min_lr": 1e-4,
+        "warmup": 5,
         "checkpoint_minutes": 3.0,
     },
     max_bytes_per_corpus=6 << 20,
@@ -125,6 +139,7 @@ SMOKE = Recipe(
         "head_dim": 32,
         "max_position_embeddings": 4096,
     },
+    target_warmup={"steps": 2, "batch_size": 2, "seq_len": 32, "warmup": 1},
     target_train={"steps": 2, "batch_size": 2, "seq_len": 128, "warmup": 1},
     max_bytes_per_corpus=200_000,
     corpus_mb=0.3,
@@ -208,6 +223,9 @@ class Builder:
         w, out = self.work, self.out
         self.stage("corpus", (self.corpus / "prose").is_dir(), self.make_corpus)
         self.stage("tokenizer", (self.tok / "tokenizer.json").is_file(), self.make_tokenizer)
+        if self.r.target_warmup:
+            done = (w / "target_short" / "model.safetensors").is_file()
+            self.stage("target-short", done, lambda: self.train_target("target_short"))
         self.stage("target", (w / "target" / "model.safetensors").is_file(), self.train_target)
         self.stage("export", (out / "target" / "model.safetensors").is_file(), self.export)
         self.stage("prompts", (w / "prompts.done").is_file(), self.make_prompts)
@@ -242,23 +260,28 @@ class Builder:
             )
         )
 
-    def train_target(self) -> None:
-        run_cfg = self.work / "target.json"
-        run_cfg.write_text(json.dumps(self.target_run(), indent=2) + "\n")
+    def train_target(self, name: str = "target") -> None:
+        """One phase of the target's curriculum into `work/name`."""
+        run_cfg = self.work / f"{name}.json"
+        run_cfg.write_text(json.dumps(self.target_run(name), indent=2) + "\n")
         run(
             cli(
                 *("train", "target", "--corpus", *self.domains, "--tokenizer", str(self.tok)),
-                *("--config", str(run_cfg), "--out", str(self.work / "target"), "--resume"),
+                *("--config", str(run_cfg), "--out", str(self.work / name), "--resume"),
                 *("--device", self.device),
             )
         )
 
-    def target_run(self) -> dict[str, Any]:
-        return {
+    def target_run(self, name: str = "target") -> dict[str, Any]:
+        short = name == "target_short"
+        run_cfg = {
             "model": self.r.model,
-            "train": self.r.target_train,
+            "train": self.r.target_warmup if short else self.r.target_train,
             "max_bytes_per_corpus": self.r.max_bytes_per_corpus,
         }
+        if not short and self.r.target_warmup:
+            run_cfg["init_from"] = str(self.work / "target_short")
+        return run_cfg
 
     def export(self) -> None:
         """The trained target, float16 on disk (it loads back to float32)."""
@@ -269,8 +292,20 @@ class Builder:
         model, cfg = load_model(src)
         save_hf(model, {k: v for k, v in cfg.raw.items() if k != "torch_dtype"}, dst, "float16")
         copy_tokenizer(src, dst)
-        shutil.copy(src / "train_log.json", dst / "train_log.json")
-        (dst / "train_config.json").write_text(json.dumps(self.target_run(), indent=2) + "\n")
+        log_ = json.loads((src / "train_log.json").read_text())
+        configs = [self.target_run()]
+        if self.r.target_warmup:  # the whole curriculum's tokens and time, phase by phase
+            short = json.loads((self.work / "target_short" / "train_log.json").read_text())
+            phases = [{k: x[k] for k in ("train", "train_tokens", "train_seconds", "heldout_loss")}
+                      for x in (short, log_)]  # fmt: skip
+            log_ |= {
+                "phases": phases,
+                "train_tokens": sum(p["train_tokens"] for p in phases),
+                "train_seconds": round(sum(p["train_seconds"] for p in phases), 1),
+            }
+            configs.insert(0, self.target_run("target_short"))
+        (dst / "train_log.json").write_text(json.dumps(log_, indent=2) + "\n")
+        (dst / "train_config.json").write_text(json.dumps(configs, indent=2) + "\n")
 
     def make_prompts(self) -> None:
         w = self.work

@@ -161,12 +161,14 @@ def stage_estimates(recipe: Recipe, step_times: dict[str, Any], jobs: int = 2) -
     held_rows = [
         (n * 2, p + new) for n, p in zip(recipe.heldout_prompts, recipe.eval_lens, strict=True)
     ]
-    t = recipe.target_train
+    t, w = recipe.target_train, recipe.target_warmup
     est = {
         "target": t["steps"] * t["batch_size"] * cost("target_row", t["seq_len"] + 1),
         "gen-data": sum(n * cost("gen_row", p) for n, p in train_rows + held_rows),
         "cache-target": sum(n * cost("forward_row", p) for n, p in train_rows),
     }
+    if w:
+        est["target-short"] = w["steps"] * w["batch_size"] * cost("target_row", w["seq_len"] + 1)
     rows = sum(n for n, _ in train_rows)
     mean_len = sum(n * p for n, p in train_rows) / rows
     per_alg = [

@@ -183,7 +183,6 @@ def engine_and_sts(recipe: Recipe, out: Path, results: dict) -> list[str]:
 
 
 def how_built(recipe: Recipe, stages: dict[str, float]) -> list[str]:
-    t = recipe.target_train
     spread = ", ".join(
         f"{n} x {p}" for n, p in zip(recipe.train_prompts, recipe.prompt_lens, strict=True)
     )
@@ -197,8 +196,7 @@ def how_built(recipe: Recipe, stages: dict[str, float]) -> list[str]:
         "|---|---|",
         *(f"| {k} | {v:.0f} |" for k, v in stages.items()),
         "",
-        f"* Target: {t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens (packed whole",
-        "  files of the train split), AdamW, warm-up then cosine decay.",
+        *_target_recipe(recipe),
         f"* Drafter data: prompts per domain (count x tokens) {spread}, windows of whole training",
         f"  files, each continued by the target for {recipe.new_tokens} tokens once sampled (t=1)",
         "  and once greedy; the target's states computed once (`specserve train cache-target`)",
@@ -210,4 +208,19 @@ def how_built(recipe: Recipe, stages: dict[str, float]) -> list[str]:
         "  layer); DSpark loss 0.1 CE + 0.9 TV + 1.0 BCE, Markov rank 128; DFlash and MTP",
         "  0.1 CE + 0.9 TV (MTP chained 3 steps). Training logs are in each `train_log.json`.",
         "",
+    ]
+
+
+def _target_recipe(recipe: Recipe) -> list[str]:
+    t, w = recipe.target_train, recipe.target_warmup
+    long = f"{t['steps']} steps of {t['batch_size']} x {t['seq_len']} tokens"
+    if not w:
+        return [
+            f"* Target: {long} (packed whole files of the train split), AdamW, warm-up then",
+            "  cosine decay.",
+        ]
+    return [
+        f"* Target, a curriculum: {w['steps']} steps of {w['batch_size']} x {w['seq_len']} tokens,",
+        f"  then {long} from those weights (packed whole files of the train split), AdamW,",
+        f"  warm-up then cosine decay in each phase (peak lr {w.get('lr')}, then {t.get('lr')}).",
     ]

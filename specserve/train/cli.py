@@ -61,6 +61,12 @@ def _add_target(tsub) -> None:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--save-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from the weights in DIR (saved by `train target`, same model) instead of a "
+        "random init: the next phase of a curriculum, e.g. longer sequences",
+    )
     _parallel(p, overrides=True)
     _common(p, resume=True)
     p.set_defaults(func=_target)
@@ -319,14 +325,16 @@ def _tokenizer(args):
 def _target(args):
     from specserve.cli import CLIError
     from specserve.train.recipe import load_recipe
-    from specserve.train.target import train_target
+    from specserve.train.target import check_init, train_target
 
-    _need_dirs(*args.corpus, args.tokenizer)
+    _need_dirs(*args.corpus, args.tokenizer, *([args.init_from] if args.init_from else []))
     try:
         recipe = load_recipe(args.config)
     except ValueError as e:
         raise CLIError(str(e)) from None
     run_config = {k: recipe[k] for k in ("model", "train", "max_bytes_per_corpus") if k in recipe}
+    if args.init_from:
+        run_config["init"] = args.init_from
     flags = {
         "batch_size": args.global_batch_size,
         "local_batch_size": args.local_batch_size,
@@ -335,6 +343,11 @@ def _target(args):
     run_config["train"] = run_config.get("train", {}) | {
         k: v for k, v in flags.items() if v is not None
     }
+    if args.init_from:  # a clear error before any work, not a traceback from every rank
+        try:
+            check_init(run_config, args.tokenizer)
+        except ValueError as e:
+            raise CLIError(str(e)) from None
     world, summary = _run_parallel(
         args,
         lambda world, device: train_target(

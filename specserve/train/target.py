@@ -123,7 +123,10 @@ def train_target(
     max_bytes = int(run_config.get("max_bytes_per_corpus", DEFAULT_MAX_BYTES))
     torch.manual_seed(tcfg.seed)
     model = CausalLM(ModelConfig.from_dict(config))
-    _init_weights(model)
+    if run_config.get("init"):  # a curriculum's next phase starts from the last one's weights
+        _load_weights(model, Path(run_config["init"]))
+    else:
+        _init_weights(model)
     model.to(device).train()
     rows = token_rows(corpora, tokenizer, "train", tcfg.seq_len + 1, max_bytes, tcfg.seed)
 
@@ -157,6 +160,29 @@ def train_target(
     summary = summary | {"heldout_loss": held}
     write_json(out / "train_log.json", summary)
     return summary
+
+
+def check_init(run_config: dict[str, Any], tokenizer_dir: str | Path) -> None:
+    """Raise ValueError unless `run_config["init"]` holds weights of the configured model."""
+    config = model_config_dict(run_config.get("model", {}), load_tokenizer(tokenizer_dir))
+    _load_weights(CausalLM(ModelConfig.from_dict(config)), Path(run_config["init"]))
+
+
+def _load_weights(model: CausalLM, folder: Path) -> None:
+    """Weights saved by `save_hf` (same architecture; a tied LM head is not stored)."""
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    if not path.is_file():
+        raise ValueError(f"--init-from {folder}: no model.safetensors there")
+    try:
+        missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise ValueError(f"--init-from {folder}: the weights do not fit the model ({e})") from None
+    tied = model.config.tie_word_embeddings
+    if unexpected or [k for k in missing if not (tied and k == "lm_head.weight")]:
+        bad = missing or unexpected
+        raise ValueError(f"--init-from {folder}: the weights do not fit the model: {bad}")
 
 
 def _init_weights(model: CausalLM, std: float = 0.02) -> None:

@@ -121,6 +121,26 @@ def test_target_resume_matches_an_uninterrupted_run(corpus, tmp_path, monkeypatc
     assert all(torch.allclose(sa[k], sb[k], atol=1e-5) for k in sa)
 
 
+def test_init_from_continues_a_curriculum(corpus, tmp_path, capsys):
+    """A second phase (longer sequences) starts from the first phase's weights: its first loss
+    is the trained model's, not a random init's; a folder of another shape is refused."""
+    assert _train(corpus, tmp_path / "short") == 0
+    short = json.loads((tmp_path / "short" / "train_log.json").read_text())["log"]
+    run = json.loads((corpus / "run.json").read_text())
+    run["train"] |= {"seq_len": 64, "steps": 2}
+    (corpus / "long.json").write_text(json.dumps(run))
+    base = ["train", "target", "--corpus", str(corpus / "code"), "--tokenizer", str(corpus / "tok")]
+    long = [*base, "--config", str(corpus / "long.json"), "--out", str(tmp_path / "long")]
+    assert main([*long, "--init-from", str(tmp_path / "short")]) == 0
+    first = json.loads((tmp_path / "long" / "train_log.json").read_text())["log"][0]["loss"]
+    assert first < short[0]["loss"] - 0.5  # random init starts near ln(300) = 5.7
+    run["model"]["hidden_size"] = 64
+    (corpus / "wide.json").write_text(json.dumps(run))
+    wide = [*base, "--config", str(corpus / "wide.json"), "--out", str(tmp_path / "wide")]
+    assert main([*wide, "--init-from", str(tmp_path / "short")]) == 2
+    assert "the weights do not fit the model" in capsys.readouterr().err
+
+
 def test_bad_config_is_a_cli_error(corpus, tmp_path, capsys):
     (tmp_path / "bad.json").write_text('{"train": {"stepz": 3}}')
     rc = main(
