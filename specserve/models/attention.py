@@ -235,7 +235,9 @@ class PagedAttention(AttentionContext):
     def _write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The new tokens' K/V into their slots: one `index_copy_`."""
         d = cache.shape[-1]
-        new = torch.stack([k, v]).to(cache.dtype).transpose(1, 2)  # [2, kv, N, d]
+        new = torch.stack([k, v]).transpose(1, 2)  # [2, kv, N, d]
+        if new.dtype != cache.dtype:
+            new = new.to(cache.dtype)
         cache.view(-1, d).index_copy_(0, self.write_rows, new.reshape(-1, d))
 
     def _attend_groups(self, q, k, v, cache, out) -> None:
@@ -306,7 +308,8 @@ class KernelPagedAttention(PagedAttention):
         cache = self.cache[layer_idx]
         self._write(cache, k, v)
         dtype = q.dtype
-        q, k, v = (x.to(cache.dtype) for x in (q, k, v))  # no-ops unless the cache is narrower
+        if dtype != cache.dtype:  # a cache narrower than the model
+            q, k, v = (x.to(cache.dtype) for x in (q, k, v))
         out = q.new_empty(q.shape)
         if self.kernel_args is not None:
             scale = q.shape[-1] ** -0.5
@@ -315,4 +318,4 @@ class KernelPagedAttention(PagedAttention):
             )
         if self.groups:
             self._attend_groups(q, k, v, cache, out)
-        return out.to(dtype)
+        return out if out.dtype == dtype else out.to(dtype)

@@ -27,8 +27,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     packed = getattr(weight, "onednn_packed", None)
     if packed is not None and x.shape[0] >= ONEDNN_MIN_ROWS and x.dtype == torch.float32:
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-    if weight.stride(0) == 1 and weight.dim() == 2:  # input-major storage
+    w_t = getattr(weight, "input_major", None)  # [in, out], kept by `to_input_major`
+    if w_t is None and weight.stride(0) == 1 and weight.dim() == 2:  # input-major storage
         w_t = weight.t()
+    if w_t is not None:
         return torch.addmm(bias, x, w_t) if bias is not None else torch.mm(x, w_t)
     return F.linear(x, weight, bias)
 
@@ -44,6 +46,7 @@ def to_input_major(*weights: torch.Tensor, pack: bool = True) -> torch.Tensor:
         w.data = block[:, start : start + w.shape[0]].t()
         start += w.shape[0]
     fused = weights[0] if len(weights) == 1 else block.t()
+    fused.input_major = block  # type: ignore[attr-defined]  # no `.t()` per product
     if pack:
         pack_for_rows(fused)
     return fused

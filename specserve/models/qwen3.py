@@ -93,9 +93,9 @@ class Attention(nn.Module):
     def _qk_norm(self, qk: torch.Tensor) -> torch.Tensor:
         """q_norm on the q heads and k_norm on the k heads, in one normalisation."""
         weight = self._qk_norm_weight() if self._qk_weight is None else self._qk_weight
-        normed = F.rms_norm(qk.float(), (self.head_dim,), None, self.q_norm.eps)
         if qk.dtype == torch.float32:
-            return normed * weight
+            return F.rms_norm(qk, (self.head_dim,), None, self.q_norm.eps) * weight
+        normed = F.rms_norm(qk.float(), (self.head_dim,), None, self.q_norm.eps)
         return weight * normed.to(qk.dtype)
 
 
