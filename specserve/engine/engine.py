@@ -18,7 +18,14 @@ import torch
 from specserve.config import EngineConfig
 from specserve.core import Request, RequestStatus, SamplingParams
 from specserve.engine.block_manager import BlockManager
-from specserve.engine.model_runner import BatchSeq, ModelRunner, num_kv_blocks
+from specserve.engine.model_runner import (
+    BatchSeq,
+    ModelRunner,
+    blocks_with_hidden_pool,
+    hidden_bytes_per_token,
+    kv_bytes_per_token,
+    num_kv_blocks,
+)
 from specserve.engine.sampler import (
     apply_logit_bias,
     apply_penalties,
@@ -160,9 +167,9 @@ class LLMEngine:
         blocks = num_kv_blocks(self.model_config, cache, config.torch_dtype)
         if group is not None:
             blocks = group.agree_num_blocks(blocks)
-        self.block_manager = BlockManager(blocks, cache.page_size, cache.enable_prefix_caching)
-        self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        self.drafter = drafter or NoDrafter()
+        self.cache_config, self.kv_budget_blocks = cache, blocks
+        self._use_blocks(blocks)
+        self.drafter: Drafter = NoDrafter()
         self.planner = planner or Planner()
         self.runner = (group.make_runner if group else StateRunner if stateful else ModelRunner)(
             self.model,
@@ -170,19 +177,16 @@ class LLMEngine:
             cache.page_size,
             config.torch_dtype,
             config.device,
-            self.drafter.capture_layers,
+            (),
             config.attention_backend,
-        )
-        self.context_length = min(
-            config.scheduler.context_length,
-            self.model_config.max_position_embeddings,
-            blocks * cache.page_size,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
         )
         self.streams: dict[str, _Stream] = {}
         self.stats = EngineStats()
+        if drafter is not None:
+            self.set_speculation(drafter, self.planner)
         self.grammar = (
             GrammarBackend(config.model_path, self.model_config.vocab_size, self.eos_token_ids)
             if config.grammar_backend == "llguidance"
@@ -204,13 +208,43 @@ class LLMEngine:
     def set_speculation(self, drafter: Drafter, planner: Planner) -> None:
         """Install a drafter (built against this engine's target) before serving starts."""
         assert not self.has_unfinished(), "set speculation before adding requests"
+        capture = drafter.capture_layers
+        if capture != self.drafter.capture_layers and self.cache_config.enable_prefix_caching:
+            self._size_hidden_pool(capture)
         self.drafter, self.planner = drafter, planner
-        self.runner.capture = drafter.capture_layers
-        if drafter.capture_layers and self.block_manager.enable_prefix_caching:
-            # A cached prefix skips the target forward, so the drafter would never see those
-            # tokens' hidden states and would draft from a partial context.
-            log.info("prefix caching is off: the drafter needs every token's hidden states")
-            self.block_manager.enable_prefix_caching = False
+        self.runner.capture = capture
+
+    def _use_blocks(self, blocks: int) -> None:
+        """A fresh block manager (an empty prefix cache) and scheduler over `blocks` blocks."""
+        cache = self.cache_config
+        self.block_manager = BlockManager(blocks, cache.page_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(self.config.scheduler, self.block_manager)
+        self.context_length = min(
+            self.config.scheduler.context_length,
+            self.model_config.max_position_embeddings,
+            blocks * cache.page_size,
+        )
+
+    def _size_hidden_pool(self, capture: tuple[int, ...]) -> None:
+        """A prefix hit skips the target forward over the cached tokens, so a drafter that reads
+        the target's hidden states gets those tokens' rows from a pool kept next to the K/V
+        (`ModelRunner.allocate`). The pool shares the cache budget: sized from memory, the cache
+        gets fewer blocks. Cached prefixes are dropped: their pages have no rows of `capture`."""
+        dtype = self.config.torch_dtype
+        hidden = hidden_bytes_per_token(self.model_config, capture, dtype)
+        kv = kv_bytes_per_token(self.model_config, dtype)
+        blocks = blocks_with_hidden_pool(self.kv_budget_blocks, self.cache_config, kv, hidden)
+        width = len(capture) * self.model_config.hidden_size
+        self.runner.allocate(blocks, width)
+        self._use_blocks(blocks)
+        if capture:
+            log.info(
+                "prefix caching keeps the drafter's hidden states: %d bytes per cached token "
+                "beside %d of K/V (%d KV blocks)",
+                hidden,
+                kv,
+                blocks,
+            )
 
     def profile_step(self, num_tokens: int) -> None:
         """One target forward over `num_tokens` verify tokens on scratch KV (SPS profiling).
@@ -354,7 +388,9 @@ class LLMEngine:
             else:
                 n_commit, tokens, logprobs = s.num_new_tokens, [], []
             if captured is not None:
-                committed_hidden.append(captured[offset : offset + n_commit])
+                committed_hidden.append(
+                    self._unseen_hidden(req, captured[offset : offset + n_commit])
+                )
             else:
                 committed_hidden.append(None)
             offset += n_in
@@ -365,6 +401,16 @@ class LLMEngine:
                 outputs.append(self._append_or_fail(req, tokens, logprobs))
         self.drafter.update([s.request for s in scheduled], committed_hidden)
         return outputs
+
+    def _unseen_hidden(self, req: Request, rows: torch.Tensor) -> torch.Tensor:
+        """The hidden rows the drafter has not seen: this step's, after a prefix hit preceded by
+        the cached prefix's rows from the hidden pool (the first forward of a request starts
+        right after its cached tokens; `num_computed_tokens` does not count this step yet)."""
+        cached = req.num_cached_tokens
+        if not cached or req.num_computed_tokens != cached:
+            return rows
+        pages = req.block_table[: cached // self.block_manager.page_size]
+        return torch.cat([self.runner.cached_hidden(pages).to(rows.dtype), rows])
 
     def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, DraftProposal]:
         spec = [s for s in scheduled if s.num_lookahead > 0 and s.reaches_end]

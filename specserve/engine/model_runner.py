@@ -42,8 +42,27 @@ def kv_bytes_per_token(model_cfg: ModelConfig, dtype: torch.dtype) -> int:
     return 2 * model_cfg.num_hidden_layers * heads * dim * torch.finfo(dtype).bits // 8
 
 
+def hidden_bytes_per_token(
+    model_cfg: ModelConfig, capture: tuple[int, ...], dtype: torch.dtype
+) -> int:
+    """Hidden-pool bytes one more cached token costs when a drafter reads the target layers
+    `capture` and prefix caching is on: their hidden states, in the model dtype."""
+    return len(capture) * model_cfg.hidden_size * torch.finfo(dtype).bits // 8
+
+
+def blocks_with_hidden_pool(
+    num_blocks: int, cache: CacheConfig, kv_bytes: int, hidden_bytes: int
+) -> int:
+    """The block count once a hidden pool shares the cache: sized from memory, the K/V and the
+    pool together fit the bytes `num_blocks` blocks of K/V had; an explicit --num-blocks or
+    --max-total-tokens is kept (the pool then costs `hidden_bytes` more per token)."""
+    if cache.num_blocks is not None or cache.max_total_tokens is not None:
+        return num_blocks
+    return max(4, num_blocks * kv_bytes // (kv_bytes + hidden_bytes))
+
+
 def num_kv_blocks(model_cfg: ModelConfig, cache: CacheConfig, dtype: torch.dtype) -> int:
-    """Blocks from --max-total-tokens, else a fraction of free memory."""
+    """Blocks from --num-blocks or --max-total-tokens, else a fraction of free memory."""
     if cache.num_blocks is not None:
         return cache.num_blocks
     if cache.max_total_tokens is not None:
@@ -68,11 +87,35 @@ class ModelRunner:
         attention_backend: str = "torch",
     ) -> None:
         self.model, self.page_size, self.device, self.capture = model, page_size, device, capture
+        self.dtype = dtype
         self.backend = make_attention_backend(attention_backend)
-        kv_heads, head_dim = model.kv_head_shape()  # this rank's KV heads under TP
+        self.allocate(num_blocks)
+
+    def allocate(self, num_blocks: int, hidden_width: int = 0) -> None:
+        """(Re)allocate the KV cache for `num_blocks` blocks and, when `hidden_width` > 0, the
+        hidden pool [num_blocks, page_size, hidden_width]: the captured hidden states of every
+        cached token, written with the K/V, so a prefix hit can hand them to the drafter."""
+        self.kv_cache = []  # release the old cache before allocating the new one
+        kv_heads, head_dim = self.model.kv_head_shape()  # this rank's KV heads under TP
         self.kv_cache = self.backend.allocate(
-            model.config.num_hidden_layers, num_blocks, page_size, kv_heads, head_dim, dtype, device
+            self.model.config.num_hidden_layers,
+            num_blocks,
+            self.page_size,
+            kv_heads,
+            head_dim,
+            self.dtype,
+            self.device,
         )
+        shape = (num_blocks, self.page_size, hidden_width)
+        self.hidden_pool = (
+            torch.zeros(shape, dtype=self.dtype, device=self.device) if hidden_width else None
+        )
+
+    def cached_hidden(self, block_ids: list[int]) -> torch.Tensor:
+        """The pooled hidden states of whole blocks, in order: [len(block_ids) * page_size, W]."""
+        assert self.hidden_pool is not None, "no hidden pool (allocate with hidden_width > 0)"
+        pages = torch.tensor(block_ids, device=self.hidden_pool.device)
+        return self.hidden_pool[pages].flatten(0, 1)
 
     def _batch(self, seqs: list[BatchSeq]) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
         """The step's cache layout, token positions and logits rows, with tensor ops only."""
@@ -97,6 +140,9 @@ class ModelRunner:
         ids = torch.tensor([t for s in seqs for t in s.token_ids], device=dev)
         ctx = self.backend.context(self.kv_cache, batch)
         out = self.model(ids, positions.to(dev), ctx, self.capture)
+        if self.hidden_pool is not None and out.captured is not None:
+            pool = self.hidden_pool.view(-1, self.hidden_pool.shape[-1])
+            pool[batch.slot_mapping.to(dev)] = out.captured.to(pool.dtype)
         logits = self.model.compute_logits(out.hidden[rows.to(dev)])
         counts = (batch.query_lens - torch.tensor([s.logits_from for s in seqs])).tolist()
         return ForwardResult(logits, counts, out.hidden, out.captured)

@@ -85,12 +85,19 @@ def _add_scheduler_args(p: argparse.ArgumentParser) -> None:
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
     """KV cache size and layout, dtype and device."""
     mem = p.add_mutually_exclusive_group()
-    mem.add_argument("--max-total-tokens", type=int, default=None, help="KV-cache size in tokens")
+    mem.add_argument(
+        "--max-total-tokens",
+        type=int,
+        default=None,
+        help="KV-cache size in tokens (with prefix caching, a drafter that reads target hidden "
+        "states adds captured layers x hidden size x dtype bytes per token)",
+    )
     mem.add_argument(
         "--mem-fraction-static",
         type=float,
         default=None,
-        help="KV-cache size as a fraction of free memory (default 0.1)",
+        help="KV-cache size as a fraction of free memory (default 0.1); with prefix caching, "
+        "the hidden states kept for a NEXTN/DFLASH/DSPARK drafter share it (fewer tokens)",
     )
     p.add_argument(
         "--chunked-prefill-size",
@@ -101,7 +108,11 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--disable-radix-cache", action="store_true", help="turn off prefix caching")
+    p.add_argument(
+        "--disable-radix-cache",
+        action="store_true",
+        help="turn off prefix caching (and the drafter's hidden-state pool that goes with it)",
+    )
 
 
 def _add_runtime_args(p: argparse.ArgumentParser) -> None:

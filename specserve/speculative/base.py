@@ -35,7 +35,8 @@ class Drafter(abc.ABC):
       3. `update(requests, hidden)` with, per request, the captured target hidden states
          [n_i, len(capture_layers) * H] of the n_i tokens whose KV was just committed (prefill
          chunks and accepted verify inputs), in position order; `request.num_computed_tokens`
-         already counts them.
+         already counts them. After a prefix-cache hit, the request's first update also
+         carries the cached tokens' rows (from the engine's hidden pool), so it starts at 0.
       4. `release(request)` when the request finishes or is preempted (drop its draft state;
          after preemption, `update` replays the recomputed prefix).
     """

@@ -202,13 +202,15 @@ def test_ngram_lookup():
     assert lookup([4, 4, 4], 3) == [4]  # overlapping: the tokens that followed
 
 
-def test_hidden_state_drafters_turn_prefix_caching_off(bundle):
-    """A prefix-cache hit skips the target forward over the cached tokens, so a drafter that
-    reads target hidden states would lack them: such drafters run without prefix caching."""
+def test_hidden_state_drafters_keep_prefix_caching(bundle):
+    """A prefix-cache hit skips the target forward over the cached tokens; the drafter gets their
+    hidden states from the pool kept beside the K/V (tests/speculative/test_prefix_hidden.py),
+    so prefix caching stays on with every drafter."""
     llm = make_llm(bundle, "DFLASH", "full")
-    assert not llm.engine.block_manager.enable_prefix_caching
+    assert llm.engine.block_manager.enable_prefix_caching
     prompt = list(range(10, 60))
-    llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0))
+    first = llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0))[0]
     out = llm.generate(prompt, SamplingParams(max_tokens=4, temperature=0))[0]
-    assert out.meta_info[0]["cached_tokens"] == 0
+    assert out.meta_info[0]["cached_tokens"] == 48
+    assert out.outputs[0].token_ids == first.outputs[0].token_ids
     assert make_llm(bundle, "NGRAM", "full").engine.block_manager.enable_prefix_caching
