@@ -53,8 +53,10 @@ def _prompts(n: int, length: int, vocab: int, motif_len: int = 8) -> list[list[i
     return out
 
 
-def run_one(target, algorithm, path, policy, prompts, params, max_running, adaptive=False):
-    llm = LLM(str(target), max_running_requests=max_running)
+def run_one(
+    target, algorithm, path, policy, prompts, params, max_running, adaptive=False, backend="torch"
+):
+    llm = LLM(str(target), max_running_requests=max_running, attention_backend=backend)
     if algorithm != "NONE":
         spec = SpecConfig(
             algorithm,
@@ -111,6 +113,7 @@ def main() -> None:
         action="store_true",
         help="also run each algorithm with --speculative-adaptive-drafting (rows ALGO+gate)",
     )
+    ap.add_argument("--attention-backend", default="torch", help="torch | cpp (every arm)")
     args = ap.parse_args()
 
     tmp = None
@@ -129,7 +132,10 @@ def main() -> None:
     params = SamplingParams(
         max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True, seed=0
     )
-    print(f"target {target}  output {args.output_len} tokens  temperature {args.temperature}")
+    print(
+        f"target {target}  output {args.output_len} tokens  temperature {args.temperature}  "
+        f"attention backend {args.attention_backend}"
+    )
     print(f"{'algorithm':<12}{'conc':>4}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
     for conc in (int(c) for c in args.concurrency.split(",")):
         if args.prompts:
@@ -139,11 +145,14 @@ def main() -> None:
         else:
             motif = args.input_len if args.random_ids else 8
             prompts = _prompts(conc * args.rounds, args.input_len, vocab, motif)
-        base = run_one(target, "NONE", None, None, prompts, params, conc)
+        backend = args.attention_backend
+        base = run_one(target, "NONE", None, None, prompts, params, conc, backend=backend)
         print(f"{'NONE':<12}{conc:>4}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
         for algo, path in drafters.items():
             for gate in (False, True) if args.adaptive_drafting else (False,):
-                r = run_one(target, algo, path, args.verify_policy, prompts, params, conc, gate)
+                r = run_one(
+                    target, algo, path, args.verify_policy, prompts, params, conc, gate, backend
+                )
                 same = "yes" if r["outputs"] == base["outputs"] else "NO"
                 if args.temperature > 0:
                     same = "n/a"

@@ -235,6 +235,7 @@ class LLMEngine:
         kv = kv_bytes_per_token(self.model_config, dtype)
         blocks = blocks_with_hidden_pool(self.kv_budget_blocks, self.cache_config, kv, hidden)
         width = len(capture) * self.model_config.hidden_size
+        assert isinstance(self.runner, ModelRunner)  # prefix caching: a paged runner
         self.runner.allocate(blocks, width)
         self._use_blocks(blocks)
         if capture:
@@ -410,6 +411,7 @@ class LLMEngine:
         if not cached or req.num_computed_tokens != cached:
             return rows
         pages = req.block_table[: cached // self.block_manager.page_size]
+        assert isinstance(self.runner, ModelRunner)  # a prefix hit: a paged runner
         return torch.cat([self.runner.cached_hidden(pages).to(rows.dtype), rows])
 
     def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, DraftProposal]:
