@@ -115,7 +115,7 @@ class Cell:
         # a context the model has positions for (today's demo target stops at 2,048)
         limit = json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
         self.batch, self.context, self.step = batch, min(context, limit - self.width), step
-        self.contexts = [max(1, context - i % 8) for i in range(batch)]
+        self.contexts = [max(1, self.context - i % 8) for i in range(batch)]
         self.queries = [1 if step == "prefill 512" and i else self.width for i in range(batch)]
         self.path = path
 
@@ -227,7 +227,7 @@ def op_profile(cell: Cell, backend: str, steps: int = 5) -> str:
         for _ in range(steps):
             runner.forward(seqs)
     wall = time.perf_counter() - t
-    top = [e for e in prof.events() if e.cpu_parent is None and e.name.startswith("aten::")]
+    top = [e for e in prof.events() if e.cpu_parent is None and "::" in e.name]  # aten, mkldnn, ours
     in_ops = sum(e.cpu_time_total for e in top) / 1e6
     return (
         f"profile {backend} b{cell.batch} ctx{cell.context} {cell.step}: "

@@ -30,14 +30,15 @@ VERSION = "0.3.36"
 PROMPT = [(7 * j) % 1000 + 3 for j in range(16)]
 
 # Runs inside the llama venv: greedy decode with llama.cpp's low-level eval loop (EOS ignored,
-# as on our side); prints tokens per second.
+# as on our side); prints tokens per second. `logits_all`: `scores` then has a row per context
+# position (else only n_batch rows, and decoding past 64 tokens indexes out of range).
 LLAMA_DECODE = """
 import sys, time, numpy as np
 from llama_cpp import Llama
 path, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 ids = [int(t) for t in prompt.split(",")]
 llm = Llama(model_path=path, n_ctx=len(ids) + tokens + 8, n_threads=threads,
-            n_threads_batch=threads, n_batch=64, verbose=False)
+            n_threads_batch=threads, n_batch=64, logits_all=True, verbose=False)
 t = time.perf_counter()
 llm.eval(ids)
 for _ in range(tokens - 1):
@@ -97,7 +98,9 @@ def llama_env(work: Path) -> tuple[Path, Path]:
             tar.extractall(work, filter="data")
     if not python.exists():
         run([sys.executable, "-m", "venv", str(venv)])
-        run([str(python), "-m", "pip", "install", "--quiet", "numpy"])
+        # llama-cpp-python's runtime imports (installed below with --no-deps)
+        run([str(python), "-m", "pip", "install", "--quiet", "numpy", "typing_extensions",
+             "diskcache", "jinja2"])  # fmt: skip
         start = time.perf_counter()
         env = dict(os.environ, CMAKE_ARGS="-DGGML_NATIVE=ON", CMAKE_BUILD_PARALLEL_LEVEL="2")
         run([str(python), "-m", "pip", "install", "--no-deps", str(src)], env=env)
