@@ -10,7 +10,10 @@ over r's drafted steps and judged from the first one; for the others it is the r
 acceptance (accepted tokens per verify: the mean of its first drafted steps, then a moving
 average), judged only after `min_samples` drafted steps (acceptance comes in bursts: one
 unlucky first step must not stop drafting). Until both times are measured the bar is one
-accepted token per step. A request below the bar decodes
+accepted token per step. A busy server rarely has a step in which no request drafts, so the
+gate makes one itself: after `probe_every` drafted steps at a batch size whose plain step time
+is unknown, and again every `remeasure_every` drafted steps, one step decodes every request
+plainly and is timed. A request below the bar decodes
 plainly and is probed again (drafts once) every `probe_every` steps, so a request whose text
 turns predictable gets drafts back. Only proposals with tokens count as acceptance samples.
 
@@ -52,10 +55,16 @@ class DraftGate(Planner):
     come from the planner it wraps."""
 
     def __init__(
-        self, planner: Planner, probe_every: int = 8, decay: float = 0.9, min_samples: int = 4
+        self,
+        planner: Planner,
+        probe_every: int = 8,
+        decay: float = 0.9,
+        min_samples: int = 4,
+        remeasure_every: int = 64,
     ) -> None:
         self.planner, self.probe_every, self.decay = planner, probe_every, decay
-        self.min_samples = min_samples
+        self.min_samples, self.remeasure_every = min_samples, remeasure_every
+        self.drafted_steps = 0  # steps allowed to draft since the last all-plain one
         self.plain = StepOverhead()  # decode-step seconds without drafts, by batch size
         self.spec = StepOverhead()  # decode-step seconds with drafts, by batch size
         self.acceptance: dict[str, _Acceptance] = {}
@@ -78,7 +87,16 @@ class DraftGate(Planner):
 
     def allow(self, requests: list[Request]) -> list[bool]:
         """Per request: draft this step (True) or decode it plainly."""
-        bar = self.break_even(len(requests))
+        n = len(requests)
+        if (
+            n
+            and self.drafted_steps >= self.probe_every
+            and (n not in self.plain.by_requests or self.drafted_steps >= self.remeasure_every)
+        ):  # time a plain step at this batch size
+            self.drafted_steps = 0
+            return [False] * n
+        self.drafted_steps += 1
+        bar = self.break_even(n)
         out = []
         for req in requests:
             acc = self.acceptance.get(req.request_id)

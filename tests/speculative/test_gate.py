@@ -85,6 +85,22 @@ def test_the_confidence_head_judges_from_the_first_drafted_step():
     assert gate.allow([sure, unsure, plain]) == [True, False, True]  # plain: one sample of 3
 
 
+def test_times_a_plain_step_itself_when_none_happens():
+    """Every request drafts, so no plain step is ever timed: after `probe_every` drafted steps
+    one step decodes everyone plainly; measured, the next comes after `remeasure_every`."""
+    gate = DraftGate(Planner(), probe_every=3, remeasure_every=5)
+    reqs = [_req("a"), _req("b")]
+    decisions = []
+    for _ in range(4):
+        decisions.append(gate.allow(reqs))
+        _decode(gate, 2.0, {"a": 3, "b": 3})
+    assert decisions == [[True, True]] * 3 + [[False, False]]
+    _decode(gate, 1.0, {})  # the plain step's time (its own observe call)
+    assert gate.break_even(2) == pytest.approx(1.0)  # ~2 s / ~1 s - 1
+    decisions = [gate.allow(reqs) for _ in range(6)]
+    assert decisions == [[True, True]] * 5 + [[False, False]]
+
+
 def test_steps_with_prefill_do_not_count_as_decode_times():
     gate = DraftGate(Planner())
     gate.observe(StepStats(0, 0.0, 50.0, False, 2, {}))
