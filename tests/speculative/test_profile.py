@@ -98,6 +98,22 @@ def test_profile_sps_never_lets_a_larger_batch_be_faster():
     assert table.steps_per_second == pytest.approx((50.0, 50.0, 1 / 0.030))
 
 
+def test_profile_sps_times_again_a_size_slower_than_a_larger_one():
+    """B=2 caught contention on all three runs (0.3 s where B=8 takes 0.03 s): it is timed
+    again instead of flattening the table up to B=8 to 3.3 steps/s."""
+    durations = {1: [0.01] * 3, 2: [0.3, 0.3, 0.3, 0.3, 0.012, 0.3], 8: [0.03] * 3}
+    now = [0.0]
+    counts = dict.fromkeys(durations, 0)
+
+    def step(b: int) -> None:
+        now[0] += durations[b][counts[b]]
+        counts[b] += 1
+
+    table = profile_sps(step, [1, 2, 8], repeats=3, warmup=0, clock=lambda: now[0])
+    assert counts == {1: 3, 2: 6, 8: 3}  # one more round of B=2, then it was below 2 x B=8
+    assert table.steps_per_second == pytest.approx((100.0, 1 / 0.012, 1 / 0.03))
+
+
 def test_profile_sps_with_real_time():
     table = profile_sps(lambda b: time.sleep(0.001 * b), [1, 20], repeats=3, warmup=0)
     assert table.steps_per_second[0] > table.steps_per_second[1]
