@@ -84,32 +84,30 @@ def test_profile_sps_uses_the_fastest_run_and_skips_warmup():
     assert table.steps_per_second == pytest.approx((100.0, 25.0))
 
 
-def test_profile_sps_never_lets_a_larger_batch_be_faster():
-    # B=1 caught a slow moment on every run; B=2 did not: B=2 must not look cheaper than B=1
-    durations = {1: [0.020, 0.020], 2: [0.010, 0.011], 8: [0.030, 0.030]}
-    now = [0.0]
-    counts = dict.fromkeys(durations, 0)
+def _scripted(durations: dict[int, list[float]]):
+    """A step function whose n-th run at size B takes durations[B][n] on a fake clock;
+    -> (step, clock, runs per size)."""
+    now, counts = [0.0], dict.fromkeys(durations, 0)
 
     def step(b: int) -> None:
         now[0] += durations[b][counts[b]]
         counts[b] += 1
 
-    table = profile_sps(step, [1, 2, 8], repeats=2, warmup=0, clock=lambda: now[0])
+    return step, lambda: now[0], counts
+
+
+def test_profile_sps_never_lets_a_larger_batch_be_faster():
+    # B=1 caught a slow moment on every run; B=2 did not: B=2 must not look cheaper than B=1
+    step, clock, _ = _scripted({1: [0.020, 0.020], 2: [0.010, 0.011], 8: [0.030, 0.030]})
+    table = profile_sps(step, [1, 2, 8], repeats=2, warmup=0, clock=clock)
     assert table.steps_per_second == pytest.approx((50.0, 50.0, 1 / 0.030))
 
 
 def test_profile_sps_times_again_a_size_slower_than_a_larger_one():
     """B=2 caught contention on all three runs (0.3 s where B=8 takes 0.03 s): it is timed
     again instead of flattening the table up to B=8 to 3.3 steps/s."""
-    durations = {1: [0.01] * 3, 2: [0.3, 0.3, 0.3, 0.3, 0.012, 0.3], 8: [0.03] * 3}
-    now = [0.0]
-    counts = dict.fromkeys(durations, 0)
-
-    def step(b: int) -> None:
-        now[0] += durations[b][counts[b]]
-        counts[b] += 1
-
-    table = profile_sps(step, [1, 2, 8], repeats=3, warmup=0, clock=lambda: now[0])
+    step, clock, counts = _scripted({1: [0.01] * 3, 2: [0.3] * 4 + [0.012, 0.3], 8: [0.03] * 3})
+    table = profile_sps(step, [1, 2, 8], repeats=3, warmup=0, clock=clock)
     assert counts == {1: 3, 2: 6, 8: 3}  # one more round of B=2, then it was below 2 x B=8
     assert table.steps_per_second == pytest.approx((100.0, 1 / 0.012, 1 / 0.03))
 
