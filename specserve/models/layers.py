@@ -6,9 +6,9 @@ parameter stays an [out, in] view of it, so names and shapes are unchanged): on 
 `x @ W_t` streams a large weight at ~22 GB/s for one row where `F.linear` reaches ~12 GB/s
 (benchmarks/engine_decode.py measures the effect end to end). On the CPU in float32 it also
 keeps a oneDNN-packed copy of each inference weight (`pack_for_rows`) for products over several
-rows (batched decode, verify windows, prefill), where oneDNN runs 1.4-2.9x MKL's `mm` here
+rows (batched decode, verify windows, prefill), where oneDNN runs 1.2-2.5x MKL's `mm` here
 (AVX-512 kernels; MKL takes its AVX2 path on this AMD CPU); one row stays on MKL, which is
-faster there. The copy doubles the dense weights' memory.
+faster there (`benchmarks/linear_kernels.py`). The copy doubles the dense weights' memory.
 """
 
 from __future__ import annotations
@@ -172,12 +172,12 @@ class GatedMLP(nn.Module):
         if self.gate_proj.bias is None:
             weights = (self.gate_proj.weight, self.up_proj.weight)
             self._fused = to_input_major(*weights, pack=not share_storage)
-            if not share_storage:
-                pack_for_rows(self.down_proj.weight)
             if share_storage:
                 n = self.intermediate
                 self.gate_proj.weight.data = self._fused[:n]
                 self.up_proj.weight.data = self._fused[n:]
+            else:
+                pack_for_rows(self.down_proj.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._fused is not None:

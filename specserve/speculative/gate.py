@@ -4,23 +4,24 @@ A decode step that drafts for request r commits 1 + a_r tokens for it, where a_r
 of draft tokens the target accepts; plain decoding commits 1. Drafting pays when
 (1 + a_r) / t_spec > 1 / t_plain, i.e. a_r > t_spec / t_plain - 1, with t_spec and t_plain the
 measured wall times of a decode step with and without drafting (moving averages by batch
-size) and a_r r's expected acceptance. For a drafter with a confidence head (DSpark) that is
-what the head predicts for the tokens the planner verifies, sum_i prod_{j<=i} c_j, averaged
-over r's drafted steps and judged from the first one; for the others it is the running
-acceptance (accepted tokens per verify: the mean of its first drafted steps, then a moving
-average), judged only after `min_samples` drafted steps (acceptance comes in bursts: one
-unlucky first step must not stop drafting). Until both times are measured the bar is one
-accepted token per step. A busy server rarely has a step in which no request drafts, so the
-gate makes one itself: after `probe_every` drafted steps at a batch size whose plain step time
-is unknown, and again every `remeasure_every` drafted steps, one step decodes every request
-plainly and is timed. A request below the bar decodes
-plainly and is probed again (drafts once) every `probe_every` steps, so a request whose text
-turns predictable gets drafts back. Only proposals with tokens count as acceptance samples.
+size) and a_r r's expected acceptance:
+* for a drafter with a confidence head (DSpark), what the head predicts for the tokens the
+  planner verifies, sum_i prod_{j<=i} c_j, averaged over r's drafted steps and judged from the
+  first one;
+* for the others, the running acceptance (accepted tokens per verify: the mean of its first
+  drafted steps, then a moving average), judged only after `min_samples` drafted steps
+  (acceptance comes in bursts: one unlucky first step must not stop drafting).
+Until both times are measured the bar is one accepted token per step. A busy server rarely has
+a step in which no request drafts, so the gate makes one: after `probe_every` drafted steps at
+a batch size whose plain step time is unknown, and again every `remeasure_every` drafted steps,
+one step decodes every request plainly and is timed. A request below the bar decodes plainly
+and is probed again (drafts once) every `probe_every` steps, so a request whose text turns
+predictable gets drafts back. Only proposals with tokens count as acceptance samples.
 
 Lossless: a decision reads only wall times, acceptance counts and drafter confidences of
-earlier steps, never a token of the step it decides. Each step, drafted or not, commits tokens distributed exactly as
-the target's given the history, so any choice made from the history alone leaves the output
-distribution unchanged (and greedy output token-identical).
+earlier steps, never a token of the step it decides. Each step, drafted or not, commits tokens
+distributed exactly as the target's given the history, so any choice made from the history
+alone leaves the output distribution unchanged (and greedy output token-identical).
 """
 
 from __future__ import annotations
