@@ -89,6 +89,8 @@ class ModelRunner:
         self.model, self.page_size, self.device, self.capture = model, page_size, device, capture
         self.dtype = dtype
         self.backend = make_attention_backend(attention_backend)
+        if self.backend.uses_kernels and hasattr(model, "use_kernels"):
+            model.use_kernels()
         self.allocate(num_blocks)
 
     def allocate(self, num_blocks: int, hidden_width: int = 0) -> None:

@@ -1,15 +1,17 @@
 """Compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-`load()` compiles `paged_attention.cpp` with `torch.utils.cpp_extension` (ninja and the C++
-compiler that `make venv` expects: gcc on a fresh machine) into torch's extension cache
-(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`) and registers
-`torch.ops.specserve.paged_attention`. The first build takes about a minute; later loads reuse
-it. Nothing here is needed by the pure PyTorch path (`--attention-backend torch`).
+`load()` compiles `paged_attention.cpp` and `dense_step.cpp` with `torch.utils.cpp_extension`
+(ninja and the C++ compiler that `make venv` expects: gcc on a fresh machine) into torch's
+extension cache (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`) and registers
+`torch.ops.specserve.paged_attention`, `linear_tiled` and `dense_layers`. The first build takes
+about a minute; later loads reuse it. Nothing here is needed by the pure PyTorch path
+(`--attention-backend torch`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 from pathlib import Path
 
@@ -19,13 +21,22 @@ from specserve.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-SOURCES = [Path(__file__).with_name("paged_attention.cpp")]
+HERE = Path(__file__).parent
+SOURCES = [HERE / "paged_attention.cpp", HERE / "dense_step.cpp"]
+HEADERS = [HERE / "kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 
 
 class KernelUnavailable(ConfigError):
     """The compiled kernels could not be built or loaded on this machine (a setup error: the
     CLI prints it and exits)."""
+
+
+def _digest() -> str:
+    """Of the sources, headers and flags: part of the build's name, so that two versions of the
+    kernels (an upgrade, two checkouts) never share a build folder in torch's cache."""
+    parts = [p.read_bytes() for p in (*SOURCES, *HEADERS)] + [" ".join(FLAGS).encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
 @functools.cache
@@ -37,7 +48,7 @@ def load() -> None:
         raise KernelUnavailable(f"torch.utils.cpp_extension is missing: {e}") from e
     try:
         build(
-            name="specserve_kernels",
+            name=f"specserve_kernels_{_digest()}",
             sources=[str(s) for s in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],

@@ -63,8 +63,11 @@ class AttentionBackend(abc.ABC):
 
     `allocate` returns one cache tensor per layer (its shape is the backend's business);
     `context(cache, batch)` returns a context whose `attend` writes the new K/V of `batch`
-    into `cache[layer_idx]` and attends over each sequence's pages.
+    into `cache[layer_idx]` and attends over each sequence's pages. `uses_kernels`: the model
+    should switch to the C++ kernels' weight layout (`CausalLM.use_kernels`).
     """
+
+    uses_kernels = False
 
     @abc.abstractmethod
     def allocate(
@@ -99,6 +102,8 @@ class CppBackend(TorchBackend):
     """`TorchBackend`'s cache, with decode steps and verify windows attended by a compiled CPU
     kernel (`specserve/kernels`) that reads each page in place with an online softmax: no
     gather, no mask. Prefill chunks keep the PyTorch path (SDPA's flash kernel)."""
+
+    uses_kernels = True
 
     def __init__(self) -> None:
         from specserve import kernels
@@ -299,6 +304,10 @@ class KernelPagedAttention(PagedAttention):
                           batch.kv_lens[short])
             )  # fmt: skip
         super().__init__(cache, batch)
+        self.step_args = None  # for `dense_layers`: every query short, float32 cache
+        if self.kernel_args is not None and not self.groups and cache[0].dtype == torch.float32:
+            slots = batch.slot_mapping.to(cache[0].device)
+            self.step_args = (cache, slots, *self.kernel_args)
 
     def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
         qlens = batch.query_lens.tolist()

@@ -17,9 +17,11 @@ from specserve.models.attention import AttentionContext
 from specserve.models.layers import (
     BoundRotary,
     GatedMLP,
+    Linear,
     RMSNorm,
     RotaryEmbedding,
     linear,
+    tile_for_kernels,
     to_input_major,
 )
 from specserve.models.parallel import (
@@ -125,6 +127,26 @@ class DecoderModel(nn.Module):
         )
 
 
+def tile_products(module: nn.Module) -> None:
+    """Tiled weights (`layers.tile_for_kernels`) for the products of `module` and its children:
+    fused qkv and gate-up blocks, and every other `Linear`. The q/k/v and gate/up weights of a
+    fused block are views of it and stay untiled, as do MoE experts (their gate-up block shares
+    the experts' storage; a tiled copy would double the model)."""
+    covered: set[int] = set()
+    for m in module.modules():
+        if isinstance(m, Attention) and m._qkv is not None:
+            tile_for_kernels(m._qkv[0])
+            covered |= {id(m.q_proj), id(m.k_proj), id(m.v_proj)}
+        elif isinstance(m, GatedMLP) and m._fused is not None:
+            covered |= {id(m.gate_proj), id(m.up_proj), id(m.down_proj)}
+            if m.gate_proj.weight.data_ptr() != m._fused.data_ptr():  # not an MoE expert
+                tile_for_kernels(m._fused)
+                tile_for_kernels(m.down_proj.weight)
+    for m in module.modules():
+        if isinstance(m, Linear) and id(m) not in covered:
+            tile_for_kernels(m.weight)
+
+
 def dense_mlp(cfg: ModelConfig, layer_idx: int, par: Parallel | None = None) -> nn.Module:
     return gated_mlp(cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias, par)
 
@@ -143,6 +165,7 @@ class CausalLM(nn.Module):
         self.lm_head = lm_head(cfg.hidden_size, cfg.vocab_size, par)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._step_weights: list[torch.Tensor] | None = None  # set by `use_kernels`
 
     def kv_head_shape(self) -> tuple[int, int]:
         """(KV heads on this rank, head dim): one token's K (or V) in one layer's KV cache."""
@@ -158,6 +181,49 @@ class CausalLM(nn.Module):
         if not self.config.tie_word_embeddings:
             to_input_major(self.lm_head.weight)
 
+    def use_kernels(self) -> bool:
+        """After `fuse`, with the C++ kernels loaded (`--attention-backend cpp`): every product
+        on tiled weights (`tile_products`), and, where the model fits it, steps of short
+        queries through `torch.ops.specserve.dense_layers`, all decoder layers in one call.
+        Returns whether that fused step is on; it needs float32 on the CPU, one process, no
+        biases and a fused dense MLP in every layer."""
+        tile_products(self)
+        fits = self.config.num_attention_heads == self.model.layers[0].self_attn.num_heads
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            fits = fits and (
+                attn._qkv is not None
+                and hasattr(attn._qkv[0], "tiled")
+                and attn._qkv[1] is None
+                and type(attn.o_proj) is Linear
+                and attn.o_proj.bias is None
+                and type(mlp) is GatedMLP
+                and mlp._fused is not None
+                and hasattr(mlp._fused, "tiled")
+                and mlp.down_proj.bias is None
+            )
+        self._step_weights = self._dense_step_weights() if fits else None
+        return self._step_weights is not None
+
+    def _dense_step_weights(self) -> list[torch.Tensor]:
+        """`dense_layers`' weights: per layer input norm, qkv, q_norm, k_norm (empty without
+        qk norm), o, post-attention norm, gate-up, down."""
+        none = torch.empty(0)
+        weights = []
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            weights += [
+                layer.input_layernorm.weight.detach(),
+                attn._qkv[0].tiled,
+                attn.q_norm.weight.detach() if attn.qk_norm else none,
+                attn.k_norm.weight.detach() if attn.qk_norm else none,
+                attn.o_proj.weight.tiled,
+                layer.post_attention_layernorm.weight.detach(),
+                mlp._fused.tiled,
+                mlp.down_proj.weight.tiled,
+            ]
+        return weights
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -168,6 +234,9 @@ class CausalLM(nn.Module):
         """input_ids, positions [N]. `capture` lists layer ids whose output hidden states to
         return (-1 = embedding output), numbered as Hugging Face's `hidden_states[i + 1]`."""
         x = self.model.embed_tokens(input_ids)
+        step = getattr(ctx, "step_args", None) if self._step_weights is not None else None
+        if step is not None:
+            return self._dense_step(x, positions, step, capture)
         kept: dict[int, torch.Tensor] = {-1: x} if -1 in capture else {}
         last = len(self.model.layers) - 1
         rotary = self.model.rotary.bind(positions)
@@ -180,6 +249,27 @@ class CausalLM(nn.Module):
             kept[last] = x  # Hugging Face reports the last layer after the final norm
         captured = torch.cat([kept[i] for i in capture], dim=-1) if capture else None
         return ModelOutput(hidden=x, captured=captured)
+
+    def _dense_step(
+        self, x: torch.Tensor, positions: torch.Tensor, step: tuple, capture: tuple[int, ...]
+    ) -> ModelOutput:
+        """Every decoder layer and the final norm in one `dense_layers` call (`use_kernels`)."""
+        cfg, rotary = self.config, self.model.rotary
+        captured = x.new_empty(x.shape[0], len(capture) * cfg.hidden_size)
+        torch.ops.specserve.dense_layers(
+            x,
+            self._step_weights,
+            self.model.norm.weight.detach(),
+            rotary.cos[positions],
+            rotary.sin[positions],
+            *step,
+            self.model.layers[0].self_attn.num_heads,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps,
+            list(capture),
+            captured,
+        )
+        return ModelOutput(hidden=x, captured=captured if capture else None)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [M, H] -> logits [M, V] in float32."""

@@ -17,7 +17,9 @@ import torch
 
 from specserve.config import ConfigError, SpecConfig
 from specserve.engine.engine import LLMEngine
+from specserve.engine.model_runner import ModelRunner
 from specserve.models.deepseek_v4 import DeepseekV4ForCausalLM
+from specserve.models.qwen3 import tile_products
 from specserve.models.qwen3_moe import set_moe_backend
 from specserve.speculative.base import Drafter, NoDrafter
 from specserve.speculative.block_drafter import DFlashDrafter
@@ -145,6 +147,8 @@ def build_drafter(spec: SpecConfig, engine: LLMEngine, moe_backend: str | None =
     model = load_drafter(path, engine.target_handle(), cfg.torch_dtype, cfg.device)
     if moe_backend is not None:
         set_moe_backend(model, moe_backend)
+    if isinstance(engine.runner, ModelRunner) and engine.runner.backend.uses_kernels:
+        tile_products(model)  # the drafter's products on the C++ kernels too
     if algo == "NEXTN":
         if not isinstance(model, MTPModule):
             raise ConfigError(f"--speculative-algorithm NEXTN: {path} is not an MTP drafter")

@@ -97,3 +97,83 @@ def test_backend_names_and_devices():
     with pytest.raises(ValueError, match="CPU only"):
         CppBackend().allocate(1, 4, 16, 2, 64, torch.float32, "meta")
     assert EngineConfig(model_path="m", attention_backend="cpp").attention_backend == "cpp"
+
+
+@pytest.mark.parametrize(
+    ("model_type", "head_dim", "tie"), [("qwen3", 16, False), ("llama", 64, True)]
+)
+def test_fused_step_equals_the_layer_by_layer_path(
+    tmp_path, monkeypatch, model_type, head_dim, tie
+):
+    """`dense_layers` (every layer in one call) against the PyTorch layers on the same cache
+    contents: logits and the captured hidden states (embedding, a middle layer, the last one)
+    of short prefills, decode steps and a batch of verify windows; a step with a long query
+    (prefill + decode) falls back to the layers and still matches."""
+    from specserve.models.qwen3 import CausalLM
+
+    path = make_checkpoint(
+        tmp_path / "m", seed=5, model_type=model_type, head_dim=head_dim, tie_word_embeddings=tie
+    )
+    capture = (-1, 0, 1)
+    runners = []
+    for backend in ("torch", "cpp"):
+        model, _ = load_model(str(path))
+        model.fuse()
+        runners.append(ModelRunner(model, 80, 4, torch.float32, "cpu", capture, backend))
+    assert runners[1].model._step_weights is not None
+    fused_calls = []
+    real = CausalLM._dense_step
+    monkeypatch.setattr(
+        CausalLM, "_dense_step", lambda self, *a: fused_calls.append(1) or real(self, *a)
+    )
+    gen = torch.Generator().manual_seed(7)
+    ctxs = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (23, 9, 41)]
+    tables = [list(range(1 + 25 * i, 26 + 25 * i)) for i in range(3)]
+    steps = [[BatchSeq(c[:10], 0, t, 0) for c, t in zip(ctxs, tables, strict=True)]]
+    steps += [
+        [BatchSeq(c[p : p + 1], p, t, 0) for c, t in zip(ctxs, tables, strict=True)]
+        for p in range(10, 20)
+    ]
+    steps.append(  # verify windows of 8, 1 and 5 tokens after each context's 20th token
+        [
+            BatchSeq(c[20 : 20 + w], 20, t, 0)
+            for c, t, w in zip(ctxs, tables, (8, 1, 5), strict=True)
+        ]
+    )
+    steps.append(  # a mixed step: one sequence prefills 20 tokens (a long query), one decodes
+        [BatchSeq(ctxs[0][28:29], 28, tables[0], 0), BatchSeq(ctxs[2][20:40], 20, tables[2], 0)]
+    )
+    for seqs in steps:
+        want, got = (r.forward(seqs) for r in runners)
+        assert (got.logits - want.logits).abs().max().item() <= 1e-4
+        assert (got.captured - want.captured).abs().max().item() <= 1e-4
+    assert len(fused_calls) == 12  # all but the mixed step (prefills of 10 are short queries)
+
+
+def test_linear_tiled_is_row_invariant():
+    """The kernels' product (`linear()` on a tiled weight) equals float64 to float32 rounding
+    at any number of rows and column count, and each row's result is bit-identical whether it
+    is computed alone or with others (a token's logits do not depend on its batch)."""
+    from specserve.models.layers import linear, tile_for_kernels
+
+    CppBackend()  # builds and loads the kernels
+    gen = torch.Generator().manual_seed(0)
+    for out_features, in_features in ((100, 37), (512, 256), (130, 64)):
+        weight = torch.randn(out_features, in_features, generator=gen)
+        ref = weight.clone()
+        assert tile_for_kernels(weight) is not None
+        for rows in (1, 5, 6, 13, 80):
+            x = torch.randn(rows, in_features, generator=gen)
+            y = linear(x, weight)
+            assert (y.double() - x.double() @ ref.double().t()).abs().max().item() < 1e-4
+            assert torch.equal(linear(x[-1:], weight)[0], y[-1])
+
+
+def test_fused_step_is_off_where_it_does_not_fit(tmp_path):
+    """An MoE model keeps the layer-by-layer path (its products still use tiled weights)."""
+    path = make_checkpoint(tmp_path / "moe", model_type="qwen3_moe", moe_intermediate_size=32)
+    model, _ = load_model(str(path))
+    model.fuse()
+    runner = ModelRunner(model, 16, 4, torch.float32, "cpu", attention_backend="cpp")
+    assert runner.model._step_weights is None
+    assert hasattr(runner.model.lm_head.weight, "tiled")

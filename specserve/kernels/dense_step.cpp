@@ -1,0 +1,184 @@
+// The decoder layers of a dense Qwen3 / Llama model for a step of short queries (decode steps
+// and verify windows), in one call: no per-op dispatch, no Python between the products.
+//
+// Weights are "tiled": a [N, K] weight stored as [ceil(N / 64), K, 64], so that the 64 output
+// columns of one tile are read as one contiguous stream (`tile_weight` in
+// specserve/models/layers.py writes them). The product of a few rows with such a weight
+// (`linear_tiled`) keeps 4 rows x 64 columns of accumulators in registers and reads each
+// weight byte once per 4 rows: at one row it streams the weight at the copy bandwidth, with no
+// horizontal sums. Each output row is summed over k in the same order whatever the number of
+// rows, so a token's result does not depend on how many tokens share its step.
+//
+// `dense_layers` runs, per layer: RMSNorm, the fused qkv product, q/k RMSNorm, the rotary
+// embedding, the K/V write into the paged cache, paged attention (kernels.h), the o product
+// added to the residual, RMSNorm, the fused gate-up product, SiLU * up and the down product
+// added to the residual; then the final norm. Float32 only.
+
+#include "kernels.h"
+
+namespace {
+
+using namespace specserve_kernels;
+
+// y [M, N] (+)= x [M, K] @ W, W tiled [ceil(N / 64), K, 64]; ldx / ldy are row strides.
+void gemm_tiled(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N,
+                float* y, int64_t ldy, bool accumulate) {
+  const int64_t tiles = (N + kCols - 1) / kCols;
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* wt = w + t * K * kCols;
+      const int64_t ncols = std::min(kCols, N - t * kCols);
+      float* yt = y + t * kCols;
+      rows_times_tile(x, ldx, M, wt, kCols, K, yt, ldy, ncols, accumulate);
+    }
+  });
+}
+
+void check_tiled(const at::Tensor& w, int64_t K, int64_t N, const char* what) {
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == kCols && w.size(1) == K &&
+                  w.size(0) == (N + kCols - 1) / kCols && w.is_contiguous() &&
+                  w.scalar_type() == at::kFloat,
+              what, ": expected a contiguous float32 tiled weight [", (N + kCols - 1) / kCols,
+              ", ", K, ", 64], got ", w.sizes());
+}
+
+void linear_tiled(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0),
+              "linear_tiled: x [M, K] and out [M, N]");
+  TORCH_CHECK(x.is_contiguous() && out.is_contiguous() && x.scalar_type() == at::kFloat &&
+                  out.scalar_type() == at::kFloat,
+              "linear_tiled: x and out must be contiguous float32");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
+  check_tiled(w, K, N, "linear_tiled");
+  gemm_tiled(x.data_ptr<float>(), K, M, w.data_ptr<float>(), K, N, out.data_ptr<float>(), N,
+             false);
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * weight over n values.
+inline void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* y) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < n; ++c) ss += x[c] * x[c];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) y[c] = x[c] * r * weight[c];
+}
+
+// Neox rotary embedding (rotate_half) of one head: cos, sin [d / 2].
+inline void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* y) {
+  const int64_t half = d / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    y[i] = a * cos[i] - b * sin[i];
+    y[i + half] = b * cos[i] + a * sin[i];
+  }
+}
+
+constexpr int64_t kPerLayer = 8;  // in_norm, qkv, q_norm, k_norm, o, post_norm, gate_up, down
+
+void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
+                  const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin,
+                  const std::vector<at::Tensor>& caches, const at::Tensor& slots,
+                  const at::Tensor& block_tables, const at::Tensor& q_starts,
+                  const at::Tensor& q_lens, const at::Tensor& kv_lens, int64_t num_heads,
+                  int64_t intermediate, double eps, std::vector<int64_t> capture,
+                  at::Tensor captured) {
+  const int64_t layers = static_cast<int64_t>(caches.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == layers * kPerLayer,
+              "dense_layers: ", kPerLayer, " weights per layer");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat,
+              "dense_layers: x must be a contiguous float32 [N, H]");
+  const int64_t M = x.size(0), H = x.size(1);
+  const int64_t kvh = caches[0].size(1), blocks = caches[0].size(2), page = caches[0].size(3);
+  const int64_t d = caches[0].size(4), h = num_heads, I = intermediate;
+  const int64_t qkv_n = (h + 2 * kvh) * d, half = d / 2;
+  TORCH_CHECK(cos.size(0) == M && cos.size(1) == half && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.scalar_type() == at::kFloat,
+              "dense_layers: cos, sin [N, d / 2] float32");
+  TORCH_CHECK(slots.size(0) == M && slots.scalar_type() == at::kLong,
+              "dense_layers: slots [N] int64");
+  const float feps = static_cast<float>(eps);
+  const auto opts = x.options();
+  at::Tensor xn = at::empty({M, H}, opts), qkv = at::empty({M, qkv_n}, opts);
+  at::Tensor q = at::empty({M, h, d}, opts), attn = at::empty({M, h, d}, opts);
+  at::Tensor gu = at::empty({M, 2 * I}, opts), act = at::empty({M, I}, opts);
+  float *xp = x.data_ptr<float>(), *xnp = xn.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
+  float *qp = q.data_ptr<float>(), *ap = attn.data_ptr<float>();
+  float *gup = gu.data_ptr<float>(), *actp = act.data_ptr<float>();
+  const float *cp = cos.data_ptr<float>(), *sp = sin.data_ptr<float>();
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  const int64_t width = captured.defined() && captured.dim() == 2 ? captured.size(1) : 0;
+  auto keep = [&](int64_t layer, const float* src) {  // hidden states of a captured layer
+    for (size_t c = 0; c < capture.size(); ++c) {
+      if (capture[c] != layer) continue;
+      float* dst = captured.data_ptr<float>() + static_cast<int64_t>(c) * H;
+      for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * width, src + m * H, H * sizeof(float));
+    }
+  };
+  keep(-1, xp);
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = &weights[l * kPerLayer];
+    const bool qk_norm = w[2].defined() && w[2].numel() == d;
+    for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, w[0].data_ptr<float>(), H, feps, xnp + m * H);
+    gemm_tiled(xnp, H, M, w[1].data_ptr<float>(), H, qkv_n, qkvp, qkv_n, false);
+    float* kp = caches[l].data_ptr<float>();
+    float* vp = kp + kvh * blocks * page * d;
+    float tmp[1024];
+    TORCH_CHECK(d <= 1024, "dense_layers: head_dim above 1024");
+    for (int64_t m = 0; m < M; ++m) {
+      float* row = qkvp + m * qkv_n;
+      const float *c = cp + m * half, *s = sp + m * half;
+      for (int64_t head = 0; head < h + kvh; ++head) {
+        const float* src = row + head * d;
+        if (qk_norm) {
+          rms_norm(src, w[head < h ? 2 : 3].data_ptr<float>(), d, feps, tmp);
+          src = tmp;
+        }
+        float* dst = head < h ? qp + (m * h + head) * d
+                              : kp + ((head - h) * blocks * page + slot[m]) * d;
+        rotate(src, c, s, d, dst);
+      }
+      for (int64_t g = 0; g < kvh; ++g) {
+        std::memcpy(vp + (g * blocks * page + slot[m]) * d, row + (h + kvh + g) * d,
+                    d * sizeof(float));
+      }
+    }
+    const double scale = 1.0 / std::sqrt(static_cast<double>(d));
+    if (d == 64) {
+      attend<float, 64>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
+    } else if (d == 128) {
+      attend<float, 128>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
+    } else {
+      attend<float, 0>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
+    }
+    gemm_tiled(ap, h * d, M, w[4].data_ptr<float>(), h * d, H, xp, H, true);
+    for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, w[5].data_ptr<float>(), H, feps, xnp + m * H);
+    gemm_tiled(xnp, H, M, w[6].data_ptr<float>(), H, 2 * I, gup, 2 * I, false);
+    for (int64_t m = 0; m < M; ++m) {
+      const float *g = gup + m * 2 * I, *u = g + I;
+      float* a = actp + m * I;
+      for (int64_t i = 0; i < I; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
+    }
+    gemm_tiled(actp, I, M, w[7].data_ptr<float>(), I, H, xp, H, true);
+    if (l != layers - 1) keep(l, xp);
+  }
+  for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, final_norm.data_ptr<float>(), H, feps, xp + m * H);
+  keep(layers - 1, xp);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(specserve, m) {
+  m.def("linear_tiled(Tensor(a!) out, Tensor x, Tensor w) -> ()");
+  m.def(
+      "dense_layers(Tensor(a!) x, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, "
+      "Tensor[] caches, Tensor slots, Tensor block_tables, Tensor q_starts, Tensor q_lens, "
+      "Tensor kv_lens, int num_heads, int intermediate, float eps, int[] capture, "
+      "Tensor(b!) captured) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(specserve, CPU, m) {
+  m.impl("linear_tiled", &linear_tiled);
+  m.impl("dense_layers", &dense_layers);
+}

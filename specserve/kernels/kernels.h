@@ -1,0 +1,357 @@
+// Shared pieces of the CPU kernels: 16-float vectors, a vectorisable exp, and the paged
+// attention of short queries (`attend`), used by paged_attention.cpp and dense_step.cpp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+
+namespace specserve_kernels {
+
+constexpr int64_t kTile = 64;  // keys per online-softmax step (whole pages, at most this many)
+
+// 16 floats in GCC's generic vector type: one AVX-512 register, two AVX2 ones, whatever the
+// target has. Loads and stores are unaligned.
+constexpr int kLanes = 16;
+typedef float vf __attribute__((vector_size(64), aligned(4)));
+
+inline vf load(const float* p) {
+  vf v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+
+inline float hsum(vf v) {  // a tree of halves, not 15 dependent adds
+  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
+}
+
+
+// exp(x) for x <= 0 (and -inf), to ~1 ulp: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2].
+// Plain arithmetic so that the compiler vectorises the loops that call it (std::exp does not).
+inline float fast_exp(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: still a normal float; -inf maps here too
+  const float n = std::nearbyint(x * 1.44269504088896341f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits;
+  std::memcpy(&bits, &p, sizeof bits);
+  bits += static_cast<int32_t>(n) << 23;
+  std::memcpy(&p, &bits, sizeof bits);
+  return p;
+}
+
+template <int D>
+inline float dot(const float* a, const float* b, int64_t d_rt) {
+  const int64_t d = D > 0 ? D : d_rt;
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// Four dot products with one query row: four independent accumulators share its loads.
+// Four dot products with one query row: four independent accumulators share its loads.
+template <int D>
+inline void dot4(const float* a, const float* const* k, int64_t d_rt, float* out) {
+  if constexpr (D > 0) {
+    vf s0{}, s1{}, s2{}, s3{};
+#pragma GCC unroll 16
+    for (int c = 0; c < D; c += kLanes) {
+      const vf x = load(a + c);
+      s0 += x * load(k[0] + c);
+      s1 += x * load(k[1] + c);
+      s2 += x * load(k[2] + c);
+      s3 += x * load(k[3] + c);
+    }
+    out[0] = hsum(s0), out[1] = hsum(s1), out[2] = hsum(s2), out[3] = hsum(s3);
+  } else {
+    const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
+    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t i = 0; i < d_rt; ++i) {
+      s0 += a[i] * k0[i];
+      s1 += a[i] * k1[i];
+      s2 += a[i] * k2[i];
+      s3 += a[i] * k3[i];
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+  }
+}
+
+constexpr int64_t kCols = 64;  // output columns per tile of a tiled weight
+
+// y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` floats apart, 64 of
+// them read). 4 x MB accumulators in registers: each w row is loaded once for all MB rows.
+template <int MB>
+inline void tile_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+                      float* y, int64_t ldy, int64_t ncols, bool accumulate) {
+  vf a[MB][4] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* wk = w + k * ldw;
+    const vf w0 = load(wk), w1 = load(wk + 16), w2 = load(wk + 32), w3 = load(wk + 48);
+#pragma GCC unroll 8
+    for (int i = 0; i < MB; ++i) {
+      const float xv = x[i * ldx + k];
+      a[i][0] += xv * w0;
+      a[i][1] += xv * w1;
+      a[i][2] += xv * w2;
+      a[i][3] += xv * w3;
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    float* yr = y + i * ldy;
+    if (ncols == kCols && !accumulate) {
+      for (int c = 0; c < 4; ++c) store(yr + c * kLanes, a[i][c]);
+      continue;
+    }
+    float buf[kCols];
+    for (int c = 0; c < 4; ++c) store(buf + c * kLanes, a[i][c]);
+    if (accumulate) {
+      for (int64_t c = 0; c < ncols; ++c) yr[c] += buf[c];
+    } else {
+      for (int64_t c = 0; c < ncols; ++c) yr[c] = buf[c];
+    }
+  }
+}
+
+// y [M, 64-column chunk] (+)= x [M, K] @ w [K, 64]: tile_rows over M in blocks of 6 rows.
+inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw,
+                            int64_t K, float* y, int64_t ldy, int64_t ncols, bool accumulate) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) tile_rows<6>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy, ncols, accumulate);
+  const float* xm = x + m * ldx;
+  float* ym = y + m * ldy;
+  switch (M - m) {
+    case 5: tile_rows<5>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
+    case 4: tile_rows<4>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
+    case 3: tile_rows<3>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
+    case 2: tile_rows<2>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
+    case 1: tile_rows<1>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
+    default: break;
+  }
+}
+
+template <typename T>
+inline void load_rows(float* dst, const T* src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// One query row against `visible` keys: scores, the online-softmax update of (mx, sum) and
+// the weighted values added to acc. D > 0 fixes the head size at compile time (the
+// accumulator then lives in registers); D = 0 reads it from d_rt.
+template <int D>
+inline void row_tile(const float* qr, const float* const* krow, const float* const* vrow,
+                     int64_t visible, int64_t d_rt, float* s, float* acc, float& mx,
+                     float& sum) {
+  const int64_t d = D > 0 ? D : d_rt;
+  int64_t t = 0;
+  for (; t + 4 <= visible; t += 4) dot4<D>(qr, &krow[t], d, &s[t]);
+  for (; t < visible; ++t) s[t] = dot<D>(qr, krow[t], d);
+  float tile_max = -std::numeric_limits<float>::infinity();
+  for (t = 0; t < visible; ++t) tile_max = s[t] > tile_max ? s[t] : tile_max;
+  const float m_new = std::max(mx, tile_max);
+  float tile_sum = 0.f;
+#pragma omp simd reduction(+ : tile_sum)
+  for (t = 0; t < visible; ++t) {
+    s[t] = fast_exp(s[t] - m_new);
+    tile_sum += s[t];
+  }
+  const float correction = fast_exp(mx - m_new);  // 0 on the first tile (mx = -inf)
+  sum = sum * correction + tile_sum;
+  mx = m_new;
+  if constexpr (D > 0) {
+    vf a[D / kLanes];  // the accumulator in registers across the keys
+#pragma GCC unroll 16
+    for (int c = 0; c < D / kLanes; ++c) a[c] = load(acc + c * kLanes) * correction;
+    for (t = 0; t < visible; ++t) {
+      const float w = s[t];
+      const float* vr = vrow[t];
+#pragma GCC unroll 16
+      for (int c = 0; c < D / kLanes; ++c) a[c] += w * load(vr + c * kLanes);
+    }
+#pragma GCC unroll 16
+    for (int c = 0; c < D / kLanes; ++c) store(acc + c * kLanes, a[c]);
+  } else {
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) acc[c] *= correction;
+    for (t = 0; t < visible; ++t) {
+      const float w = s[t];
+      const float* vr = vrow[t];
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) acc[c] += w * vr[c];
+    }
+  }
+}
+
+constexpr int64_t kGemmRows = 4;  // query rows per work item from which `item_as_products` runs
+
+// One work item (a sequence's queries for one KV head: `rows` query rows, scaled, in q) over
+// its `nk` keys as two register-blocked products per tile of keys: S = Q K^T against the
+// tile's keys transposed into [d, 64]-column blocks, then O += P V against the tile's values
+// copied into rows padded to 64 columns. Row r (query r / group) sees keys 0 .. nk - nq + r /
+// group. `key_row(t)` and `value_row(t)` point at key t's K and V rows (d floats).
+template <typename KeyRow, typename ValueRow>
+void item_as_products(const float* q, int64_t rows, int64_t group, int64_t nq, int64_t nk,
+                      int64_t d, int64_t tile, KeyRow key_row, ValueRow value_row, float* o,
+                      int64_t ldo, std::vector<float>& work) {
+  const int64_t tpad = (tile + kCols - 1) / kCols * kCols, dpad = (d + kCols - 1) / kCols * kCols;
+  work.assign(d * tpad + tile * dpad + rows * tpad + rows * dpad + 2 * rows, 0.f);
+  float *kt = work.data(), *vt = kt + d * tpad, *s = vt + tile * dpad, *acc = s + rows * tpad;
+  float *mx = acc + rows * dpad, *sum = mx + rows;
+  std::fill(mx, mx + rows, -std::numeric_limits<float>::infinity());
+  for (int64_t first = 0; first < nk; first += tile) {
+    const int64_t n = std::min(tile, nk - first);
+    for (int64_t t = 0; t < n; ++t) {
+      const float* kr = key_row(first + t);
+      for (int64_t c = 0; c < d; ++c) kt[c * tpad + t] = kr[c];
+      std::memcpy(vt + t * dpad, value_row(first + t), d * sizeof(float));
+    }
+    for (int64_t c0 = 0; c0 < n; c0 += kCols)
+      rows_times_tile(q, d, rows, kt + c0, tpad, d, s + c0, tpad, std::min(kCols, n - c0), false);
+    for (int64_t r = 0; r < rows; ++r) {
+      float* sr = s + r * tpad;
+      const int64_t visible = std::max<int64_t>(0, std::min(n, nk - nq + r / group - first + 1));
+      if (visible == 0) {
+        std::fill(sr, sr + n, 0.f);
+        continue;
+      }
+      float tile_max = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < visible; ++t) tile_max = sr[t] > tile_max ? sr[t] : tile_max;
+      const float m_new = std::max(mx[r], tile_max);
+      float tile_sum = 0.f;
+#pragma omp simd reduction(+ : tile_sum)
+      for (int64_t t = 0; t < visible; ++t) {
+        sr[t] = fast_exp(sr[t] - m_new);
+        tile_sum += sr[t];
+      }
+      std::fill(sr + visible, sr + n, 0.f);
+      const float correction = fast_exp(mx[r] - m_new);
+      sum[r] = sum[r] * correction + tile_sum;
+      mx[r] = m_new;
+      float* ar = acc + r * dpad;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) ar[c] *= correction;
+    }
+    for (int64_t c0 = 0; c0 < d; c0 += kCols)
+      rows_times_tile(s, tpad, rows, vt + c0, dpad, n, acc + c0, dpad, std::min(kCols, d - c0), true);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = 1.f / sum[r];
+    float* dst = o + r * ldo;
+    for (int64_t c = 0; c < d; ++c) dst[c] = acc[r * dpad + c] * inv;
+  }
+}
+
+template <typename T, int D>
+void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
+            const at::Tensor& block_tables, const at::Tensor& q_starts,
+            const at::Tensor& q_lens, const at::Tensor& kv_lens, double scale) {
+  const int64_t h = q.size(1), d = D > 0 ? D : q.size(2);
+  const int64_t kv = cache.size(1), num_blocks = cache.size(2), page = cache.size(3);
+  const int64_t group = h / kv, batch = q_lens.size(0), max_pages = block_tables.size(1);
+  const int64_t tile_pages = std::max<int64_t>(1, kTile / page), tile = tile_pages * page;
+  const T* qp = q.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const T* kp = cache.data_ptr<T>();
+  const T* vp = kp + kv * num_blocks * page * d;
+  const int64_t* tables = block_tables.data_ptr<int64_t>();
+  const int64_t* starts = q_starts.data_ptr<int64_t>();
+  const int64_t* qlens = q_lens.data_ptr<int64_t>();
+  const int64_t* klens = kv_lens.data_ptr<int64_t>();
+  const float fscale = static_cast<float>(scale);
+  constexpr bool kFloat = std::is_same_v<T, float>;
+
+  at::parallel_for(0, batch * kv, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qbuf, acc, mx, sum, score, kbuf, vbuf, work;
+    std::vector<const float*> krow(tile), vrow(tile);
+    if (!kFloat) kbuf.resize(tile * d), vbuf.resize(tile * d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / kv, g = item % kv;
+      const int64_t nq = qlens[b], nk = klens[b], rows = nq * group;
+      qbuf.resize(rows * d);
+      acc.assign(rows * d, 0.f);
+      mx.assign(rows, -std::numeric_limits<float>::infinity());
+      sum.assign(rows, 0.f);
+      score.resize(rows * tile);
+      for (int64_t r = 0; r < rows; ++r) {  // row r = j * group + i: query j, head g*group + i
+        const int64_t j = r / group, i = r % group;
+        float* dst = &qbuf[r * d];
+        load_rows(dst, qp + ((starts[b] + j) * h + g * group + i) * d, d);
+        for (int64_t c = 0; c < d; ++c) dst[c] *= fscale;
+      }
+      const bool products = kFloat && rows >= kGemmRows;
+      if constexpr (kFloat) {
+        if (products) {  // several query rows share each key: two small products per tile
+          auto key_row = [&](int64_t t) {
+            return kp + (g * num_blocks + tables[b * max_pages + t / page]) * page * d +
+                   (t % page) * d;
+          };
+          auto value_row = [&](int64_t t) { return vp + (key_row(t) - kp); };
+          item_as_products(qbuf.data(), rows, group, nq, nk, d, tile, key_row, value_row,
+                           acc.data(), d, work);
+          std::fill(sum.begin(), sum.end(), 1.f);  // rows come back normalised
+        }
+      }
+      for (int64_t first = 0; first < (products ? 0 : nk); first += tile) {
+        const int64_t n = std::min(tile, nk - first);
+        for (int64_t t = 0; t < n; t += page) {  // the tile's rows, page by page, in place
+          const int64_t block = tables[b * max_pages + (first + t) / page];
+          const int64_t base = (g * num_blocks + block) * page * d;
+          const int64_t m = std::min(page, n - t);
+          for (int64_t u = 0; u < m; ++u) {
+            if constexpr (kFloat) {
+              krow[t + u] = kp + base + u * d;
+              vrow[t + u] = vp + base + u * d;
+            } else {
+              load_rows(&kbuf[(t + u) * d], kp + base + u * d, d);
+              load_rows(&vbuf[(t + u) * d], vp + base + u * d, d);
+              krow[t + u] = &kbuf[(t + u) * d];
+              vrow[t + u] = &vbuf[(t + u) * d];
+            }
+          }
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t j = r / group;
+          // keys first .. first + visible - 1 of this tile are visible to query j
+          const int64_t visible = std::min(n, nk - nq + j - first + 1);
+          if (visible <= 0) continue;
+          row_tile<D>(&qbuf[r * d], krow.data(), vrow.data(), visible, d, &score[r * tile],
+                      &acc[r * d], mx[r], sum[r]);
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t j = r / group, i = r % group;
+        const float inv = 1.f / sum[r];
+        T* dst = op + ((starts[b] + j) * h + g * group + i) * d;
+        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(acc[r * d + c] * inv);
+      }
+    }
+  });
+}
+
+}  // namespace specserve_kernels
