@@ -75,7 +75,6 @@ inline float dot(const float* a, const float* b, int64_t d_rt) {
 }
 
 // Four dot products with one query row: four independent accumulators share its loads.
-// Four dot products with one query row: four independent accumulators share its loads.
 template <int D>
 inline void dot4(const float* a, const float* const* k, int64_t d_rt, float* out) {
   if constexpr (D > 0) {
@@ -208,65 +207,6 @@ inline void row_tile(const float* qr, const float* const* krow, const float* con
   }
 }
 
-constexpr int64_t kGemmRows = 4;  // query rows per work item from which `item_as_products` runs
-
-// One work item (a sequence's queries for one KV head: `rows` query rows, scaled, in q) over
-// its `nk` keys as two register-blocked products per tile of keys: S = Q K^T against the
-// tile's keys transposed into [d, 64]-column blocks, then O += P V against the tile's values
-// copied into rows padded to 64 columns. Row r (query r / group) sees keys 0 .. nk - nq + r /
-// group. `key_row(t)` and `value_row(t)` point at key t's K and V rows (d floats).
-template <typename KeyRow, typename ValueRow>
-void item_as_products(const float* q, int64_t rows, int64_t group, int64_t nq, int64_t nk,
-                      int64_t d, int64_t tile, KeyRow key_row, ValueRow value_row, float* o,
-                      int64_t ldo, std::vector<float>& work) {
-  const int64_t tpad = (tile + kCols - 1) / kCols * kCols, dpad = (d + kCols - 1) / kCols * kCols;
-  work.assign(d * tpad + tile * dpad + rows * tpad + rows * dpad + 2 * rows, 0.f);
-  float *kt = work.data(), *vt = kt + d * tpad, *s = vt + tile * dpad, *acc = s + rows * tpad;
-  float *mx = acc + rows * dpad, *sum = mx + rows;
-  std::fill(mx, mx + rows, -std::numeric_limits<float>::infinity());
-  for (int64_t first = 0; first < nk; first += tile) {
-    const int64_t n = std::min(tile, nk - first);
-    for (int64_t t = 0; t < n; ++t) {
-      const float* kr = key_row(first + t);
-      for (int64_t c = 0; c < d; ++c) kt[c * tpad + t] = kr[c];
-      std::memcpy(vt + t * dpad, value_row(first + t), d * sizeof(float));
-    }
-    for (int64_t c0 = 0; c0 < n; c0 += kCols)
-      rows_times_tile(q, d, rows, kt + c0, tpad, d, s + c0, tpad, std::min(kCols, n - c0), false);
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = s + r * tpad;
-      const int64_t visible = std::max<int64_t>(0, std::min(n, nk - nq + r / group - first + 1));
-      if (visible == 0) {
-        std::fill(sr, sr + n, 0.f);
-        continue;
-      }
-      float tile_max = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < visible; ++t) tile_max = sr[t] > tile_max ? sr[t] : tile_max;
-      const float m_new = std::max(mx[r], tile_max);
-      float tile_sum = 0.f;
-#pragma omp simd reduction(+ : tile_sum)
-      for (int64_t t = 0; t < visible; ++t) {
-        sr[t] = fast_exp(sr[t] - m_new);
-        tile_sum += sr[t];
-      }
-      std::fill(sr + visible, sr + n, 0.f);
-      const float correction = fast_exp(mx[r] - m_new);
-      sum[r] = sum[r] * correction + tile_sum;
-      mx[r] = m_new;
-      float* ar = acc + r * dpad;
-#pragma omp simd
-      for (int64_t c = 0; c < d; ++c) ar[c] *= correction;
-    }
-    for (int64_t c0 = 0; c0 < d; c0 += kCols)
-      rows_times_tile(s, tpad, rows, vt + c0, dpad, n, acc + c0, dpad, std::min(kCols, d - c0), true);
-  }
-  for (int64_t r = 0; r < rows; ++r) {
-    const float inv = 1.f / sum[r];
-    float* dst = o + r * ldo;
-    for (int64_t c = 0; c < d; ++c) dst[c] = acc[r * dpad + c] * inv;
-  }
-}
-
 template <typename T, int D>
 void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             const at::Tensor& block_tables, const at::Tensor& q_starts,
@@ -287,7 +227,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   constexpr bool kFloat = std::is_same_v<T, float>;
 
   at::parallel_for(0, batch * kv, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qbuf, acc, mx, sum, score, kbuf, vbuf, work;
+    std::vector<float> qbuf, acc, mx, sum, score, kbuf, vbuf;
     std::vector<const float*> krow(tile), vrow(tile);
     if (!kFloat) kbuf.resize(tile * d), vbuf.resize(tile * d);
     for (int64_t item = begin; item < end; ++item) {
@@ -304,20 +244,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
         load_rows(dst, qp + ((starts[b] + j) * h + g * group + i) * d, d);
         for (int64_t c = 0; c < d; ++c) dst[c] *= fscale;
       }
-      const bool products = kFloat && rows >= kGemmRows;
-      if constexpr (kFloat) {
-        if (products) {  // several query rows share each key: two small products per tile
-          auto key_row = [&](int64_t t) {
-            return kp + (g * num_blocks + tables[b * max_pages + t / page]) * page * d +
-                   (t % page) * d;
-          };
-          auto value_row = [&](int64_t t) { return vp + (key_row(t) - kp); };
-          item_as_products(qbuf.data(), rows, group, nq, nk, d, tile, key_row, value_row,
-                           acc.data(), d, work);
-          std::fill(sum.begin(), sum.end(), 1.f);  // rows come back normalised
-        }
-      }
-      for (int64_t first = 0; first < (products ? 0 : nk); first += tile) {
+      for (int64_t first = 0; first < nk; first += tile) {
         const int64_t n = std::min(tile, nk - first);
         for (int64_t t = 0; t < n; t += page) {  // the tile's rows, page by page, in place
           const int64_t block = tables[b * max_pages + (first + t) / page];

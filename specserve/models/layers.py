@@ -197,11 +197,13 @@ class GatedMLP(nn.Module):
         self.down_proj = Linear(intermediate, hidden, bias)
         self.intermediate = intermediate
         self._fused: torch.Tensor | None = None
+        self.shares_storage = False  # see `fuse`
 
     def fuse(self, share_storage: bool = False) -> None:
         """Gate and up weights in one input-major block for inference (one product instead of
         two, in the faster form for wide outputs). With `share_storage` the two weights are
         re-pointed into that block, so no second copy is kept (MoE experts: most of a model)."""
+        self.shares_storage = share_storage
         if self.gate_proj.bias is None:
             weights = (self.gate_proj.weight, self.up_proj.weight)
             self._fused = to_input_major(*weights, pack=not share_storage)

@@ -139,7 +139,7 @@ def tile_products(module: nn.Module) -> None:
             covered |= {id(m.q_proj), id(m.k_proj), id(m.v_proj)}
         elif isinstance(m, GatedMLP) and m._fused is not None:
             covered |= {id(m.gate_proj), id(m.up_proj), id(m.down_proj)}
-            if m.gate_proj.weight.data_ptr() != m._fused.data_ptr():  # not an MoE expert
+            if not m.shares_storage:  # not an MoE expert
                 tile_for_kernels(m._fused)
                 tile_for_kernels(m.down_proj.weight)
     for m in module.modules():
