@@ -227,7 +227,9 @@ def op_profile(cell: Cell, backend: str, steps: int = 5) -> str:
         for _ in range(steps):
             runner.forward(seqs)
     wall = time.perf_counter() - t
-    top = [e for e in prof.events() if e.cpu_parent is None and "::" in e.name]  # aten, mkldnn, ours
+    top = [
+        e for e in prof.events() if e.cpu_parent is None and "::" in e.name
+    ]  # aten, mkldnn, ours
     in_ops = sum(e.cpu_time_total for e in top) / 1e6
     return (
         f"profile {backend} b{cell.batch} ctx{cell.context} {cell.step}: "

@@ -1,7 +1,7 @@
 """Batch-1 greedy decode, specserve vs llama.cpp, on the same model (run by hand).
 
     .venv/bin/python benchmarks/vs_llamacpp.py [--model models/demo/target] [--threads 1]
-        [--tokens 256] [--rounds 3] [--work /tmp/specserve-llamacpp]
+        [--tokens 256] [--rounds 3] [--work /tmp/specserve-llamacpp] [--attention-backend cpp]
 
 The first run builds `llama-cpp-python==0.3.36` from source into its own venv under `--work`
 (about 11 minutes of two quiet cores; later runs reuse it) and converts the model folder to
@@ -117,13 +117,18 @@ def to_gguf(model: Path, src: Path, work: Path) -> Path:
     return out
 
 
-def ours_tok_s(model: Path, threads: int, tokens: int) -> float:
+def ours_tok_s(model: Path, threads: int, tokens: int, backend: str) -> float:
     import torch
 
     from specserve.core import SamplingParams
     from specserve.llm import LLM
 
-    llm = LLM(str(model), max_total_tokens=len(PROMPT) + tokens + 64, num_threads=threads)
+    llm = LLM(
+        str(model),
+        max_total_tokens=len(PROMPT) + tokens + 64,
+        num_threads=threads,
+        attention_backend=backend,
+    )
     params = SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True)
     llm.generate([PROMPT], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
     t = time.perf_counter()
@@ -140,6 +145,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", default="/tmp/specserve-llamacpp")
+    ap.add_argument(
+        "--attention-backend", default="cpp", help="ours: cpp (the C++ kernels) or torch"
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -150,7 +158,7 @@ def main() -> None:
     for _ in range(args.rounds):  # alternate the engines
         cmd = [str(python), "-c", LLAMA_DECODE, str(gguf), str(args.threads), str(args.tokens)]
         theirs.append(float(run([*cmd, prompt]).strip().splitlines()[-1]))
-        ours.append(ours_tok_s(Path(args.model), args.threads, args.tokens))
+        ours.append(ours_tok_s(Path(args.model), args.threads, args.tokens, args.attention_backend))
     result = {
         "model": args.model,
         "threads": args.threads,

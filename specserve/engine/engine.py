@@ -506,6 +506,15 @@ class LLMEngine:
                 continue
             props = [drafts.get(r.request_id, DraftProposal([])) for r in group]
             k = max(len(p.tokens) for p in props)
+            if greedy and k == 0 and not any(self._shapes_logits(r) for r in group):
+                # plain greedy decode: the argmax of each request's one row, nothing to verify
+                rows = torch.cat([rows_of[r.request_id] for r in group])
+                tokens, num = (
+                    rows.argmax(dim=-1, keepdim=True),
+                    torch.ones(len(group), dtype=torch.long),
+                )
+                self._emit_verified(group, props, rows_of, tokens, num, out)
+                continue
             vocab = logits.shape[1]
             draft_tokens = torch.zeros(len(group), k, dtype=torch.long)
             lens = torch.tensor([len(p.tokens) for p in props])
@@ -541,16 +550,37 @@ class LLMEngine:
                 tokens, num = rejection_verify(
                     draft_tokens, lens, q, probs, [r.generator for r in group]
                 )
-            for i, r in enumerate(group):
-                toks = tokens[i, : num[i]].tolist()
-                lp = []
-                if r.params.logprobs is not None:
-                    raw = rows_of[r.request_id][: len(toks)]
-                    with _blame(r):
-                        lp = top_logprobs(raw, tokens[i, : len(toks)], r.params.logprobs)
-                out[r.request_id] = (toks, lp)
-                self._count_spec(r, len(props[i].tokens), len(toks) - 1)
+            self._emit_verified(group, props, rows_of, tokens, num, out)
         return out
+
+    def _shapes_logits(self, req: Request) -> bool:
+        """Whether the request's verified rows need more than an argmax or a softmax."""
+        p = req.params
+        return (
+            p.has_penalties
+            or bool(p.logit_bias)
+            or self.streams[req.request_id].matcher is not None
+        )
+
+    def _emit_verified(
+        self,
+        group: list[Request],
+        props: list[DraftProposal],
+        rows_of: dict[str, torch.Tensor],
+        tokens: torch.Tensor,
+        num: torch.Tensor,
+        out: dict[str, tuple[list[int], list]],
+    ) -> None:
+        """out[request] = (tokens it appends, their logprobs if asked); spec counters."""
+        for i, r in enumerate(group):
+            toks = tokens[i, : num[i]].tolist()
+            lp = []
+            if r.params.logprobs is not None:
+                raw = rows_of[r.request_id][: len(toks)]
+                with _blame(r):
+                    lp = top_logprobs(raw, tokens[i, : len(toks)], r.params.logprobs)
+            out[r.request_id] = (toks, lp)
+            self._count_spec(r, len(props[i].tokens), len(toks) - 1)
 
     def _count_spec(self, req: Request, drafted: int, accepted: int) -> None:
         st = self.stats

@@ -26,18 +26,24 @@ def draw(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [R, V] -> (tokens [R] long, q [R, V], confidence proxy [R]).
 
-    q is one-hot on the argmax for greedy requests."""
+    q is one-hot on the argmax for greedy requests; when every request is greedy nobody reads
+    q (`proposal_probs`), so it comes back empty [R, 0] and only the argmax is computed."""
     logits = logits.float()
+    if all(r.params.greedy for r in requests):
+        return logits.argmax(dim=-1), logits.new_empty(logits.shape[0], 0), _top_prob(logits)
     q = probs_from_logits(logits, [r.params for r in requests])
     greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
     tokens = logits.argmax(dim=-1)
     if not bool(greedy.all()):
         drawn = sample(q, [r.generator for r in requests])
         tokens = torch.where(greedy, tokens, drawn)
-    conf = torch.where(
-        greedy, torch.softmax(logits, dim=-1).max(dim=-1).values, q.max(dim=-1).values
-    )
+    conf = torch.where(greedy, _top_prob(logits), q.max(dim=-1).values)
     return tokens, q, conf
+
+
+def _top_prob(logits: torch.Tensor) -> torch.Tensor:
+    """max_v softmax(logits)_v per row: a greedy request's confidence proxy."""
+    return torch.softmax(logits, dim=-1).max(dim=-1).values
 
 
 def proposal_probs(q: torch.Tensor, request: Request) -> torch.Tensor | None:

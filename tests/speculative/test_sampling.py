@@ -15,13 +15,18 @@ def _req(**params) -> Request:
 
 
 def test_greedy_takes_the_argmax_with_a_one_hot_q():
+    """All greedy: the argmax and no q at all (nobody reads it); next to a sampled request a
+    greedy row's q is one-hot on its argmax."""
     logits = torch.tensor([[0.1, 2.0, -1.0, 0.5], [3.0, 0.0, 0.0, 0.0]])
     tokens, q, conf = draw(logits, [_req(temperature=0), _req(temperature=0)])
     assert tokens.tolist() == [1, 0]
-    assert torch.equal(q, torch.eye(4)[[1, 0]])
+    assert q.shape == (2, 0)
     # the proxy is the softmax's max, not the one-hot's 1
     assert torch.allclose(conf, torch.softmax(logits, -1).max(-1).values)
     assert proposal_probs(q[0:1], _req(temperature=0)) is None
+    tokens, q, conf = draw(logits, [_req(temperature=0), _req(temperature=1.0, seed=3)])
+    assert tokens[0] == 1 and torch.equal(q[0], torch.eye(4)[1])
+    assert torch.allclose(conf[0], torch.softmax(logits[0], -1).max())
 
 
 def test_sampled_q_is_the_requests_own_transform():
