@@ -5,8 +5,8 @@
 #
 # LLAMA_SRC  a llama.cpp source tree with DSpark support (2026-10-01 or later; e.g. the one
 #            llama-cpp-python 0.3.36 vendors under vendor/llama.cpp)
-# WORK_DIR   the build, the .gguf files, prompts and logs (default: build/llamacpp); an
-#            existing build is reused
+# WORK_DIR   the build and the .gguf files (default: build/llamacpp; an existing build is
+#            reused), prompts and logs in WORK_DIR/ctx$CONTEXT
 #
 # 1. builds llama-speculative-simple only (cmake, CPU, Release, -j$JOBS);
 # 2. converts the bundle's target and DSpark drafter with llama.cpp's convert_hf_to_gguf.py
@@ -80,17 +80,26 @@ echo "== converting $BUNDLE/target and $BUNDLE/dspark to GGUF f32"
 convert "$BUNDLE/target" "$WORK/target.gguf"
 convert "$BUNDLE/dspark" "$WORK/dspark.gguf" --target-model-dir "$BUNDLE/target"
 
-"${HELPER[@]}" prompts "$BUNDLE" "$WORK" "$CONTEXT" "$N_PROMPTS"
-block=$("$PYTHON" -c "import json; print(json.load(open('$BUNDLE/dspark/config.json'))['block_size'])")
+RUN=$WORK/ctx$CONTEXT
+mkdir -p "$RUN"
+"${HELPER[@]}" prompts "$BUNDLE" "$RUN" "$CONTEXT" "$N_PROMPTS"
+block=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['block_size'])" \
+  "$BUNDLE/dspark/config.json")
 echo "== llama.cpp: $N_PROMPTS prompts of $CONTEXT tokens, $N_PREDICT greedy tokens each"
 for i in $(seq 1 "$N_PROMPTS"); do
   cmd=("$BIN" -m "$WORK/target.gguf" -md "$WORK/dspark.gguf" --spec-type draft-dspark
-       --spec-draft-n-max "$block" -f "$WORK/prompt_$i.txt" -n "$N_PREDICT" --temp 0 --top-k 1
+       --spec-draft-n-max "$block" -f "$RUN/prompt_$i.txt" -n "$N_PREDICT" --temp 0 --top-k 1
        --seed 0 -c $((CONTEXT + N_PREDICT + 64)) -b 4096 -ub 4096 -t "$THREADS" -lv 4)
   [[ $i -gt 1 ]] || echo "   ${cmd[*]}"
-  "${cmd[@]}" > "$WORK/decode_$i.out" 2> "$WORK/decode_$i.log" \
-    || { tail -20 "$WORK/decode_$i.log"; die "llama.cpp failed on prompt $i (log: $WORK/decode_$i.log)"; }
-  { grep -E "n_drafted|n_accept |accept +=" "$WORK/decode_$i.log" || true; } | tr -s ' \n' ' '; echo
+  # Greedy, so a rerun decodes the same: llama.cpp's log thread now and then loses the tail of
+  # the log (its statistics) at exit.
+  for _ in 1 2 3; do
+    "${cmd[@]}" > "$RUN/decode_$i.out" 2> "$RUN/decode_$i.log" \
+      || { tail -20 "$RUN/decode_$i.log"; die "llama.cpp failed on prompt $i (above)"; }
+    grep -q "#mean acc len" "$RUN/decode_$i.log" && break
+  done
+  grep -o "#gen drafts.*#acc rate/pos = ([^)]*)" "$RUN/decode_$i.log" | sed "s/^/   $i: /" \
+    || die "no statistics in $RUN/decode_$i.log after 3 runs"
 done
-echo "== specserve on the same prompts, and both accept lengths (summary: $WORK/summary.json)"
-"${HELPER[@]}" report "$BUNDLE" "$WORK" "$N_PREDICT" "$THREADS"
+echo "== specserve on the same prompts, and both accept lengths (summary: $RUN/summary.json)"
+"${HELPER[@]}" report "$BUNDLE" "$RUN" "$N_PREDICT" "$THREADS"

@@ -11,9 +11,10 @@ llama.cpp's logs WORK/decode_<i>.{out,log} (`llama-speculative-simple -lv 4`), d
 ids greedily with specserve (DSPARK, the bundle's drafter, every drafted token verified, as
 llama.cpp does), and prints both accept lengths.
 
-Accept length, both engines: 1 + accepted draft tokens / verify passes that carried a draft
-(the bonus token included; passes without a draft, such as llama.cpp's last one at the token
-limit and our prefill, are left out).
+Accept length, both engines: 1 + accepted draft tokens / verify passes that carried a draft,
+the bonus token included; llama.cpp's is its own "#mean acc len" (`-lv 4` prints it), ours
+leaves out the prefill pass, which drafts nothing. Acceptance per position k: the share of those
+passes in which draft token k was accepted (llama.cpp's "#acc rate/pos").
 """
 
 from __future__ import annotations
@@ -27,16 +28,22 @@ from pathlib import Path
 from specserve.bench.datasets import domains_in_turn
 from specserve.engine.tokenizer import Tokenizer
 
-ROUND = re.compile(r"accepted (\d+)/(\d+) draft tokens")
+GENERATED = re.compile(r"n_predict = +(\d+)")
+STATS = re.compile(
+    r"#gen drafts = +(\d+).*#gen tokens = +(\d+), #acc tokens = +(\d+).*"
+    r"#acc rate/pos = \(([\d., ]+)\)"
+)
 
 
 @dataclass(frozen=True)
 class Rounds:
-    """Verify passes that carried a draft: how many, tokens drafted, draft tokens accepted."""
+    """Verify passes that carried a draft: how many, tokens drafted, draft tokens accepted,
+    and in how many of them draft token k was accepted."""
 
     passes: int
     drafted: int
     accepted: int
+    per_position: tuple[int, ...]
 
     @property
     def accept_length(self) -> float:
@@ -46,12 +53,21 @@ class Rounds:
     def accept_rate(self) -> float:
         return self.accepted / max(1, self.drafted)
 
+    def position_rates(self) -> str:
+        return " ".join(f"{n / max(1, self.passes):.2f}" for n in self.per_position)
+
     def __add__(self, other: Rounds) -> Rounds:
+        k = max(len(self.per_position), len(other.per_position))
+        a, b = (r.per_position + (0,) * (k - len(r.per_position)) for r in (self, other))
         return Rounds(
             self.passes + other.passes,
             self.drafted + other.drafted,
             self.accepted + other.accepted,
+            tuple(x + y for x, y in zip(a, b, strict=True)),
         )
+
+
+NO_ROUNDS = Rounds(0, 0, 0, ())
 
 
 def check(bundle: Path) -> None:
@@ -86,38 +102,53 @@ def write_prompts(bundle: Path, work: Path, context: int, n: int) -> None:
 
 
 def llamacpp_rounds(log: str) -> Rounds:
-    pairs = [(int(a), int(d)) for a, d in ROUND.findall(log) if int(d) > 0]
-    if not pairs:
-        raise ValueError("no 'accepted a/d draft tokens' lines (was it run with -lv 4?)")
-    return Rounds(len(pairs), sum(d for _, d in pairs), sum(a for a, _ in pairs))
+    """From the statistics line of llama.cpp's speculative decoder."""
+    found = STATS.search(log)
+    if found is None:
+        raise ValueError("no '#gen drafts ... #acc rate/pos' statistics (run it with -lv 4)")
+    passes, drafted, accepted = map(int, found.groups()[:3])
+    rates = [float(x) for x in found.group(4).split(",")]
+    return Rounds(passes, drafted, accepted, tuple(round(r * passes) for r in rates))
 
 
-def ours(bundle: Path, prompts: list[list[int]], n_predict: int, threads: int) -> list:
+def specserve_rounds(meta: dict) -> Rounds:
+    """From a request's meta_info; hist[a] counts the passes that accepted a draft tokens."""
+    hist = meta.get("spec_accept_histogram", [])
+    per_position = tuple(sum(hist[k + 1 :]) for k in range(len(hist) - 1))
+    accepted = sum(a * n for a, n in enumerate(hist))
+    return Rounds(sum(hist), meta.get("spec_draft_token_num", 0), accepted, per_position)
+
+
+def ours(bundle: Path, prompts: list[list[int]], lengths: list[int], threads: int) -> list:
+    """Greedy DSPARK decodes of `prompts`, `lengths` tokens each, one at a time."""
     from specserve.config import SpecConfig
     from specserve.core import SamplingParams
     from specserve.llm import LLM
     from specserve.speculative.factory import build_speculation
 
-    longest = max(map(len, prompts)) + n_predict + 64
+    longest = max(map(len, prompts)) + max(lengths) + 64
     llm = LLM(str(bundle / "target"), max_total_tokens=longest, num_threads=threads)
     spec = SpecConfig("DSPARK", str(bundle / "dspark"), verify_policy="full")
     llm.engine.set_speculation(*build_speculation(spec, llm.engine))
-    params = SamplingParams(max_tokens=n_predict, temperature=0)
-    return [llm.generate(ids, params)[0] for ids in prompts]  # one at a time, as llama.cpp
+    return [
+        llm.generate(ids, SamplingParams(max_tokens=n, temperature=0))[0]
+        for ids, n in zip(prompts, lengths, strict=True)
+    ]
 
 
 def report(bundle: Path, work: Path, n_predict: int, threads: int) -> None:
     prompts = json.loads((work / "prompts.json").read_text())
+    logs = [(work / f"decode_{i}.log").read_text() for i in range(1, len(prompts) + 1)]
+    # llama.cpp drafts whole blocks up to the end, so it passes -n by up to a block; we decode
+    # as many tokens as it did, so that both end on the same pass
+    lengths = [int(m.group(1)) if (m := GENERATED.search(log)) else n_predict for log in logs]
     tok = Tokenizer(bundle / "target")
-    total_l, total_o = Rounds(0, 0, 0), Rounds(0, 0, 0)
+    total_l, total_o = NO_ROUNDS, NO_ROUNDS
     same = 0
     print(f"{'prompt':>6} {'llama.cpp tau':>13} {'specserve tau':>13} {'same greedy text':>16}")
-    for i, out in enumerate(ours(bundle, prompts, n_predict, threads), 1):
-        theirs = llamacpp_rounds((work / f"decode_{i}.log").read_text())
-        meta, ids = out.meta_info[0], out.outputs[0].token_ids
-        hist = meta.get("spec_accept_histogram", [])
-        mine = Rounds(sum(hist), meta.get("spec_draft_token_num", 0), sum(
-            a * c for a, c in enumerate(hist)))  # fmt: skip
+    for i, out in enumerate(ours(bundle, prompts, lengths, threads), 1):
+        theirs = llamacpp_rounds(logs[i - 1])
+        mine, ids = specserve_rounds(out.meta_info[0]), out.outputs[0].token_ids
         # llama.cpp prints the prompt, then what it generated (one token past -n)
         text = (work / f"decode_{i}.out").read_text().lstrip("\n")
         prompt_text = (work / f"prompt_{i}.txt").read_text()
@@ -140,6 +171,7 @@ def report(bundle: Path, work: Path, n_predict: int, threads: int) -> None:
                 ("passes", r.passes),
                 ("drafted", r.drafted),
                 ("accepted", r.accepted),
+                ("accept_per_position", r.position_rates()),
             )
         },
     }
