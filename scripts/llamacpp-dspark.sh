@@ -3,8 +3,8 @@
 #
 #   nice -n 10 scripts/llamacpp-dspark.sh LLAMA_SRC [WORK_DIR]
 #
-# LLAMA_SRC  a llama.cpp source tree with DSpark support (2026-10-01 or later; e.g. the one
-#            llama-cpp-python 0.3.36 vendors under vendor/llama.cpp)
+# LLAMA_SRC  a llama.cpp source tree with DSpark support (2026-10-01 or later), or an unpacked
+#            llama-cpp-python sdist (0.3.36 vendors one under vendor/llama.cpp)
 # WORK_DIR   the build and the .gguf files (default: build/llamacpp; an existing build is
 #            reused), prompts and logs in WORK_DIR/ctx$CONTEXT
 #
@@ -13,13 +13,17 @@
 #    (f32; the drafter with --target-model-dir, from which it takes the tokenizer; our
 #    tokenizer's pre-tokenizer hash is mapped to gpt-2, see benchmarks/vs_llamacpp.py);
 # 3. decodes N_PROMPTS held-out prompts greedily with `--spec-type draft-dspark`, N_PREDICT
-#    tokens each, drafting the whole trained block (--spec-draft-n-max = block size);
+#    tokens each, drafting the whole trained block (--spec-draft-n-max = block size), with
+#    --no-escape (the prompt files hold code with backslashes) and -fa off (llama.cpp's CPU
+#    flash attention moves logits by ~0.03 when a batch attends to cached keys, which flips
+#    near-ties, so its greedy text would part from ours and transformers');
 # 4. decodes the same prompts with specserve (DSPARK, every drafted token verified) and prints
 #    both accept lengths and whether the greedy texts agree (scripts/llamacpp_dspark.py).
 #
 # Environment: PYTHON (default .venv/bin/python, else python3; it needs torch and specserve's
 # dependencies), BUNDLE (models/demo), CONTEXT (prompt tokens: 64, or 2048 for whole held-out
-# files; default 64), N_PROMPTS (8), N_PREDICT (128), THREADS (1), JOBS (build jobs, 1).
+# files; default 64), N_PROMPTS (8), N_PREDICT (128), THREADS (1), JOBS (build jobs, 1),
+# LLAMA_ARGS (more llama-speculative-simple flags, after ours, so they win; e.g. "-fa on").
 set -euo pipefail
 
 die() { echo "llamacpp-dspark: $*" >&2; exit 2; }
@@ -28,6 +32,7 @@ die() { echo "llamacpp-dspark: $*" >&2; exit 2; }
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 [[ -d $1 ]] || die "LLAMA_SRC $1 is not a folder"
 SRC=$(cd "$1" && pwd)
+[[ ! -d $SRC/vendor/llama.cpp ]] || SRC=$SRC/vendor/llama.cpp  # an unpacked llama-cpp-python
 for f in CMakeLists.txt convert_hf_to_gguf.py examples/speculative-simple/CMakeLists.txt; do
   [[ -f $SRC/$f ]] || die "$SRC is not a llama.cpp source tree (no $f)"
 done
@@ -85,11 +90,13 @@ mkdir -p "$RUN"
 "${HELPER[@]}" prompts "$BUNDLE" "$RUN" "$CONTEXT" "$N_PROMPTS"
 block=$("$PYTHON" -c "import json, sys; print(json.load(open(sys.argv[1]))['block_size'])" \
   "$BUNDLE/dspark/config.json")
+read -ra extra <<< "${LLAMA_ARGS:-}"
 echo "== llama.cpp: $N_PROMPTS prompts of $CONTEXT tokens, $N_PREDICT greedy tokens each"
 for i in $(seq 1 "$N_PROMPTS"); do
   cmd=("$BIN" -m "$WORK/target.gguf" -md "$WORK/dspark.gguf" --spec-type draft-dspark
        --spec-draft-n-max "$block" -f "$RUN/prompt_$i.txt" -n "$N_PREDICT" --temp 0 --top-k 1
-       --seed 0 -c $((CONTEXT + N_PREDICT + 64)) -b 4096 -ub 4096 -t "$THREADS" -lv 4)
+       --seed 0 -c $((CONTEXT + N_PREDICT + 64)) -b 4096 -ub 4096 -t "$THREADS" -lv 4
+       --no-escape -fa off "${extra[@]}")
   [[ $i -gt 1 ]] || echo "   ${cmd[*]}"
   # Greedy, so a rerun decodes the same: llama.cpp's log thread now and then loses the tail of
   # the log (its statistics) at exit.
