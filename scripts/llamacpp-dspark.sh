@@ -50,6 +50,9 @@ N_PROMPTS=${N_PROMPTS:-8}
 N_PREDICT=${N_PREDICT:-128}
 THREADS=${THREADS:-1}
 JOBS=${JOBS:-1}
+for v in CONTEXT N_PROMPTS N_PREDICT THREADS JOBS; do
+  [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive whole number (got '${!v}')"
+done
 HELPER=(env OMP_NUM_THREADS="$THREADS" "$PYTHON" scripts/llamacpp_dspark.py)
 
 for f in target/config.json target/model.safetensors dspark/config.json dspark/model.safetensors; do
@@ -75,10 +78,10 @@ echo "   done in ${SECONDS}s"
 convert() {  # model folder, output, converter arguments...
   local model=$1 out=$2
   shift 2
-  if [[ ! -f $out || $model/model.safetensors -nt $out ]]; then
+  if [[ ! -f $out || $model/model.safetensors -nt $out || $model/config.json -nt $out ]]; then
     "$PYTHON" -c "from benchmarks.vs_llamacpp import CONVERT; exec(CONVERT)" "$SRC" "$model" \
       --outtype f32 --outfile "$out" "$@" > "$out.log" 2>&1 \
-      || { tail -20 "$out.log"; die "converting $model failed (log: $out.log)"; }
+      || { tail -20 "$out.log"; rm -f "$out"; die "converting $model failed (log: $out.log)"; }
   fi
 }
 echo "== converting $BUNDLE/target and $BUNDLE/dspark to GGUF f32"
