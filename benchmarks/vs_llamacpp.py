@@ -46,10 +46,11 @@ for _ in range(tokens - 1):
 print(tokens / (time.perf_counter() - t))
 """
 
-# Runs the vendored converter with this project's Python, mapping an unknown pre-tokenizer
-# hash to gpt-2 (the demo tokenizer's split regex is GPT-2's). Qwen's converter imports
-# sentencepiece before it looks for a tokenizer.model; ours has only tokenizer.json, so the
-# missing file is reported first and the converter takes its GPT-2 vocabulary path.
+# Runs the vendored converter (argv: its folder, then the converter's own arguments) with this
+# project's Python, mapping an unknown pre-tokenizer hash to gpt-2 (the demo tokenizer's split
+# regex is GPT-2's). Qwen's converter imports sentencepiece before it looks for a
+# tokenizer.model; ours has only tokenizer.json, so the missing file is reported first and the
+# converter takes its GPT-2 vocabulary path. scripts/llamacpp-dspark.sh runs it too.
 CONVERT = """
 import sys
 sys.path[:0] = [sys.argv[1], sys.argv[1] + "/gguf-py"]
@@ -77,7 +78,7 @@ for module in list(sys.modules.values()):
         if isinstance(cls, type) and "_create_vocab_sentencepiece" in vars(cls):
             cls._create_vocab_sentencepiece = no_sentencepiece_without_model(
                 cls._create_vocab_sentencepiece)
-sys.argv = ["convert_hf_to_gguf.py", sys.argv[2], "--outfile", sys.argv[3], "--outtype", "f32"]
+sys.argv = ["convert_hf_to_gguf.py", *sys.argv[2:]]
 conv.main()
 """
 
@@ -113,7 +114,8 @@ def to_gguf(model: Path, src: Path, work: Path) -> Path:
     out = work / f"{model.resolve().name}-{tag}-f32.gguf"
     if not out.exists():
         converter = src / "vendor" / "llama.cpp"
-        run([sys.executable, "-c", CONVERT, str(converter), str(model), str(out)])
+        args = [str(model), "--outfile", str(out), "--outtype", "f32"]
+        run([sys.executable, "-c", CONVERT, str(converter), *args])
     return out
 
 
