@@ -110,7 +110,14 @@ def llama_env(work: Path) -> tuple[Path, Path]:
 
 
 def to_gguf(model: Path, src: Path, work: Path) -> Path:
-    tag = hashlib.sha1(str(model.resolve()).encode()).hexdigest()[:8]
+    """The model folder as GGUF f32, converted once per folder and version of its weights (the
+    name carries the path, config.json and each weight file's size and mtime)."""
+    key = [str(model.resolve()), (model / "config.json").read_text()]
+    key += [
+        f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+        for f in sorted(model.glob("*.safetensors"))
+    ]
+    tag = hashlib.sha1("\n".join(key).encode()).hexdigest()[:8]
     out = work / f"{model.resolve().name}-{tag}-f32.gguf"
     if not out.exists():
         converter = src / "vendor" / "llama.cpp"
