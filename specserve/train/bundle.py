@@ -54,9 +54,7 @@ class Recipe:
         from specserve.train.drafter import default_layer_ids
 
         n = int(self.model["num_hidden_layers"])
-        # Spread over layers 1 .. n-2: never the last layer, whose Hugging Face output is taken
-        # after the final norm and which llama.cpp's DSpark has no input behind.
-        object.__setattr__(self, "target_layer_ids", default_layer_ids(n - 1))
+        object.__setattr__(self, "target_layer_ids", default_layer_ids(n))  # [1, 4, 6] of 8
         if len(self.prompt_lens) != len(self.train_prompts):
             raise ValueError("recipe: one train_prompts count per prompt length")
         if len(self.eval_lens) != len(self.heldout_prompts):

@@ -65,10 +65,12 @@ class DrafterSpec:
 
 def default_layer_ids(num_target_layers: int, count: int = 3) -> tuple[int, ...]:
     """`count` layers evenly spaced from layer 1 to about 94% of the depth: DFlash's choice for
-    Qwen3-8B ([1, 9, 17, 25, 33] of 36 layers) scaled to the target, so a shallow target
-    still feeds its top layer (8 layers -> [1, 4, 7])."""
+    Qwen3-8B ([1, 9, 17, 25, 33] of 36 layers) scaled to the target, and never the last layer
+    (8 layers -> [1, 4, 6]): Hugging Face reports that one after the final norm, and llama.cpp's
+    DSpark has no layer input behind it (it aborts at run time), as in DeepSpec's and z-lab's
+    drafters."""
     last = num_target_layers - 1
-    lo, hi = min(1, last), last - round(last * 2 / 35)
+    lo, hi = min(1, last), max(0, min(last - 1, last - round(last * 2 / 35)))
     if count == 1 or hi <= lo:
         return (hi,)
     return tuple(sorted({round(lo + i * (hi - lo) / (count - 1)) for i in range(count)}))

@@ -251,3 +251,17 @@ def test_batches_group_rows_of_one_length_and_cover_an_epoch():
     assert all(len(set(lengths[b].tolist())) == 1 for b in batches)
     assert [b.tolist() for b in batches] != [b.tolist() for b in sorted(batches, key=min)]
     assert not torch.equal(_batch_indices(5, 4, lengths, 3), batches[0])  # a new epoch reshuffles
+
+
+def test_default_layer_ids_never_take_the_last_layer():
+    """DFlash's spacing for Qwen3-8B, and never the target's last layer (llama.cpp's DSpark has
+    no input behind it); the demo bundle's recipe gets [1, 4, 6] of 8 from the same rule."""
+    from specserve.train.bundle import FULL
+    from specserve.train.drafter import default_layer_ids
+
+    assert default_layer_ids(36, 5) == (1, 9, 17, 25, 33)
+    assert default_layer_ids(8) == (1, 4, 6)
+    for n in range(2, 80):
+        ids = default_layer_ids(n)
+        assert max(ids) < n - 1 and list(ids) == sorted(set(ids))
+    assert FULL.target_layer_ids == (1, 4, 6)
