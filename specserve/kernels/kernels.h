@@ -207,6 +207,62 @@ inline void row_tile(const float* qr, const float* const* krow, const float* con
   }
 }
 
+// R query rows that see the same keys (the grouped heads of one query, D > 0) against
+// `visible` keys at once: each key and value row is loaded once for all R rows, the queries
+// and accumulators stay in registers. Each score is the same sum in the same order as with
+// R = 1, so a row's result does not depend on R.
+template <int D, int R>
+inline void rows_tile(const float* q, const float* const* krow, const float* const* vrow,
+                      int64_t visible, int64_t ld_score, float* s, float* acc, float* mx,
+                      float* sum) {
+  constexpr int C = D / kLanes;
+  vf qv[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) qv[r][c] = load(q + r * D + c * kLanes);
+  for (int64_t t = 0; t < visible; ++t) {
+    const float* k = krow[t];
+    vf dots[R] = {};
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const vf kv = load(k + c * kLanes);
+      for (int r = 0; r < R; ++r) dots[r] += qv[r][c] * kv;
+    }
+    for (int r = 0; r < R; ++r) s[r * ld_score + t] = hsum(dots[r]);
+  }
+  float correction[R];
+  for (int r = 0; r < R; ++r) {
+    float* sr = s + r * ld_score;
+    float tile_max = -std::numeric_limits<float>::infinity();
+    for (int64_t t = 0; t < visible; ++t) tile_max = sr[t] > tile_max ? sr[t] : tile_max;
+    const float m_new = std::max(mx[r], tile_max);
+    float tile_sum = 0.f;
+#pragma omp simd reduction(+ : tile_sum)
+    for (int64_t t = 0; t < visible; ++t) {
+      sr[t] = fast_exp(sr[t] - m_new);
+      tile_sum += sr[t];
+    }
+    correction[r] = fast_exp(mx[r] - m_new);  // 0 on the first tile (mx = -inf)
+    sum[r] = sum[r] * correction[r] + tile_sum;
+    mx[r] = m_new;
+  }
+  vf a[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * D + c * kLanes) * correction[r];
+  for (int64_t t = 0; t < visible; ++t) {
+    const float* vr = vrow[t];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const vf vv = load(vr + c * kLanes);
+      for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) store(acc + r * D + c * kLanes, a[r][c]);
+}
+
 template <typename T, int D>
 void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             const at::Tensor& block_tables, const at::Tensor& q_starts,
@@ -262,13 +318,30 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             }
           }
         }
-        for (int64_t r = 0; r < rows; ++r) {
-          const int64_t j = r / group;
+        for (int64_t r = 0; r < rows;) {
           // keys first .. first + visible - 1 of this tile are visible to query j
-          const int64_t visible = std::min(n, nk - nq + j - first + 1);
-          if (visible <= 0) continue;
-          row_tile<D>(&qbuf[r * d], krow.data(), vrow.data(), visible, d, &score[r * tile],
-                      &acc[r * d], mx[r], sum[r]);
+          auto seen = [&](int64_t row) { return std::min(n, nk - nq + row / group - first + 1); };
+          const int64_t visible = seen(r);
+          // rows r .. r + chunk - 1 see the same keys (heads of one query, or queries that see
+          // the whole tile): up to 4 at once (2 at head size 128: the registers)
+          constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
+          int64_t chunk = 1;
+          while (chunk < kMaxRows && r + chunk < rows && seen(r + chunk) == visible) ++chunk;
+          if (visible > 0) {
+            float *q0 = &qbuf[r * d], *s0 = &score[r * tile], *a0 = &acc[r * d];
+            const float *const *kr = krow.data(), *const *vr = vrow.data();
+            if constexpr (D > 0) {
+              switch (chunk) {
+                case 4: rows_tile<D, 4>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
+                case 3: rows_tile<D, 3>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
+                case 2: rows_tile<D, 2>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
+                default: rows_tile<D, 1>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
+              }
+            } else {
+              row_tile<D>(q0, kr, vr, visible, d, s0, a0, mx[r], sum[r]);
+            }
+          }
+          r += chunk;
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
