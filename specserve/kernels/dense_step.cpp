@@ -119,7 +119,14 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
   keep(-1, xp);
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = &weights[l * kPerLayer];
-    const bool qk_norm = w[2].defined() && w[2].numel() == d;
+    const bool qk_norm = w[2].numel() == d && w[3].numel() == d;
+    check_tiled(w[1], H, qkv_n, "dense_layers qkv");
+    check_tiled(w[4], h * d, H, "dense_layers o_proj");
+    check_tiled(w[6], H, 2 * I, "dense_layers gate_up");
+    check_tiled(w[7], I, H, "dense_layers down_proj");
+    TORCH_CHECK(w[0].numel() == H && w[5].numel() == H && caches[l].is_contiguous() &&
+                    caches[l].scalar_type() == at::kFloat && caches[l].sizes() == caches[0].sizes(),
+                "dense_layers: layer ", l, ": norms [H] and a float32 cache like layer 0's");
     for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, w[0].data_ptr<float>(), H, feps, xnp + m * H);
     gemm_tiled(xnp, H, M, w[1].data_ptr<float>(), H, qkv_n, qkvp, qkv_n, false);
     float* kp = caches[l].data_ptr<float>();
