@@ -86,16 +86,18 @@ class DraftGate(Planner):
         plain = max(self.plain.get(num_requests), 1e-9)
         return max(0.0, self.spec.get(num_requests) / plain - 1.0)
 
-    def allow(self, requests: list[Request]) -> list[bool]:
-        """Per request: draft this step (True) or decode it plainly."""
-        n = len(requests)
+    def allow(self, requests: list[Request], num_decoding: int | None = None) -> list[bool]:
+        """Per request: draft this step (True) or decode it plainly. Step times are keyed by
+        `num_decoding`, the requests that get a token this step (drafting or not)."""
+        if not requests:
+            return []
+        n = len(requests) if num_decoding is None else num_decoding
         if (
-            n
-            and self.drafted_steps >= self.probe_every
+            self.drafted_steps >= self.probe_every
             and (n not in self.plain.by_requests or self.drafted_steps >= self.remeasure_every)
         ):  # time a plain step at this batch size
             self.drafted_steps = 0
-            return [False] * n
+            return [False] * len(requests)
         self.drafted_steps += 1
         bar = self.break_even(n)
         out = []

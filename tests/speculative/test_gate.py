@@ -130,3 +130,21 @@ def test_gated_greedy_is_identical_to_plain(bundle, algorithm):
     assert st.num_drafts > 0
     if algorithm == "NEXTN":  # a random MTP module is rarely right: the gate must skip it
         assert st.num_drafts < st.num_verify_passes
+
+
+def test_step_times_are_keyed_by_the_requests_that_decode():
+    """Three requests decode but one is at its last token (no room to draft): the gate is asked
+    about two. Its step times are observed under three, so that is the key it must check;
+    reading two, it never finds the plain time and forces an all-plain step every
+    `probe_every` drafted steps, and judges against the times of another batch size."""
+    gate = DraftGate(Planner(), probe_every=3, remeasure_every=50)
+    reqs = [_req("a"), _req("b")]
+    _decode(gate, 9.0, {"x": 0}, n=2)  # another batch size: drafting steps of 2 take 9 s
+    _decode(gate, 2.0, {"a": 3, "b": 3}, n=3)  # three decode: 2 s drafting, 1 s plain
+    _decode(gate, 1.0, {}, n=3)
+    assert gate.break_even(3) == pytest.approx(1.0)
+    decisions = [gate.allow(reqs, num_decoding=3) for _ in range(10)]
+    assert decisions == [[True, True]] * 10  # plain time at 3 known: no re-timing before 50
+    gate.acceptance["a"].rate = 1.5  # above the bar at 3 decoding (1), below that at 2 (8)
+    gate.acceptance["a"].samples = 9
+    assert gate.allow(reqs, num_decoding=3) == [True, True]
