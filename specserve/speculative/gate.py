@@ -92,9 +92,8 @@ class DraftGate(Planner):
         if not requests:
             return []
         n = len(requests) if num_decoding is None else num_decoding
-        if (
-            self.drafted_steps >= self.probe_every
-            and (n not in self.plain.by_requests or self.drafted_steps >= self.remeasure_every)
+        if self.drafted_steps >= self.probe_every and (
+            n not in self.plain.by_requests or self.drafted_steps >= self.remeasure_every
         ):  # time a plain step at this batch size
             self.drafted_steps = 0
             return [False] * len(requests)
