@@ -47,7 +47,8 @@ def python_prompts(tokenizer: Tokenizer, users: int, length: int) -> list[list[i
     picked in a fixed order (sorted by a hash of their path)."""
     root = Path(sysconfig.get_paths()["purelib"])
     files = sorted(
-        root.rglob("*.py"), key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode())
+        root.rglob("*.py"),
+        key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest(),
     )
     out = []
     for f in files:
@@ -77,11 +78,11 @@ def make_arm(bundle: Path, algo: str, args: argparse.Namespace) -> LLM:
     )
     if algo != "NONE":
         folder = ARMS[algo]
-        spec = SpecConfig(
-            algo,
-            str(bundle / folder) if folder else None,
-            adaptive_drafting=not args.no_adaptive_drafting,
-        )
+        path = str(bundle / folder) if folder else None
+        if args.no_adaptive_drafting:
+            spec = SpecConfig(algo, path, adaptive_drafting=False)
+        else:
+            spec = SpecConfig(algo, path)  # the default policy
         llm.engine.set_speculation(*build_speculation(spec, llm.engine))
     llm.generate([[5, 6, 7, 8]], SamplingParams(max_tokens=4, temperature=0))  # warm-up
     return llm

@@ -81,9 +81,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--speculative-adaptive-drafting",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="per request and step, decode plainly where drafting does not pay (measured step "
-        "times vs running acceptance; probed again later; lossless)",
+        "times vs expected acceptance; probed again later; lossless). On by default; "
+        "--no-speculative-adaptive-drafting drafts on every step",
     )
     g.add_argument(
         "--speculative-dspark-confidence-sts-path",

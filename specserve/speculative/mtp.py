@@ -139,22 +139,27 @@ class PrefixAttention(AttentionContext):
             qi, ki, vi = q[start : start + n], k[start : start + n], v[start : start + n]
             keys, vals = torch.cat([pk.to(ki.dtype), ki]), torch.cat([pv.to(vi.dtype), vi])
             grown.append((keys, vals))
-            lp = pk.shape[0]
-            mask = (
-                torch.arange(lp + n, device=q.device)[None, :]
-                <= lp + torch.arange(n, device=q.device)[:, None]
-            )
             o = F.scaled_dot_product_attention(
                 qi.transpose(0, 1),
                 keys.transpose(0, 1),
                 vals.transpose(0, 1),
-                attn_mask=mask,
+                attn_mask=_causal_after(pk.shape[0], n, q.device),
+                is_causal=pk.shape[0] == 0 and n > 1,  # a prompt: the fused causal kernel
                 enable_gqa=True,
             )
             out.append(o.transpose(0, 1))
             start += n
         self.prefix = grown
         return torch.cat(out)
+
+
+def _causal_after(prefix: int, n: int, device: torch.device) -> torch.Tensor | None:
+    """[n, prefix + n] bool: row i sees the prefix and new rows 0..i; None where SDPA needs no
+    mask (one row sees everything; no prefix: `is_causal`)."""
+    if n == 1 or prefix == 0:
+        return None
+    cols = torch.arange(prefix + n, device=device)[None, :]
+    return cols <= prefix + torch.arange(n, device=device)[:, None]
 
 
 @dataclass

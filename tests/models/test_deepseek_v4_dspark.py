@@ -83,7 +83,7 @@ class TargetForced(DFlashDrafter):
 def _llm(path: str, algorithm: str = "NONE", policy: str | None = None, **kw) -> LLM:
     llm = LLM(path, max_total_tokens=kw.pop("max_total_tokens", 2048), page_size=8, **kw)
     if algorithm != "NONE":
-        spec = SpecConfig("DSPARK", path, verify_policy=policy)
+        spec = SpecConfig("DSPARK", path, verify_policy=policy, adaptive_drafting=False)
         drafter, planner = build_speculation(spec, llm.engine)
         if algorithm != "DSPARK":
             drafter = TargetForced(drafter, corrupt=algorithm == "oracle-corrupt")

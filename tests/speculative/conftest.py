@@ -95,7 +95,11 @@ ALGORITHMS = {"NGRAM": None, "NEXTN": "mtp", "DFLASH": "dflash", "DSPARK": "dspa
 POLICIES = ("full", "threshold", "scheduler")
 
 
-def make_llm(bundle, algorithm: str = "NONE", policy: str | None = None, **kwargs) -> LLM:
+def make_llm(
+    bundle, algorithm: str = "NONE", policy: str | None = None, gate: bool = False, **kwargs
+) -> LLM:
+    """gate: the default draft gate on (off here, so that a test's verify policy sees every
+    draft; the gated tests turn it on)."""
     kwargs.setdefault("max_total_tokens", 4096)
     llm = LLM(str(kwargs.pop("target", bundle["target"])), **kwargs)
     folder = ALGORITHMS.get(algorithm)
@@ -105,6 +109,7 @@ def make_llm(bundle, algorithm: str = "NONE", policy: str | None = None, **kwarg
         verify_policy=policy,
         sps_table_path=str(bundle["sps"]),
         confidence_threshold=0.3,
+        adaptive_drafting=gate,
     )
     llm.engine.set_speculation(*build_speculation(spec, llm.engine))
     return llm

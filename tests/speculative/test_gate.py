@@ -37,9 +37,9 @@ def test_skips_below_the_bar_probes_again_and_forgets_finished_requests():
     assert gate.allow([good, bad]) == [True, True]  # no history: draft
     _decode(gate, 2.0, {"good": 3, "bad": 0})
     _decode(gate, 1.0, {})  # break-even: 2 s / 1 s - 1 = 1 accepted token
-    decisions = [gate.allow([good, bad]) for _ in range(8)]
+    decisions = [gate.allow([good, bad]) for _ in range(8)]  # steps 2..9
     assert [d[0] for d in decisions] == [True] * 8
-    assert [d[1] for d in decisions] == [False, False, False, True] * 2  # a probe every 4th
+    assert [d[1] for d in decisions] == [False, False, True, False] * 2  # probes at 4 and 8
     _decode(gate, 2.0, {"good": 3, "bad": 4})  # the probe was accepted well: 0.5*0 + 0.5*4
     assert gate.allow([good, bad]) == [True, True]
     gate.observe(StepStats(0, 0.0, 1.0, True, 2, {}, finished=("good", "bad")))
@@ -122,8 +122,8 @@ def test_wraps_the_verify_planner():
 def test_gated_greedy_is_identical_to_plain(bundle, algorithm):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in make_llm(bundle).generate(PROMPTS, params)]
-    llm = make_llm(bundle, algorithm)
-    llm.engine.set_speculation(llm.engine.drafter, DraftGate(llm.engine.planner, probe_every=4))
+    llm = make_llm(bundle, algorithm, gate=True)  # the default policy
+    assert isinstance(llm.engine.planner, DraftGate)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == want
     assert_kv_baseline(llm)
     st = llm.engine.stats
@@ -148,3 +148,21 @@ def test_step_times_are_keyed_by_the_requests_that_decode():
     gate.acceptance["a"].rate = 1.5  # above the bar at 3 decoding (1), below that at 2 (8)
     gate.acceptance["a"].samples = 9
     assert gate.allow(reqs, num_decoding=3) == [True, True]
+
+
+def test_probes_share_steps_and_back_off():
+    """Requests below the bar are probed on the same steps (a drafting step costs the whole
+    batch), and each probe that leaves a request below the bar doubles its interval."""
+    gate = DraftGate(Planner(), probe_every=2, min_samples=1, max_probe_every=8)
+    a, b = _req("a"), _req("b")
+    _decode(gate, 2.0, {"a": 0})  # a judged: below the bar of 1
+    _decode(gate, 1.0, {})
+    probes = {"a": [], "b": []}
+    for step in range(1, 25):
+        if step == 3:
+            _decode(gate, 2.0, {"b": 0})  # b judged two steps later
+        for req, ok in zip((a, b), gate.allow([a, b]), strict=True):
+            if ok and req.request_id in gate.acceptance:
+                probes[req.request_id].append(step)
+    assert probes["a"] == [2, 4, 8, 16, 24]  # intervals 2, 2, 4, 8, 8 (the cap)
+    assert set(probes["b"]) <= set(probes["a"])
