@@ -13,7 +13,9 @@ Workloads (`--users` prompts of `--input-len` tokens each, `--output-len` greedy
 One engine per arm (NONE, NGRAM, NEXTN, DFLASH, DSPARK) serves every workload in turn, as a
 server would; prefix caching is off so that no round reuses another's prefill. Rounds alternate
 the arms' order. Output throughput = output tokens / wall time of the batch, prefill included
-(`bench_serving`'s output token throughput). Greedy outputs are checked against NONE's.
+(`bench_serving`'s output token throughput), and the same per CPU second of this process
+(`time.process_time`): with one thread it equals wall time on a quiet machine, and it is what
+stays comparable when other jobs share the cores. Greedy outputs are checked against NONE's.
 """
 
 from __future__ import annotations
@@ -91,13 +93,15 @@ def make_arm(bundle: Path, algo: str, args: argparse.Namespace) -> LLM:
 def run(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> dict:
     st = llm.engine.stats
     passes, accepted = st.num_verify_passes, st.num_accepted_tokens
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     outs = llm.generate(prompts, params)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
     tokens = [o.outputs[0].token_ids for o in outs]
     passes = st.num_verify_passes - passes
+    n = sum(map(len, tokens))
     return {
-        "tok_s": sum(map(len, tokens)) / elapsed,
+        "tok_s": n / elapsed,
+        "tok_cpu_s": n / cpu,
         "accept": 1.0 + (st.num_accepted_tokens - accepted) / max(1, passes),
         "tokens": tokens,
     }
@@ -145,22 +149,28 @@ def main() -> None:
             for a in order:
                 res = run(llms[a], prompts, params)
                 results.setdefault((w, a), []).append(res)
-                print(f"  round {r} {w:<7}{a:<7}{res['tok_s']:>8.1f} tok/s", flush=True)
+                print(
+                    f"  round {r} {w:<7}{a:<7}{res['tok_s']:>8.1f} tok/s "
+                    f"{res['tok_cpu_s']:>8.1f} tok/CPU-s",
+                    flush=True,
+                )
     print(
-        f"\n{'workload':<9}{'arm':<8}{'tok/s med':>10}{'vs NONE min':>12}{'med':>7}"
-        f"{'accept':>8}  greedy==NONE"
+        f"\n{'workload':<9}{'arm':<8}{'tok/s med':>10}{'vs NONE min':>12}{'med':>6}"
+        f"{'tok/CPU-s med':>14}{'vs NONE min':>12}{'med':>6}{'accept':>8}  greedy==NONE"
     )
     for w in workloads:
         base = results[(w, "NONE")]
         for a in arms:
             rs = results[(w, a)]
-            ratios = [x["tok_s"] / b["tok_s"] for x, b in zip(rs, base, strict=True)]
             same = all(x["tokens"] == b["tokens"] for x, b in zip(rs, base, strict=True))
-            print(
-                f"{w:<9}{a:<8}{statistics.median(x['tok_s'] for x in rs):>10.1f}"
-                f"{min(ratios):>12.2f}{statistics.median(ratios):>7.2f}"
-                f"{statistics.mean(x['accept'] for x in rs):>8.2f}  {'yes' if same else 'NO'}"
-            )
+            cols = ""
+            for key in ("tok_s", "tok_cpu_s"):
+                ratios = [x[key] / b[key] for x, b in zip(rs, base, strict=True)]
+                med = statistics.median(x[key] for x in rs)
+                cols += f"{med:>{10 if key == 'tok_s' else 14}.1f}{min(ratios):>12.2f}"
+                cols += f"{statistics.median(ratios):>6.2f}"
+            accept = statistics.mean(x["accept"] for x in rs)
+            print(f"{w:<9}{a:<8}{cols}{accept:>8.2f}  {'yes' if same else 'NO'}")
 
 
 if __name__ == "__main__":
