@@ -20,14 +20,11 @@ from specserve.core import Request
 
 @dataclass
 class PendingRows:
-    """One request's rows at positions start .. start + len(rows) - 1, in order."""
+    """One request's rows at positions start .. end - 1, in order."""
 
     start: int
+    end: int
     rows: list[torch.Tensor]
-
-    @property
-    def end(self) -> int:
-        return self.start + sum(r.shape[0] for r in self.rows)
 
 
 class DeferredRows:
@@ -44,12 +41,14 @@ class DeferredRows:
                 continue
             start = req.num_computed_tokens - h.shape[0]
             p = self.pending.get(req.request_id)
+            end = req.num_computed_tokens
             if p is not None and p.end == start:
                 p.rows.append(h)
+                p.end = end
             elif p is not None and p.start < start < p.end:  # a replay: keep the rows before it
-                p.rows = [torch.cat(p.rows)[: start - p.start], h]
+                p.rows, p.end = [torch.cat(p.rows)[: start - p.start], h], end
             else:  # nothing pending, or a replay from before the pending rows
-                self.pending[req.request_id] = PendingRows(start, [h])
+                self.pending[req.request_id] = PendingRows(start, end, [h])
 
     def take(self, requests: list[Request]) -> list[tuple[Request, int, torch.Tensor]]:
         """Remove and return (request, first position, rows [n, width]) of those of `requests`
