@@ -34,6 +34,7 @@ class DFlashDrafter(Drafter):
         self.block_size = block_size or model.config.block_size
         self.sts = sts_temperatures
         self.capture_layers = model.capture_layers
+        self.has_confidence_head = getattr(model, "confidence_head", None) is not None
         self.contexts: dict[str, ContextCache] = {}
         self.deferred = DeferredRows()
 

@@ -210,7 +210,7 @@ def _block_size(spec: SpecConfig, trained: int, window: int | None) -> int:
 def build_planner(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> Planner:
     planner = _verify_planner(spec, engine, drafter)
     if spec.adaptive_drafting and drafter.max_draft_tokens > 0:
-        return DraftGate(planner)
+        return DraftGate(planner, head_confidences=drafter.has_confidence_head)
     return planner
 
 

@@ -5,10 +5,11 @@ of draft tokens the target accepts; plain decoding commits 1. Drafting pays when
 (1 + a_r) / t_spec > 1 / t_plain, i.e. a_r > t_spec / t_plain - 1, with t_spec and t_plain the
 measured wall times of a decode step with and without drafting (moving averages by batch
 size) and a_r r's expected acceptance:
-* for a drafter with a confidence head (DSpark), what the head predicts for the tokens the
-  planner verifies, sum_i prod_{j<=i} c_j, averaged over r's drafted steps and judged from the
-  first one;
-* for the others, the running acceptance (accepted tokens per verify: the mean of its first
+* for a drafter with a confidence head (DSpark; `head_confidences`), what the head predicts
+  for the tokens the planner verifies, sum_i prod_{j<=i} c_j, averaged over r's drafted steps
+  and judged from the first one;
+* for the others, the running acceptance (proxy confidences such as the draft distribution's
+  max probability are ignored: greedy drafts are accepted far more often than they predict) (accepted tokens per verify: the mean of its first
   drafted steps, then a moving average), judged only after `min_samples` drafted steps
   (acceptance comes in bursts: one unlucky first step must not stop drafting).
 Until both times are measured the bar is one accepted token per step. A busy server rarely has
@@ -67,10 +68,12 @@ class DraftGate(Planner):
         min_samples: int = 4,
         remeasure_every: int = 64,
         max_probe_every: int = 64,
+        head_confidences: bool = False,
     ) -> None:
         self.planner, self.probe_every, self.decay = planner, probe_every, decay
         self.min_samples, self.remeasure_every = min_samples, remeasure_every
         self.max_probe_every = max(probe_every, max_probe_every)
+        self.head_confidences = head_confidences
         self.drafted_steps = 0  # steps since the last plain one
         self.clock = 0  # steps decided (the probe schedule)
         self.plain = StepOverhead()  # decode-step seconds without drafts, by batch size
@@ -79,6 +82,8 @@ class DraftGate(Planner):
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
         lens = self.planner.plan(proposals, requests)
+        if not self.head_confidences:
+            return lens
         for p, req, n in zip(proposals, requests, lens, strict=True):
             if p.confidences is not None and n > 0:  # what verifying n tokens should accept
                 expected = float(p.confidences[:n].float().clamp(0, 1).cumprod(0).sum())

@@ -69,7 +69,7 @@ def test_the_confidence_head_judges_from_the_first_drafted_step():
 
     from specserve.speculative.base import DraftProposal
 
-    gate = DraftGate(Planner(), min_samples=3)
+    gate = DraftGate(Planner(), min_samples=3, head_confidences=True)
     _decode(gate, 2.0, {"x": 5})
     _decode(gate, 1.0, {})  # break-even: 1 accepted token
     sure, unsure, plain = _req("sure"), _req("unsure"), _req("plain")
@@ -166,3 +166,25 @@ def test_probes_share_steps_and_back_off():
                 probes[req.request_id].append(step)
     assert probes["a"] == [2, 4, 8, 16, 24]  # intervals 2, 2, 4, 8, 8 (the cap)
     assert set(probes["b"]) <= set(probes["a"])
+
+
+def test_proxy_confidences_do_not_judge():
+    """Without a confidence head (DFlash's and MTP's max draft probability), the realised
+    acceptance judges: a low proxy must not stop drafting that is being accepted."""
+    import torch
+
+    from specserve.speculative.base import DraftProposal
+
+    gate = DraftGate(Planner(), min_samples=1)
+    _decode(gate, 2.0, {"x": 5})
+    _decode(gate, 1.0, {})  # break-even: 1 accepted token
+    req = _req("r")
+    gate.plan([DraftProposal([1, 2, 3], confidences=torch.tensor([0.3, 0.3, 0.3]))], [req])
+    _decode(gate, 2.0, {"r": 3})
+    assert gate.acceptance["r"].expected_samples == 0
+    assert gate.allow([req]) == [True]
+
+
+def test_the_factory_trusts_only_a_confidence_head(bundle):
+    gates = {a: make_llm(bundle, a, gate=True).engine.planner for a in ("DFLASH", "DSPARK")}
+    assert not gates["DFLASH"].head_confidences and gates["DSPARK"].head_confidences
