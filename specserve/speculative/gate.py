@@ -8,10 +8,11 @@ size) and a_r r's expected acceptance:
 * for a drafter with a confidence head (DSpark; `head_confidences`), what the head predicts
   for the tokens the planner verifies, sum_i prod_{j<=i} c_j, averaged over r's drafted steps
   and judged from the first one;
-* for the others, the running acceptance (proxy confidences such as the draft distribution's
-  max probability are ignored: greedy drafts are accepted far more often than they predict) (accepted tokens per verify: the mean of its first
+* for the others, the running acceptance (accepted tokens per verify: the mean of its first
   drafted steps, then a moving average), judged only after `min_samples` drafted steps
-  (acceptance comes in bursts: one unlucky first step must not stop drafting).
+  (acceptance comes in bursts: one unlucky first step must not stop drafting). Proxy
+  confidences, such as the draft distribution's max probability, are not read: greedy drafts
+  are accepted far more often than they predict.
 Until both times are measured the bar is one accepted token per step. A busy server rarely has
 a step in which no request drafts, so the gate makes one: after `probe_every` steps at a batch
 size whose plain step time is unknown, and again after `remeasure_every` steps without a plain
