@@ -75,7 +75,7 @@ class DraftGate(Planner):
         self.min_samples, self.remeasure_every = min_samples, remeasure_every
         self.max_probe_every = max(probe_every, max_probe_every)
         self.head_confidences = head_confidences
-        self.drafted_steps = 0  # steps since the last plain one
+        self.steps_since_plain = 0  # steps since the last plain one
         self.clock = 0  # steps decided (the probe schedule)
         self.plain = StepOverhead()  # decode-step seconds without drafts, by batch size
         self.spec = StepOverhead()  # decode-step seconds with drafts, by batch size
@@ -105,12 +105,12 @@ class DraftGate(Planner):
         if not requests:
             return []
         n = len(requests) if num_decoding is None else num_decoding
-        if self.drafted_steps >= self.probe_every and (
-            n not in self.plain.by_requests or self.drafted_steps >= self.remeasure_every
+        if self.steps_since_plain >= self.probe_every and (
+            n not in self.plain.by_requests or self.steps_since_plain >= self.remeasure_every
         ):  # time a plain step at this batch size
-            self.drafted_steps = 0
+            self.steps_since_plain = 0
             return [False] * len(requests)
-        self.drafted_steps += 1
+        self.steps_since_plain += 1
         self.clock += 1
         bar = self.break_even(n)
         return [self._decide(self.acceptance.get(r.request_id), bar) for r in requests]
@@ -136,7 +136,7 @@ class DraftGate(Planner):
             times = self.spec if stats.num_requests else self.plain
             times.observe(stats.num_decoding, stats.step_s)
             if not stats.num_requests:
-                self.drafted_steps = 0
+                self.steps_since_plain = 0
         for rid, accepted in stats.accepted.items():
             self.acceptance.setdefault(rid, _Acceptance()).add(accepted, self.decay)
         for rid in stats.finished:
