@@ -117,6 +117,7 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--attention-backend", default="torch", help="torch | cpp (every arm)")
+    ap.add_argument("--temperature", type=float, default=0.0, help="> 0: sampled (no greedy check)")
     ap.add_argument(
         "--no-adaptive-drafting",
         action="store_true",
@@ -136,10 +137,13 @@ def main() -> None:
     arms = args.arms.split(",")
     assert arms[0] == "NONE", "--arms must start with NONE (the reference)"
     llms = {a: make_arm(bundle, a, args) for a in arms}
-    params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    params = SamplingParams(
+        max_tokens=args.output_len, temperature=args.temperature, ignore_eos=True, seed=0
+    )
     gate = "off" if args.no_adaptive_drafting else "default (on)"
     print(
-        f"{args.users} users x {args.input_len} tokens in, {args.output_len} out, greedy; "
+        f"{args.users} users x {args.input_len} tokens in, {args.output_len} out, "
+        f"temperature {args.temperature}; "
         f"backend {args.attention_backend}; draft gate {gate}; {args.rounds} rounds"
     )
     results: dict[tuple[str, str], list[dict]] = {}
@@ -170,7 +174,8 @@ def main() -> None:
                 cols += f"{med:>{10 if key == 'tok_s' else 14}.1f}{min(ratios):>12.2f}"
                 cols += f"{statistics.median(ratios):>6.2f}"
             accept = statistics.mean(x["accept"] for x in rs)
-            print(f"{w:<9}{a:<8}{cols}{accept:>8.2f}  {'yes' if same else 'NO'}")
+            check = "n/a" if args.temperature > 0 else "yes" if same else "NO"
+            print(f"{w:<9}{a:<8}{cols}{accept:>8.2f}  {check}")
 
 
 if __name__ == "__main__":
