@@ -277,8 +277,8 @@ class SpecConfig:
     num_draft_tokens counts the verify window as SGLang does: draft tokens + 1. None: the
     algorithm's default (NGRAM 5, NEXTN num_steps + 1, DFLASH / DSPARK block size + 1).
     block_size (DFLASH / DSPARK) None: the drafter checkpoint's. verify_policy None: scheduler
-    for DSPARK, full otherwise. adaptive_drafting: per request and step, draft only where the
-    measured cost is repaid by the running acceptance (`speculative/gate.py`).
+    for DSPARK, full otherwise. adaptive_drafting (default on): per request and step, draft
+    only where the measured cost is repaid by the expected acceptance (`speculative/gate.py`).
     """
 
     algorithm: str = "NONE"
@@ -291,7 +291,7 @@ class SpecConfig:
     confidence_threshold: float = 0.5
     sps_table_path: str | None = None
     confidence_sts_path: str | None = None
-    adaptive_drafting: bool = False  # skip drafting for requests where it does not pay
+    adaptive_drafting: bool = True  # skip drafting for requests where it does not pay
 
     def __post_init__(self) -> None:
         algo = self.algorithm.upper()

@@ -416,7 +416,8 @@ class LLMEngine:
 
     def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, DraftProposal]:
         spec = [s for s in scheduled if s.num_lookahead > 0 and s.reaches_end]
-        allowed = self.planner.allow([s.request for s in spec])
+        num_decoding = sum(s.reaches_end for s in scheduled)  # the key of the step's times
+        allowed = self.planner.allow([s.request for s in spec], num_decoding)
         spec = [s for s, ok in zip(spec, allowed, strict=True) if ok]
         if not spec:
             return {}

@@ -43,6 +43,9 @@ class Drafter(abc.ABC):
 
     #: Target layer ids whose hidden states `update` receives (see CausalLM.forward `capture`).
     capture_layers: tuple[int, ...] = ()
+    #: Proposals carry a trained confidence head's estimates (DSpark), not a proxy such as the
+    #: draft distribution's max probability, so they predict acceptance (the draft gate).
+    has_confidence_head: bool = False
 
     @property
     @abc.abstractmethod

@@ -1,6 +1,7 @@
 """The engine's drafter for the block-parallel models (DFlash, DSpark): per request, the draft
-layers' context K/V of every committed position (`ContextCache`, grown by `update`); `propose`
-drafts one block for every request in one backbone forward, then picks its tokens left to right
+layers' context K/V of every committed position (`ContextCache`; `update` defers the rows,
+`propose` folds in those of the requests it drafts for, `deferred.py`), then drafts one block for
+every request in one backbone forward, then picks its tokens left to right
 (`DFlashDraftModel.draft`: argmax for greedy requests, else a sample reported exactly)."""
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.calibration import apply_sts
 from specserve.speculative.context_cache import ContextCache
 from specserve.speculative.deepseek_v4_dspark import DeepseekV4DSparkModel
+from specserve.speculative.deferred import DeferredRows
 from specserve.speculative.dflash import DFlashDraftModel
 from specserve.speculative.sampling import draw, proposal_probs
 
@@ -32,42 +34,46 @@ class DFlashDrafter(Drafter):
         self.block_size = block_size or model.config.block_size
         self.sts = sts_temperatures
         self.capture_layers = model.capture_layers
+        self.has_confidence_head = getattr(model, "confidence_head", None) is not None
         self.contexts: dict[str, ContextCache] = {}
+        self.deferred = DeferredRows()
 
     @property
     def max_draft_tokens(self) -> int:
         return self.block_size
 
-    @torch.inference_mode()
     def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
-        rows, pos, owners = [], [], []
-        for req, h in zip(requests, hidden, strict=True):
-            if h is None or h.shape[0] == 0 or req.finished:
-                continue
-            end = req.num_computed_tokens
-            rows.append(h)
-            pos.append(torch.arange(end - h.shape[0], end, device=h.device))
-            owners.append((req.request_id, h.shape[0]))
-        if not rows:
+        self.deferred.add(requests, hidden)  # folded in when the request drafts next
+
+    def _catch_up(self, requests: list[Request]) -> None:
+        """Project the pending rows of `requests` into their contexts, in one forward."""
+        pending = self.deferred.take(requests)
+        if not pending:
             return
-        positions = torch.cat(pos)
-        kv = self.model.context_kv(torch.cat(rows).to(self.model.context_dtype), positions)
+        positions = torch.cat(
+            [torch.arange(s, s + h.shape[0], device=h.device) for _, s, h in pending]
+        )
+        rows = torch.cat([h for _, _, h in pending]).to(self.model.context_dtype)
+        kv = self.model.context_kv(rows, positions)
         start = 0
-        for rid, n in owners:
+        for req, _, h in pending:
+            n = h.shape[0]
             part = [tuple(t[start : start + n] for t in layer) for layer in kv]
-            cache = self.contexts.setdefault(rid, ContextCache(self.model.context_rows))
+            cache = self.contexts.setdefault(req.request_id, ContextCache(self.model.context_rows))
             cache.add(part, positions[start : start + n])
             start += n
 
     def release(self, request: Request) -> None:
         self.contexts.pop(request.request_id, None)
+        self.deferred.drop(request.request_id)
 
     def num_tracked_requests(self) -> int:
-        return len(self.contexts)
+        return len(self.contexts.keys() | self.deferred.pending.keys())
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
         ks = [min(self.block_size, m) for m in max_tokens]
+        self._catch_up([r for r, k in zip(requests, ks, strict=True) if k > 0])
         live = [i for i, k in enumerate(ks) if k > 0 and requests[i].request_id in self.contexts]
         out = [DraftProposal([]) for _ in requests]
         if not live:

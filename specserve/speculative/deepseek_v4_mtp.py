@@ -36,6 +36,7 @@ from specserve.models.deepseek_v4_config import SLIDING, V4Config
 from specserve.models.layers import Linear, RMSNorm
 from specserve.models.loader import load_state_dict
 from specserve.speculative.base import Drafter, DraftProposal
+from specserve.speculative.deferred import DeferredRows
 from specserve.speculative.sampling import draw, proposal_probs
 
 PREFIX = "mtp.0."
@@ -115,6 +116,7 @@ class DeepseekV4MTPDrafter(Drafter):
         self.layer, self.target, self.num_steps = layer, target, num_steps
         self.capture_layers = (target.v4.num_layers - 1,)
         self.states: dict[str, _State] = {}
+        self.deferred = DeferredRows()  # `update` defers, `propose` folds in (deferred.py)
 
     @property
     def max_draft_tokens(self) -> int:
@@ -122,15 +124,19 @@ class DeepseekV4MTPDrafter(Drafter):
 
     def release(self, request: Request) -> None:
         self.states.pop(request.request_id, None)
+        self.deferred.drop(request.request_id)
 
-    @torch.inference_mode()
+    def num_tracked_requests(self) -> int:
+        return len(self.states.keys() | self.deferred.pending.keys())
+
     def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
+        self.deferred.add(requests, hidden)  # folded in when the request drafts next
+
+    def _catch_up(self, requests: list[Request]) -> None:
+        """Run the layer over the pending rows of `requests`, all in one forward."""
         rows, owners = [], []
-        for req, h in zip(requests, hidden, strict=True):
-            if h is None or h.shape[0] == 0 or req.finished:
-                continue
-            end = req.num_computed_tokens
-            start = end - h.shape[0]
+        for req, start, h in self.deferred.take(requests):
+            end = start + h.shape[0]
             nxt = req.all_token_ids[start + 1 : end + 1]  # row i pairs S_i with t_{i+1}
             if not nxt:
                 continue
@@ -156,6 +162,7 @@ class DeepseekV4MTPDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
         ks = [min(self.num_steps, m) for m in max_tokens]
+        self._catch_up([r for r, k in zip(requests, ks, strict=True) if k > 0])
         live = [
             i
             for i, r in enumerate(requests)

@@ -83,9 +83,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--speculative-adaptive-drafting",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=True,
         help="per request and step, decode plainly where drafting does not pay (measured step "
-        "times vs running acceptance; probed again later; lossless)",
+        "times vs expected acceptance; probed again later; lossless). On by default; "
+        "--no-speculative-adaptive-drafting drafts on every step",
     )
     g.add_argument(
         "--speculative-dspark-confidence-sts-path",
@@ -212,7 +214,7 @@ def _block_size(spec: SpecConfig, trained: int, window: int | None) -> int:
 def build_planner(spec: SpecConfig, engine: LLMEngine, drafter: Drafter) -> Planner:
     planner = _verify_planner(spec, engine, drafter)
     if spec.adaptive_drafting and drafter.max_draft_tokens > 0:
-        return DraftGate(planner)
+        return DraftGate(planner, head_confidences=drafter.has_confidence_head)
     return planner
 
 

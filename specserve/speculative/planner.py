@@ -41,13 +41,14 @@ class Planner:
     plan(proposals, requests) -> verify lens [R] with 0 <= lens[r] <= len(proposals[r].tokens);
     the verify window of request r is its first lens[r] draft tokens. A plan may read the
     proposals' confidences but never their tokens (that would bias sampling).
-    allow(requests) -> per request, whether it drafts this step at all (before drafting).
+    allow(requests, num_decoding) -> per request, whether it drafts this step at all (before
+    drafting); num_decoding: the requests that get a token this step (None: len(requests)).
     observe(stats) -> None, once after every step."""
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
         return plan_full(draft_lens(proposals)).tolist()
 
-    def allow(self, requests: list[Request]) -> list[bool]:
+    def allow(self, requests: list[Request], num_decoding: int | None = None) -> list[bool]:
         return [True] * len(requests)
 
     def observe(self, stats: StepStats) -> None:

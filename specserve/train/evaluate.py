@@ -423,6 +423,7 @@ def engine_accept_length(
         num_steps=k if mtp else None,
         block_size=None if mtp else k,
         verify_policy="full",
+        adaptive_drafting=False,  # the drafter's own accept length: draft every step
     )
     llm.engine.set_speculation(*build_speculation(spec, llm.engine))
     llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True))

@@ -52,6 +52,7 @@ class TargetForced(DFlashDrafter):
         self.corrupt, self.slots, self.seqs = corrupt, 0, []
 
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
+        self._catch_up(requests)  # contexts are folded in lazily: bring them current first
         self.seqs = [
             list(r.all_token_ids)
             for r, m in zip(requests, max_tokens, strict=True)
@@ -82,7 +83,7 @@ class TargetForced(DFlashDrafter):
 def _llm(path: str, algorithm: str = "NONE", policy: str | None = None, **kw) -> LLM:
     llm = LLM(path, max_total_tokens=kw.pop("max_total_tokens", 2048), page_size=8, **kw)
     if algorithm != "NONE":
-        spec = SpecConfig("DSPARK", path, verify_policy=policy)
+        spec = SpecConfig("DSPARK", path, verify_policy=policy, adaptive_drafting=False)
         drafter, planner = build_speculation(spec, llm.engine)
         if algorithm != "DSPARK":
             drafter = TargetForced(drafter, corrupt=algorithm == "oracle-corrupt")

@@ -71,6 +71,7 @@ def _llm(path: str, algorithm: str = "NONE", oracle_k: int = 4, **kw) -> LLM:
             algorithm=algorithm,
             draft_model_path=path if algorithm == "NEXTN" else None,
             num_steps=3,
+            adaptive_drafting=False,
         )
         llm.engine.set_speculation(*build_speculation(spec, llm.engine))
     return llm

@@ -16,6 +16,7 @@ from specserve.models.attention import CausalAttention
 from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.checkpoint import new_drafter, save_drafter
 from specserve.speculative.factory import build_speculation
+from specserve.speculative.planner import Planner
 from specserve.speculative.profile import SPSTable
 from specserve.testing.tiny import make_checkpoint
 
@@ -94,7 +95,11 @@ ALGORITHMS = {"NGRAM": None, "NEXTN": "mtp", "DFLASH": "dflash", "DSPARK": "dspa
 POLICIES = ("full", "threshold", "scheduler")
 
 
-def make_llm(bundle, algorithm: str = "NONE", policy: str | None = None, **kwargs) -> LLM:
+def make_llm(
+    bundle, algorithm: str = "NONE", policy: str | None = None, gate: bool = False, **kwargs
+) -> LLM:
+    """gate: the default draft gate on (off here, so that a test's verify policy sees every
+    draft; the gated tests turn it on)."""
     kwargs.setdefault("max_total_tokens", 4096)
     llm = LLM(str(kwargs.pop("target", bundle["target"])), **kwargs)
     folder = ALGORITHMS.get(algorithm)
@@ -104,6 +109,7 @@ def make_llm(bundle, algorithm: str = "NONE", policy: str | None = None, **kwarg
         verify_policy=policy,
         sps_table_path=str(bundle["sps"]),
         confidence_threshold=0.3,
+        adaptive_drafting=gate,
     )
     llm.engine.set_speculation(*build_speculation(spec, llm.engine))
     return llm
@@ -162,4 +168,24 @@ class OracleDrafter(Drafter):
             deterministic = req.params.greedy or self.mode == "argmax"
             probs = torch.stack(qs[i]) if qs[i] and not deterministic else None
             out.append(DraftProposal(toks[i], probs))
+        return out
+
+
+class TakeTurns(Planner):
+    """Lets each request draft only on every `every`-th of its steps (offset by its arrival), so
+    steps mix drafting and non-drafting requests and a request's drafter context falls several
+    steps behind before it drafts again. Reads only step counts, so it stays lossless.
+    `mixed`: steps that had both kinds."""
+
+    def __init__(self, every: int = 3) -> None:
+        self.every, self.mixed = every, 0
+        self.steps: dict[str, int] = {}
+
+    def allow(self, requests: list[Request], num_decoding: int | None = None) -> list[bool]:
+        out = []
+        for r in requests:
+            n = self.steps.setdefault(r.request_id, len(self.steps)) + 1
+            self.steps[r.request_id] = n
+            out.append(n % self.every == 0)
+        self.mixed += any(out) and not all(out)
         return out

@@ -73,11 +73,14 @@ def test_sampled_distribution_matches_plain(bundle, peaked, plain_samples, algor
     else:
         llm = _llm(bundle, peaked)
         spec = SpecConfig(
-            "DSPARK", str(request.getfixturevalue("peaked_dspark")), verify_policy="full"
+            "DSPARK",
+            str(request.getfixturevalue("peaked_dspark")),
+            verify_policy="full",
+            adaptive_drafting=False,  # the plain arm drafts every step; the gated one wraps it
         )
         drafter, planner = build_speculation(spec, llm.engine)
         if algorithm.endswith("gated"):  # decisions to draft from past acceptance and times
-            planner = DraftGate(planner, probe_every=2)
+            planner = DraftGate(planner, probe_every=2, head_confidences=True)
         llm.engine.set_speculation(drafter, planner)
     spec = _samples(llm, seed0=100_000)
     stats = llm.engine.stats

@@ -16,6 +16,7 @@ from specserve.speculative.block_drafter import DFlashDrafter
 from specserve.speculative.checkpoint import load_drafter, new_drafter, read_config, save_drafter
 from specserve.speculative.dspark import DSparkDraftModel
 from specserve.speculative.factory import add_cli_args, build_speculation, spec_config_from_args
+from specserve.speculative.gate import DraftGate
 from specserve.speculative.mtp import MTPDrafter
 from specserve.speculative.ngram import NgramDrafter, lookup
 from specserve.speculative.planner import PrefixScheduler
@@ -44,6 +45,9 @@ def test_flags_to_config():
     assert (s.algorithm, s.num_steps, s.num_draft_tokens, s.policy) == ("NEXTN", 3, 4, "full")
     s = _parse("--speculative-algorithm", "DSPARK", "--speculative-draft-model-path", "/x")
     assert s.policy == "scheduler" and s.confidence_threshold == 0.5
+    assert s.adaptive_drafting  # the draft gate is on by default
+    off = _parse("--speculative-algorithm", "NGRAM", "--no-speculative-adaptive-drafting")
+    assert not off.adaptive_drafting
     assert _parse().algorithm == "NONE"
 
 
@@ -186,7 +190,8 @@ def test_factory_builds_each_drafter_and_profiles_sps(bundle, tmp_path):
         SpecConfig("DSPARK", str(bundle["dspark"]), block_size=3, sps_table_path=str(sps)), eng
     )
     assert isinstance(d, DFlashDrafter) and isinstance(d.model, DSparkDraftModel)
-    assert isinstance(planner, PrefixScheduler) and d.max_draft_tokens == 3
+    assert isinstance(planner, DraftGate) and d.max_draft_tokens == 3  # the default gate
+    assert isinstance(planner.planner, PrefixScheduler)
     table = SPSTable.load(sps)  # profiled on this machine at start-up, then saved
     assert table.batch_tokens[0] == 1 and len(table.batch_tokens) >= 3
     eng.set_speculation(d, planner)

@@ -37,9 +37,9 @@ def test_skips_below_the_bar_probes_again_and_forgets_finished_requests():
     assert gate.allow([good, bad]) == [True, True]  # no history: draft
     _decode(gate, 2.0, {"good": 3, "bad": 0})
     _decode(gate, 1.0, {})  # break-even: 2 s / 1 s - 1 = 1 accepted token
-    decisions = [gate.allow([good, bad]) for _ in range(8)]
+    decisions = [gate.allow([good, bad]) for _ in range(8)]  # steps 2..9
     assert [d[0] for d in decisions] == [True] * 8
-    assert [d[1] for d in decisions] == [False, False, False, True] * 2  # a probe every 4th
+    assert [d[1] for d in decisions] == [False, False, True, False] * 2  # probes at 4 and 8
     _decode(gate, 2.0, {"good": 3, "bad": 4})  # the probe was accepted well: 0.5*0 + 0.5*4
     assert gate.allow([good, bad]) == [True, True]
     gate.observe(StepStats(0, 0.0, 1.0, True, 2, {}, finished=("good", "bad")))
@@ -69,7 +69,7 @@ def test_the_confidence_head_judges_from_the_first_drafted_step():
 
     from specserve.speculative.base import DraftProposal
 
-    gate = DraftGate(Planner(), min_samples=3)
+    gate = DraftGate(Planner(), min_samples=3, head_confidences=True)
     _decode(gate, 2.0, {"x": 5})
     _decode(gate, 1.0, {})  # break-even: 1 accepted token
     sure, unsure, plain = _req("sure"), _req("unsure"), _req("plain")
@@ -122,11 +122,69 @@ def test_wraps_the_verify_planner():
 def test_gated_greedy_is_identical_to_plain(bundle, algorithm):
     params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
     want = [o.outputs[0].token_ids for o in make_llm(bundle).generate(PROMPTS, params)]
-    llm = make_llm(bundle, algorithm)
-    llm.engine.set_speculation(llm.engine.drafter, DraftGate(llm.engine.planner, probe_every=4))
+    llm = make_llm(bundle, algorithm, gate=True)  # the default policy
+    assert isinstance(llm.engine.planner, DraftGate)
     assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)] == want
     assert_kv_baseline(llm)
     st = llm.engine.stats
     assert st.num_drafts > 0
     if algorithm == "NEXTN":  # a random MTP module is rarely right: the gate must skip it
         assert st.num_drafts < st.num_verify_passes
+
+
+def test_step_times_are_keyed_by_the_requests_that_decode():
+    """Three requests decode but one is at its last token (no room to draft): the gate is asked
+    about two. Its step times are observed under three, so that is the key it must check;
+    reading two, it never finds the plain time and forces an all-plain step every
+    `probe_every` drafted steps, and judges against the times of another batch size."""
+    gate = DraftGate(Planner(), probe_every=3, remeasure_every=50)
+    reqs = [_req("a"), _req("b")]
+    _decode(gate, 9.0, {"x": 0}, n=2)  # another batch size: drafting steps of 2 take 9 s
+    _decode(gate, 2.0, {"a": 3, "b": 3}, n=3)  # three decode: 2 s drafting, 1 s plain
+    _decode(gate, 1.0, {}, n=3)
+    assert gate.break_even(3) == pytest.approx(1.0)
+    decisions = [gate.allow(reqs, num_decoding=3) for _ in range(10)]
+    assert decisions == [[True, True]] * 10  # plain time at 3 known: no re-timing before 50
+    gate.acceptance["a"].rate = 1.5  # above the bar at 3 decoding (1), below that at 2 (8)
+    gate.acceptance["a"].samples = 9
+    assert gate.allow(reqs, num_decoding=3) == [True, True]
+
+
+def test_probes_share_steps_and_back_off():
+    """Requests below the bar are probed on the same steps (a drafting step costs the whole
+    batch), and each probe that leaves a request below the bar doubles its interval."""
+    gate = DraftGate(Planner(), probe_every=2, min_samples=1, max_probe_every=8)
+    a, b = _req("a"), _req("b")
+    _decode(gate, 2.0, {"a": 0})  # a judged: below the bar of 1
+    _decode(gate, 1.0, {})
+    probes = {"a": [], "b": []}
+    for step in range(1, 25):
+        if step == 3:
+            _decode(gate, 2.0, {"b": 0})  # b judged two steps later
+        for req, ok in zip((a, b), gate.allow([a, b]), strict=True):
+            if ok and req.request_id in gate.acceptance:
+                probes[req.request_id].append(step)
+    assert probes["a"] == [2, 4, 8, 16, 24]  # intervals 2, 2, 4, 8, 8 (the cap)
+    assert set(probes["b"]) <= set(probes["a"])
+
+
+def test_proxy_confidences_do_not_judge():
+    """Without a confidence head (DFlash's and MTP's max draft probability), the realised
+    acceptance judges: a low proxy must not stop drafting that is being accepted."""
+    import torch
+
+    from specserve.speculative.base import DraftProposal
+
+    gate = DraftGate(Planner(), min_samples=1)
+    _decode(gate, 2.0, {"x": 5})
+    _decode(gate, 1.0, {})  # break-even: 1 accepted token
+    req = _req("r")
+    gate.plan([DraftProposal([1, 2, 3], confidences=torch.tensor([0.3, 0.3, 0.3]))], [req])
+    _decode(gate, 2.0, {"r": 3})
+    assert gate.acceptance["r"].expected_samples == 0
+    assert gate.allow([req]) == [True]
+
+
+def test_the_factory_trusts_only_a_confidence_head(bundle):
+    gates = {a: make_llm(bundle, a, gate=True).engine.planner for a in ("DFLASH", "DSPARK")}
+    assert not gates["DFLASH"].head_confidences and gates["DSPARK"].head_confidences

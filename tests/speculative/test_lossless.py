@@ -14,6 +14,7 @@ from .conftest import (
     POLICIES,
     PROMPTS,
     OracleDrafter,
+    TakeTurns,
     assert_kv_baseline,
     make_llm,
 )
@@ -60,6 +61,20 @@ def test_greedy_identical_to_plain(bundle, reference, algorithm, policy):
         for prompt, p, ref in zip(PROMPTS[:2], _params()[:2], reference, strict=False):
             assert single.generate(prompt, p)[0].outputs[0].token_ids == ref
         assert_kv_baseline(single)
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_greedy_identical_when_requests_skip_drafting(bundle, reference, algorithm):
+    """Requests draft on some steps and decode plainly on others, in the same steps as others
+    that draft (the draft gate's decisions); the drafters fold in the skipped steps' context only
+    when a request drafts again."""
+    llm = make_llm(bundle, algorithm)
+    turns = TakeTurns(every=3)
+    llm.engine.set_speculation(llm.engine.drafter, turns)
+    assert _run_waves(llm, PROMPTS, _params()) == reference
+    assert_kv_baseline(llm)
+    assert llm.engine.drafter.num_tracked_requests() == 0
+    assert turns.mixed > 5 and llm.engine.stats.num_draft_tokens > 0
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))

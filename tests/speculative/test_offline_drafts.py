@@ -12,7 +12,7 @@ from specserve.speculative.checkpoint import load_drafter
 from specserve.speculative.handle import TargetHandle
 from specserve.train.evaluate import drafts_and_alpha
 
-from .conftest import PROMPTS, make_llm
+from .conftest import PROMPTS, TakeTurns, make_llm
 
 
 class Recorder(Drafter):
@@ -44,10 +44,13 @@ class Recorder(Drafter):
 @pytest.mark.parametrize(
     "algorithm,kind", [("NEXTN", "mtp"), ("DFLASH", "dflash"), ("DSPARK", "dspark")]
 )
-def test_offline_greedy_drafts_equal_the_engines(bundle, algorithm, kind):
+@pytest.mark.parametrize("skipping", [False, True])
+def test_offline_greedy_drafts_equal_the_engines(bundle, algorithm, kind, skipping):
+    """skipping: requests draft only every third step, so the engine's drafter folds in several
+    steps of context at once before drafting; its drafts must not change."""
     llm = make_llm(bundle, algorithm, "full")
     recorder = Recorder(llm.engine.drafter)
-    llm.engine.set_speculation(recorder, llm.engine.planner)
+    llm.engine.set_speculation(recorder, TakeTurns(3) if skipping else llm.engine.planner)
     llm.generate(PROMPTS, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
     assert len(recorder.seen) >= 3 * len(PROMPTS)
 

@@ -98,7 +98,10 @@ def _llm(bundle, algorithm: str, **cache) -> tuple[LLM, Recorder | None]:
         return llm, None
     folder = ALGORITHMS[algorithm]
     spec = SpecConfig(
-        algorithm=algorithm, draft_model_path=str(bundle[folder]), verify_policy="full"
+        algorithm=algorithm,
+        draft_model_path=str(bundle[folder]),
+        verify_policy="full",
+        adaptive_drafting=False,  # drafts on every step: runs compare draft for draft
     )
     drafter, planner = build_speculation(spec, llm.engine)
     recorder = Recorder(drafter)
