@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("specserve.engine")
 
+IDLE_GAP_S = 0.05  # a longer pause between two steps is idle time (see `step`)
+
 
 class RequestError(ValueError):
     """A request the engine cannot serve as asked (HTTP 400)."""
@@ -185,6 +187,7 @@ class LLMEngine:
         )
         self.streams: dict[str, _Stream] = {}
         self.stats = EngineStats()
+        self._last_step_end: float | None = None  # when the previous step ended (busy only)
         if drafter is not None:
             self.set_speculation(drafter, self.planner)
         self.grammar = (
@@ -329,13 +332,14 @@ class LLMEngine:
 
     # -- the step ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        t0 = time.perf_counter()
         scheduled, preempted = self.scheduler.schedule(self.drafter.max_draft_tokens)
         for req in preempted:  # its KV is recomputed, and `update` replays it to the drafter
             self.drafter.release(req)
         if not scheduled:
+            self._last_step_end = None
             return []
         self.stats.num_steps += 1
-        t0 = time.perf_counter()
         drafts = self._draft(scheduled)
         t_fwd = time.perf_counter()
         result = self.runner.forward(
@@ -347,7 +351,12 @@ class LLMEngine:
         new_tokens = self._verify(finishing, drafts, rows_of, result.logits)
         outputs = self._commit(scheduled, drafts, new_tokens, result.captured)
         finished = [s.request for s in scheduled if s.request.finished]
-        step_s = time.perf_counter() - t0
+        end, last_end = time.perf_counter(), self._last_step_end
+        self._last_step_end = end
+        # The serving loop's own work between two steps (outputs, detokenising, streaming) is
+        # part of what a step costs per token; a longer gap is idle time, not serving work.
+        gap = t0 - last_end if last_end is not None and t0 - last_end < IDLE_GAP_S else 0.0
+        step_s = end - t0 + gap
         self.planner.observe(
             StepStats(
                 num_requests=len(drafts),
