@@ -24,7 +24,7 @@ using namespace specserve_kernels;
 void gemm_tiled(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N,
                 float* y, int64_t ldy, bool accumulate) {
   const int64_t tiles = (N + kCols - 1) / kCols;
-  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, tiles, grain_for(M * K * kCols), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* wt = w + t * K * kCols;
       const int64_t ncols = std::min(kCols, N - t * kCols);
