@@ -1,13 +1,15 @@
-"""MKL `mm` on input-major weights vs oneDNN on packed weights, by rows, side by side.
+"""MKL `mm` on input-major weights vs oneDNN on packed weights vs the C++ kernels' product on
+tiled weights, by rows, side by side.
 
     PYTHONPATH=. .venv/bin/python benchmarks/linear_kernels.py [--threads 1]
 
-`specserve.models.layers.linear` sends products over `ONEDNN_MIN_ROWS` rows or more to
-oneDNN's packed weights and one row to MKL; this prints both kernels for each of the demo
-target's and the 150M model's weight shapes at 1, 10 and 80 rows (a decode step, ten decoding
-requests, ten verify windows of 8): time per product (the 10th percentile of 300, arms
-alternated in blocks, eight distinct weights per shape so they stream from memory like a
-model's layers), GFLOP/s and the ratio.
+`specserve.models.layers.linear` uses the tiled product when `--attention-backend cpp` made a
+tiled copy (`tile_for_kernels`), else sends products over `ONEDNN_MIN_ROWS` rows or more to
+oneDNN's packed weights and one row to MKL; this prints the three kernels for each of the demo
+target's and the 150M model's weight shapes at 1, 10, 80 and 512 rows (a decode step, ten
+decoding requests, ten verify windows of 8, a prefill chunk): time per product (the 10th
+percentile of the runs, arms alternated in blocks, eight distinct weights per shape so they
+stream from memory like a model's layers), GFLOP/s and the ratios.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import argparse
 import time
 
 import torch
+
+from specserve import kernels
+from specserve.models.layers import tile_weight
 
 SHAPES = {  # (in, out): the fused products of one layer
     "demo qkv": (256, 512),
@@ -43,19 +48,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
+    kernels.load()
     print(
-        "| weight | rows | MKL µs | oneDNN µs | MKL GFLOP/s | oneDNN GFLOP/s | oneDNN / MKL speed |"
+        "| weight | rows | MKL µs | oneDNN µs | tiled µs | MKL GFLOP/s | oneDNN GFLOP/s "
+        "| tiled GFLOP/s | oneDNN / MKL speed | tiled / oneDNN speed |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (k, n) in SHAPES.items():
         weights = [torch.randn(n, k) for _ in range(8)]
         input_major = [w.t().contiguous() for w in weights]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
-        for rows in (1, 10, 80):
+        tiled = [tile_weight(w) for w in weights]
+        for rows in (1, 10, 80, 512):
             x = torch.randn(rows, k)
             ref = x @ input_major[0]
             got = torch.ops.mkldnn._linear_pointwise(x, packed[0], None, "none", [], "")
             assert torch.allclose(got, ref, atol=1e-3), "oneDNN and MKL disagree"
+            out = torch.empty(rows, n)
+            torch.ops.specserve.linear_tiled(out, x, tiled[0])
+            assert torch.allclose(out, ref, atol=1e-3), "the tiled product and MKL disagree"
 
             def mkl(x=x, ws=input_major):
                 return [torch.mm(x, w) for w in ws]
@@ -63,14 +74,20 @@ def main() -> None:
             def onednn(x=x, ps=packed):
                 return [torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "") for p in ps]
 
-            t_mkl = t_dnn = float("inf")
-            for _ in range(2):  # A B A B
-                t_mkl = min(t_mkl, p10(mkl) / 8)
-                t_dnn = min(t_dnn, p10(onednn) / 8)
+            def tiled_product(x=x, ts=tiled, out=out):
+                return [torch.ops.specserve.linear_tiled(out, x, t) for t in ts]
+
+            reps = 300 if rows <= 80 else 20
+            t_mkl = t_dnn = t_tile = float("inf")
+            for _ in range(2):  # A B C A B C
+                t_mkl = min(t_mkl, p10(mkl, reps) / 8)
+                t_dnn = min(t_dnn, p10(onednn, reps) / 8)
+                t_tile = min(t_tile, p10(tiled_product, reps) / 8)
             flop = 2 * rows * k * n
             print(
                 f"| {name} | {rows} | {t_mkl * 1e6:.0f} | {t_dnn * 1e6:.0f} | "
-                f"{flop / t_mkl / 1e9:.0f} | {flop / t_dnn / 1e9:.0f} | {t_mkl / t_dnn:.2f}x |",
+                f"{t_tile * 1e6:.0f} | {flop / t_mkl / 1e9:.0f} | {flop / t_dnn / 1e9:.0f} | "
+                f"{flop / t_tile / 1e9:.0f} | {t_mkl / t_dnn:.2f}x | {t_dnn / t_tile:.2f}x |",
                 flush=True,
             )
 

@@ -83,8 +83,8 @@ def tile_weight(weight: torch.Tensor) -> torch.Tensor:
 
 def tile_for_kernels(weight: torch.Tensor) -> torch.Tensor | None:
     """Keep a tiled copy of an inference weight (CPU, float32) for `linear()` and the fused
-    decode step, in place of its oneDNN-packed copy: the kernels' products match or beat
-    oneDNN from 1 to 512 rows here and MKL's one-row product by 1.4-1.7x
+    decode step, in place of its oneDNN-packed copy: the kernels' product is at least as fast
+    as oneDNN from 1 to 512 rows here and 1.2-1.9x MKL's one-row product
     (`benchmarks/linear_kernels.py`). Returns the tiled weight, or None where it does not
     apply. Needs `specserve.kernels.load()`."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
