@@ -65,41 +65,26 @@ inline float fast_exp(float x) {
   return p;
 }
 
-template <int D>
-inline float dot(const float* a, const float* b, int64_t d_rt) {
-  const int64_t d = D > 0 ? D : d_rt;
+// Four dot products of one query row with four keys, any head size: four independent
+// accumulators share the row's loads.
+inline void dot4(const float* a, const float* const* k, int64_t d, float* out) {
+  const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
+  float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+  for (int64_t i = 0; i < d; ++i) {
+    s0 += a[i] * k0[i];
+    s1 += a[i] * k1[i];
+    s2 += a[i] * k2[i];
+    s3 += a[i] * k3[i];
+  }
+  out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+inline float dot(const float* a, const float* b, int64_t d) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < d; ++i) s += a[i] * b[i];
   return s;
-}
-
-// Four dot products with one query row: four independent accumulators share its loads.
-template <int D>
-inline void dot4(const float* a, const float* const* k, int64_t d_rt, float* out) {
-  if constexpr (D > 0) {
-    vf s0{}, s1{}, s2{}, s3{};
-#pragma GCC unroll 16
-    for (int c = 0; c < D; c += kLanes) {
-      const vf x = load(a + c);
-      s0 += x * load(k[0] + c);
-      s1 += x * load(k[1] + c);
-      s2 += x * load(k[2] + c);
-      s3 += x * load(k[3] + c);
-    }
-    out[0] = hsum(s0), out[1] = hsum(s1), out[2] = hsum(s2), out[3] = hsum(s3);
-  } else {
-    const float *k0 = k[0], *k1 = k[1], *k2 = k[2], *k3 = k[3];
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t i = 0; i < d_rt; ++i) {
-      s0 += a[i] * k0[i];
-      s1 += a[i] * k1[i];
-      s2 += a[i] * k2[i];
-      s3 += a[i] * k3[i];
-    }
-    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
-  }
 }
 
 constexpr int64_t kCols = 64;  // output columns per tile of a tiled weight
@@ -171,17 +156,13 @@ inline void load_rows(float* dst, const T* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// One query row against `visible` keys: scores, the online-softmax update of (mx, sum) and
-// the weighted values added to acc. D > 0 fixes the head size at compile time (the
-// accumulator then lives in registers); D = 0 reads it from d_rt.
-template <int D>
+// One query row against `visible` keys, any head size d (64 and 128 go through `rows_tile`):
+// scores, the online-softmax update of (mx, sum) and the weighted values added to acc.
 inline void row_tile(const float* qr, const float* const* krow, const float* const* vrow,
-                     int64_t visible, int64_t d_rt, float* s, float* acc, float& mx,
-                     float& sum) {
-  const int64_t d = D > 0 ? D : d_rt;
+                     int64_t visible, int64_t d, float* s, float* acc, float& mx, float& sum) {
   int64_t t = 0;
-  for (; t + 4 <= visible; t += 4) dot4<D>(qr, &krow[t], d, &s[t]);
-  for (; t < visible; ++t) s[t] = dot<D>(qr, krow[t], d);
+  for (; t + 4 <= visible; t += 4) dot4(qr, &krow[t], d, &s[t]);
+  for (; t < visible; ++t) s[t] = dot(qr, krow[t], d);
   float tile_max = -std::numeric_limits<float>::infinity();
   for (t = 0; t < visible; ++t) tile_max = s[t] > tile_max ? s[t] : tile_max;
   const float m_new = std::max(mx, tile_max);
@@ -194,27 +175,13 @@ inline void row_tile(const float* qr, const float* const* krow, const float* con
   const float correction = fast_exp(mx - m_new);  // 0 on the first tile (mx = -inf)
   sum = sum * correction + tile_sum;
   mx = m_new;
-  if constexpr (D > 0) {
-    vf a[D / kLanes];  // the accumulator in registers across the keys
-#pragma GCC unroll 16
-    for (int c = 0; c < D / kLanes; ++c) a[c] = load(acc + c * kLanes) * correction;
-    for (t = 0; t < visible; ++t) {
-      const float w = s[t];
-      const float* vr = vrow[t];
-#pragma GCC unroll 16
-      for (int c = 0; c < D / kLanes; ++c) a[c] += w * load(vr + c * kLanes);
-    }
-#pragma GCC unroll 16
-    for (int c = 0; c < D / kLanes; ++c) store(acc + c * kLanes, a[c]);
-  } else {
 #pragma omp simd
-    for (int64_t c = 0; c < d; ++c) acc[c] *= correction;
-    for (t = 0; t < visible; ++t) {
-      const float w = s[t];
-      const float* vr = vrow[t];
+  for (int64_t c = 0; c < d; ++c) acc[c] *= correction;
+  for (t = 0; t < visible; ++t) {
+    const float w = s[t];
+    const float* vr = vrow[t];
 #pragma omp simd
-      for (int64_t c = 0; c < d; ++c) acc[c] += w * vr[c];
-    }
+    for (int64_t c = 0; c < d; ++c) acc[c] += w * vr[c];
   }
 }
 
@@ -333,7 +300,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           }
         }
         for (int64_t r = 0; r < rows;) {
-          // keys first .. first + visible - 1 of this tile are visible to query j
+          // keys first .. first + seen(row) - 1 of this tile are visible to query row / group
           auto seen = [&](int64_t row) { return std::min(n, nk - nq + row / group - first + 1); };
           const int64_t visible = seen(r);
           // rows r .. r + chunk - 1 see the same keys (heads of one query, or queries that see
@@ -352,7 +319,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
                 default: rows_tile<D, 1>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
               }
             } else {
-              row_tile<D>(q0, kr, vr, visible, d, s0, a0, mx[r], sum[r]);
+              row_tile(q0, kr, vr, visible, d, s0, a0, mx[r], sum[r]);
             }
           }
           r += chunk;

@@ -33,10 +33,8 @@ def draw(
         return logits.argmax(dim=-1), logits.new_empty(logits.shape[0], 0), _top_prob(logits)
     q = probs_from_logits(logits, [r.params for r in requests])
     greedy = torch.tensor([r.params.greedy for r in requests], device=logits.device)
-    tokens = logits.argmax(dim=-1)
-    if not bool(greedy.all()):
-        drawn = sample(q, [r.generator for r in requests])
-        tokens = torch.where(greedy, tokens, drawn)
+    drawn = sample(q, [r.generator for r in requests])  # some request samples
+    tokens = torch.where(greedy, logits.argmax(dim=-1), drawn)
     conf = torch.where(greedy, _top_prob(logits), q.max(dim=-1).values)
     return tokens, q, conf
 
