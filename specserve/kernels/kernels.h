@@ -283,6 +283,21 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
       }
       for (int64_t first = 0; first < nk; first += tile) {
         const int64_t n = std::min(tile, nk - first);
+        // The next tile's pages into L2 while this one is attended, where a page does not follow
+        // the one before it in memory (requests that decode together take turns allocating
+        // pages): the hardware prefetchers do not follow such a jump. Adjacent pages stream
+        // without help; prefetching them too slowed a step.
+        for (int64_t t = first + tile; t < std::min(nk, first + 2 * tile); t += page) {
+          const int64_t block = tables[b * max_pages + t / page];
+          if (block == tables[b * max_pages + t / page - 1] + 1) continue;
+          const char* kpage = reinterpret_cast<const char*>(kp + (g * num_blocks + block) * page * d);
+          const char* vpage = reinterpret_cast<const char*>(vp + (g * num_blocks + block) * page * d);
+          const int64_t bytes = std::min(page, nk - t) * d * static_cast<int64_t>(sizeof(T));
+          for (int64_t off = 0; off < bytes; off += 64) {
+            __builtin_prefetch(kpage + off, 0, 2);
+            __builtin_prefetch(vpage + off, 0, 2);
+          }
+        }
         for (int64_t t = 0; t < n; t += page) {  // the tile's rows, page by page, in place
           const int64_t block = tables[b * max_pages + (first + t) / page];
           const int64_t base = (g * num_blocks + block) * page * d;
