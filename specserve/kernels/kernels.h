@@ -164,7 +164,8 @@ inline void row_tile(const float* qr, const float* const* krow, const float* con
   for (; t + 4 <= visible; t += 4) dot4(qr, &krow[t], d, &s[t]);
   for (; t < visible; ++t) s[t] = dot(qr, krow[t], d);
   float tile_max = -std::numeric_limits<float>::infinity();
-  for (t = 0; t < visible; ++t) tile_max = s[t] > tile_max ? s[t] : tile_max;
+#pragma omp simd reduction(max : tile_max)
+  for (t = 0; t < visible; ++t) tile_max = std::max(tile_max, s[t]);
   const float m_new = std::max(mx, tile_max);
   float tile_sum = 0.f;
 #pragma omp simd reduction(+ : tile_sum)
@@ -212,7 +213,8 @@ inline void rows_tile(const float* q, const float* const* krow, const float* con
   for (int r = 0; r < R; ++r) {
     float* sr = s + r * ld_score;
     float tile_max = -std::numeric_limits<float>::infinity();
-    for (int64_t t = 0; t < visible; ++t) tile_max = sr[t] > tile_max ? sr[t] : tile_max;
+#pragma omp simd reduction(max : tile_max)
+    for (int64_t t = 0; t < visible; ++t) tile_max = std::max(tile_max, sr[t]);
     const float m_new = std::max(mx[r], tile_max);
     float tile_sum = 0.f;
 #pragma omp simd reduction(+ : tile_sum)

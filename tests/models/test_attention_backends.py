@@ -31,19 +31,20 @@ def _random_batch(qlens, klens, page, gen):
 
 
 @pytest.mark.parametrize(
-    ("head_dim", "heads", "kv", "dtype", "tol"),
+    ("head_dim", "heads", "kv", "dtype", "tol", "page"),
     [
-        (64, 4, 2, torch.float32, 2e-6),
-        (128, 8, 2, torch.float32, 2e-6),
-        (16, 4, 4, torch.float32, 2e-6),  # the generic (not specialised) head size
-        (64, 12, 4, torch.bfloat16, 2e-2),
+        (64, 4, 2, torch.float32, 2e-6, 16),
+        (128, 8, 2, torch.float32, 2e-6, 16),
+        (16, 4, 4, torch.float32, 2e-6, 16),  # the generic (not specialised) head size
+        (64, 12, 4, torch.bfloat16, 2e-2, 16),
+        (64, 4, 2, torch.float32, 2e-6, 8),  # 8 pages per 64-key tile
+        (128, 4, 1, torch.float32, 2e-6, 128),  # a page longer than a tile
     ],
 )
-def test_kernel_equals_the_torch_backend(head_dim, heads, kv, dtype, tol):
+def test_kernel_equals_the_torch_backend(head_dim, heads, kv, dtype, tol, page):
     """Decode, verify windows up to the short-query limit, a prefill chunk after a prefix and
     one with no prefix, in one batch; page-edge lengths; the cache writes are identical too."""
     gen = torch.Generator().manual_seed(head_dim + heads)
-    page = 16
     qlens = [1, 16, 3, 40, 1, 8, 5, 1]
     klens = [1, 300, 17, 40, 1024, 64, 133, 16]
     batch, num_blocks = _random_batch(qlens, klens, page, gen)
@@ -58,6 +59,26 @@ def test_kernel_equals_the_torch_backend(head_dim, heads, kv, dtype, tol):
     assert got.dtype == dtype
     assert (got.float() - want.float()).abs().max().item() <= tol
     assert torch.equal(caches[0][0], caches[1][0])
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_kernel_row_is_the_same_in_decode_and_verify(head_dim):
+    """A query attended as the last row of a verify window, or as a row inside it, gives the
+    same bits as the same query decoded alone: speculation cannot change a greedy token."""
+    CppBackend()  # builds the kernels
+    gen = torch.Generator().manual_seed(7)
+    heads, kv, page, length = 4, 2, 16, 150
+    cache = torch.randn(2, kv, 20, page, head_dim, generator=gen)
+    table = torch.randperm(20, generator=gen)[: -(-length // page)]
+    window = torch.randn(8, heads, head_dim, generator=gen)
+    q = torch.cat([window, window[7:], window[3:4]])  # verify 8, then rows 7 and 3 decoded
+    out = torch.empty_like(q)
+    torch.ops.specserve.paged_attention(
+        out, q, cache, table.expand(3, -1).contiguous(), torch.tensor([0, 8, 9]),
+        torch.tensor([8, 1, 1]), torch.tensor([length, length, length - 4]), head_dim**-0.5,
+    )  # fmt: skip
+    assert torch.equal(out[7], out[8])
+    assert torch.equal(out[3], out[9])
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
