@@ -87,7 +87,10 @@ class DraftGate(Planner):
             return lens
         for p, req, n in zip(proposals, requests, lens, strict=True):
             if p.confidences is not None and n > 0:  # what verifying n tokens should accept
-                expected = float(p.confidences[:n].float().clamp(0, 1).cumprod(0).sum())
+                survival, expected = 1.0, 0.0
+                for c in p.confidences[:n].tolist():
+                    survival *= min(max(c, 0.0), 1.0)
+                    expected += survival
                 acc = self.acceptance.setdefault(req.request_id, _Acceptance())
                 acc.add_expected(expected, self.decay)
         return lens

@@ -75,9 +75,14 @@ class PrefixScheduler(Planner):
         self.overhead = StepOverhead()
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
-        conf, lens = confidence_matrix(proposals)
+        conf = [
+            [1.0] * len(p.tokens)
+            if p.confidences is None
+            else p.confidences[: len(p.tokens)].tolist()
+            for p in proposals
+        ]  # a proposal without confidences counts as certain (as `confidence_matrix`)
         overhead_s = self.overhead.get(len(proposals))
-        return plan_scheduler(conf, lens, self.sps, overhead_s=overhead_s).tolist()
+        return schedule_prefixes(conf, self.sps, overhead_s=overhead_s)
 
     def observe(self, stats: StepStats) -> None:
         if stats.num_requests:
@@ -126,10 +131,26 @@ def plan_scheduler(
 ) -> Tensor:
     """The DSpark hardware-aware prefix scheduler (paper Algorithm 1) over all R requests.
 
-    confidences [R, K] float, draft_lens [R] long -> verify lens [R] long.
-    Survival a[r, j] = prod_{i<=j} c[r, i]. All (r, j) with j < draft_lens[r] are sorted by a
-    descending (ties: lower j first, so each request's positions come in order) and admitted one
-    by one. With m admitted: batch tokens B = R + m, expected tokens tau = R + sum of admitted a,
+    confidences [R, K] float, draft_lens [R] long -> verify lens [R] long (`schedule_prefixes`
+    on the rows' first draft_lens[r] confidences)."""
+    lens = draft_lens.tolist()
+    rows = [row[:n] for row, n in zip(confidences.double().tolist(), lens, strict=True)]
+    out = schedule_prefixes(rows, sps, early_stop, overhead_s)
+    return torch.tensor(out, dtype=draft_lens.dtype, device=draft_lens.device)
+
+
+def schedule_prefixes(
+    confidences: list[list[float]],
+    sps: SPSTable,
+    early_stop: bool = True,
+    overhead_s: float = 0.0,
+) -> list[int]:
+    """`plan_scheduler` on Python lists: confidences[r] = request r's draft positions -> verify
+    lens. A step plans a few dozen positions, so plain floats beat a chain of tiny tensor ops.
+
+    Survival a[r, j] = prod_{i<=j} c[r, i]. All (r, j) are sorted by a descending (ties: lower j
+    first, then lower r, so each request's positions come in order) and admitted one by one.
+    With m admitted: batch tokens B = R + m, expected tokens tau = R + sum of admitted a,
     throughput = tau / (overhead_s + 1 / sps(B)). `overhead_s` is the part of a step that does
     not grow with B (drafting, sampling, bookkeeping; the engine measures it, `StepOverhead`);
     with 0 this is the paper's tau * sps(B). Where that fixed part is a large share of the step
@@ -141,30 +162,28 @@ def plan_scheduler(
     will not be verified. early_stop=False takes the argmax over every prefix of the sorted
     list; that peeks at tokens it then drops and is lossy (paper Appendix A). Kept for that test.
     """
-    num_req, k = confidences.shape
-    if num_req == 0 or k == 0:
-        return torch.zeros_like(draft_lens)
-    device = confidences.device
-    valid = _window_mask(k, draft_lens)
-    survival = confidences.double().clamp(0.0, 1.0).cumprod(dim=1)
-    # Flatten j-major so that a stable sort keeps lower j first among equal survivals.
-    flat_a = survival.t().reshape(-1)
-    flat_r = torch.arange(num_req, device=device).repeat(k)
-    flat_valid = valid.t().reshape(-1)
-    flat_a, flat_r = flat_a[flat_valid], flat_r[flat_valid]
-    order = torch.sort(flat_a, descending=True, stable=True).indices
-    sorted_a, sorted_r = flat_a[order], flat_r[order]
-
-    # throughput[m] for m = 0..N admitted positions.
-    admitted = torch.arange(sorted_a.numel() + 1, device=device)
-    tau = num_req + torch.cat([sorted_a.new_zeros(1), sorted_a.cumsum(0)])
-    throughput = tau / (overhead_s + 1.0 / sps.evaluate(num_req + admitted))
-    if early_stop:
-        no_gain = (throughput[1:] <= throughput[:-1]).nonzero()
-        m = int(no_gain[0]) if no_gain.numel() else sorted_a.numel()
-    else:
-        m = int(throughput.argmax())
-    return torch.bincount(sorted_r[:m], minlength=num_req).to(draft_lens.dtype)
+    num_req = len(confidences)
+    order: list[tuple[float, int, int]] = []  # (-survival, j, r)
+    for r, row in enumerate(confidences):
+        a = 1.0
+        for j, c in enumerate(row):
+            a *= min(max(c, 0.0), 1.0)
+            order.append((-a, j, r))
+    order.sort()
+    admitted = 0.0
+    best = num_req / (overhead_s + 1.0 / sps(num_req)) if num_req else 0.0
+    m = 0
+    for i, (neg_a, _, _) in enumerate(order, start=1):
+        admitted -= neg_a
+        throughput = (num_req + admitted) / (overhead_s + 1.0 / sps(num_req + i))
+        if throughput > best:
+            best, m = throughput, i
+        elif early_stop:
+            break
+    lens = [0] * num_req
+    for _, _, r in order[:m]:
+        lens[r] += 1
+    return lens
 
 
 class StepOverhead:

@@ -13,9 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
 
 @dataclass(frozen=True)
 class SPSTable:
@@ -52,18 +49,6 @@ class SPSTable:
                 frac = (b - xs[i - 1]) / (xs[i] - xs[i - 1])
                 return ys[i - 1] + frac * (ys[i] - ys[i - 1])
         return ys[-1]
-
-    def evaluate(self, b: Tensor) -> Tensor:
-        """Vectorised __call__: batch sizes b [...] (any numeric dtype) -> steps/s [...] float64."""
-        xs = torch.tensor(self.batch_tokens, dtype=torch.float64, device=b.device)
-        ys = torch.tensor(self.steps_per_second, dtype=torch.float64, device=b.device)
-        x = b.double().clamp(xs[0], xs[-1])
-        if len(xs) == 1:
-            return torch.full_like(x, self.steps_per_second[0])
-        hi = torch.searchsorted(xs, x).clamp(1, len(xs) - 1)
-        lo = hi - 1
-        frac = (x - xs[lo]) / (xs[hi] - xs[lo])
-        return ys[lo] + frac * (ys[hi] - ys[lo])
 
     def save(self, path: str | Path) -> None:
         """Write JSON {"batch_tokens": [...], "steps_per_second": [...]}."""
