@@ -516,13 +516,20 @@ class LLMEngine:
                 continue
             props = [drafts.get(r.request_id, DraftProposal([])) for r in group]
             k = max(len(p.tokens) for p in props)
-            if greedy and k == 0 and not any(self._shapes_logits(r) for r in group):
-                # plain greedy decode: the argmax of each request's one row, nothing to verify
-                rows = torch.cat([rows_of[r.request_id] for r in group])
-                tokens, num = (
-                    rows.argmax(dim=-1, keepdim=True),
-                    torch.ones(len(group), dtype=torch.long),
-                )
+            if greedy and not any(self._shapes_logits(r) for r in group):
+                # greedy, nothing shapes the logits: one argmax over every verified row, then
+                # each request keeps its draft's longest prefix that matches and the next token
+                best = torch.cat([rows_of[r.request_id] for r in group]).argmax(dim=-1).tolist()
+                kept, row = [], 0
+                for p in props:
+                    target = best[row : row + len(p.tokens) + 1]
+                    row += len(target)
+                    n = 0
+                    while n < len(p.tokens) and p.tokens[n] == target[n]:
+                        n += 1
+                    kept.append(target[: n + 1])
+                tokens = torch.tensor([t + [-1] * (k + 1 - len(t)) for t in kept])
+                num = torch.tensor([len(t) for t in kept])
                 self._emit_verified(group, props, rows_of, tokens, num, out)
                 continue
             vocab = logits.shape[1]
