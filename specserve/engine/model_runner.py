@@ -120,20 +120,28 @@ class ModelRunner:
         return self.hidden_pool[pages].flatten(0, 1)
 
     def _batch(self, seqs: list[BatchSeq]) -> tuple[PagedBatch, torch.Tensor, torch.Tensor]:
-        """The step's cache layout, token positions and logits rows, with tensor ops only."""
-        qlens = torch.tensor([len(s.token_ids) for s in seqs])
-        starts = torch.tensor([s.start_position for s in seqs])
-        logits_from = torch.tensor([s.logits_from for s in seqs])
+        """The step's cache layout, token positions and logits rows, built on Python ints (a
+        decode step has a few dozen of each) and made tensors once."""
+        page = self.page_size
+        positions: list[int] = []
+        slots: list[int] = []
+        rows: list[int] = []
+        for s in seqs:
+            first, table = len(positions), s.block_table
+            span = range(s.start_position, s.start_position + len(s.token_ids))
+            positions.extend(span)
+            slots.extend(table[p // page] * page + p % page for p in span)
+            rows.extend(range(first + s.logits_from, len(positions)))
         width = max(len(s.block_table) for s in seqs)
         tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs])
-        seq = torch.repeat_interleave(torch.arange(len(seqs)), qlens)  # [N] sequence of a token
-        local = torch.arange(len(seq)) - (torch.cumsum(qlens, 0) - qlens)[seq]
-        positions = starts[seq] + local
-        pages = tables[seq, positions // self.page_size]
-        slots = pages * self.page_size + positions % self.page_size
-        batch = PagedBatch(qlens, starts + qlens, tables, slots)
-        rows = (local >= logits_from[seq]).nonzero().squeeze(1)
-        return batch, positions, rows
+        qlens = torch.tensor([len(s.token_ids) for s in seqs])
+        ends = torch.tensor([s.start_position + len(s.token_ids) for s in seqs])
+        batch = PagedBatch(qlens, ends, tables, torch.tensor(slots, dtype=torch.long))
+        return (
+            batch,
+            torch.tensor(positions, dtype=torch.long),
+            torch.tensor(rows, dtype=torch.long),
+        )
 
     @torch.inference_mode()
     def forward(self, seqs: list[BatchSeq]) -> ForwardResult:
@@ -146,7 +154,7 @@ class ModelRunner:
             pool = self.hidden_pool.view(-1, self.hidden_pool.shape[-1])
             pool[batch.slot_mapping.to(dev)] = out.captured.to(pool.dtype)
         logits = self.model.compute_logits(out.hidden[rows.to(dev)])
-        counts = (batch.query_lens - torch.tensor([s.logits_from for s in seqs])).tolist()
+        counts = [len(s.token_ids) - s.logits_from for s in seqs]
         return ForwardResult(logits, counts, out.hidden, out.captured)
 
     @torch.inference_mode()
