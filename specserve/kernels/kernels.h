@@ -45,6 +45,19 @@ inline float hsum(vf v) {  // a tree of halves, not 15 dependent adds
 }
 
 
+// The sums of four vectors at lanes 0, 4, 8 and 12, each added in `hsum`'s order (so the same
+// bits), with the shuffles and adds shared by the four.
+inline vf hsum4(vf d0, vf d1, vf d2, vf d3) {
+  const vf a = __builtin_shufflevector(d0, d1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(d0, d1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf b = __builtin_shufflevector(d2, d3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+               __builtin_shufflevector(d2, d3, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  const vf c = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
+               __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
+  const vf e = c + __builtin_shufflevector(c, c, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
+  return e + __builtin_shufflevector(e, e, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+}
+
 // exp(x) for x <= 0 (and -inf), to ~1 ulp: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2].
 // Plain arithmetic so that the compiler vectorises the loops that call it (std::exp does not).
 inline float fast_exp(float x) {
@@ -207,7 +220,13 @@ inline void rows_tile(const float* q, const float* const* krow, const float* con
       const vf kv = load(k + c * kLanes);
       for (int r = 0; r < R; ++r) dots[r] += qv[r][c] * kv;
     }
-    for (int r = 0; r < R; ++r) s[r * ld_score + t] = hsum(dots[r]);
+    if constexpr (R == 4) {
+      float sums[kLanes];
+      store(sums, hsum4(dots[0], dots[1], dots[2], dots[3]));
+      for (int r = 0; r < R; ++r) s[r * ld_score + t] = sums[4 * r];
+    } else {
+      for (int r = 0; r < R; ++r) s[r * ld_score + t] = hsum(dots[r]);
+    }
   }
   float correction[R];
   for (int r = 0; r < R; ++r) {
