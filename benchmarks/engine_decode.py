@@ -1,6 +1,7 @@
 """Engine speed against its floor and against `transformers`, measured side by side.
 
     .venv/bin/python benchmarks/engine_decode.py [--models demo,150m] [--quick] [--threads 1]
+        [--pages contiguous|interleaved]
 
 For each model (`demo` = models/demo/target, `10m`/`150m` = random Qwen3 checkpoints written to
 a temp folder) it prints:
@@ -14,7 +15,9 @@ a temp folder) it prints:
     ratio, and `transformers` running one forward over the same tokens on a `DynamicCache` of
     the same length (arms alternated; min and median of `--reps`). Requests' contexts differ by
     a few tokens on our side (as in serving), all equal on the `transformers` side. "prefill
-    512" is one request's 512-token chunk after the context while the others decode.
+    512" is one request's 512-token chunk after the context while the others decode. Each
+    request's pages are one run (`--pages contiguous`, as after a prefill) or taken in turns
+    (`--pages interleaved`, as when requests decoding together each take their next page).
   * with `--profile`, torch ops per decode step and the share of the step spent outside them.
 """
 
@@ -110,8 +113,11 @@ STEPS = {"decode": 1, "verify 4": 4, "verify 8": 8, "prefill 512": 512}
 class Cell:
     """One grid cell: B requests with about `context` cached tokens each and one step kind."""
 
-    def __init__(self, path: str, batch: int, context: int, step: str) -> None:
+    def __init__(
+        self, path: str, batch: int, context: int, step: str, interleaved: bool = False
+    ) -> None:
         self.width = STEPS[step]
+        self.interleaved = interleaved
         # a context the model has positions for (today's demo target stops at 2,048)
         limit = json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
         self.batch, self.context, self.step = batch, min(context, limit - self.width), step
@@ -128,8 +134,14 @@ class Cell:
         )
         for layer in runner.kv_cache:
             layer.normal_()
+
+        def table(i: int) -> list[int]:  # interleaved: the requests took turns per page
+            if self.interleaved:
+                return [p * self.batch + i for p in range(per)]
+            return list(range(i * per, (i + 1) * per))
+
         seqs = [
-            BatchSeq([5] * q, c, list(range(i * per, (i + 1) * per)), q - 1 if q > 8 else 0)
+            BatchSeq([5] * q, c, table(i), q - 1 if q > 8 else 0)
             for i, (c, q) in enumerate(zip(self.contexts, self.queries, strict=True))
         ]
         return runner, seqs
@@ -254,6 +266,12 @@ def main() -> None:
     ap.add_argument("--no-hf", action="store_true", help="skip transformers in the grid")
     ap.add_argument("--profile", action="store_true", help="ops per decode step")
     ap.add_argument(
+        "--pages",
+        choices=("contiguous", "interleaved"),
+        default="contiguous",
+        help="each request's pages in one run, or taken in turns (requests decoding together)",
+    )
+    ap.add_argument(
         "--attention-backends", default="torch,cpp", help="ours: one arm per backend, side by side"
     )
     args = ap.parse_args()
@@ -262,7 +280,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' cache argument
     batches, contexts = ((1, 10), (1024,)) if args.quick else ((1, 10, 32), (64, 1024, 2048))
     steps = ("decode", "verify 8") if args.quick else tuple(STEPS)
-    print(f"torch threads: {torch.get_num_threads()}")
+    print(f"torch threads: {torch.get_num_threads()}, pages: {args.pages}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
             path = model_path(name, tmp)
@@ -289,7 +307,7 @@ def main() -> None:
             for b in batches:
                 for c in contexts:
                     for st in steps:
-                        cell = Cell(path, b, c, st)
+                        cell = Cell(path, b, c, st, args.pages == "interleaved")
                         print(run_cell(cell, args.reps, not args.no_hf, backends), flush=True)
 
 
