@@ -1,0 +1,244 @@
+// The greedy draft step of the block drafters (DFlash, DSpark with a vanilla Markov head or
+// none) in one call: for R requests, the block [anchor, mask x (K - 1)] through every draft
+// layer (keys and values: the request's context rows, read in place, then the block's own),
+// the final norm and the LM head, then the K tokens left to right (argmax of the base logits
+// plus the Markov bias of the token before), then the confidence logits. No per-op dispatch and
+// no padded batch of contexts.
+//
+// The products are the tiled ones of `linear_tiled` (`gemm_tiled`), so every logit is the same
+// float sum as on the PyTorch path with tiled weights; norms, rotary and attention agree with
+// it to float32 rounding. Ties pick the first maximum, as torch.argmax. Float32 only.
+
+#include "kernels.h"
+
+namespace {
+
+using namespace specserve_kernels;
+
+// in_norm, q, k, v, q_norm, k_norm, o, post_norm, gate, up, down
+constexpr int64_t kDraftPerLayer = 11;
+
+struct Shape {
+  int64_t R, K, H, h, kvh, d, I, V;
+  int64_t M() const { return R * K; }
+};
+
+// Attention of one request's K block rows, all heads: keys [context (L rows); block (K rows)],
+// every block row sees all of them. q, out [K, h, d]; kb, vb [K, kvh, d]; ck, cv [L, kvh, d].
+void block_attention(const Shape& s, const float* q, const float* kb, const float* vb,
+                     const float* ck, const float* cv, int64_t L, float* out) {
+  const int64_t group = s.h / s.kvh, d = s.d, n = L + s.K;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  std::vector<float> score(n);
+  for (int64_t row = 0; row < s.K; ++row) {
+    for (int64_t head = 0; head < s.h; ++head) {
+      const int64_t g = head / group;
+      const float* qr = q + (row * s.h + head) * d;
+      auto key = [&](int64_t t) { return t < L ? ck + (t * s.kvh + g) * d : kb + ((t - L) * s.kvh + g) * d; };
+      auto value = [&](int64_t t) { return t < L ? cv + (t * s.kvh + g) * d : vb + ((t - L) * s.kvh + g) * d; };
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t t = 0; t < n; ++t) {
+        score[t] = dot(qr, key(t), d) * scale;
+        mx = std::max(mx, score[t]);
+      }
+      float sum = 0.f;
+      for (int64_t t = 0; t < n; ++t) {
+        score[t] = fast_exp(score[t] - mx);
+        sum += score[t];
+      }
+      float* o = out + (row * s.h + head) * d;
+      std::fill(o, o + d, 0.f);
+      for (int64_t t = 0; t < n; ++t) {
+        const float w = score[t] / sum;
+        const float* vr = value(t);
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) o[c] += w * vr[c];
+      }
+    }
+  }
+}
+
+// One draft layer over the M = R * K block rows of x [M, H], in place.
+void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tensor>& contexts,
+                 int64_t layer, int64_t layers, const float* cos, const float* sin,
+                 const int64_t* pos, int64_t half, float eps, float* x) {
+  const int64_t M = s.M(), H = s.H, qn = s.h * s.d, kn = s.kvh * s.d;
+  check_tiled(w[1], H, qn, "draft_block q_proj");
+  check_tiled(w[2], H, kn, "draft_block k_proj");
+  check_tiled(w[3], H, kn, "draft_block v_proj");
+  check_tiled(w[6], qn, H, "draft_block o_proj");
+  check_tiled(w[8], H, s.I, "draft_block gate_proj");
+  check_tiled(w[9], H, s.I, "draft_block up_proj");
+  check_tiled(w[10], s.I, H, "draft_block down_proj");
+  TORCH_CHECK(w[0].numel() == H && w[7].numel() == H && w[4].numel() == s.d &&
+                  w[5].numel() == s.d,
+              "draft_block: layer ", layer, ": norms [H] and q/k norms [head_dim]");
+  std::vector<float> xn(M * H), q(M * qn), k(M * kn), v(M * kn), attn(M * qn), tmp(s.d);
+  for (int64_t m = 0; m < M; ++m) rms_norm(x + m * H, w[0].data_ptr<float>(), H, eps, &xn[m * H]);
+  gemm_tiled(xn.data(), H, M, w[1].data_ptr<float>(), H, qn, q.data(), qn, false);
+  gemm_tiled(xn.data(), H, M, w[2].data_ptr<float>(), H, kn, k.data(), kn, false);
+  gemm_tiled(xn.data(), H, M, w[3].data_ptr<float>(), H, kn, v.data(), kn, false);
+  for (int64_t m = 0; m < M; ++m) {
+    const float *c = cos + pos[m] * half, *sn = sin + pos[m] * half;
+    for (int64_t head = 0; head < s.h + s.kvh; ++head) {
+      float* row = head < s.h ? &q[m * qn + head * s.d] : &k[m * kn + (head - s.h) * s.d];
+      rms_norm(row, w[head < s.h ? 4 : 5].data_ptr<float>(), s.d, eps, tmp.data());
+      rotate(tmp.data(), c, sn, s.d, row);
+    }
+  }
+  for (int64_t r = 0; r < s.R; ++r) {
+    const at::Tensor& ck = contexts[(r * layers + layer) * 2];
+    const at::Tensor& cv = contexts[(r * layers + layer) * 2 + 1];
+    const int64_t L = ck.size(0);
+    TORCH_CHECK(ck.is_contiguous() && cv.is_contiguous() && ck.scalar_type() == at::kFloat &&
+                    cv.scalar_type() == at::kFloat && cv.size(0) == L &&
+                    ck.numel() == L * kn && cv.numel() == L * kn,
+                "draft_block: request ", r, " layer ", layer,
+                ": context k, v must be contiguous float32 [L, kv, head_dim]");
+    const int64_t b = r * s.K;
+    block_attention(s, &q[b * qn], &k[b * kn], &v[b * kn], ck.data_ptr<float>(),
+                    cv.data_ptr<float>(), L, &attn[b * qn]);
+  }
+  gemm_tiled(attn.data(), qn, M, w[6].data_ptr<float>(), qn, H, x, H, true);
+  for (int64_t m = 0; m < M; ++m) rms_norm(x + m * H, w[7].data_ptr<float>(), H, eps, &xn[m * H]);
+  std::vector<float> gate(M * s.I), up(M * s.I);
+  gemm_tiled(xn.data(), H, M, w[8].data_ptr<float>(), H, s.I, gate.data(), s.I, false);
+  gemm_tiled(xn.data(), H, M, w[9].data_ptr<float>(), H, s.I, up.data(), s.I, false);
+  for (int64_t i = 0; i < M * s.I; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  gemm_tiled(gate.data(), s.I, M, w[10].data_ptr<float>(), s.I, H, x, H, true);
+}
+
+// The first index of the largest value (torch.argmax), and max softmax(l) = 1 / sum exp(l - max).
+inline int64_t argmax(const float* l, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i) best = l[i] > l[best] ? i : best;
+  return best;
+}
+
+inline float top_prob(const float* l, int64_t n, float mx) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += fast_exp(l[i] - mx);
+  return 1.f / sum;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
+    const at::Tensor& anchors, const at::Tensor& positions, const std::vector<at::Tensor>& contexts,
+    const std::vector<at::Tensor>& weights, const at::Tensor& embed, const at::Tensor& final_norm,
+    const at::Tensor& lm_head, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& markov_w1, const at::Tensor& markov_w2, const at::Tensor& conf_w,
+    const at::Tensor& conf_b, int64_t block, int64_t mask_token, int64_t num_heads,
+    int64_t num_kv_heads, int64_t intermediate, double eps) {
+  const int64_t layers = static_cast<int64_t>(weights.size()) / kDraftPerLayer;
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(weights.size()) == layers * kDraftPerLayer,
+              "draft_block: ", kDraftPerLayer, " weights per draft layer");
+  TORCH_CHECK(anchors.dim() == 1 && positions.sizes() == anchors.sizes() &&
+                  anchors.scalar_type() == at::kLong && positions.scalar_type() == at::kLong &&
+                  anchors.is_contiguous() && positions.is_contiguous(),
+              "draft_block: anchors, positions [R] int64");
+  const int64_t R = anchors.size(0);
+  TORCH_CHECK(static_cast<int64_t>(contexts.size()) == R * layers * 2,
+              "draft_block: a context k and v per request and layer");
+  TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous() && embed.scalar_type() == at::kFloat,
+              "draft_block: embed [V, H] float32");
+  const int64_t V = embed.size(0), H = embed.size(1), d = weights[4].numel();
+  const Shape s{R, block, H, num_heads, num_kv_heads, d, intermediate, V};
+  const int64_t M = s.M(), half = d / 2, table = cos.size(0);
+  TORCH_CHECK(num_heads % num_kv_heads == 0 && d % 2 == 0, "draft_block: heads, head_dim");
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == half && sin.sizes() == cos.sizes() &&
+                  cos.is_contiguous() && sin.is_contiguous() && cos.scalar_type() == at::kFloat &&
+                  sin.scalar_type() == at::kFloat,
+              "draft_block: cos, sin [positions, head_dim / 2] float32");
+  TORCH_CHECK(final_norm.numel() == H, "draft_block: final norm [H]");
+  check_tiled(lm_head, H, V, "draft_block lm_head");
+  const int64_t* anchor = anchors.data_ptr<int64_t>();
+  const int64_t* apos = positions.data_ptr<int64_t>();
+  const float* emb = embed.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+
+  std::vector<float> x(M * H);  // block embeddings: [anchor, mask x (K - 1)] per request
+  std::vector<int64_t> pos(M);  // clamped into the RoPE table, as DFlashDraftModel.draft_hidden
+  for (int64_t m = 0; m < M; ++m) {
+    const int64_t r = m / block, j = m % block;
+    const int64_t tok = j == 0 ? anchor[r] : mask_token;
+    TORCH_CHECK(tok >= 0 && tok < V, "draft_block: token ", tok, " outside the vocabulary");
+    std::memcpy(&x[m * H], emb + tok * H, H * sizeof(float));
+    pos[m] = std::min(apos[r] + j, table - 1);
+    TORCH_CHECK(pos[m] >= 0, "draft_block: negative position");
+  }
+  for (int64_t l = 0; l < layers; ++l) {
+    draft_layer(s, &weights[l * kDraftPerLayer], contexts, l, layers, cos.data_ptr<float>(),
+                sin.data_ptr<float>(), pos.data(), half, feps, x.data());
+  }
+  for (int64_t m = 0; m < M; ++m) rms_norm(&x[m * H], final_norm.data_ptr<float>(), H, feps, &x[m * H]);
+  std::vector<float> base(M * V);
+  gemm_tiled(x.data(), H, M, lm_head.data_ptr<float>(), H, V, base.data(), V, false);
+
+  const bool markov = markov_w1.numel() > 0, confidence = conf_w.numel() > 0;
+  const int64_t rank = markov ? markov_w1.size(1) : 0;
+  if (markov) {
+    TORCH_CHECK(markov_w1.dim() == 2 && markov_w1.size(0) == V && markov_w1.is_contiguous() &&
+                    markov_w1.scalar_type() == at::kFloat,
+                "draft_block: markov_w1 [V, rank] float32");
+    check_tiled(markov_w2, rank, V, "draft_block markov_w2");
+  }
+  const int64_t feat = confidence ? conf_w.size(1) : 0;  // H, or H + rank with the Markov input
+  if (confidence) {
+    check_tiled(conf_w, feat, 1, "draft_block confidence proj");
+    TORCH_CHECK(feat == H || (markov && feat == H + rank),
+                "draft_block: the confidence head reads [H] or [H + markov rank] features");
+    TORCH_CHECK(conf_b.numel() <= 1, "draft_block: confidence bias [1] or empty");
+  }
+  auto opts = anchors.options();
+  at::Tensor tokens = at::empty({R, block}, opts);
+  at::Tensor conf = at::empty({confidence ? R : 0, block}, opts.dtype(at::kFloat));
+  at::Tensor top = at::empty({confidence ? 0 : R, block}, opts.dtype(at::kFloat));
+  int64_t* tok = tokens.data_ptr<int64_t>();
+  std::vector<float> e(R * rank), bias(R * V), feats(M * feat);
+  std::vector<int64_t> prev(anchor, anchor + R);
+  for (int64_t j = 0; j < block; ++j) {  // slot j reads the token picked at slot j - 1
+    if (markov) {
+      for (int64_t r = 0; r < R; ++r) {
+        std::memcpy(&e[r * rank], markov_w1.data_ptr<float>() + prev[r] * rank, rank * sizeof(float));
+      }
+      gemm_tiled(e.data(), rank, R, markov_w2.data_ptr<float>(), rank, V, bias.data(), V, false);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t m = r * block + j;
+      float* logits = &base[m * V];
+      if (markov) {
+        for (int64_t c = 0; c < V; ++c) logits[c] += bias[r * V + c];
+      }
+      const int64_t best = argmax(logits, V);
+      tok[m] = best;
+      if (!confidence) top.data_ptr<float>()[m] = top_prob(logits, V, logits[best]);
+      if (confidence) {
+        std::memcpy(&feats[m * feat], &x[m * H], H * sizeof(float));
+        if (feat > H) std::memcpy(&feats[m * feat + H], &e[r * rank], rank * sizeof(float));
+      }
+      prev[r] = best;
+    }
+  }
+  if (confidence) {
+    float* c = conf.data_ptr<float>();
+    gemm_tiled(feats.data(), feat, M, conf_w.data_ptr<float>(), feat, 1, c, 1, false);
+    if (conf_b.numel() == 1) {
+      const float b = conf_b.data_ptr<float>()[0];
+      for (int64_t m = 0; m < M; ++m) c[m] += b;
+    }
+  }
+  return {tokens, conf, top};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(specserve, m) {
+  m.def(
+      "draft_block(Tensor anchors, Tensor positions, Tensor[] contexts, Tensor[] weights, "
+      "Tensor embed, Tensor final_norm, Tensor lm_head, Tensor cos, Tensor sin, "
+      "Tensor markov_w1, Tensor markov_w2, Tensor conf_w, Tensor conf_b, int block, "
+      "int mask_token, int num_heads, int num_kv_heads, int intermediate, float eps) "
+      "-> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(specserve, CPU, m) { m.impl("draft_block", &draft_block); }
