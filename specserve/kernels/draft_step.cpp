@@ -3,7 +3,8 @@
 // layer (keys and values: the request's context rows, read in place, then the block's own),
 // the final norm and the LM head, then the K tokens left to right (argmax of the base logits
 // plus the Markov bias of the token before), then the confidence logits. No per-op dispatch and
-// no padded batch of contexts.
+// no padded batch of contexts. `draft_context` projects newly committed target hidden states
+// into the draft layers' context rows (the catch-up before a round's draft).
 //
 // The products are the tiled ones of `linear_tiled` (`gemm_tiled`), so every logit is the same
 // float sum as on the PyTorch path with tiled weights; norms, rotary and attention agree with
@@ -249,6 +250,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
   return {tokens, conf, top};
 }
 
+// The context rows of committed positions: target hidden states rows [N, n * H] -> per draft
+// layer k (k_norm, rotary at `positions`) and v [N, kv, head_dim], as
+// DFlashDraftModel.context_kv: features = hidden_norm(fc(rows)), then each layer's k and v.
+std::vector<at::Tensor> draft_context(const at::Tensor& rows, const at::Tensor& positions,
+                                      const std::vector<at::Tensor>& weights, const at::Tensor& fc,
+                                      const at::Tensor& hidden_norm, const at::Tensor& cos,
+                                      const at::Tensor& sin, int64_t num_kv_heads, double eps) {
+  const int64_t layers = static_cast<int64_t>(weights.size()) / kDraftPerLayer;
+  TORCH_CHECK(layers > 0 && static_cast<int64_t>(weights.size()) == layers * kDraftPerLayer,
+              "draft_context: ", kDraftPerLayer, " weights per draft layer");
+  TORCH_CHECK(rows.dim() == 2 && rows.is_contiguous() && rows.scalar_type() == at::kFloat,
+              "draft_context: rows [N, F] contiguous float32");
+  TORCH_CHECK(positions.dim() == 1 && positions.size(0) == rows.size(0) &&
+                  positions.is_contiguous() && positions.scalar_type() == at::kLong,
+              "draft_context: positions [N] int64");
+  const int64_t N = rows.size(0), F = rows.size(1), H = hidden_norm.numel();
+  const int64_t d = weights[5].numel(), kvh = num_kv_heads, kn = kvh * d, half = d / 2;
+  TORCH_CHECK(cos.dim() == 2 && cos.size(1) == half && sin.sizes() == cos.sizes() &&
+                  cos.is_contiguous() && sin.is_contiguous(),
+              "draft_context: cos, sin [positions, head_dim / 2]");
+  check_tiled(fc, F, H, "draft_context fc");
+  const int64_t* pos = positions.data_ptr<int64_t>();
+  for (int64_t m = 0; m < N; ++m) {
+    TORCH_CHECK(pos[m] >= 0 && pos[m] < cos.size(0), "draft_context: position ", pos[m],
+                " outside the RoPE table");
+  }
+  const float feps = static_cast<float>(eps);
+  std::vector<float> feats(N * H), tmp(d);
+  block_gemm(rows.data_ptr<float>(), F, N, fc.data_ptr<float>(), F, H, feats.data(), H, false);
+  for (int64_t m = 0; m < N; ++m) {
+    rms_norm(&feats[m * H], hidden_norm.data_ptr<float>(), H, feps, &feats[m * H]);
+  }
+  std::vector<at::Tensor> out;
+  for (int64_t l = 0; l < layers; ++l) {
+    const at::Tensor* w = &weights[l * kDraftPerLayer];
+    check_tiled(w[2], H, kn, "draft_context k_proj");
+    check_tiled(w[3], H, kn, "draft_context v_proj");
+    at::Tensor k = at::empty({N, kvh, d}, rows.options()), v = at::empty({N, kvh, d}, rows.options());
+    float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+    block_gemm(feats.data(), H, N, w[2].data_ptr<float>(), H, kn, kp, kn, false);
+    block_gemm(feats.data(), H, N, w[3].data_ptr<float>(), H, kn, vp, kn, false);
+    for (int64_t m = 0; m < N; ++m) {
+      const float *c = cos.data_ptr<float>() + pos[m] * half, *sn = sin.data_ptr<float>() + pos[m] * half;
+      for (int64_t g = 0; g < kvh; ++g) {
+        float* row = kp + (m * kvh + g) * d;
+        rms_norm(row, w[5].data_ptr<float>(), d, feps, tmp.data());
+        rotate(tmp.data(), c, sn, d, row);
+      }
+    }
+    out.push_back(k);
+    out.push_back(v);
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(specserve, m) {
@@ -258,6 +314,12 @@ TORCH_LIBRARY_FRAGMENT(specserve, m) {
       "Tensor markov_w1, Tensor markov_w2, Tensor conf_w, Tensor conf_b, int block, "
       "int mask_token, int num_heads, int num_kv_heads, int intermediate, float eps) "
       "-> (Tensor, Tensor, Tensor)");
+  m.def(
+      "draft_context(Tensor rows, Tensor positions, Tensor[] weights, Tensor fc, "
+      "Tensor hidden_norm, Tensor cos, Tensor sin, int num_kv_heads, float eps) -> Tensor[]");
 }
 
-TORCH_LIBRARY_IMPL(specserve, CPU, m) { m.impl("draft_block", &draft_block); }
+TORCH_LIBRARY_IMPL(specserve, CPU, m) {
+  m.impl("draft_block", &draft_block);
+  m.impl("draft_context", &draft_context);
+}

@@ -57,7 +57,7 @@ class DFlashDrafter(Drafter):
             [torch.arange(s, s + h.shape[0], device=h.device) for _, s, h in pending]
         )
         rows = torch.cat([h for _, _, h in pending]).to(self.model.context_dtype)
-        kv = self.model.context_kv(rows, positions)
+        kv = (self.model if self.fused is None else self.fused).context_kv(rows, positions)
         start = 0
         for req, _, h in pending:
             n = h.shape[0]

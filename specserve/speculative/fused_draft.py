@@ -3,7 +3,8 @@
 context rows in place, the LM head, the left-to-right argmax with the vanilla Markov bias and
 the confidence logits, for all requests at once. The PyTorch path spends ~150 small ops on the
 same step. It gives the same tokens (the products are the same tiled sums) and the same
-confidence logits to float32 rounding.
+confidence logits to float32 rounding. `context_kv` (`draft_context`) projects a round's newly
+committed target hidden states into the draft layers' context rows, for every request.
 
 `FusedDraft.of(model)` gathers the weights when the drafter fits: its products tiled
 (`--attention-backend cpp`, float32 on the CPU), dense MLPs without biases, a vanilla Markov head
@@ -33,6 +34,8 @@ class FusedDraft:
 
     weights: list[torch.Tensor]  # per draft layer: see `_layer_weights`
     embed: torch.Tensor  # [V, H]
+    fc: torch.Tensor  # tiled
+    hidden_norm: torch.Tensor
     final_norm: torch.Tensor
     lm_head: torch.Tensor  # tiled
     cos: torch.Tensor  # [positions, head_dim / 2]
@@ -62,6 +65,8 @@ class FusedDraft:
         return cls(
             weights=[w for layer in model.layers for w in _layer_weights(cast(DraftLayer, layer))],
             embed=model.embed_tokens.weight.detach(),
+            fc=model.fc.weight.tiled,
+            hidden_norm=model.hidden_norm.weight.detach(),
             final_norm=model.norm.weight.detach(),
             lm_head=model.lm_head.weight.tiled,
             cos=model.rotary.cos,
@@ -111,6 +116,24 @@ class FusedDraft:
         )
         return tokens, conf_logits if self.has_confidence_head else top
 
+    def context_kv(
+        self, target_hidden: torch.Tensor, positions: torch.Tensor
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """`DFlashDraftModel.context_kv` in one call (`draft_context`): target_hidden [N, n*H],
+        positions [N] -> per layer (k, v) [N, kv, d]."""
+        kv = torch.ops.specserve.draft_context(
+            target_hidden.contiguous(),
+            positions,
+            self.weights,
+            self.fc,
+            self.hidden_norm,
+            self.cos,
+            self.sin,
+            self.num_kv_heads,
+            self.eps,
+        )
+        return list(zip(kv[::2], kv[1::2], strict=True))
+
 
 def _layer_weights(layer: DraftLayer) -> list[torch.Tensor]:
     """in_norm, q, k, v, q_norm, k_norm, o, post_norm, gate, up, down (`kDraftPerLayer`)."""
@@ -132,7 +155,7 @@ def _layer_weights(layer: DraftLayer) -> list[torch.Tensor]:
 
 def _fits(model: DFlashDraftModel) -> bool:
     """Every product tiled, float32, no biases, dense MLPs, a vanilla Markov head or none."""
-    linears: list[Linear] = [model.lm_head]
+    linears: list[Linear] = [model.lm_head, model.fc]
     for layer in model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         if type(mlp) is not GatedMLP:

@@ -29,7 +29,7 @@ TARGET = tiny_config(
     head_dim=16,
     max_position_embeddings=96,
 )
-BLOCK = 5
+BLOCK = 7  # one request: 7 rows, one pass per weight tile (`block_gemm`); a batch: 6 + rest
 DRAFTERS = {
     "dspark": dict(markov_rank=24, enable_confidence_head=True, confidence_head_with_markov=True),
     "dspark-conf-without-markov": dict(
@@ -197,8 +197,29 @@ def test_sampled_requests_keep_the_torch_path(bundle):
             seen.append(1)
             return fused(*args)
 
+        def context_kv(self, *args):
+            return fused.context_kv(*args)
+
     drafter.fused = Spy()
     llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=1.0, seed=1))
     assert not seen and llm.engine.stats.num_draft_tokens > 0
     llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0))
     assert seen
+
+
+@pytest.mark.parametrize("name", ["dspark", "dflash"])
+def test_fused_context_rows_equal_the_torch_path(name):
+    """The catch-up's projection of committed target hidden states (`draft_context`)."""
+    model = _drafter(name)
+    fused = FusedDraft.of(model)
+    hid = torch.randn(9, 2 * TARGET["hidden_size"])
+    for rows, pos in (
+        (hid, torch.arange(9)),
+        (hid[:1], torch.tensor([95])),
+        (hid[:7], torch.arange(40, 47)),
+    ):
+        got, want = fused.context_kv(rows, pos), model.context_kv(rows, pos)
+        assert len(got) == len(want) == 2
+        for (gk, gv), (wk, wv) in zip(got, want, strict=True):
+            torch.testing.assert_close(gk, wk, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(gv, wv, atol=1e-5, rtol=1e-5)
