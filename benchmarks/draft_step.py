@@ -6,9 +6,9 @@ same block drafter, in one process on one thread, arms alternated:
 1. One propose: a request of `--prompts-file` decodes `--context` tokens with DSPARK on
    `--attention-backend cpp`, then `drafter.propose` runs `--repeats` times on that state, the
    fused step and the PyTorch path in turn (median ms of each).
-2. End to end: single-stream greedy output tok/s of plain decoding (NONE) and of the drafter
-   with and without the fused step, over `--prompts` prompts of `--output-len` tokens, the three
-   arms in turn for `--rounds` rounds (best round of each).
+2. End to end: single-stream greedy output tok/s (the prompts one after another) of plain
+   decoding (NONE) and of the drafter with and without the fused step, over `--prompts` prompts
+   of `--output-len` tokens, the three arms in turn for `--rounds` rounds (best round of each).
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def main() -> None:
             llm = plain if arm == "NONE" else spec
             drafter.fused = fused if arm == "fused" else None
             start = time.perf_counter()
-            llm.generate(prompts, params)
+            for prompt in prompts:  # one at a time: a single stream
+                llm.generate([prompt], params)
             tps = len(prompts) * args.output_len / (time.perf_counter() - start)
             best[arm] = max(best[arm], tps)
     drafter.fused = fused
