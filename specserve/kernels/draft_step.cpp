@@ -45,35 +45,51 @@ struct Shape {
 
 // Attention of one request's K block rows, all heads: keys [context (L rows); block (K rows)],
 // every block row sees all of them. q, out [K, h, d]; kb, vb [K, kvh, d]; ck, cv [L, kvh, d].
+// Per KV head, its K x group query rows share each key and value load (`rows_tile`, up to
+// kMaxRows rows at once, head sizes 64 and 128; `row_tile` one row at a time otherwise), an
+// online softmax over tiles of kTile keys.
+template <int D>
 void block_attention(const Shape& s, const float* q, const float* kb, const float* vb,
                      const float* ck, const float* cv, int64_t L, float* out) {
-  const int64_t group = s.h / s.kvh, d = s.d, n = L + s.K;
+  constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
+  const int64_t group = s.h / s.kvh, d = D > 0 ? D : s.d, n = L + s.K, rows = s.K * group;
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  std::vector<float> score(n);
-  for (int64_t row = 0; row < s.K; ++row) {
-    for (int64_t head = 0; head < s.h; ++head) {
-      const int64_t g = head / group;
-      const float* qr = q + (row * s.h + head) * d;
-      auto key = [&](int64_t t) { return t < L ? ck + (t * s.kvh + g) * d : kb + ((t - L) * s.kvh + g) * d; };
-      auto value = [&](int64_t t) { return t < L ? cv + (t * s.kvh + g) * d : vb + ((t - L) * s.kvh + g) * d; };
-      float mx = -std::numeric_limits<float>::infinity();
-      for (int64_t t = 0; t < n; ++t) {
-        score[t] = dot(qr, key(t), d) * scale;
-        mx = std::max(mx, score[t]);
+  std::vector<float> qbuf(rows * d), acc(rows * d), mx(rows), sum(rows), score(rows * kTile);
+  std::vector<const float*> krow(kTile), vrow(kTile);
+  for (int64_t g = 0; g < s.kvh; ++g) {
+    for (int64_t r = 0; r < rows; ++r) {  // row r = j * group + i: slot j, head g * group + i
+      const float* src = q + ((r / group) * s.h + g * group + r % group) * d;
+      for (int64_t c = 0; c < d; ++c) qbuf[r * d + c] = src[c] * scale;
+    }
+    std::fill(acc.begin(), acc.end(), 0.f);
+    std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+    std::fill(sum.begin(), sum.end(), 0.f);
+    for (int64_t first = 0; first < n; first += kTile) {
+      const int64_t cnt = std::min(kTile, n - first);
+      for (int64_t t = 0; t < cnt; ++t) {
+        const int64_t key = first + t;
+        const int64_t off = key < L ? (key * s.kvh + g) * d : ((key - L) * s.kvh + g) * d;
+        krow[t] = (key < L ? ck : kb) + off;
+        vrow[t] = (key < L ? cv : vb) + off;
       }
-      float sum = 0.f;
-      for (int64_t t = 0; t < n; ++t) {
-        score[t] = fast_exp(score[t] - mx);
-        sum += score[t];
+      for (int64_t r = 0; r < rows; r += kMaxRows) {
+        float *q0 = &qbuf[r * d], *s0 = &score[r * kTile], *a0 = &acc[r * d];
+        const float *const *kr = krow.data(), *const *vr = vrow.data();
+        if constexpr (D > 0) {
+          switch (std::min(kMaxRows, rows - r)) {
+            case 4: rows_tile<D, 4>(q0, kr, vr, cnt, kTile, s0, a0, &mx[r], &sum[r]); break;
+            case 3: rows_tile<D, 3>(q0, kr, vr, cnt, kTile, s0, a0, &mx[r], &sum[r]); break;
+            case 2: rows_tile<D, 2>(q0, kr, vr, cnt, kTile, s0, a0, &mx[r], &sum[r]); break;
+            default: rows_tile<D, 1>(q0, kr, vr, cnt, kTile, s0, a0, &mx[r], &sum[r]); break;
+          }
+        } else {
+          row_tile(q0, kr, vr, cnt, d, s0, a0, mx[r], sum[r]);
+        }
       }
-      float* o = out + (row * s.h + head) * d;
-      std::fill(o, o + d, 0.f);
-      for (int64_t t = 0; t < n; ++t) {
-        const float w = score[t] / sum;
-        const float* vr = value(t);
-#pragma omp simd
-        for (int64_t c = 0; c < d; ++c) o[c] += w * vr[c];
-      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      float* dst = out + ((r / group) * s.h + g * group + r % group) * d;
+      for (int64_t c = 0; c < d; ++c) dst[c] = acc[r * d + c] / sum[r];
     }
   }
 }
@@ -116,8 +132,9 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
                 "draft_block: request ", r, " layer ", layer,
                 ": context k, v must be contiguous float32 [L, kv, head_dim]");
     const int64_t b = r * s.K;
-    block_attention(s, &q[b * qn], &k[b * kn], &v[b * kn], ck.data_ptr<float>(),
-                    cv.data_ptr<float>(), L, &attn[b * qn]);
+    auto run = s.d == 64 ? block_attention<64> : s.d == 128 ? block_attention<128> : block_attention<0>;
+    run(s, &q[b * qn], &k[b * kn], &v[b * kn], ck.data_ptr<float>(), cv.data_ptr<float>(), L,
+        &attn[b * qn]);
   }
   block_gemm(attn.data(), qn, M, w[6].data_ptr<float>(), qn, H, x, H, true);
   for (int64_t m = 0; m < M; ++m) rms_norm(x + m * H, w[7].data_ptr<float>(), H, eps, &xn[m * H]);

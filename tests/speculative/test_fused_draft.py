@@ -26,7 +26,7 @@ TARGET = tiny_config(
     intermediate_size=96,
     num_attention_heads=4,
     num_key_value_heads=2,
-    head_dim=16,
+    head_dim=16,  # the generic attention path; 64 and 128 are specialised (test_head_sizes)
     max_position_embeddings=96,
 )
 BLOCK = 7  # one request: 7 rows, one pass per weight tile (`block_gemm`); a batch: 6 + rest
@@ -46,14 +46,15 @@ def _kernels():
     kernels.load()
 
 
-def _drafter(name: str, layers: int = 2) -> DFlashDraftModel:
+def _drafter(name: str, layers: int = 2, head_dim: int = 16) -> DFlashDraftModel:
     torch.manual_seed(0)
     extra = DRAFTERS[name]
+    target = {**TARGET, "head_dim": head_dim}
     common = dict(target_layer_ids=[-1, 1], block_size=BLOCK, mask_token_id=3)
     if extra is None:
-        model = DFlashDraftModel(DraftConfig.from_target(TARGET, layers, **common))
+        model = DFlashDraftModel(DraftConfig.from_target(target, layers, **common))
     else:
-        cfg = DraftConfig.from_target(TARGET, layers, markov_head_type="vanilla", **common, **extra)
+        cfg = DraftConfig.from_target(target, layers, markov_head_type="vanilla", **common, **extra)
         model = DSparkDraftModel(cfg)
     with torch.no_grad():  # non-trivial norms, so that a swapped weight shows
         for name_, p in model.named_parameters():
@@ -93,7 +94,15 @@ def _torch_path(model, anchor, positions, contexts):
 @pytest.mark.parametrize("layers", [1, 2])
 @pytest.mark.parametrize("name", list(DRAFTERS))
 def test_fused_step_equals_the_torch_path(name, layers):
-    model = _drafter(name, layers)
+    _check_against_torch(_drafter(name, layers))
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_head_sizes(head_dim):
+    _check_against_torch(_drafter("dspark", 2, head_dim))
+
+
+def _check_against_torch(model: DFlashDraftModel) -> None:
     fused = FusedDraft.of(model)
     assert fused is not None
     last = TARGET["max_position_embeddings"] - 1
