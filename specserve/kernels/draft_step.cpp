@@ -6,7 +6,7 @@
 // no padded batch of contexts. `draft_context` projects newly committed target hidden states
 // into the draft layers' context rows (the catch-up before a round's draft).
 //
-// The products are the tiled ones of `linear_tiled` (`gemm_tiled`), so every logit is the same
+// The products sum each row as `linear_tiled` does (`tile_rows`), so every logit is the same
 // float sum as on the PyTorch path with tiled weights; norms, rotary and attention agree with
 // it to float32 rounding. Ties pick the first maximum, as torch.argmax. Float32 only.
 
@@ -16,20 +16,26 @@ namespace {
 
 using namespace specserve_kernels;
 
-// y [M, N] (+)= x [M, K] @ W as gemm_tiled, but a block of 7 or 8 rows (one request's) in one
-// pass over each weight tile instead of 6 + the rest: the step streams its weights once.
+// y [M, N] (+)= x [M, K] @ W as gemm_tiled, but blocks of 8 or 7 rows (requests' blocks of that
+// size) in one pass over each weight tile each, instead of 6 + the rest: fewer passes over the
+// weights. Each row's sums are the same as gemm_tiled's (tile_rows at any row count).
 void block_gemm(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N,
                 float* y, int64_t ldy, bool accumulate) {
-  if (M != 7 && M != 8) return gemm_tiled(x, ldx, M, w, K, N, y, ldy, accumulate);
+  const int64_t mb = M % 8 == 0 ? 8 : M % 7 == 0 ? 7 : 0;
+  if (mb == 0) return gemm_tiled(x, ldx, M, w, K, N, y, ldy, accumulate);
   const int64_t tiles = (N + kCols - 1) / kCols;
   at::parallel_for(0, tiles, grain_for(M * K * kCols), [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* wt = w + t * K * kCols;
       const int64_t ncols = std::min(kCols, N - t * kCols);
-      if (M == 7) {
-        tile_rows<7>(x, ldx, wt, kCols, K, y + t * kCols, ldy, ncols, accumulate);
-      } else {
-        tile_rows<8>(x, ldx, wt, kCols, K, y + t * kCols, ldy, ncols, accumulate);
+      for (int64_t m = 0; m < M; m += mb) {
+        const float* xm = x + m * ldx;
+        float* ym = y + m * ldy + t * kCols;
+        if (mb == 8) {
+          tile_rows<8>(xm, ldx, wt, kCols, K, ym, ldy, ncols, accumulate);
+        } else {
+          tile_rows<7>(xm, ldx, wt, kCols, K, ym, ldy, ncols, accumulate);
+        }
       }
     }
   });
