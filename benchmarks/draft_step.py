@@ -7,8 +7,9 @@ same block drafter, in one process on one thread, arms alternated:
    `--attention-backend cpp`, then `drafter.propose` runs `--repeats` times on that state, the
    fused step and the PyTorch path in turn (median ms of each).
 2. End to end: single-stream greedy output tok/s (the prompts one after another) of plain
-   decoding (NONE) and of the drafter with and without the fused step, over `--prompts` prompts
-   of `--output-len` tokens, the three arms in turn for `--rounds` rounds (best round of each).
+   decoding (NONE), of the drafter with and without the fused step and, with `--mtp DIR`, of
+   NEXTN, over `--prompts` prompts of `--output-len` tokens, the arms in turn for `--rounds`
+   rounds (best round of each).
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ def main() -> None:
     ap.add_argument("--target", required=True)
     ap.add_argument("--drafter", required=True)
     ap.add_argument("--algorithm", default="DSPARK")
+    ap.add_argument("--mtp", help="an MTP drafter folder: a NEXTN arm too")
     ap.add_argument("--prompts-file", default="models/demo/prompts_heldout.jsonl")
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--output-len", type=int, default=256)
@@ -63,6 +65,11 @@ def main() -> None:
     spec = LLM(args.target, attention_backend="cpp")
     cfg = SpecConfig(args.algorithm, args.drafter, verify_policy="full")
     spec.engine.set_speculation(*build_speculation(cfg, spec.engine))
+    llms = {"NONE": plain, "fused": spec, "torch": spec}
+    if args.mtp:
+        llms["NEXTN"] = LLM(args.target, attention_backend="cpp")
+        mtp = SpecConfig("NEXTN", args.mtp, verify_policy="full")
+        llms["NEXTN"].engine.set_speculation(*build_speculation(mtp, llms["NEXTN"].engine))
     drafter = spec.engine.drafter
     if getattr(drafter, "fused", None) is None:
         raise SystemExit(f"{args.drafter}: the fused draft step does not apply to this drafter")
@@ -73,12 +80,11 @@ def main() -> None:
         f"({ms['torch'] / ms['fused']:.2f}x)"
     )
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
-    for llm in (plain, spec):
+    for llm in llms.values():
         llm.generate(prompts[:1], SamplingParams(max_tokens=8, temperature=0))  # warm-up
-    fused, best = drafter.fused, {"NONE": 0.0, "fused": 0.0, "torch": 0.0}
+    fused, best = drafter.fused, dict.fromkeys(llms, 0.0)
     for _ in range(args.rounds):
-        for arm in best:
-            llm = plain if arm == "NONE" else spec
+        for arm, llm in llms.items():
             drafter.fused = fused if arm == "fused" else None
             start = time.perf_counter()
             for prompt in prompts:  # one at a time: a single stream
@@ -92,6 +98,11 @@ def main() -> None:
         f"({best['fused'] / best['NONE']:.2f}x NONE), {args.algorithm} PyTorch draft "
         f"{best['torch']:.0f} ({best['torch'] / best['NONE']:.2f}x NONE)"
     )
+    if args.mtp:
+        print(
+            f"NEXTN {best['NEXTN']:.0f} tok/s ({best['NEXTN'] / best['NONE']:.2f}x NONE); "
+            f"{args.algorithm} fused {best['fused'] / best['NEXTN']:.2f}x NEXTN"
+        )
 
 
 if __name__ == "__main__":
