@@ -1,10 +1,11 @@
 """Compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-`load()` compiles `paged_attention.cpp`, `dense_step.cpp` and `draft_step.cpp` with `torch.utils.cpp_extension`
-(ninja and the C++ compiler that `make venv` expects: gcc on a fresh machine) into torch's
-extension cache (`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`) and registers
-`torch.ops.specserve.paged_attention`, `linear_tiled`, `dense_layers` and `draft_block`. The first build takes
-about a minute; later loads reuse it. Nothing here is needed by the pure PyTorch path
+`load()` compiles `paged_attention.cpp`, `dense_step.cpp` and `draft_step.cpp` with
+`torch.utils.cpp_extension` (ninja and the C++ compiler that `make venv` expects: gcc on a fresh
+machine) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
+`~/.cache/torch_extensions`) and registers `torch.ops.specserve.paged_attention`,
+`linear_tiled`, `dense_layers`, `draft_block` and `draft_context`. The first build takes about a
+minute; later loads reuse it. Nothing here is needed by the pure PyTorch path
 (`--attention-backend torch`).
 """
 

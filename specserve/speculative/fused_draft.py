@@ -4,7 +4,8 @@ context rows in place, the LM head, the left-to-right argmax with the vanilla Ma
 the confidence logits, for all requests at once. The PyTorch path spends ~150 small ops on the
 same step. It gives the same tokens (the products are the same tiled sums) and the same
 confidence logits to float32 rounding. `context_kv` (`draft_context`) projects a round's newly
-committed target hidden states into the draft layers' context rows, for every request.
+committed target hidden states into the draft layers' context rows, for sampled requests too
+(rows equal to float32 rounding; a sampled draft reports its q exactly either way).
 
 `FusedDraft.of(model)` gathers the weights when the drafter fits: its products tiled
 (`--attention-backend cpp`, float32 on the CPU), dense MLPs without biases, a vanilla Markov head
@@ -64,14 +65,14 @@ class FusedDraft:
         conf = getattr(model, "confidence_head", None)
         return cls(
             weights=[w for layer in model.layers for w in _layer_weights(cast(DraftLayer, layer))],
-            embed=model.embed_tokens.weight.detach(),
+            embed=model.embed_tokens.weight.detach().contiguous(),  # a no-op unless a view
             fc=model.fc.weight.tiled,
             hidden_norm=model.hidden_norm.weight.detach(),
             final_norm=model.norm.weight.detach(),
             lm_head=model.lm_head.weight.tiled,
             cos=model.rotary.cos,
             sin=model.rotary.sin,
-            markov_w1=NONE if markov is None else markov.markov_w1.weight.detach(),
+            markov_w1=NONE if markov is None else markov.markov_w1.weight.detach().contiguous(),
             markov_w2=NONE if markov is None else markov.markov_w2.weight.tiled,
             conf_w=NONE if conf is None else conf.proj.weight.tiled,
             conf_b=NONE if conf is None or conf.proj.bias is None else conf.proj.bias.detach(),
