@@ -10,6 +10,9 @@ same block drafter, in one process on one thread, arms alternated:
    decoding (NONE), of the drafter with and without the fused step and, with `--mtp DIR`, of
    NEXTN, over `--prompts` prompts of `--output-len` tokens, the arms in turn for `--rounds`
    rounds (best round of each).
+3. Inside those rounds: median ms per call of the engine step, propose, its catch-up and the
+   fused op, timed by wrappers over one more fused pass (the target's weights run between
+   drafts, so the drafter's are no longer hot as in 1).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 
@@ -44,6 +48,35 @@ def propose_ms(llm: LLM, prompt: list[int], context: int, repeats: int) -> dict[
     drafter.fused = fused
     eng.abort(req.request_id)
     return {arm: statistics.median(t) for arm, t in times.items()}
+
+
+def timed(fn: Callable, into: list[float]) -> Callable:
+    def call(*args, **kwargs):
+        start = time.perf_counter()
+        out = fn(*args, **kwargs)
+        into.append(1000 * (time.perf_counter() - start))
+        return out
+
+    return call
+
+
+def round_breakdown(llm: LLM, prompts: list[list[int]], params: SamplingParams) -> str:
+    """Median ms per call of the parts of real rounds (one pass over the prompts, fused on)."""
+    eng, drafter = llm.engine, llm.engine.drafter
+    parts: dict[str, list[float]] = {"step": [], "propose": [], "catch-up": [], "op": []}
+    cls = type(drafter.fused)
+    call = cls.__call__
+    eng.step = timed(eng.step, parts["step"])
+    drafter.propose = timed(drafter.propose, parts["propose"])
+    drafter._catch_up = timed(drafter._catch_up, parts["catch-up"])
+    cls.__call__ = timed(call, parts["op"])
+    try:
+        for prompt in prompts:
+            llm.generate([prompt], params)
+    finally:  # back to the class's methods
+        cls.__call__ = call
+        del eng.step, drafter.propose, drafter._catch_up
+    return ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in parts.items() if v)
 
 
 def main() -> None:
@@ -98,6 +131,7 @@ def main() -> None:
         f"({best['fused'] / best['NONE']:.2f}x NONE), {args.algorithm} PyTorch draft "
         f"{best['torch']:.0f} ({best['torch'] / best['NONE']:.2f}x NONE)"
     )
+    print(f"in those rounds, median ms per call: {round_breakdown(spec, prompts, params)}")
     if args.mtp:
         print(
             f"NEXTN {best['NEXTN']:.0f} tok/s ({best['NEXTN'] / best['NONE']:.2f}x NONE); "
