@@ -1,5 +1,6 @@
-// Shared pieces of the CPU kernels: 16-float vectors, a vectorisable exp, and the paged
-// attention of short queries (`attend`), used by paged_attention.cpp and dense_step.cpp.
+// Shared pieces of the CPU kernels: 16-float vectors, a vectorisable exp, the tiled product
+// (`tile_rows`, `gemm_tiled`), RMSNorm, the rotary embedding and the paged attention of short
+// queries (`attend`), used by paged_attention.cpp, dense_step.cpp and draft_step.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
