@@ -20,28 +20,6 @@ namespace {
 
 using namespace specserve_kernels;
 
-// y [M, N] (+)= x [M, K] @ W, W tiled [ceil(N / 64), K, 64]; ldx / ldy are row strides.
-void gemm_tiled(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N,
-                float* y, int64_t ldy, bool accumulate) {
-  const int64_t tiles = (N + kCols - 1) / kCols;
-  at::parallel_for(0, tiles, grain_for(M * K * kCols), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* wt = w + t * K * kCols;
-      const int64_t ncols = std::min(kCols, N - t * kCols);
-      float* yt = y + t * kCols;
-      rows_times_tile(x, ldx, M, wt, kCols, K, yt, ldy, ncols, accumulate);
-    }
-  });
-}
-
-void check_tiled(const at::Tensor& w, int64_t K, int64_t N, const char* what) {
-  TORCH_CHECK(w.dim() == 3 && w.size(2) == kCols && w.size(1) == K &&
-                  w.size(0) == (N + kCols - 1) / kCols && w.is_contiguous() &&
-                  w.scalar_type() == at::kFloat,
-              what, ": expected a contiguous float32 tiled weight [", (N + kCols - 1) / kCols,
-              ", ", K, ", 64], got ", w.sizes());
-}
-
 void linear_tiled(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0),
               "linear_tiled: x [M, K] and out [M, N]");
@@ -52,27 +30,6 @@ void linear_tiled(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
   check_tiled(w, K, N, "linear_tiled");
   gemm_tiled(x.data_ptr<float>(), K, M, w.data_ptr<float>(), K, N, out.data_ptr<float>(), N,
              false);
-}
-
-// y = x * rsqrt(mean(x^2) + eps) * weight over n values.
-inline void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* y) {
-  float ss = 0.f;
-#pragma omp simd reduction(+ : ss)
-  for (int64_t c = 0; c < n; ++c) ss += x[c] * x[c];
-  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-#pragma omp simd
-  for (int64_t c = 0; c < n; ++c) y[c] = x[c] * r * weight[c];
-}
-
-// Neox rotary embedding (rotate_half) of one head: cos, sin [d / 2].
-inline void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* y) {
-  const int64_t half = d / 2;
-#pragma omp simd
-  for (int64_t i = 0; i < half; ++i) {
-    const float a = x[i], b = x[i + half];
-    y[i] = a * cos[i] - b * sin[i];
-    y[i + half] = b * cos[i] + a * sin[i];
-  }
 }
 
 constexpr int64_t kPerLayer = 8;  // in_norm, qkv, q_norm, k_norm, o, post_norm, gate_up, down

@@ -1,5 +1,6 @@
-// Shared pieces of the CPU kernels: 16-float vectors, a vectorisable exp, and the paged
-// attention of short queries (`attend`), used by paged_attention.cpp and dense_step.cpp.
+// Shared pieces of the CPU kernels: 16-float vectors, a vectorisable exp, the tiled product
+// (`tile_rows`, `gemm_tiled`), RMSNorm, the rotary embedding and the paged attention of short
+// queries (`attend`), used by paged_attention.cpp, dense_step.cpp and draft_step.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -161,6 +162,49 @@ inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const float*
     case 2: tile_rows<2>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
     case 1: tile_rows<1>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
     default: break;
+  }
+}
+
+// y [M, N] (+)= x [M, K] @ W, W tiled [ceil(N / 64), K, 64]; ldx / ldy are row strides.
+inline void gemm_tiled(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N,
+                float* y, int64_t ldy, bool accumulate) {
+  const int64_t tiles = (N + kCols - 1) / kCols;
+  at::parallel_for(0, tiles, grain_for(M * K * kCols), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const float* wt = w + t * K * kCols;
+      const int64_t ncols = std::min(kCols, N - t * kCols);
+      float* yt = y + t * kCols;
+      rows_times_tile(x, ldx, M, wt, kCols, K, yt, ldy, ncols, accumulate);
+    }
+  });
+}
+
+inline void check_tiled(const at::Tensor& w, int64_t K, int64_t N, const char* what) {
+  TORCH_CHECK(w.dim() == 3 && w.size(2) == kCols && w.size(1) == K &&
+                  w.size(0) == (N + kCols - 1) / kCols && w.is_contiguous() &&
+                  w.scalar_type() == at::kFloat,
+              what, ": expected a contiguous float32 tiled weight [", (N + kCols - 1) / kCols,
+              ", ", K, ", 64], got ", w.sizes());
+}
+
+// y = x * rsqrt(mean(x^2) + eps) * weight over n values.
+inline void rms_norm(const float* x, const float* weight, int64_t n, float eps, float* y) {
+  float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t c = 0; c < n; ++c) ss += x[c] * x[c];
+  const float r = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+#pragma omp simd
+  for (int64_t c = 0; c < n; ++c) y[c] = x[c] * r * weight[c];
+}
+
+// Neox rotary embedding (rotate_half) of one head: cos, sin [d / 2].
+inline void rotate(const float* x, const float* cos, const float* sin, int64_t d, float* y) {
+  const int64_t half = d / 2;
+#pragma omp simd
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = x[i], b = x[i + half];
+    y[i] = a * cos[i] - b * sin[i];
+    y[i + half] = b * cos[i] + a * sin[i];
   }
 }
 

@@ -2,7 +2,8 @@
 layers' context K/V of every committed position (`ContextCache`; `update` defers the rows,
 `propose` folds in those of the requests it drafts for, `deferred.py`), then drafts one block for
 every request in one backbone forward, then picks its tokens left to right
-(`DFlashDraftModel.draft`: argmax for greedy requests, else a sample reported exactly)."""
+(`DFlashDraftModel.draft`: argmax for greedy requests, else a sample reported exactly). A batch
+of greedy requests takes the fused C++ step when the drafter fits it (`fused_draft.py`)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from specserve.speculative.context_cache import ContextCache
 from specserve.speculative.deepseek_v4_dspark import DeepseekV4DSparkModel
 from specserve.speculative.deferred import DeferredRows
 from specserve.speculative.dflash import DFlashDraftModel
+from specserve.speculative.fused_draft import FusedDraft
 from specserve.speculative.sampling import draw, proposal_probs
 
 
@@ -37,6 +39,7 @@ class DFlashDrafter(Drafter):
         self.has_confidence_head = getattr(model, "confidence_head", None) is not None
         self.contexts: dict[str, ContextCache] = {}
         self.deferred = DeferredRows()
+        self.fused = FusedDraft.of(model)  # None: the PyTorch path only
 
     @property
     def max_draft_tokens(self) -> int:
@@ -54,7 +57,7 @@ class DFlashDrafter(Drafter):
             [torch.arange(s, s + h.shape[0], device=h.device) for _, s, h in pending]
         )
         rows = torch.cat([h for _, _, h in pending]).to(self.model.context_dtype)
-        kv = self.model.context_kv(rows, positions)
+        kv = (self.model if self.fused is None else self.fused).context_kv(rows, positions)
         start = 0
         for req, _, h in pending:
             n = h.shape[0]
@@ -84,20 +87,34 @@ class DFlashDrafter(Drafter):
         k = self.block_size
         dev = self.model.device
         anchor = torch.tensor([r.last_token_id for r in reqs], device=dev)
-        hidden = self.model.draft_hidden(
-            anchor,
-            torch.tensor([r.num_tokens - 1 for r in reqs], device=dev),
-            [self.contexts[r.request_id].kv for r in reqs],
-            k,
-        )
+        positions = torch.tensor([r.num_tokens - 1 for r in reqs], device=dev)
+        contexts = [self.contexts[r.request_id].kv for r in reqs]
+        if self.fused is not None and all(r.params.greedy for r in reqs):
+            tokens, c = self.fused(anchor, positions, contexts, k)
+            conf = self.calibrated(c) if self.fused.has_confidence_head else c
+            return self._proposals(out, live, ks, tokens, conf)
+        hidden = self.model.draft_hidden(anchor, positions, contexts, k)
         tokens, q, proxy = self.model.draft(hidden, anchor, lambda logits: draw(logits, reqs))
         conf_logits = self.model.block_confidence_logits(hidden, anchor, tokens)
         conf = proxy if conf_logits is None else self.calibrated(conf_logits)
+        probs = [proposal_probs(q[j, : ks[i]], reqs[j]) for j, i in enumerate(live)]
+        return self._proposals(out, live, ks, tokens, conf, probs)
+
+    @staticmethod
+    def _proposals(
+        out: list[DraftProposal],
+        live: list[int],
+        ks: list[int],
+        tokens: torch.Tensor,
+        conf: torch.Tensor,
+        probs: list[torch.Tensor | None] | None = None,
+    ) -> list[DraftProposal]:
+        """Row j of tokens / conf [len(live), K] (and probs[j]) is request live[j]'s block; it
+        keeps its first ks[live[j]] slots."""
         for j, i in enumerate(live):
             n = ks[i]
-            out[i] = DraftProposal(
-                tokens[j, :n].tolist(), proposal_probs(q[j, :n], reqs[j]), conf[j, :n]
-            )
+            q = None if probs is None else probs[j]
+            out[i] = DraftProposal(tokens[j, :n].tolist(), q, conf[j, :n])
         return out
 
     def calibrated(self, logits: torch.Tensor) -> torch.Tensor:

@@ -82,6 +82,8 @@ def test_greedy_identical_with_the_cpp_attention_kernel(bundle, reference, algor
     """Verify windows, rollbacks and joins through `--attention-backend cpp` against plain
     decoding on the pure PyTorch backend."""
     llm = make_llm(bundle, algorithm, attention_backend="cpp")
+    if algorithm in ("DFLASH", "DSPARK"):  # greedy batches draft through the fused C++ step
+        assert llm.engine.drafter.fused is not None
     assert _run_waves(llm, PROMPTS, _params()) == reference
     assert_kv_baseline(llm)
     assert llm.engine.stats.num_draft_tokens > 0
