@@ -66,15 +66,15 @@ class FusedDraft:
         return cls(
             weights=[w for layer in model.layers for w in _layer_weights(cast(DraftLayer, layer))],
             embed=model.embed_tokens.weight.detach().contiguous(),  # a no-op unless a view
-            fc=model.fc.weight.tiled,
+            fc=_tiled(model.fc),
             hidden_norm=model.hidden_norm.weight.detach(),
             final_norm=model.norm.weight.detach(),
-            lm_head=model.lm_head.weight.tiled,
+            lm_head=_tiled(model.lm_head),
             cos=model.rotary.cos,
             sin=model.rotary.sin,
             markov_w1=NONE if markov is None else markov.markov_w1.weight.detach().contiguous(),
-            markov_w2=NONE if markov is None else markov.markov_w2.weight.tiled,
-            conf_w=NONE if conf is None else conf.proj.weight.tiled,
+            markov_w2=NONE if markov is None else _tiled(markov.markov_w2),
+            conf_w=NONE if conf is None else _tiled(conf.proj),
             conf_b=NONE if conf is None or conf.proj.bias is None else conf.proj.bias.detach(),
             mask_token=model.config.mask_token_id,
             num_heads=m.num_attention_heads,
@@ -136,21 +136,26 @@ class FusedDraft:
         return list(zip(kv[::2], kv[1::2], strict=True))
 
 
+def _tiled(linear: nn.Module) -> torch.Tensor:
+    """The tiled copy of a product's weight (`tile_for_kernels`; `_fits` checked it is there)."""
+    return cast(torch.Tensor, linear.weight.tiled)  # type: ignore[union-attr]
+
+
 def _layer_weights(layer: DraftLayer) -> list[torch.Tensor]:
     """in_norm, q, k, v, q_norm, k_norm, o, post_norm, gate, up, down (`kDraftPerLayer`)."""
     attn, mlp = layer.self_attn, cast(GatedMLP, layer.mlp)
     return [
         layer.input_layernorm.weight.detach(),
-        attn.q_proj.weight.tiled,
-        attn.k_proj.weight.tiled,
-        attn.v_proj.weight.tiled,
+        _tiled(attn.q_proj),
+        _tiled(attn.k_proj),
+        _tiled(attn.v_proj),
         attn.q_norm.weight.detach(),
         attn.k_norm.weight.detach(),
-        attn.o_proj.weight.tiled,
+        _tiled(attn.o_proj),
         layer.post_attention_layernorm.weight.detach(),
-        mlp.gate_proj.weight.tiled,
-        mlp.up_proj.weight.tiled,
-        mlp.down_proj.weight.tiled,
+        _tiled(mlp.gate_proj),
+        _tiled(mlp.up_proj),
+        _tiled(mlp.down_proj),
     ]
 
 
@@ -158,7 +163,7 @@ def _fits(model: DFlashDraftModel) -> bool:
     """Every product tiled, float32, no biases, dense MLPs, a vanilla Markov head or none."""
     linears: list[Linear] = [model.lm_head, model.fc]
     for layer in model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
+        attn, mlp = cast(DraftLayer, layer).self_attn, cast(DraftLayer, layer).mlp
         if type(mlp) is not GatedMLP:
             return False
         linears += [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj]
