@@ -4,8 +4,8 @@
 // Weights are "tiled": a [N, K] weight stored as [ceil(N / 64), K, 64], so that the 64 output
 // columns of one tile are read as one contiguous stream (`tile_weight` in
 // specserve/models/layers.py writes them). The product of a few rows with such a weight
-// (`linear_tiled`) keeps 4 rows x 64 columns of accumulators in registers and reads each
-// weight byte once per 4 rows: at one row it streams the weight at the copy bandwidth, with no
+// (`linear_tiled`) keeps up to 8 rows x 64 columns of accumulators in registers and reads each
+// weight byte once per 8 rows: at one row it streams the weight at the copy bandwidth, with no
 // horizontal sums. Each output row is summed over k in the same order whatever the number of
 // rows, so a token's result does not depend on how many tokens share its step.
 //

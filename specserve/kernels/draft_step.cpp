@@ -16,31 +16,6 @@ namespace {
 
 using namespace specserve_kernels;
 
-// y [M, N] (+)= x [M, K] @ W as gemm_tiled, but blocks of 8 or 7 rows (requests' blocks of that
-// size) in one pass over each weight tile each, instead of 6 + the rest: fewer passes over the
-// weights. Each row's sums are the same as gemm_tiled's (tile_rows at any row count).
-void block_gemm(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N,
-                float* y, int64_t ldy, bool accumulate) {
-  const int64_t mb = M % 8 == 0 ? 8 : M % 7 == 0 ? 7 : 0;
-  if (mb == 0) return gemm_tiled(x, ldx, M, w, K, N, y, ldy, accumulate);
-  const int64_t tiles = (N + kCols - 1) / kCols;
-  at::parallel_for(0, tiles, grain_for(M * K * kCols), [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float* wt = w + t * K * kCols;
-      const int64_t ncols = std::min(kCols, N - t * kCols);
-      for (int64_t m = 0; m < M; m += mb) {
-        const float* xm = x + m * ldx;
-        float* ym = y + m * ldy + t * kCols;
-        if (mb == 8) {
-          tile_rows<8>(xm, ldx, wt, kCols, K, ym, ldy, ncols, accumulate);
-        } else {
-          tile_rows<7>(xm, ldx, wt, kCols, K, ym, ldy, ncols, accumulate);
-        }
-      }
-    }
-  });
-}
-
 // in_norm, q, k, v, q_norm, k_norm, o, post_norm, gate, up, down
 constexpr int64_t kDraftPerLayer = 11;
 
@@ -117,9 +92,9 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
               "draft_block: layer ", layer, ": norms [H] and q/k norms [head_dim]");
   std::vector<float> xn(M * H), q(M * qn), k(M * kn), v(M * kn), attn(M * qn), tmp(s.d);
   for (int64_t m = 0; m < M; ++m) rms_norm(x + m * H, w[0].data_ptr<float>(), H, eps, &xn[m * H]);
-  block_gemm(xn.data(), H, M, w[1].data_ptr<float>(), H, qn, q.data(), qn, false);
-  block_gemm(xn.data(), H, M, w[2].data_ptr<float>(), H, kn, k.data(), kn, false);
-  block_gemm(xn.data(), H, M, w[3].data_ptr<float>(), H, kn, v.data(), kn, false);
+  gemm_tiled(xn.data(), H, M, w[1].data_ptr<float>(), H, qn, q.data(), qn, false);
+  gemm_tiled(xn.data(), H, M, w[2].data_ptr<float>(), H, kn, k.data(), kn, false);
+  gemm_tiled(xn.data(), H, M, w[3].data_ptr<float>(), H, kn, v.data(), kn, false);
   for (int64_t m = 0; m < M; ++m) {
     const float *c = cos + pos[m] * half, *sn = sin + pos[m] * half;
     for (int64_t head = 0; head < s.h + s.kvh; ++head) {
@@ -142,13 +117,13 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
     run(s, &q[b * qn], &k[b * kn], &v[b * kn], ck.data_ptr<float>(), cv.data_ptr<float>(), L,
         &attn[b * qn]);
   }
-  block_gemm(attn.data(), qn, M, w[6].data_ptr<float>(), qn, H, x, H, true);
+  gemm_tiled(attn.data(), qn, M, w[6].data_ptr<float>(), qn, H, x, H, true);
   for (int64_t m = 0; m < M; ++m) rms_norm(x + m * H, w[7].data_ptr<float>(), H, eps, &xn[m * H]);
   std::vector<float> gate(M * s.I), up(M * s.I);
-  block_gemm(xn.data(), H, M, w[8].data_ptr<float>(), H, s.I, gate.data(), s.I, false);
-  block_gemm(xn.data(), H, M, w[9].data_ptr<float>(), H, s.I, up.data(), s.I, false);
+  gemm_tiled(xn.data(), H, M, w[8].data_ptr<float>(), H, s.I, gate.data(), s.I, false);
+  gemm_tiled(xn.data(), H, M, w[9].data_ptr<float>(), H, s.I, up.data(), s.I, false);
   for (int64_t i = 0; i < M * s.I; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-  block_gemm(gate.data(), s.I, M, w[10].data_ptr<float>(), s.I, H, x, H, true);
+  gemm_tiled(gate.data(), s.I, M, w[10].data_ptr<float>(), s.I, H, x, H, true);
 }
 
 // The first index of the largest value (torch.argmax), and max softmax(l) = 1 / sum exp(l - max).
@@ -215,7 +190,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
   }
   for (int64_t m = 0; m < M; ++m) rms_norm(&x[m * H], final_norm.data_ptr<float>(), H, feps, &x[m * H]);
   std::vector<float> base(M * V);
-  block_gemm(x.data(), H, M, lm_head.data_ptr<float>(), H, V, base.data(), V, false);
+  gemm_tiled(x.data(), H, M, lm_head.data_ptr<float>(), H, V, base.data(), V, false);
 
   const bool markov = markov_w1.numel() > 0, confidence = conf_w.numel() > 0;
   const int64_t rank = markov ? markov_w1.size(1) : 0;
@@ -244,7 +219,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
       for (int64_t r = 0; r < R; ++r) {
         std::memcpy(&e[r * rank], markov_w1.data_ptr<float>() + prev[r] * rank, rank * sizeof(float));
       }
-      block_gemm(e.data(), rank, R, markov_w2.data_ptr<float>(), rank, V, bias.data(), V, false);
+      gemm_tiled(e.data(), rank, R, markov_w2.data_ptr<float>(), rank, V, bias.data(), V, false);
     }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t m = r * block + j;
@@ -264,7 +239,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
   }
   if (confidence) {
     float* c = conf.data_ptr<float>();
-    block_gemm(feats.data(), feat, M, conf_w.data_ptr<float>(), feat, 1, c, 1, false);
+    gemm_tiled(feats.data(), feat, M, conf_w.data_ptr<float>(), feat, 1, c, 1, false);
     if (conf_b.numel() == 1) {
       const float b = conf_b.data_ptr<float>()[0];
       for (int64_t m = 0; m < M; ++m) c[m] += b;
@@ -301,7 +276,7 @@ std::vector<at::Tensor> draft_context(const at::Tensor& rows, const at::Tensor& 
   }
   const float feps = static_cast<float>(eps);
   std::vector<float> feats(N * H), tmp(d);
-  block_gemm(rows.data_ptr<float>(), F, N, fc.data_ptr<float>(), F, H, feats.data(), H, false);
+  gemm_tiled(rows.data_ptr<float>(), F, N, fc.data_ptr<float>(), F, H, feats.data(), H, false);
   for (int64_t m = 0; m < N; ++m) {
     rms_norm(&feats[m * H], hidden_norm.data_ptr<float>(), H, feps, &feats[m * H]);
   }
@@ -312,8 +287,8 @@ std::vector<at::Tensor> draft_context(const at::Tensor& rows, const at::Tensor& 
     check_tiled(w[3], H, kn, "draft_context v_proj");
     at::Tensor k = at::empty({N, kvh, d}, rows.options()), v = at::empty({N, kvh, d}, rows.options());
     float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-    block_gemm(feats.data(), H, N, w[2].data_ptr<float>(), H, kn, kp, kn, false);
-    block_gemm(feats.data(), H, N, w[3].data_ptr<float>(), H, kn, vp, kn, false);
+    gemm_tiled(feats.data(), H, N, w[2].data_ptr<float>(), H, kn, kp, kn, false);
+    gemm_tiled(feats.data(), H, N, w[3].data_ptr<float>(), H, kn, vp, kn, false);
     for (int64_t m = 0; m < N; ++m) {
       const float *c = cos.data_ptr<float>() + pos[m] * half, *sn = sin.data_ptr<float>() + pos[m] * half;
       for (int64_t g = 0; g < kvh; ++g) {

@@ -148,14 +148,17 @@ inline void tile_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, 
   }
 }
 
-// y [M, 64-column chunk] (+)= x [M, K] @ w [K, 64]: tile_rows over M in blocks of 6 rows.
+// y [M, 64-column chunk] (+)= x [M, K] @ w [K, 64]: tile_rows over M in blocks of 8 rows, the
+// rest in one block (a verify window of 8 or a draft block of 7 in one pass over the tile).
 inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw,
                             int64_t K, float* y, int64_t ldy, int64_t ncols, bool accumulate) {
   int64_t m = 0;
-  for (; m + 6 <= M; m += 6) tile_rows<6>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy, ncols, accumulate);
+  for (; m + 8 <= M; m += 8) tile_rows<8>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy, ncols, accumulate);
   const float* xm = x + m * ldx;
   float* ym = y + m * ldy;
   switch (M - m) {
+    case 7: tile_rows<7>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
+    case 6: tile_rows<6>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
     case 5: tile_rows<5>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
     case 4: tile_rows<4>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
     case 3: tile_rows<3>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
