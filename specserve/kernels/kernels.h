@@ -110,8 +110,11 @@ constexpr int64_t kCols = 64;  // output columns per tile of a tiled weight
 constexpr int64_t kMinParallelWork = 1 << 21;
 
 // The grain (items per chunk) for at::parallel_for over items of `work_per_item` each.
+// Rounded up, so that no chunk holds less than kMinParallelWork (two items of 1.5M each stay on
+// one thread).
 inline int64_t grain_for(int64_t work_per_item) {
-  return std::max<int64_t>(1, kMinParallelWork / std::max<int64_t>(1, work_per_item));
+  const int64_t per = std::max<int64_t>(1, work_per_item);
+  return std::max<int64_t>(1, (kMinParallelWork + per - 1) / per);
 }
 
 // y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` floats apart, 64 of
