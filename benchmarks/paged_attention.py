@@ -1,0 +1,108 @@
+"""The paged-attention kernel against its floor and the PyTorch backend, one layer, side by side.
+
+    .venv/bin/python benchmarks/paged_attention.py [--threads 1] [--reps 10]
+
+Shapes are the demo target's (4 query heads, 2 KV heads, head size 64, pages of 16): batch
+{1, 10} x context {512, 1024, 2048} x {decode, verify 8}, with each request's pages laid out
+`contiguous` (one run, as after a prefill), `interleaved` (taken in turns, as when requests
+decoding together each take their next page) or `random` (a fragmented pool), in a pool of
+20,000 pages. Each cell prints the kernel's time (`--attention-backend cpp`), its floor (the
+K/V bytes the step reads over the best copy bandwidth sampled between the timings), the
+ratio and its GFLOP/s; then a layer's whole `attend` (the new K/V written, then attended) with
+`--attention-backend cpp` and with the PyTorch backend (`--attention-backend torch`: gather +
+SDPA) on the same cache and batch. Arms alternate; min of `--reps`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from specserve.models.attention import CppBackend, PagedBatch, TorchBackend
+
+HEADS, KV, D, PAGE, POOL = 4, 2, 64, 16, 20_000
+
+
+def copy_bandwidth() -> float:
+    a = torch.empty(64 * 1024 * 1024 // 4)
+    b = torch.empty_like(a)
+    b.copy_(a)
+    t = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    return 2 * a.numel() * 4 * 5 / (time.perf_counter() - t)
+
+
+def tables(batch: int, pages: int, layout: str, gen: torch.Generator) -> torch.Tensor:
+    if layout == "contiguous":
+        return torch.arange(batch * pages).view(batch, pages)
+    if layout == "interleaved":
+        return torch.arange(batch * pages).view(pages, batch).t().contiguous()
+    return torch.randperm(POOL, generator=gen)[: batch * pages].view(batch, pages)
+
+
+def cell(cache, batch: int, context: int, width: int, layout: str, reps: int) -> str:
+    gen = torch.Generator().manual_seed(batch * context + width)
+    pages = -(-context // PAGE)
+    table = tables(batch, pages, layout, gen)
+    slots = torch.cat(
+        [table[i, t // PAGE] * PAGE + t % PAGE for i in range(batch)
+         for t in [torch.arange(context - width, context)]]
+    )  # fmt: skip
+    pb = PagedBatch(torch.full((batch,), width), torch.full((batch,), context), table, slots)
+    n = batch * width
+    q, k, v = (torch.randn(n, h, D, generator=gen) for h in (HEADS, KV, KV))
+    cpp, torch_ctx = (be.context(cache, pb) for be in (CppBackend(), TorchBackend()))
+    out = torch.empty_like(q)
+    args = cpp.kernel_args
+
+    def kernel() -> None:
+        torch.ops.specserve.paged_attention(out, q, cache[0], *args, D**-0.5)
+
+    arms = [kernel, lambda: cpp.attend(0, q, k, v), lambda: torch_ctx.attend(0, q, k, v)]
+    times: list[list[float]] = [[] for _ in arms]
+    bws = []
+    for fn in arms:
+        fn()
+    for _ in range(reps):
+        for fn, t in zip(arms, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - start)
+        bws.append(copy_bandwidth())
+    ours, layer, theirs = (min(t) for t in times)
+    floor = batch * context * KV * D * 4 * 2 / max(bws)
+    flops = 4 * n * HEADS * context * D
+    step = "decode" if width == 1 else f"verify {width}"
+    return (
+        f"| {batch} | {context} | {step} | {layout} | {max(bws) / 1e9:.1f} | {1e3 * floor:.3f} | "
+        f"{1e3 * ours:.3f} | {ours / floor:.1f}x | {flops / ours / 1e9:.0f} | "
+        f"{1e3 * layer:.3f} | {1e3 * theirs:.3f} | {theirs / layer:.1f}x |"
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--layouts", default="contiguous,interleaved,random")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    cache = [torch.randn(2, KV, POOL, PAGE, D)]
+    print(f"torch threads: {torch.get_num_threads()}; one layer of the demo target's shapes")
+    print(
+        "| batch | context | step | pages | copy GB/s | floor ms | kernel ms | kernel / floor | "
+        "kernel GFLOP/s | cpp attend ms | torch attend ms | torch / cpp |"
+    )
+    print("|---" * 12 + "|")
+    for batch in (1, 10):
+        for context in (512, 1024, 2048):
+            for width in (1, 8):
+                for layout in args.layouts.split(","):
+                    print(cell(cache, batch, context, width, layout, args.reps), flush=True)
+
+
+if __name__ == "__main__":
+    main()
