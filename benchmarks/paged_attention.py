@@ -19,20 +19,11 @@ import argparse
 import time
 
 import torch
+from engine_decode import copy_bandwidth  # this folder (run as a script)
 
 from specserve.models.attention import CppBackend, PagedBatch, TorchBackend
 
 HEADS, KV, D, PAGE, POOL = 4, 2, 64, 16, 20_000
-
-
-def copy_bandwidth() -> float:
-    a = torch.empty(64 * 1024 * 1024 // 4)
-    b = torch.empty_like(a)
-    b.copy_(a)
-    t = time.perf_counter()
-    for _ in range(5):
-        b.copy_(a)
-    return 2 * a.numel() * 4 * 5 / (time.perf_counter() - t)
 
 
 def tables(batch: int, pages: int, layout: str, gen: torch.Generator) -> torch.Tensor:
