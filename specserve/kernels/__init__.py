@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import time
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "paged_attention.cpp", HERE / "dense_step.cpp", HERE / "draft_step.cpp"]
 HEADERS = [HERE / "kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a killed build
 
 
 class KernelUnavailable(ConfigError):
@@ -40,6 +42,23 @@ def _digest() -> str:
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
 
 
+def clear_stale_lock(name: str) -> bool:
+    """Remove the build lock of extension `name` if a killed build left it behind (torch's
+    build waits for that file to go, forever); -> whether one was removed."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = Path(_get_build_directory(name, verbose=False)) / "lock"
+    try:
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return False
+    if age < STALE_LOCK_S:
+        return False  # another process may be building right now
+    log.warning("removing a stale kernel build lock %s (%.0f s old)", lock, age)
+    lock.unlink(missing_ok=True)
+    return True
+
+
 @functools.cache
 def load() -> None:
     """Build (once per machine) and load the kernels; raise `KernelUnavailable` with the cause."""
@@ -47,9 +66,11 @@ def load() -> None:
         from torch.utils.cpp_extension import load as build
     except ImportError as e:  # pragma: no cover - part of every torch build
         raise KernelUnavailable(f"torch.utils.cpp_extension is missing: {e}") from e
+    name = f"specserve_kernels_{_digest()}"
     try:
+        clear_stale_lock(name)
         build(
-            name=f"specserve_kernels_{_digest()}",
+            name=name,
             sources=[str(s) for s in SOURCES],
             extra_cflags=FLAGS,
             extra_ldflags=["-fopenmp"],

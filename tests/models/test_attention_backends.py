@@ -4,12 +4,16 @@ specialises (64, 128) and a generic one."""
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 import torch
 import transformers
 
 from specserve.config import EngineConfig
 from specserve.engine.model_runner import BatchSeq, ModelRunner
+from specserve.kernels import STALE_LOCK_S, clear_stale_lock
 from specserve.models.attention import CppBackend, PagedBatch, TorchBackend, make_attention_backend
 from specserve.models.loader import load_model
 from specserve.testing.tiny import make_checkpoint
@@ -198,3 +202,15 @@ def test_fused_step_is_off_where_it_does_not_fit(tmp_path):
     runner = ModelRunner(model, 16, 4, torch.float32, "cpu", attention_backend="cpp")
     assert runner.model._step_weights is None
     assert hasattr(runner.model.lm_head.weight, "tiled")
+
+
+def test_a_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
+    """torch's build waits forever on a lock file a killed build left; `load()` clears it."""
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    lock = tmp_path / "ext" / "lock"
+    assert not clear_stale_lock("ext")  # no lock: nothing to do (the folder is made)
+    lock.write_text("")
+    assert not clear_stale_lock("ext") and lock.exists()  # a build may be running
+    old = time.time() - STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert clear_stale_lock("ext") and not lock.exists()
