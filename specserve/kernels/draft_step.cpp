@@ -27,12 +27,11 @@ struct Shape {
 // Attention of one request's K block rows, all heads: keys [context (L rows); block (K rows)],
 // every block row sees all of them. q, out [K, h, d]; kb, vb [K, kvh, d]; ck, cv [L, kvh, d].
 // Per KV head, its K x group query rows share each key and value load (`rows_tile`, up to
-// kMaxRows rows at once, head sizes 64 and 128; `row_tile` one row at a time otherwise), an
+// kMaxRows<D> rows at once, head sizes 64 and 128; `row_tile` one row at a time otherwise), an
 // online softmax over tiles of kTile keys.
 template <int D>
 void block_attention(const Shape& s, const float* q, const float* kb, const float* vb,
                      const float* ck, const float* cv, int64_t L, float* out) {
-  constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
   const int64_t group = s.h / s.kvh, d = D > 0 ? D : s.d, n = L + s.K, rows = s.K * group;
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   std::vector<float> qbuf(rows * d), acc(rows * d), mx(rows), sum(rows), score(rows * kTile);
@@ -53,20 +52,9 @@ void block_attention(const Shape& s, const float* q, const float* kb, const floa
         krow[t] = (key < L ? ck : kb) + off;
         vrow[t] = (key < L ? cv : vb) + off;
       }
-      for (int64_t r = 0; r < rows; r += kMaxRows) {
-        float *q0 = &qbuf[r * d], *s0 = &score[r * kTile], *a0 = &acc[r * d];
-        const float *const *kr = krow.data(), *const *vr = vrow.data();
-        if constexpr (D > 0) {
-          switch (std::min(kMaxRows, rows - r)) {
-            case 4: rows_tile<D, 4>(q0, kr, vr, cnt, kTile, s0, a0, &mx[r], &sum[r]); break;
-            case 3: rows_tile<D, 3>(q0, kr, vr, cnt, kTile, s0, a0, &mx[r], &sum[r]); break;
-            case 2: rows_tile<D, 2>(q0, kr, vr, cnt, kTile, s0, a0, &mx[r], &sum[r]); break;
-            default: rows_tile<D, 1>(q0, kr, vr, cnt, kTile, s0, a0, &mx[r], &sum[r]); break;
-          }
-        } else {
-          row_tile(q0, kr, vr, cnt, d, s0, a0, mx[r], sum[r]);
-        }
-      }
+      for (int64_t r = 0; r < rows; r += kMaxRows<D>)
+        attend_rows<D>(std::min(kMaxRows<D>, rows - r), &qbuf[r * d], krow.data(), vrow.data(),
+                       cnt, d, kTile, &score[r * kTile], &acc[r * d], &mx[r], &sum[r]);
     }
     for (int64_t r = 0; r < rows; ++r) {
       float* dst = out + ((r / group) * s.h + g * group + r % group) * d;

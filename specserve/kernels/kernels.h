@@ -312,6 +312,29 @@ inline void rows_tile(const float* q, const float* const* krow, const float* con
     for (int c = 0; c < C; ++c) store(acc + r * D + c * kLanes, a[r][c]);
 }
 
+// The most query rows `rows_tile` keeps in registers at head size D (the accumulators): 4 at
+// 64, 2 at 128; the generic head size (D = 0) goes through `row_tile`, one row at a time.
+template <int D>
+constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
+
+// One tile pass of `chunk` rows (at most kMaxRows<D>) that see the same `visible` keys: q, s
+// and acc of the first row, the rows' softmax state mx, sum; scores `ld_score` apart.
+template <int D>
+inline void attend_rows(int64_t chunk, const float* q, const float* const* krow,
+                        const float* const* vrow, int64_t visible, int64_t d, int64_t ld_score,
+                        float* s, float* acc, float* mx, float* sum) {
+  if constexpr (D > 0) {
+    switch (chunk) {
+      case 4: rows_tile<D, 4>(q, krow, vrow, visible, ld_score, s, acc, mx, sum); break;
+      case 3: rows_tile<D, 3>(q, krow, vrow, visible, ld_score, s, acc, mx, sum); break;
+      case 2: rows_tile<D, 2>(q, krow, vrow, visible, ld_score, s, acc, mx, sum); break;
+      default: rows_tile<D, 1>(q, krow, vrow, visible, ld_score, s, acc, mx, sum); break;
+    }
+  } else {
+    row_tile(q, krow, vrow, visible, d, s, acc, *mx, *sum);
+  }
+}
+
 template <typename T, int D>
 void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             const at::Tensor& block_tables, const at::Tensor& q_starts,
@@ -390,24 +413,12 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           auto seen = [&](int64_t row) { return std::min(n, nk - nq + row / group - first + 1); };
           const int64_t visible = seen(r);
           // rows r .. r + chunk - 1 see the same keys (heads of one query, or queries that see
-          // the whole tile): up to 4 at once (2 at head size 128: the registers)
-          constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
+          // the whole tile)
           int64_t chunk = 1;
-          while (chunk < kMaxRows && r + chunk < rows && seen(r + chunk) == visible) ++chunk;
-          if (visible > 0) {
-            float *q0 = &qbuf[r * d], *s0 = &score[r * tile], *a0 = &acc[r * d];
-            const float *const *kr = krow.data(), *const *vr = vrow.data();
-            if constexpr (D > 0) {
-              switch (chunk) {
-                case 4: rows_tile<D, 4>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
-                case 3: rows_tile<D, 3>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
-                case 2: rows_tile<D, 2>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
-                default: rows_tile<D, 1>(q0, kr, vr, visible, tile, s0, a0, &mx[r], &sum[r]); break;
-              }
-            } else {
-              row_tile(q0, kr, vr, visible, d, s0, a0, mx[r], sum[r]);
-            }
-          }
+          while (chunk < kMaxRows<D> && r + chunk < rows && seen(r + chunk) == visible) ++chunk;
+          if (visible > 0)
+            attend_rows<D>(chunk, &qbuf[r * d], krow.data(), vrow.data(), visible, d, tile,
+                           &score[r * tile], &acc[r * d], &mx[r], &sum[r]);
           r += chunk;
         }
       }
