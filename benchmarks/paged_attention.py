@@ -10,12 +10,14 @@ decoding together each take their next page) or `random` (a fragmented pool), in
 K/V bytes the step reads over the best copy bandwidth sampled between the timings), the
 ratio and its GFLOP/s; then a layer's whole `attend` (the new K/V written, then attended) with
 `--attention-backend cpp` and with the PyTorch backend (`--attention-backend torch`: gather +
-SDPA) on the same cache and batch. Arms alternate; min of `--reps`.
+SDPA) on the same cache and batch. Arms alternate; min and median of `--reps`, ratios from
+the mins.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -64,13 +66,15 @@ def cell(cache, batch: int, context: int, width: int, layout: str, reps: int) ->
             t.append(time.perf_counter() - start)
         bws.append(copy_bandwidth())
     ours, layer, theirs = (min(t) for t in times)
+    med = [1e3 * statistics.median(t) for t in times]
     floor = batch * context * KV * D * 4 * 2 / max(bws)
     flops = 4 * n * HEADS * context * D
     step = "decode" if width == 1 else f"verify {width}"
     return (
         f"| {batch} | {context} | {step} | {layout} | {max(bws) / 1e9:.1f} | {1e3 * floor:.3f} | "
-        f"{1e3 * ours:.3f} | {ours / floor:.1f}x | {flops / ours / 1e9:.0f} | "
-        f"{1e3 * layer:.3f} | {1e3 * theirs:.3f} | {theirs / layer:.1f}x |"
+        f"{1e3 * ours:.3f} / {med[0]:.3f} | {ours / floor:.1f}x | {flops / ours / 1e9:.0f} | "
+        f"{1e3 * layer:.3f} / {med[1]:.3f} | {1e3 * theirs:.3f} / {med[2]:.3f} | "
+        f"{theirs / layer:.1f}x |"
     )
 
 
@@ -84,8 +88,9 @@ def main() -> None:
     cache = [torch.randn(2, KV, POOL, PAGE, D)]
     print(f"torch threads: {torch.get_num_threads()}; one layer of the demo target's shapes")
     print(
-        "| batch | context | step | pages | copy GB/s | floor ms | kernel ms | kernel / floor | "
-        "kernel GFLOP/s | cpp attend ms | torch attend ms | torch / cpp |"
+        "| batch | context | step | pages | copy GB/s | floor ms | kernel ms min / median | "
+        "kernel / floor | kernel GFLOP/s | cpp attend ms min / median | "
+        "torch attend ms min / median | torch / cpp |"
     )
     print("|---" * 12 + "|")
     for batch in (1, 10):
