@@ -335,6 +335,32 @@ inline void attend_rows(int64_t chunk, const float* q, const float* const* krow,
   }
 }
 
+// A piece of `attend`'s work: queries q0 .. q1 - 1 of sequence b against KV head g.
+struct AttendItem {
+  int64_t b, g, q0, q1, work;  // work: multiply-adds
+};
+
+// Queries per item of a long query (a prefill chunk): enough rows to reuse each key tile many
+// times, small enough that two threads share one sequence's chunk.
+constexpr int64_t kQueryBlock = 64;
+
+// The items of an `attend` call, in order (sequence, query block, KV head), and the first item
+// of each of `parts` contiguous runs of about equal work (parts + 1 entries, the last = size).
+inline std::vector<int64_t> split_items(const std::vector<AttendItem>& items, int64_t parts) {
+  int64_t total = 0;
+  for (const auto& it : items) total += it.work;
+  std::vector<int64_t> first{0};
+  int64_t done = 0, i = 0;
+  for (int64_t p = 1; p < parts; ++p) {
+    const int64_t target = total * p / parts;
+    while (i < static_cast<int64_t>(items.size()) && done + items[i].work / 2 < target)
+      done += items[i++].work;
+    first.push_back(i);
+  }
+  first.push_back(static_cast<int64_t>(items.size()));
+  return first;
+}
+
 template <typename T, int D>
 void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             const at::Tensor& block_tables, const at::Tensor& q_starts,
@@ -354,25 +380,38 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   const float fscale = static_cast<float>(scale);
   constexpr bool kFloat = std::is_same_v<T, float>;
 
-  int64_t work = 0;  // multiply-adds of the whole call: 2 per (query row, key, dim)
-  for (int64_t b = 0; b < batch; ++b) work += 2 * qlens[b] * h * klens[b] * d;
-  at::parallel_for(0, batch * kv, grain_for(work / std::max<int64_t>(1, batch * kv)),
-                   [&](int64_t begin, int64_t end) {
+  std::vector<AttendItem> items;
+  int64_t total = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t nq = qlens[b], nk = klens[b];
+    for (int64_t q0 = 0; q0 < nq; q0 += kQueryBlock) {
+      const int64_t q1 = std::min(nq, q0 + kQueryBlock);
+      // query j sees nk - nq + j + 1 keys: the block's sum of that, 2 multiply-adds per key
+      const int64_t keys = (q1 - q0) * (nk - nq + 1) + (q0 + q1 - 1) * (q1 - q0) / 2;
+      const int64_t work = 2 * group * keys * d;
+      for (int64_t g = 0; g < kv; ++g) items.push_back({b, g, q0, q1, work});
+      total += kv * work;
+    }
+  }
+  const int64_t parts = std::clamp<int64_t>(total / kMinParallelWork, 1, at::get_num_threads());
+  const std::vector<int64_t> first_item = split_items(items, parts);
+  at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
     std::vector<float> qbuf, acc, mx, sum, score, kbuf, vbuf;
     std::vector<const float*> krow(tile), vrow(tile);
     if (!kFloat) kbuf.resize(tile * d), vbuf.resize(tile * d);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / kv, g = item % kv;
-      const int64_t nq = qlens[b], nk = klens[b], rows = nq * group;
+    for (int64_t item = first_item[part_begin]; item < first_item[part_end]; ++item) {
+      const auto [b, g, q0, q1, work] = items[item];
+      const int64_t nq = qlens[b], rows = (q1 - q0) * group;
+      const int64_t nk = klens[b] - nq + q1;  // the keys the block's last query sees
       qbuf.resize(rows * d);
       acc.assign(rows * d, 0.f);
       mx.assign(rows, -std::numeric_limits<float>::infinity());
       sum.assign(rows, 0.f);
       score.resize(rows * tile);
-      for (int64_t r = 0; r < rows; ++r) {  // row r = j * group + i: query j, head g*group + i
+      for (int64_t r = 0; r < rows; ++r) {  // row r = j * group + i: query q0 + j, head g*group + i
         const int64_t j = r / group, i = r % group;
         float* dst = &qbuf[r * d];
-        load_rows(dst, qp + ((starts[b] + j) * h + g * group + i) * d, d);
+        load_rows(dst, qp + ((starts[b] + q0 + j) * h + g * group + i) * d, d);
         for (int64_t c = 0; c < d; ++c) dst[c] *= fscale;
       }
       for (int64_t first = 0; first < nk; first += tile) {
@@ -409,8 +448,8 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           }
         }
         for (int64_t r = 0; r < rows;) {
-          // keys first .. first + seen(row) - 1 of this tile are visible to query row / group
-          auto seen = [&](int64_t row) { return std::min(n, nk - nq + row / group - first + 1); };
+          // keys first .. first + seen(row) - 1 of this tile are visible to row r's query
+          auto seen = [&](int64_t row) { return std::min(n, nk - (q1 - q0) + row / group - first + 1); };
           const int64_t visible = seen(r);
           // rows r .. r + chunk - 1 see the same keys (heads of one query, or queries that see
           // the whole tile)
@@ -425,7 +464,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = r / group, i = r % group;
         const float inv = 1.f / sum[r];
-        T* dst = op + ((starts[b] + j) * h + g * group + i) * d;
+        T* dst = op + ((starts[b] + q0 + j) * h + g * group + i) * d;
         for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(acc[r * d + c] * inv);
       }
     }

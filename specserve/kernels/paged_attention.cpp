@@ -1,11 +1,12 @@
-// Paged attention for short queries (decode steps and verify windows) on the CPU.
+// Paged attention on the CPU: decode steps, verify windows and prefill chunks.
 //
 // Reads each sequence's keys and values in place, page by page, from the cache layout of
 // `specserve.models.attention.TorchBackend`: one tensor [2, kv, num_blocks, page_size, d] per
 // layer. Nothing is gathered and no mask is built: query j of a sequence with Q new tokens and
-// L keys sees keys 0 .. L - Q + j, and an online softmax runs over one page of keys at a time.
-// One work item is a (sequence, kv head) pair: its queries (Q tokens x the heads of the group)
-// read every key and value row of the group once, from L1, for all of them.
+// L keys sees keys 0 .. L - Q + j, and an online softmax runs over one tile of keys at a time.
+// One work item is a (sequence, block of up to 64 queries, kv head): its rows (the queries x
+// the heads of the group) read each key and value row of the group once, from L1, for all of
+// them. Items are shared out to threads in runs of about equal work.
 
 
 #include "kernels.h"

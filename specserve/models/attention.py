@@ -290,41 +290,32 @@ class PagedAttention(AttentionContext):
 
 
 class KernelPagedAttention(PagedAttention):
-    """`CppBackend`'s context: every short query (decode, verify window) in one kernel call per
-    layer over the pages in place; long queries (prefill chunks) grouped as in `PagedAttention`."""
+    """`CppBackend`'s context: the whole batch (decode steps, verify windows and prefill chunks,
+    causal over each query's own new rows) in one kernel call per layer over the pages in place.
+    A long query is split into blocks of queries so that threads share it."""
 
     def __init__(self, cache: list[torch.Tensor], batch: PagedBatch) -> None:
-        short = (batch.query_lens <= self.SHORT_QUERY).nonzero().squeeze(1)
         starts = torch.cumsum(batch.query_lens, 0) - batch.query_lens
-        self.kernel_args = None
-        if len(short):
-            self.kernel_args = tuple(
-                x.contiguous()
-                for x in (batch.block_tables[short], starts[short], batch.query_lens[short],
-                          batch.kv_lens[short])
-            )  # fmt: skip
+        self.kernel_args = tuple(
+            x.contiguous() for x in (batch.block_tables, starts, batch.query_lens, batch.kv_lens)
+        )
         super().__init__(cache, batch)
         self.step_args = None  # for `dense_layers`: every query short, float32 cache
-        if self.kernel_args is not None and not self.groups and cache[0].dtype == torch.float32:
+        short = bool((batch.query_lens <= self.SHORT_QUERY).all())
+        if short and cache[0].dtype == torch.float32:
             slots = batch.slot_mapping.to(cache[0].device)
             self.step_args = (cache, slots, *self.kernel_args)
 
     def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
-        qlens = batch.query_lens.tolist()
-        return [torch.tensor([i]) for i, q in enumerate(qlens) if q > self.SHORT_QUERY]
+        return []  # no SDPA groups: the kernel takes every query
 
     def attend(self, layer_idx, q, k, v):
         cache = self.cache[layer_idx]
         self._write(cache, k, v)
         dtype = q.dtype
         if dtype != cache.dtype:  # a cache narrower than the model
-            q, k, v = (x.to(cache.dtype) for x in (q, k, v))
+            q = q.to(cache.dtype)
         out = q.new_empty(q.shape)
-        if self.kernel_args is not None:
-            scale = q.shape[-1] ** -0.5
-            torch.ops.specserve.paged_attention(
-                out, q.contiguous(), cache, *self.kernel_args, scale
-            )
-        if self.groups:
-            self._attend_groups(q, k, v, cache, out)
+        scale = q.shape[-1] ** -0.5
+        torch.ops.specserve.paged_attention(out, q.contiguous(), cache, *self.kernel_args, scale)
         return out if out.dtype == dtype else out.to(dtype)

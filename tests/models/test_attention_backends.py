@@ -65,6 +65,29 @@ def test_kernel_equals_the_torch_backend(head_dim, heads, kv, dtype, tol, page):
     assert torch.equal(caches[0][0], caches[1][0])
 
 
+def test_long_queries_are_split_into_blocks_across_threads():
+    """Prefill chunks longer than a query block (64), after a prefix and with none, next to
+    decode and verify rows: the kernel matches the torch backend, and the bits do not depend
+    on how many threads share the blocks."""
+    gen = torch.Generator().manual_seed(11)
+    qlens, klens = [150, 1, 130, 8, 65], [350, 900, 130, 500, 700]
+    batch, num_blocks = _random_batch(qlens, klens, 16, gen)
+    cache = TorchBackend().allocate(1, num_blocks, 16, 2, 64, torch.float32, "cpu")[0]
+    cache.copy_(torch.randn(cache.shape, generator=gen))
+    q, k, v = (torch.randn(sum(qlens), c, 64, generator=gen) for c in (4, 2, 2))
+    want = TorchBackend().context([cache.clone()], batch).attend(0, q, k, v)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(CppBackend().context([cache.clone()], batch).attend(0, q, k, v))
+    finally:
+        torch.set_num_threads(threads)
+    assert (outs[0] - want).abs().max().item() <= 2e-6
+    assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_kernel_row_is_the_same_in_decode_and_verify(head_dim):
     """A query attended as the last row of a verify window, or as a row inside it, gives the
