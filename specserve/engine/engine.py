@@ -340,7 +340,9 @@ class LLMEngine:
             self._last_step_end = None
             return []
         self.stats.num_steps += 1
-        drafts = self._draft(scheduled)
+        # the K/V the decoding requests read: with their number, the key of the step's times
+        context = sum(s.request.num_tokens for s in scheduled if s.reaches_end)
+        drafts = self._draft(scheduled, context)
         t_fwd = time.perf_counter()
         result = self.runner.forward(
             [self._batch_seq(s, drafts.get(s.request.request_id)) for s in scheduled]
@@ -365,6 +367,7 @@ class LLMEngine:
                 decode_only=all(s.num_new_tokens == 1 for s in finishing)
                 and finishing == scheduled,
                 num_decoding=len(finishing),
+                context_tokens=context,
                 accepted={
                     rid: len(new_tokens[rid][0]) - 1 for rid, d in drafts.items() if d.tokens
                 },
@@ -423,10 +426,12 @@ class LLMEngine:
         assert isinstance(self.runner, ModelRunner)  # a prefix hit: a paged runner
         return torch.cat([self.runner.cached_hidden(pages).to(rows.dtype), rows])
 
-    def _draft(self, scheduled: list[ScheduledRequest]) -> dict[str, DraftProposal]:
+    def _draft(
+        self, scheduled: list[ScheduledRequest], context_tokens: int
+    ) -> dict[str, DraftProposal]:
         spec = [s for s in scheduled if s.num_lookahead > 0 and s.reaches_end]
-        num_decoding = sum(s.reaches_end for s in scheduled)  # the key of the step's times
-        allowed = self.planner.allow([s.request for s in spec], num_decoding)
+        num_decoding = sum(s.reaches_end for s in scheduled)
+        allowed = self.planner.allow([s.request for s in spec], num_decoding, context_tokens)
         spec = [s for s, ok in zip(spec, allowed, strict=True) if ok]
         if not spec:
             return {}

@@ -3,8 +3,9 @@
 A decode step that drafts for request r commits 1 + a_r tokens for it, where a_r is the number
 of draft tokens the target accepts; plain decoding commits 1. Drafting pays when
 (1 + a_r) / t_spec > 1 / t_plain, i.e. a_r > t_spec / t_plain - 1, with t_spec and t_plain the
-measured wall times of a decode step with and without drafting (moving averages by batch
-size) and a_r r's expected acceptance:
+measured wall times of a decode step with and without drafting (the fastest recent step, by
+batch size and context octave: a step at 2K-token contexts reads eight times the K/V of one at
+256, so times from one length say nothing of the other) and a_r r's expected acceptance:
 * for a drafter with a confidence head (DSpark; `head_confidences`), what the head predicts
   for the tokens the planner verifies, sum_i prod_{j<=i} c_j, averaged over r's drafted steps
   and judged from the first one;
@@ -32,11 +33,12 @@ alone leaves the output distribution unchanged (and greedy output token-identica
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 from specserve.core import Request
 from specserve.speculative.base import DraftProposal
-from specserve.speculative.planner import Planner, StepOverhead, StepStats
+from specserve.speculative.planner import Planner, StepStats
 
 
 @dataclass
@@ -55,6 +57,29 @@ class _Acceptance:
         self.expected_samples += 1
         step = max(1.0 - decay, 1.0 / self.expected_samples)
         self.expected += step * (expected - self.expected)
+
+
+class StepTimes:
+    """Decode-step seconds by batch size: the fastest of the last `window` steps of each size.
+    Load and one-off work only ever slow a step down, so the recent minimum is the steady cost.
+    A moving average keeps a spike for many steps: the step in which a drafter first catches up
+    on ten 2,048-token prompts took 10x a steady one, and kept such a batch from drafting while
+    no drafted step came to dilute it."""
+
+    def __init__(self, window: int = 8) -> None:
+        self.window = window
+        self.by_requests: dict[int, deque[float]] = {}
+
+    def observe(self, num_requests: int, seconds: float) -> None:
+        times = self.by_requests.setdefault(num_requests, deque(maxlen=self.window))
+        times.append(max(0.0, seconds))
+
+    def get(self, num_requests: int) -> float:
+        """The steady time at `num_requests` (the nearest size seen; 0 before any)."""
+        if not self.by_requests:
+            return 0.0
+        near = min(self.by_requests, key=lambda r: (abs(r - num_requests), r))
+        return min(self.by_requests[near])
 
 
 class DraftGate(Planner):
@@ -77,8 +102,9 @@ class DraftGate(Planner):
         self.head_confidences = head_confidences
         self.steps_since_plain = 0  # steps since the last plain one
         self.clock = 0  # steps decided (the probe schedule)
-        self.plain = StepOverhead()  # decode-step seconds without drafts, by batch size
-        self.spec = StepOverhead()  # decode-step seconds with drafts, by batch size
+        # decode-step seconds without and with drafts, by context octave, then batch size
+        self.plain: dict[int, StepTimes] = {}
+        self.spec: dict[int, StepTimes] = {}
         self.acceptance: dict[str, _Acceptance] = {}
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
@@ -95,27 +121,35 @@ class DraftGate(Planner):
                 acc.add_expected(expected, self.decay)
         return lens
 
-    def break_even(self, num_requests: int) -> float:
-        """Accepted tokens per step that a drafted request must reach for drafting to pay."""
-        if not (self.plain.by_requests and self.spec.by_requests):
+    def break_even(self, num_requests: int, octave: int = 0) -> float:
+        """Accepted tokens per step that a drafted request must reach for drafting to pay, at
+        `num_requests` decoding with contexts of `octave` (`context_octave`)."""
+        plain, spec = self.plain.get(octave), self.spec.get(octave)
+        if plain is None or spec is None:
             return 1.0
-        plain = max(self.plain.get(num_requests), 1e-9)
-        return max(0.0, self.spec.get(num_requests) / plain - 1.0)
+        return max(0.0, spec.get(num_requests) / max(plain.get(num_requests), 1e-9) - 1.0)
 
-    def allow(self, requests: list[Request], num_decoding: int | None = None) -> list[bool]:
+    def allow(
+        self, requests: list[Request], num_decoding: int | None = None, context_tokens: int = 0
+    ) -> list[bool]:
         """Per request: draft this step (True) or decode it plainly. Step times are keyed by
-        `num_decoding`, the requests that get a token this step (drafting or not)."""
+        `num_decoding`, the requests that get a token this step (drafting or not), and the
+        octave of their mean context."""
         if not requests:
             return []
         n = len(requests) if num_decoding is None else num_decoding
+        octave = context_octave(context_tokens, n)
+        plain = self.plain.get(octave)
         if self.steps_since_plain >= self.probe_every and (
-            n not in self.plain.by_requests or self.steps_since_plain >= self.remeasure_every
-        ):  # time a plain step at this batch size
+            plain is None
+            or n not in plain.by_requests
+            or self.steps_since_plain >= self.remeasure_every
+        ):  # time a plain step at this batch size and context length
             self.steps_since_plain = 0
             return [False] * len(requests)
         self.steps_since_plain += 1
         self.clock += 1
-        bar = self.break_even(n)
+        bar = self.break_even(n, octave)
         return [self._decide(self.acceptance.get(r.request_id), bar) for r in requests]
 
     def _decide(self, acc: _Acceptance | None, bar: float) -> bool:
@@ -137,10 +171,17 @@ class DraftGate(Planner):
         self.planner.observe(stats)
         if stats.decode_only and stats.num_decoding:
             times = self.spec if stats.num_requests else self.plain
-            times.observe(stats.num_decoding, stats.step_s)
+            octave = context_octave(stats.context_tokens, stats.num_decoding)
+            times.setdefault(octave, StepTimes()).observe(stats.num_decoding, stats.step_s)
             if not stats.num_requests:
                 self.steps_since_plain = 0
         for rid, accepted in stats.accepted.items():
             self.acceptance.setdefault(rid, _Acceptance()).add(accepted, self.decay)
         for rid in stats.finished:
             self.acceptance.pop(rid, None)
+
+
+def context_octave(context_tokens: int, num_decoding: int) -> int:
+    """The context part of a step-time key: the mean context's bit length (contexts of 1,024 to
+    2,047 tokens share one octave; 0 when not known)."""
+    return (context_tokens // max(1, num_decoding)).bit_length()

@@ -33,6 +33,7 @@ class StepStats:
     num_decoding: int = 0  # requests that got a token this step
     accepted: dict[str, int] = field(default_factory=dict)  # id -> accepted, non-empty drafts
     finished: tuple[str, ...] = ()  # requests that ended this step
+    context_tokens: int = 0  # the decoding requests' tokens before the step: the K/V it read
 
 
 class Planner:
@@ -41,14 +42,17 @@ class Planner:
     plan(proposals, requests) -> verify lens [R] with 0 <= lens[r] <= len(proposals[r].tokens);
     the verify window of request r is its first lens[r] draft tokens. A plan may read the
     proposals' confidences but never their tokens (that would bias sampling).
-    allow(requests, num_decoding) -> per request, whether it drafts this step at all (before
-    drafting); num_decoding: the requests that get a token this step (None: len(requests)).
+    allow(requests, num_decoding, context_tokens) -> per request, whether it drafts this step at
+    all (before drafting); num_decoding: the requests that get a token this step (None:
+    len(requests)); context_tokens: their tokens so far (0: not known).
     observe(stats) -> None, once after every step."""
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
         return plan_full(draft_lens(proposals)).tolist()
 
-    def allow(self, requests: list[Request], num_decoding: int | None = None) -> list[bool]:
+    def allow(
+        self, requests: list[Request], num_decoding: int | None = None, context_tokens: int = 0
+    ) -> list[bool]:
         return [True] * len(requests)
 
     def observe(self, stats: StepStats) -> None:

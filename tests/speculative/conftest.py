@@ -181,7 +181,9 @@ class TakeTurns(Planner):
         self.every, self.mixed = every, 0
         self.steps: dict[str, int] = {}
 
-    def allow(self, requests: list[Request], num_decoding: int | None = None) -> list[bool]:
+    def allow(
+        self, requests: list[Request], num_decoding: int | None = None, context_tokens: int = 0
+    ) -> list[bool]:
         out = []
         for r in requests:
             n = self.steps.setdefault(r.request_id, len(self.steps)) + 1

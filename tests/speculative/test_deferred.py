@@ -39,7 +39,7 @@ def test_rows_accumulate_in_order_and_a_replay_replaces_the_tail():
 
 
 class _Never(Planner):
-    def allow(self, requests, num_decoding=None):
+    def allow(self, requests, num_decoding=None, context_tokens=0):
         return [False] * len(requests)
 
 

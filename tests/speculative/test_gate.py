@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from specserve.core import Request, SamplingParams
-from specserve.speculative.gate import DraftGate
+from specserve.speculative.gate import DraftGate, context_octave
 from specserve.speculative.planner import Planner, StepStats
 
 from .conftest import ALGORITHMS, PROMPTS, assert_kv_baseline, make_llm
@@ -104,7 +104,7 @@ def test_times_a_plain_step_itself_when_none_happens():
 def test_steps_with_prefill_do_not_count_as_decode_times():
     gate = DraftGate(Planner())
     gate.observe(StepStats(0, 0.0, 50.0, False, 2, {}))
-    assert not gate.plain.by_requests and gate.break_even(2) == 1.0
+    assert not gate.plain and gate.break_even(2) == 1.0
 
 
 def test_wraps_the_verify_planner():
@@ -188,3 +188,22 @@ def test_proxy_confidences_do_not_judge():
 def test_the_factory_trusts_only_a_confidence_head(bundle):
     gates = {a: make_llm(bundle, a, gate=True).engine.planner for a in ("DFLASH", "DSPARK")}
     assert not gates["DFLASH"].head_confidences and gates["DSPARK"].head_confidences
+
+
+def test_step_times_at_one_context_length_do_not_judge_another():
+    """Short-context steps (plain 1 s, drafted 1.5 s) say nothing of steps at 2K-token contexts,
+    where the K/V read dominates: there the gate times a plain step of its own, and until then
+    the bar is the default one token."""
+    gate = DraftGate(Planner(), probe_every=2, min_samples=1)
+    short, long = 2 * 256, 2 * 2048  # two requests' contexts
+    gate.observe(StepStats(2, 0.0, 1.5, True, 2, {"x": 1}, context_tokens=short))
+    gate.observe(StepStats(0, 0.0, 1.0, True, 2, {}, context_tokens=short))
+    gate.observe(StepStats(2, 0.0, 6.0, True, 2, {"x": 1}, context_tokens=long))
+    assert gate.break_even(2, context_octave(short, 2)) == pytest.approx(0.5)
+    assert gate.break_even(2, context_octave(long, 2)) == 1.0  # a stale 1 s would give 5
+    reqs = [_req("a"), _req("b")]
+    decisions = [gate.allow(reqs, 2, long) for _ in range(3)]
+    assert decisions == [[True, True], [True, True], [False, False]]  # timed: no plain at 2K
+    gate.observe(StepStats(0, 0.0, 4.0, True, 2, {}, context_tokens=long))
+    assert gate.break_even(2, context_octave(long, 2)) == pytest.approx(0.5)
+    assert context_octave(long, 2) != context_octave(short, 2)
