@@ -86,7 +86,9 @@ class Streams:
 
 def run_setting(arms: dict, module: MTPModule, requests: int, context: int, args) -> None:
     room = args.rounds * args.steps * args.accept + 8
-    streams = {name: Streams(make(), module, requests, context, room) for name, make in arms.items()}
+    streams = {
+        name: Streams(make(), module, requests, context, room) for name, make in arms.items()
+    }
     prompt = {name: s.propose(args.k) for name, s in streams.items()}
     times: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(args.rounds):
@@ -96,7 +98,9 @@ def run_setting(arms: dict, module: MTPModule, requests: int, context: int, args
     old = times["old"]
     for name, t in times.items():
         mn, md = min(t), statistics.median(t)
-        ratio = f" (old / this: min {min(old) / mn:.2f}x, median {statistics.median(old) / md:.2f}x)"
+        ratio = (
+            f" (old / this: min {min(old) / mn:.2f}x, median {statistics.median(old) / md:.2f}x)"
+        )
         print(
             f"  {name:5s} step min {mn:7.3f} ms, median {md:7.3f} ms; "
             f"prompt catch-up {prompt[name]:8.1f} ms" + ("" if name == "old" else ratio)

@@ -1,10 +1,11 @@
 // Attention of new rows over per-request K/V rows, for all requests in one call: the MTP
 // drafter's layer (`specserve/speculative/kv_rows.py`). Request r keeps its keys and values in
-// its own buffers [capacity, kv, d]; its Q_r new rows (any number: a catch-up, a chain step)
-// are written at rows starts[r] .. starts[r] + Q_r - 1, and new row j sees rows
-// 0 .. starts[r] + j. The rows are read in place (no concatenation, no padded batch, no mask),
-// an online softmax per tile of kTile keys through `attend_rows`, as `attend` reads pages. One
-// work item is a (request, KV head) pair. Float32 only.
+// its own buffers [kv, capacity, d] (head-major: one head's rows are one stream); its Q_r new
+// rows (any number: a catch-up, a chain step) are written at rows starts[r] .. starts[r] + Q_r
+// - 1, and new row j sees rows 0 .. starts[r] + j. The rows are read in place (no
+// concatenation, no padded batch, no mask), an online softmax per tile of kTile keys through
+// `attend_rows`, as `attend` reads pages. One work item is a (request, KV head) pair. Float32
+// only.
 
 #include "kernels.h"
 
@@ -18,8 +19,8 @@ struct Scratch {
   std::vector<const float*> vrow = std::vector<const float*>(kTile);
 };
 
-// The nq new rows of one request and KV head g: q, out [nq, h, d]; keys, values [>= nk, kv, d]
-// with nk = start + nq rows live; query j sees rows 0 .. start + j.
+// The nq new rows of one request and KV head g: q, out [nq, h, d]; keys, values: the head's
+// rows [>= nk, d], nk = start + nq of them live; query j sees rows 0 .. start + j.
 template <int D>
 void attend_group(const float* q, const float* keys, const float* values, int64_t start,
                   int64_t nq, int64_t h, int64_t kvh, int64_t g, int64_t d, float scale,
@@ -37,8 +38,8 @@ void attend_group(const float* q, const float* keys, const float* values, int64_
   for (int64_t first = 0; first < nk; first += kTile) {
     const int64_t n = std::min(kTile, nk - first);
     for (int64_t t = 0; t < n; ++t) {
-      w.krow[t] = keys + ((first + t) * kvh + g) * d;
-      w.vrow[t] = values + ((first + t) * kvh + g) * d;
+      w.krow[t] = keys + (first + t) * d;
+      w.vrow[t] = values + (first + t) * d;
     }
     // keys first .. first + seen(row) - 1 of this tile are visible to query row / group
     auto seen = [&](int64_t row) { return std::min(n, start + row / group - first + 1); };
@@ -59,9 +60,10 @@ void attend_group(const float* q, const float* keys, const float* values, int64_
   }
 }
 
-void row_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                   const std::vector<at::Tensor>& keys, const std::vector<at::Tensor>& values,
-                   const at::Tensor& starts, const at::Tensor& q_lens, double scale) {
+void row_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
+                   const at::Tensor& v, const std::vector<at::Tensor>& keys,
+                   const std::vector<at::Tensor>& values, const at::Tensor& starts,
+                   const at::Tensor& q_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes() && out.sizes() == q.sizes(),
               "row_attention: q, out [N, h, d] and k, v [N, kv, d]");
   for (const auto* t : {&out, &q, &k, &v}) {
@@ -85,23 +87,26 @@ void row_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   for (int64_t r = 0; r < R; ++r) {
     const at::Tensor &kb = keys[r], &vb = values[r];
     TORCH_CHECK(start[r] >= 0 && qlen[r] >= 0, "row_attention: negative start or length");
-    TORCH_CHECK(kb.dim() == 3 && vb.sizes() == kb.sizes() && kb.size(1) == kvh &&
+    TORCH_CHECK(kb.dim() == 3 && vb.sizes() == kb.sizes() && kb.size(0) == kvh &&
                     kb.size(2) == d && kb.is_contiguous() && vb.is_contiguous() &&
                     kb.scalar_type() == at::kFloat && vb.scalar_type() == at::kFloat,
-                "row_attention: request ", r, ": buffers must be contiguous float32 [rows, ",
-                kvh, ", ", d, "]");
-    TORCH_CHECK(kb.size(0) >= start[r] + qlen[r], "row_attention: request ", r, ": ",
-                start[r] + qlen[r], " rows do not fit its buffers of ", kb.size(0));
+                "row_attention: request ", r, ": buffers must be contiguous float32 [", kvh,
+                ", rows, ", d, "]");
+    TORCH_CHECK(kb.size(1) >= start[r] + qlen[r], "row_attention: request ", r, ": ",
+                start[r] + qlen[r], " rows do not fit its buffers of ", kb.size(1));
     offset[r + 1] = offset[r] + qlen[r];
     work += 2 * qlen[r] * h * (start[r] + qlen[r]) * d;
   }
   TORCH_CHECK(offset[R] == N, "row_attention: q_lens sum to ", offset[R], ", not ", N);
-  const int64_t row = kvh * d;
   for (int64_t r = 0; r < R; ++r) {  // the new rows into place first: a query sees its own
-    std::memcpy(keys[r].data_ptr<float>() + start[r] * row, k.data_ptr<float>() + offset[r] * row,
-                qlen[r] * row * sizeof(float));
-    std::memcpy(values[r].data_ptr<float>() + start[r] * row,
-                v.data_ptr<float>() + offset[r] * row, qlen[r] * row * sizeof(float));
+    const int64_t capacity = keys[r].size(1);
+    for (int64_t j = 0; j < qlen[r]; ++j) {
+      for (int64_t g = 0; g < kvh; ++g) {
+        const int64_t src = ((offset[r] + j) * kvh + g) * d, dst = (g * capacity + start[r] + j) * d;
+        std::memcpy(keys[r].data_ptr<float>() + dst, k.data_ptr<float>() + src, d * sizeof(float));
+        std::memcpy(values[r].data_ptr<float>() + dst, v.data_ptr<float>() + src, d * sizeof(float));
+      }
+    }
   }
   const float fscale = static_cast<float>(scale);
   auto run = d == 64 ? attend_group<64> : d == 128 ? attend_group<128> : attend_group<0>;
@@ -109,10 +114,10 @@ void row_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
                    [&](int64_t begin, int64_t end) {
     Scratch w;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t r = item / kvh, g = item % kvh;
+      const int64_t r = item / kvh, g = item % kvh, head = g * keys[r].size(1) * d;
       if (qlen[r] == 0) continue;
-      run(q.data_ptr<float>() + offset[r] * h * d, keys[r].data_ptr<float>(),
-          values[r].data_ptr<float>(), start[r], qlen[r], h, kvh, g, d, fscale,
+      run(q.data_ptr<float>() + offset[r] * h * d, keys[r].data_ptr<float>() + head,
+          values[r].data_ptr<float>() + head, start[r], qlen[r], h, kvh, g, d, fscale,
           out.data_ptr<float>() + offset[r] * h * d, w);
     }
   });

@@ -1,8 +1,8 @@
 """Per-request K/V rows of a one-layer drafter (the MTP module) and the attention of new rows
 over them, for all requests in one call.
 
-`KVRows` keeps one request's keys and values [capacity, kv, d] in buffers that double when full
-(`ContextCache`'s idea): a round's new rows are written in place, never a concatenation of the
+`KVRows` keeps one request's keys and values [kv, capacity, d] (head-major: a head's rows are
+one stream for the kernel) in buffers that double when full (`ContextCache`'s idea): a round's new rows are written in place, never a concatenation of the
 whole context. Rows past `length` are scratch: a draft chain writes its temporary rows there,
 and they are gone when the chain ends because `length` never counted them (no rollback needed).
 
@@ -30,21 +30,19 @@ class KVRows:
     """One request's K and V rows of one layer: `length` committed rows, then scratch."""
 
     def __init__(self, num_kv_heads: int, head_dim: int, like: torch.Tensor) -> None:
-        self.k = like.new_empty(0, num_kv_heads, head_dim)
-        self.v = like.new_empty(0, num_kv_heads, head_dim)
+        self.k = like.new_empty(num_kv_heads, 0, head_dim)  # [kv, capacity, d]
+        self.v = like.new_empty(num_kv_heads, 0, head_dim)
         self.length = 0
 
     def reserve(self, rows: int) -> None:
         """Make room for `rows` rows in all, keeping the committed ones."""
-        if rows <= self.k.shape[0]:
+        if rows <= self.k.shape[1]:
             return
+        heads, _, d = self.k.shape
         capacity, n = max(2 * rows, MIN_ROWS), self.length
-        k, v = (
-            self.k.new_empty(capacity, *self.k.shape[1:]),
-            self.v.new_empty(capacity, *self.v.shape[1:]),
-        )
-        k[:n].copy_(self.k[:n])
-        v[:n].copy_(self.v[:n])
+        k, v = self.k.new_empty(heads, capacity, d), self.v.new_empty(heads, capacity, d)
+        k[:, :n].copy_(self.k[:, :n])
+        v[:, :n].copy_(self.v[:, :n])
         self.k, self.v = k, v
 
 
@@ -85,17 +83,17 @@ class RowAttention(AttentionContext):
             self.rows, self.starts.tolist(), self.query_lens.tolist(), strict=True
         ):
             end = start + n
-            rows.k[start:end].copy_(k[first : first + n])
-            rows.v[start:end].copy_(v[first : first + n])
-            qi, keys, vals = q[first : first + n], rows.k[:end], rows.v[:end]
+            rows.k[:, start:end].copy_(k[first : first + n].transpose(0, 1))
+            rows.v[:, start:end].copy_(v[first : first + n].transpose(0, 1))
+            qi, keys, vals = q[first : first + n], rows.k[:, :end], rows.v[:, :end]
             causal = start == 0 and n > 1  # a prompt
             if causal:  # the fused causal kernel: 4-D, no GQA (heads repeated)
-                groups = qi.shape[1] // keys.shape[1]
-                keys, vals = keys.repeat_interleave(groups, 1), vals.repeat_interleave(groups, 1)
+                groups = qi.shape[1] // keys.shape[0]
+                keys, vals = keys.repeat_interleave(groups, 0), vals.repeat_interleave(groups, 0)
             o = F.scaled_dot_product_attention(
                 qi.transpose(0, 1)[None],
-                keys.transpose(0, 1)[None],
-                vals.transpose(0, 1)[None],
+                keys[None],
+                vals[None],
                 attn_mask=causal_after(start, n, q.device),
                 is_causal=causal,
                 enable_gqa=not causal,

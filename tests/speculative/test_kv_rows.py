@@ -46,12 +46,11 @@ def test_ragged_forwards_equal_the_plain_math(kernel, head_dim, heads):
     for n in prefixes:
         kv = KVRows(kvh, head_dim, torch.empty(0))
         kv.reserve(n)
-        kv.k[:n] = torch.randn(n, kvh, head_dim, generator=gen)
-        kv.v[:n] = torch.randn(n, kvh, head_dim, generator=gen)
+        ref_k.append(torch.randn(n, kvh, head_dim, generator=gen))
+        ref_v.append(torch.randn(n, kvh, head_dim, generator=gen))
+        kv.k[:, :n], kv.v[:, :n] = ref_k[-1].transpose(0, 1), ref_v[-1].transpose(0, 1)
         kv.length = n
         rows.append(kv)
-        ref_k.append(kv.k[:n].clone())
-        ref_v.append(kv.v[:n].clone())
     for kv, n in zip(rows, news, strict=True):
         kv.reserve(kv.length + n + 2)
     ctx = RowAttention(rows, prefixes, news, kernel)
@@ -69,7 +68,8 @@ def test_ragged_forwards_equal_the_plain_math(kernel, head_dim, heads):
             torch.testing.assert_close(out[sl], want, atol=2e-5, rtol=1e-4)
             ref_k[r], ref_v[r] = torch.cat([ref_k[r], k[sl]]), torch.cat([ref_v[r], v[sl]])
             end = ref_k[r].shape[0]
-            assert torch.equal(rows[r].k[:end], ref_k[r]) and torch.equal(rows[r].v[:end], ref_v[r])
+            assert torch.equal(rows[r].k[:, :end], ref_k[r].transpose(0, 1))
+            assert torch.equal(rows[r].v[:, :end], ref_v[r].transpose(0, 1))
             first += n
     assert ctx.starts.tolist() == [p + n + 2 for p, n in zip(prefixes, news, strict=True)]
 
@@ -77,14 +77,14 @@ def test_ragged_forwards_equal_the_plain_math(kernel, head_dim, heads):
 def test_reserve_keeps_the_committed_rows_only():
     kv = KVRows(2, 4, torch.empty(0))
     kv.reserve(3)
-    assert kv.k.shape == (64, 2, 4)  # the smallest buffer
-    kv.k[:5] = torch.arange(5.0)[:, None, None]
+    assert kv.k.shape == (2, 64, 4)  # the smallest buffer, head-major
+    kv.k[:, :5] = torch.arange(5.0)[None, :, None]
     kv.length = 3  # rows 3, 4: a chain's scratch
     before = kv.k
     kv.reserve(64)
     assert kv.k is before  # it fits: nothing moves
     kv.reserve(65)
-    assert kv.k.shape[0] == 130 and kv.k[:3, 0, 0].tolist() == [0.0, 1.0, 2.0]
+    assert kv.k.shape == (2, 130, 4) and kv.k[1, :3, 0].tolist() == [0.0, 1.0, 2.0]
 
 
 def test_the_kernel_refuses_rows_that_do_not_fit():
