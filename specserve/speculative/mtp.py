@@ -164,7 +164,7 @@ class MTPDrafter(Drafter):
 
     def _catch_up(self, requests: list[Request]) -> None:
         """Run the layer over the pending rows of `requests`, all in one forward."""
-        xs, pos, rows, owners = [], [], [], []
+        toks, hs, pos, rows, owners = [], [], [], [], []
         for req, start, h in self.deferred.take(requests):
             end = start + h.shape[0]
             nxt = req.all_token_ids[start + 1 : end + 1]  # row i pairs h_i with t_{i+1}
@@ -178,16 +178,17 @@ class MTPDrafter(Drafter):
             else:
                 kv, first = self._new_rows(), start
             kv.reserve(kv.length + h.shape[0] + self.num_steps)  # room for a chain too
-            dev = h.device
-            xs.append(self.module.combine(torch.tensor(nxt, device=dev), h))
-            pos.append(torch.arange(start, start + h.shape[0], device=dev))
+            toks += nxt
+            hs.append(h)
+            pos.append(torch.arange(start, start + h.shape[0], device=h.device))
             rows.append(kv)
             owners.append((req.request_id, first))
-        if not xs:
+        if not hs:
             return
-        lens = [x.shape[0] for x in xs]
+        lens = [h.shape[0] for h in hs]
+        x = self.module.combine(torch.tensor(toks, device=hs[0].device), torch.cat(hs))
         ctx = RowAttention(rows, [kv.length for kv in rows], lens, self.kernel)
-        out = self.module.layer(torch.cat(xs), torch.cat(pos), ctx)
+        out = self.module.layer(x, torch.cat(pos), ctx)
         row = 0
         for (rid, first), n, p, kv in zip(owners, lens, pos, rows, strict=True):
             row += n
