@@ -100,11 +100,13 @@ void row_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor&
   TORCH_CHECK(offset[R] == N, "row_attention: q_lens sum to ", offset[R], ", not ", N);
   for (int64_t r = 0; r < R; ++r) {  // the new rows into place first: a query sees its own
     const int64_t capacity = keys[r].size(1);
+    float *kb = keys[r].data_ptr<float>(), *vb = values[r].data_ptr<float>();
     for (int64_t j = 0; j < qlen[r]; ++j) {
       for (int64_t g = 0; g < kvh; ++g) {
-        const int64_t src = ((offset[r] + j) * kvh + g) * d, dst = (g * capacity + start[r] + j) * d;
-        std::memcpy(keys[r].data_ptr<float>() + dst, k.data_ptr<float>() + src, d * sizeof(float));
-        std::memcpy(values[r].data_ptr<float>() + dst, v.data_ptr<float>() + src, d * sizeof(float));
+        const int64_t src = ((offset[r] + j) * kvh + g) * d;
+        const int64_t dst = (g * capacity + start[r] + j) * d;
+        std::memcpy(kb + dst, k.data_ptr<float>() + src, d * sizeof(float));
+        std::memcpy(vb + dst, v.data_ptr<float>() + src, d * sizeof(float));
       }
     }
   }
