@@ -2,9 +2,10 @@
 over them, for all requests in one call.
 
 `KVRows` keeps one request's keys and values [kv, capacity, d] (head-major: a head's rows are
-one stream for the kernel) in buffers that double when full (`ContextCache`'s idea): a round's new rows are written in place, never a concatenation of the
-whole context. Rows past `length` are scratch: a draft chain writes its temporary rows there,
-and they are gone when the chain ends because `length` never counted them (no rollback needed).
+one stream for the kernel) in buffers that double when full (`ContextCache`'s idea): a round's
+new rows are written in place, never a concatenation of the whole context. Rows past `length`
+are scratch: a draft chain writes its temporary rows there, and they are gone when the chain
+ends because `length` never counted them (no rollback needed).
 
 `RowAttention` is the `AttentionContext` of one forward over R requests with Q_r new rows each
 (any Q_r: a catch-up after a prefix-cache hit or a replay, one row per chain step). It writes
