@@ -1,11 +1,11 @@
 """Compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-`load()` compiles `paged_attention.cpp`, `dense_step.cpp` and `draft_step.cpp` with
-`torch.utils.cpp_extension` (ninja and the C++ compiler that `make venv` expects: gcc on a fresh
-machine) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
+`load()` compiles `paged_attention.cpp`, `dense_step.cpp`, `draft_step.cpp` and
+`row_attention.cpp` with `torch.utils.cpp_extension` (ninja and the C++ compiler that `make venv`
+expects: gcc on a fresh machine) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
 `~/.cache/torch_extensions`) and registers `torch.ops.specserve.paged_attention`,
-`linear_tiled`, `dense_layers`, `draft_block` and `draft_context`. The first build takes about a
-minute; later loads reuse it. Nothing here is needed by the pure PyTorch path
+`linear_tiled`, `dense_layers`, `draft_block`, `draft_context` and `row_attention`. The first
+build takes about a minute; later loads reuse it. Nothing here is needed by the pure PyTorch path
 (`--attention-backend torch`).
 """
 
@@ -24,7 +24,10 @@ from specserve.config import ConfigError
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
-SOURCES = [HERE / "paged_attention.cpp", HERE / "dense_step.cpp", HERE / "draft_step.cpp"]
+SOURCES = [
+    HERE / name
+    for name in ("paged_attention.cpp", "dense_step.cpp", "draft_step.cpp", "row_attention.cpp")
+]
 HEADERS = [HERE / "kernels.h"]
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a killed build

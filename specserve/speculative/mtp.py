@@ -18,8 +18,10 @@ Training API (`MTPModule.forward`)::
     # depth 2 (chaining): mtp(input_ids[:, 1:], out.hidden) scores t_{i+3} at row i
 
 Inference (`MTPDrafter`): per request, the layer's K/V for every committed position whose next
-token is known; `update` defers the rows and `propose` first runs the layer over those of the
-requests it drafts for (`deferred.py`), then runs the chain with temporary K/V.
+token is known (`KVRows`, grown in place); `update` defers the rows and `propose` first runs the
+layer over those of the requests it drafts for (`deferred.py`), then runs the chain, whose K/V
+rows are scratch past the committed ones. Both attend for all requests in one call
+(`RowAttention`: the C++ kernel with `--attention-backend cpp`, else SDPA per request).
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from specserve.config import ModelConfig
@@ -39,6 +40,7 @@ from specserve.models.qwen3_moe import make_mlp
 from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.deferred import DeferredRows
 from specserve.speculative.handle import TargetHandle
+from specserve.speculative.kv_rows import KVRows, RowAttention
 from specserve.speculative.sampling import Pick, draw, proposal_probs
 
 
@@ -121,56 +123,9 @@ class MTPModule(nn.Module):
         return tuple(torch.stack(x, dim=dim) for x in zip(*steps, strict=True))
 
 
-class PrefixAttention(AttentionContext):
-    """One layer's attention per sequence: prefix K/V [L_i, kv, d] + Q_i new rows, causal over
-    the new rows. Each `attend` appends the new rows to `prefix`, so the next forward through
-    the same context sees them (chained drafting) and the caller may keep them.
-    """
-
-    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]], query_lens: list[int]):
-        self.prefix, self.query_lens = prefix, query_lens
-
-    def attend(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-    ) -> torch.Tensor:
-        out, start = [], 0
-        grown: list[tuple[torch.Tensor, torch.Tensor]] = []
-        for (pk, pv), n in zip(self.prefix, self.query_lens, strict=True):
-            qi, ki, vi = q[start : start + n], k[start : start + n], v[start : start + n]
-            keys, vals = torch.cat([pk.to(ki.dtype), ki]), torch.cat([pv.to(vi.dtype), vi])
-            grown.append((keys, vals))
-            causal = pk.shape[0] == 0 and n > 1  # a prompt
-            if causal:  # the fused causal kernel: 4-D, no GQA (heads repeated)
-                groups = qi.shape[1] // keys.shape[1]
-                keys, vals = keys.repeat_interleave(groups, 1), vals.repeat_interleave(groups, 1)
-            o = F.scaled_dot_product_attention(
-                qi.transpose(0, 1)[None],
-                keys.transpose(0, 1)[None],
-                vals.transpose(0, 1)[None],
-                attn_mask=_causal_after(pk.shape[0], n, q.device),
-                is_causal=causal,
-                enable_gqa=not causal,
-            )
-            out.append(o[0].transpose(0, 1))
-            start += n
-        self.prefix = grown
-        return torch.cat(out)
-
-
-def _causal_after(prefix: int, n: int, device: torch.device) -> torch.Tensor | None:
-    """[n, prefix + n] bool: row i sees the prefix and new rows 0..i; None where SDPA needs no
-    mask (one row sees everything; no prefix: `is_causal`, the fused kernel, several times
-    faster than the masked one on a 1,024-token prompt)."""
-    if n == 1 or prefix == 0:
-        return None
-    cols = torch.arange(prefix + n, device=device)[None, :]
-    return cols <= prefix + torch.arange(n, device=device)[:, None]
-
-
 @dataclass
 class _MTPState:
-    k: torch.Tensor  # [L, kv, d] the layer's keys of committed rows
-    v: torch.Tensor
+    rows: KVRows  # the layer's K/V of committed rows (row i: position first_pos + i)
     first_pos: int  # position of row 0 (> 0 when the prompt's start came from the prefix cache)
     last_pos: int  # position of the last committed row
     last_out: torch.Tensor  # [H] its layer output (scores the token after the anchor)
@@ -185,6 +140,9 @@ class MTPDrafter(Drafter):
         self.capture_layers = module.capture_layers
         self.states: dict[str, _MTPState] = {}
         self.deferred = DeferredRows()
+        # the C++ kernels are loaded and the layer runs in float32 on the CPU (`tile_products`
+        # tiled its products): attention through `row_attention`, else the PyTorch path
+        self.kernel = hasattr(module.eh_proj.weight, "tiled")
 
     @property
     def max_draft_tokens(self) -> int:
@@ -197,18 +155,16 @@ class MTPDrafter(Drafter):
     def num_tracked_requests(self) -> int:
         return len(self.states.keys() | self.deferred.pending.keys())
 
-    def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _new_rows(self) -> KVRows:
         c = self.module.config
-        w = self.module.eh_proj.weight
-        z = w.new_zeros(0, c.num_key_value_heads, c.head_dim)
-        return z, z
+        return KVRows(c.num_key_value_heads, c.head_dim, self.module.eh_proj.weight)
 
     def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
         self.deferred.add(requests, hidden)  # folded in when the request drafts next
 
     def _catch_up(self, requests: list[Request]) -> None:
         """Run the layer over the pending rows of `requests`, all in one forward."""
-        xs, pos, prefixes, owners = [], [], [], []
+        toks, hs, pos, rows, owners = [], [], [], [], []
         for req, start, h in self.deferred.take(requests):
             end = start + h.shape[0]
             nxt = req.all_token_ids[start + 1 : end + 1]  # row i pairs h_i with t_{i+1}
@@ -216,26 +172,28 @@ class MTPDrafter(Drafter):
             if h.shape[0] == 0:
                 continue
             st = self.states.get(req.request_id)
-            if st is not None and st.last_pos < start:  # rows in order: keep the cache
-                prefix, first = (st.k, st.v), st.first_pos
-            elif st is not None and st.first_pos < start:  # a replay: keep rows before it
-                keep = start - st.first_pos
-                prefix, first = (st.k[:keep], st.v[:keep]), st.first_pos
+            if st is not None and st.first_pos < start:  # keep the rows before `start`
+                kv, first = st.rows, st.first_pos
+                kv.length = min(kv.length, start - first)  # a replay drops those after it
             else:
-                prefix, first = self._empty(), start
-            dev = h.device
-            xs.append(self.module.combine(torch.tensor(nxt, device=dev), h))
-            pos.append(torch.arange(start, start + h.shape[0], device=dev))
-            prefixes.append(prefix)
+                kv, first = self._new_rows(), start
+            kv.reserve(kv.length + h.shape[0] + self.num_steps)  # room for a chain too
+            toks += nxt
+            hs.append(h)
+            pos.append(torch.arange(start, start + h.shape[0], device=h.device))
+            rows.append(kv)
             owners.append((req.request_id, first))
-        if not xs:
+        if not hs:
             return
-        ctx = PrefixAttention(prefixes, [x.shape[0] for x in xs])
-        out = self.module.layer(torch.cat(xs), torch.cat(pos), ctx)
+        lens = [h.shape[0] for h in hs]
+        x = self.module.combine(torch.tensor(toks, device=hs[0].device), torch.cat(hs))
+        ctx = RowAttention(rows, [kv.length for kv in rows], lens, self.kernel)
+        out = self.module.layer(x, torch.cat(pos), ctx)
         row = 0
-        for (rid, first), x, p, (k, v) in zip(owners, xs, pos, ctx.prefix, strict=True):
-            row += x.shape[0]
-            self.states[rid] = _MTPState(k, v, first, int(p[-1]), out[row - 1])
+        for (rid, first), n, p, kv in zip(owners, lens, pos, rows, strict=True):
+            row += n
+            kv.length += n
+            self.states[rid] = _MTPState(kv, first, int(p[-1]), out[row - 1])
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
@@ -255,8 +213,11 @@ class MTPDrafter(Drafter):
         states = [self.states[r.request_id] for r in reqs]
         hidden = torch.stack([s.last_out for s in states])
         anchor_pos = torch.tensor([s.last_pos + 1 for s in states], device=hidden.device)
-        ctx = PrefixAttention([(s.k, s.v) for s in states], [1] * len(reqs))
         k = max(ks[i] for i in live)
+        rows = [s.rows for s in states]
+        for kv in rows:
+            kv.reserve(kv.length + k)  # the chain's rows, scratch past the committed ones
+        ctx = RowAttention(rows, [kv.length for kv in rows], [1] * len(reqs), self.kernel)
         tokens, q, conf = self.module.draft(
             hidden, anchor_pos, ctx, k, lambda logits: draw(logits, reqs)
         )

@@ -7,7 +7,8 @@ import torch
 from specserve.config import ModelConfig
 from specserve.speculative.draft_config import DraftConfig
 from specserve.speculative.dspark import DSparkDraftModel
-from specserve.speculative.mtp import MTPModule, PrefixAttention
+from specserve.speculative.kv_rows import KVRows, RowAttention
+from specserve.speculative.mtp import MTPModule
 from specserve.testing.tiny import tiny_config
 
 TARGET = tiny_config(
@@ -99,8 +100,8 @@ def test_mtp_incremental_equals_causal():
     ids, hid = torch.randint(0, 64, (1, 10)), torch.randn(1, 10, 32)
     ref = mtp(ids, hid)
     x = mtp.combine(ids[0, 1:], hid[0, :-1])
-    ctx1 = PrefixAttention([(torch.zeros(0, 2, 8), torch.zeros(0, 2, 8))], [4])
-    out1 = mtp.layer(x[:4], torch.arange(4), ctx1)
-    ctx2 = PrefixAttention([ctx1.prefix[0]], [5])
-    out2 = mtp.layer(x[4:], torch.arange(4, 9), ctx2)
+    rows = KVRows(2, 8, x)
+    rows.reserve(9)
+    out1 = mtp.layer(x[:4], torch.arange(4), RowAttention([rows], [0], [4], kernel=False))
+    out2 = mtp.layer(x[4:], torch.arange(4, 9), RowAttention([rows], [4], [5], kernel=False))
     torch.testing.assert_close(torch.cat([out1, out2]), ref.hidden[0], atol=1e-5, rtol=1e-5)

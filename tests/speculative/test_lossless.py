@@ -84,6 +84,8 @@ def test_greedy_identical_with_the_cpp_attention_kernel(bundle, reference, algor
     llm = make_llm(bundle, algorithm, attention_backend="cpp")
     if algorithm in ("DFLASH", "DSPARK"):  # greedy batches draft through the fused C++ step
         assert llm.engine.drafter.fused is not None
+    if algorithm == "NEXTN":  # the MTP layer attends through the C++ `row_attention`
+        assert llm.engine.drafter.kernel
     assert _run_waves(llm, PROMPTS, _params()) == reference
     assert_kv_baseline(llm)
     assert llm.engine.stats.num_draft_tokens > 0
