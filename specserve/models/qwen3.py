@@ -74,6 +74,14 @@ class Attention(nn.Module):
         ctx: AttentionContext,
         layer_idx: int,
     ) -> torch.Tensor:
+        q, k, v = self.project(x, rotary)
+        out = ctx.attend(layer_idx, q, k, v)
+        return self.o_proj(out.reshape(x.shape[0], self.num_heads * self.head_dim))
+
+    def project(
+        self, x: torch.Tensor, rotary: BoundRotary
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, H] (normed) -> q [N, h, d], k, v [N, kv, d]: q/k norms and rotary applied."""
         n, h, kv, d = x.shape[0], self.num_heads, self.num_kv_heads, self.head_dim
         if self._qkv is not None:
             qkv = linear(x, *self._qkv)
@@ -84,8 +92,7 @@ class Attention(nn.Module):
         if self.qk_norm:
             qk = self._qk_norm(qk)
         qk = rotary(qk)
-        out = ctx.attend(layer_idx, qk[:, :h], qk[:, h:], v)
-        return self.o_proj(out.reshape(n, h * d))
+        return qk[:, :h], qk[:, h:], v
 
     def _qk_norm_weight(self) -> torch.Tensor:
         """[h + kv, d]: q_norm's weight for each q head, then k_norm's for each k head."""

@@ -89,6 +89,15 @@ class MTPModule(nn.Module):
         """x [N, H] flattened rows -> layer output [N, H]."""
         return self.layers[0](x, self.rotary.bind(positions), ctx, 0)
 
+    def keys_values(
+        self, x: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's K, V [N, kv, d] of layer inputs x [N, H]: all a row that no chain step
+        reads the output of contributes (its attention and MLP are not needed)."""
+        layer = self.layers[0]
+        _, k, v = layer.self_attn.project(layer.input_layernorm(x), self.rotary.bind(positions))
+        return k, v
+
     def compute_logits(self, out: torch.Tensor) -> torch.Tensor:
         return self.lm_head(self.final_norm(out)).float()
 
@@ -163,7 +172,8 @@ class MTPDrafter(Drafter):
         self.deferred.add(requests, hidden)  # folded in when the request drafts next
 
     def _catch_up(self, requests: list[Request]) -> None:
-        """Run the layer over the pending rows of `requests`, all in one forward."""
+        """Fold the pending rows of `requests` in, all in one batch: the K/V of every row, the
+        layer's output of each request's last."""
         toks, hs, pos, rows, owners = [], [], [], [], []
         for req, start, h in self.deferred.take(requests):
             end = start + h.shape[0]
@@ -187,13 +197,26 @@ class MTPDrafter(Drafter):
             return
         lens = [h.shape[0] for h in hs]
         x = self.module.combine(torch.tensor(toks, device=hs[0].device), torch.cat(hs))
-        ctx = RowAttention(rows, [kv.length for kv in rows], lens, self.kernel)
-        out = self.module.layer(x, torch.cat(pos), ctx)
-        row = 0
-        for (rid, first), n, p, kv in zip(owners, lens, pos, rows, strict=True):
-            row += n
+        positions = torch.cat(pos)
+        # Only a request's last row feeds the chain (`last_out`); the rows before it need only
+        # their K/V (the layer's projections), not its attention and MLP.
+        last = torch.tensor(lens).cumsum(0) - 1
+        if len(x) > len(lens):
+            before = torch.ones(len(x), dtype=torch.bool)
+            before[last] = False
+            k, v = self.module.keys_values(x[before], positions[before])
+            row = 0
+            for kv, n in zip(rows, lens, strict=True):
+                end = kv.length + n - 1
+                kv.k[:, kv.length : end].copy_(k[row : row + n - 1].transpose(0, 1))
+                kv.v[:, kv.length : end].copy_(v[row : row + n - 1].transpose(0, 1))
+                row += n - 1
+        starts = [kv.length + n - 1 for kv, n in zip(rows, lens, strict=True)]
+        ctx = RowAttention(rows, starts, [1] * len(rows), self.kernel)
+        out = self.module.layer(x[last], positions[last], ctx)
+        for j, ((rid, first), n, p, kv) in enumerate(zip(owners, lens, pos, rows, strict=True)):
             kv.length += n
-            self.states[rid] = _MTPState(kv, first, int(p[-1]), out[row - 1])
+            self.states[rid] = _MTPState(kv, first, int(p[-1]), out[j])
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
