@@ -128,13 +128,16 @@ inline float top_prob(const float* l, int64_t n, float mx) {
   return 1.f / sum;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
-    const at::Tensor& anchors, const at::Tensor& positions, const std::vector<at::Tensor>& contexts,
-    const std::vector<at::Tensor>& weights, const at::Tensor& embed, const at::Tensor& final_norm,
-    const at::Tensor& lm_head, const at::Tensor& cos, const at::Tensor& sin,
-    const at::Tensor& markov_w1, const at::Tensor& markov_w2, const at::Tensor& conf_w,
-    const at::Tensor& conf_b, int64_t block, int64_t mask_token, int64_t num_heads,
-    int64_t num_kv_heads, int64_t intermediate, double eps) {
+// The block's hidden rows after the draft layers and the final norm, [R * block, H] (as
+// DFlashDraftModel.draft_hidden): block embeddings [anchor, mask x (block - 1)] per request, then
+// every draft layer over each request's context rows in place. Checks the shared arguments.
+std::vector<float> block_hidden(const at::Tensor& anchors, const at::Tensor& positions,
+                                const std::vector<at::Tensor>& contexts,
+                                const std::vector<at::Tensor>& weights, const at::Tensor& embed,
+                                const at::Tensor& final_norm, const at::Tensor& cos,
+                                const at::Tensor& sin, int64_t block, int64_t mask_token,
+                                int64_t num_heads, int64_t num_kv_heads, int64_t intermediate,
+                                double eps, Shape& s) {
   const int64_t layers = static_cast<int64_t>(weights.size()) / kDraftPerLayer;
   TORCH_CHECK(layers > 0 && static_cast<int64_t>(weights.size()) == layers * kDraftPerLayer,
               "draft_block: ", kDraftPerLayer, " weights per draft layer");
@@ -148,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
   TORCH_CHECK(embed.dim() == 2 && embed.is_contiguous() && embed.scalar_type() == at::kFloat,
               "draft_block: embed [V, H] float32");
   const int64_t V = embed.size(0), H = embed.size(1), d = weights[4].numel();
-  const Shape s{R, block, H, num_heads, num_kv_heads, d, intermediate, V};
+  s = Shape{R, block, H, num_heads, num_kv_heads, d, intermediate, V};
   const int64_t M = s.M(), half = d / 2, table = cos.size(0);
   TORCH_CHECK(num_heads % num_kv_heads == 0 && d % 2 == 0, "draft_block: heads, head_dim");
   TORCH_CHECK(cos.dim() == 2 && cos.size(1) == half && sin.sizes() == cos.sizes() &&
@@ -156,13 +159,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
                   sin.scalar_type() == at::kFloat,
               "draft_block: cos, sin [positions, head_dim / 2] float32");
   TORCH_CHECK(final_norm.numel() == H, "draft_block: final norm [H]");
-  check_tiled(lm_head, H, V, "draft_block lm_head");
   const int64_t* anchor = anchors.data_ptr<int64_t>();
   const int64_t* apos = positions.data_ptr<int64_t>();
   const float* emb = embed.data_ptr<float>();
   const float feps = static_cast<float>(eps);
 
-  std::vector<float> x(M * H);  // block embeddings: [anchor, mask x (K - 1)] per request
+  std::vector<float> x(M * H);
   std::vector<int64_t> pos(M);  // clamped into the RoPE table, as DFlashDraftModel.draft_hidden
   for (int64_t m = 0; m < M; ++m) {
     const int64_t r = m / block, j = m % block;
@@ -177,6 +179,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
                 sin.data_ptr<float>(), pos.data(), half, feps, x.data());
   }
   for (int64_t m = 0; m < M; ++m) rms_norm(&x[m * H], final_norm.data_ptr<float>(), H, feps, &x[m * H]);
+  return x;
+}
+
+// `block_hidden` as a tensor [R, block, H], for sampled drafting (the picks stay in PyTorch).
+at::Tensor draft_hidden(const at::Tensor& anchors, const at::Tensor& positions,
+                        const std::vector<at::Tensor>& contexts,
+                        const std::vector<at::Tensor>& weights, const at::Tensor& embed,
+                        const at::Tensor& final_norm, const at::Tensor& cos, const at::Tensor& sin,
+                        int64_t block, int64_t mask_token, int64_t num_heads, int64_t num_kv_heads,
+                        int64_t intermediate, double eps) {
+  Shape s{};
+  std::vector<float> x = block_hidden(anchors, positions, contexts, weights, embed, final_norm,
+                                      cos, sin, block, mask_token, num_heads, num_kv_heads,
+                                      intermediate, eps, s);
+  at::Tensor out = at::empty({s.R, block, s.H}, embed.options());
+  std::memcpy(out.data_ptr<float>(), x.data(), x.size() * sizeof(float));
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
+    const at::Tensor& anchors, const at::Tensor& positions, const std::vector<at::Tensor>& contexts,
+    const std::vector<at::Tensor>& weights, const at::Tensor& embed, const at::Tensor& final_norm,
+    const at::Tensor& lm_head, const at::Tensor& cos, const at::Tensor& sin,
+    const at::Tensor& markov_w1, const at::Tensor& markov_w2, const at::Tensor& conf_w,
+    const at::Tensor& conf_b, int64_t block, int64_t mask_token, int64_t num_heads,
+    int64_t num_kv_heads, int64_t intermediate, double eps) {
+  Shape s{};
+  std::vector<float> x = block_hidden(anchors, positions, contexts, weights, embed, final_norm,
+                                      cos, sin, block, mask_token, num_heads, num_kv_heads,
+                                      intermediate, eps, s);
+  const int64_t R = s.R, M = s.M(), H = s.H, V = s.V;
+  check_tiled(lm_head, H, V, "draft_block lm_head");
+  const int64_t* anchor = anchors.data_ptr<int64_t>();
   std::vector<float> base(M * V);
   gemm_tiled(x.data(), H, M, lm_head.data_ptr<float>(), H, V, base.data(), V, false);
 
@@ -301,11 +336,16 @@ TORCH_LIBRARY_FRAGMENT(specserve, m) {
       "int mask_token, int num_heads, int num_kv_heads, int intermediate, float eps) "
       "-> (Tensor, Tensor, Tensor)");
   m.def(
+      "draft_hidden(Tensor anchors, Tensor positions, Tensor[] contexts, Tensor[] weights, "
+      "Tensor embed, Tensor final_norm, Tensor cos, Tensor sin, int block, int mask_token, "
+      "int num_heads, int num_kv_heads, int intermediate, float eps) -> Tensor");
+  m.def(
       "draft_context(Tensor rows, Tensor positions, Tensor[] weights, Tensor fc, "
       "Tensor hidden_norm, Tensor cos, Tensor sin, int num_kv_heads, float eps) -> Tensor[]");
 }
 
 TORCH_LIBRARY_IMPL(specserve, CPU, m) {
   m.impl("draft_block", &draft_block);
+  m.impl("draft_hidden", &draft_hidden);
   m.impl("draft_context", &draft_context);
 }

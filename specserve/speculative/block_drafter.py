@@ -93,7 +93,10 @@ class DFlashDrafter(Drafter):
             tokens, c = self.fused(anchor, positions, contexts, k)
             conf = self.calibrated(c) if self.fused.has_confidence_head else c
             return self._proposals(out, live, ks, tokens, conf)
-        hidden = self.model.draft_hidden(anchor, positions, contexts, k)
+        if self.fused is not None:
+            hidden = self.fused.hidden(anchor, positions, contexts, k)
+        else:
+            hidden = self.model.draft_hidden(anchor, positions, contexts, k)
         tokens, q, proxy = self.model.draft(hidden, anchor, lambda logits: draw(logits, reqs))
         conf_logits = self.model.block_confidence_logits(hidden, anchor, tokens)
         conf = proxy if conf_logits is None else self.calibrated(conf_logits)

@@ -9,8 +9,10 @@ committed target hidden states into the draft layers' context rows, for sampled 
 
 `FusedDraft.of(model)` gathers the weights when the drafter fits: its products tiled
 (`--attention-backend cpp`, float32 on the CPU), dense MLPs without biases, a vanilla Markov head
-or none. Only all-greedy batches use it (`DFlashDrafter.propose`); sampling keeps the PyTorch
-path, which reports the draft distributions.
+or none. All-greedy batches use the whole step (`DFlashDrafter.propose`); a batch with sampled
+requests takes only the block's hidden rows from C++ (`hidden`, `draft_hidden`: the draft
+layers over the contexts in place, no padding) and picks in PyTorch, which reports the draft
+distributions.
 """
 
 from __future__ import annotations
@@ -116,6 +118,33 @@ class FusedDraft:
             self.eps,
         )
         return tokens, conf_logits if self.has_confidence_head else top
+
+    def hidden(
+        self,
+        anchor: torch.Tensor,
+        anchor_positions: torch.Tensor,
+        contexts: list[list[tuple[torch.Tensor, ...]]],
+        k: int,
+    ) -> torch.Tensor:
+        """`DFlashDraftModel.draft_hidden` in one call (`draft_hidden`): the block's hidden rows
+        [R, k, H] for the picks that stay in PyTorch (sampling, which reports q)."""
+        ctx = [t for layers in contexts for layer in layers for t in layer]
+        return torch.ops.specserve.draft_hidden(
+            anchor,
+            anchor_positions,
+            ctx,
+            self.weights,
+            self.embed,
+            self.final_norm,
+            self.cos,
+            self.sin,
+            k,
+            self.mask_token,
+            self.num_heads,
+            self.num_kv_heads,
+            self.intermediate,
+            self.eps,
+        )
 
     def context_kv(
         self, target_hidden: torch.Tensor, positions: torch.Tensor

@@ -44,8 +44,8 @@ def _p_value(a: list, b: list) -> float:
     return float(chi2_contingency(rows).pvalue)
 
 
-def _llm(bundle, peaked, algorithm="NONE", policy=None):
-    return make_llm(bundle, algorithm, policy, target=peaked, max_running_requests=128)
+def _llm(bundle, peaked, algorithm="NONE", policy=None, **extra):
+    return make_llm(bundle, algorithm, policy, target=peaked, max_running_requests=128, **extra)
 
 
 @pytest.fixture(scope="module")
@@ -64,14 +64,17 @@ def plain_samples(bundle, peaked):
     return _samples(_llm(bundle, peaked), seed0=0)
 
 
-@pytest.mark.parametrize("algorithm", ["DSPARK", "DSPARK-gated", "oracle-flat", "oracle-argmax"])
+@pytest.mark.parametrize(
+    "algorithm", ["DSPARK", "DSPARK-gated", "DSPARK-cpp", "oracle-flat", "oracle-argmax"]
+)
 def test_sampled_distribution_matches_plain(bundle, peaked, plain_samples, algorithm, request):
     if algorithm.startswith("oracle"):
         llm = _llm(bundle, peaked)
         oracle = OracleDrafter(llm.engine.model, 2, mode=algorithm.split("-")[1])
         llm.engine.set_speculation(oracle, llm.engine.planner)
-    else:
-        llm = _llm(bundle, peaked)
+    else:  # -cpp: the draft layers in C++ (`FusedDraft.hidden`), the picks in PyTorch
+        backend = "cpp" if algorithm.endswith("cpp") else "torch"
+        llm = _llm(bundle, peaked, attention_backend=backend)
         spec = SpecConfig(
             "DSPARK",
             str(request.getfixturevalue("peaked_dspark")),
@@ -79,6 +82,7 @@ def test_sampled_distribution_matches_plain(bundle, peaked, plain_samples, algor
             adaptive_drafting=False,  # the plain arm drafts every step; the gated one wraps it
         )
         drafter, planner = build_speculation(spec, llm.engine)
+        assert (getattr(drafter, "fused", None) is not None) == (backend == "cpp")
         if algorithm.endswith("gated"):  # decisions to draft from past acceptance and times
             planner = DraftGate(planner, probe_every=2, head_confidences=True)
         llm.engine.set_speculation(drafter, planner)

@@ -120,6 +120,11 @@ def _check_against_torch(model: DFlashDraftModel) -> None:
     for r in range(4):
         alone, _ = fused(anchor[r : r + 1], pos[r : r + 1], contexts[r : r + 1], BLOCK)
         assert torch.equal(alone[0], tokens[r])
+    # the hidden rows alone (sampled batches pick from them in PyTorch)
+    hidden = fused.hidden(anchor, pos, contexts, BLOCK)
+    want_hidden = model.draft_hidden(anchor, pos, contexts, BLOCK)
+    assert hidden.shape == want_hidden.shape == (4, BLOCK, TARGET["hidden_size"])
+    torch.testing.assert_close(hidden, want_hidden, atol=1e-5, rtol=1e-5)
 
 
 def test_argmax_ties_pick_the_first_maximum():
@@ -192,28 +197,34 @@ def test_serving_drafts_through_the_fused_step(bundle, algorithm):
     assert llm.engine.stats.num_draft_tokens > 0
 
 
-def test_sampled_requests_keep_the_torch_path(bundle):
-    """A batch with a sampled request never takes the fused step (it reports no q)."""
+def test_sampled_requests_take_only_the_hidden_rows(bundle):
+    """A batch with a sampled request takes the block's hidden rows from C++ and picks in
+    PyTorch (which reports q), never the fused greedy picks."""
     llm = make_llm(bundle, "DSPARK", attention_backend="cpp")
     drafter = llm.engine.drafter
-    fused, seen = drafter.fused, []
+    fused, seen = drafter.fused, {"step": 0, "hidden": 0}
     assert fused is not None
 
     class Spy:
         has_confidence_head = fused.has_confidence_head
 
         def __call__(self, *args):
-            seen.append(1)
+            seen["step"] += 1
             return fused(*args)
+
+        def hidden(self, *args):
+            seen["hidden"] += 1
+            return fused.hidden(*args)
 
         def context_kv(self, *args):
             return fused.context_kv(*args)
 
     drafter.fused = Spy()
     llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=1.0, seed=1))
-    assert not seen and llm.engine.stats.num_draft_tokens > 0
+    assert seen == {"step": 0, "hidden": seen["hidden"]} and seen["hidden"] > 0
+    assert llm.engine.stats.num_draft_tokens > 0
     llm.generate(PROMPTS[:2], SamplingParams(max_tokens=12, temperature=0))
-    assert seen
+    assert seen["step"] > 0
 
 
 @pytest.mark.parametrize("name", ["dspark", "dflash"])
