@@ -3,9 +3,10 @@
 A decode step that drafts for request r commits 1 + a_r tokens for it, where a_r is the number
 of draft tokens the target accepts; plain decoding commits 1. Drafting pays when
 (1 + a_r) / t_spec > 1 / t_plain, i.e. a_r > t_spec / t_plain - 1, with t_spec and t_plain the
-measured wall times of a decode step with and without drafting (the fastest recent step, by
-batch size and context octave: a step at 2K-token contexts reads eight times the K/V of one at
-256, so times from one length say nothing of the other) and a_r r's expected acceptance:
+measured wall times of a decode step with and without drafting (the fastest of the last eight
+such steps, by batch size and context octave: a step at 2K-token contexts reads eight times the
+K/V of one at 256, so times from one length say nothing of the other; t_spec only from steps in
+which every candidate drafted) and a_r r's expected acceptance:
 * for a drafter with a confidence head (DSpark; `head_confidences`), what the head predicts
   for the tokens the planner verifies, sum_i prod_{j<=i} c_j, averaged over r's drafted steps
   and judged from the first one;
@@ -106,6 +107,9 @@ class DraftGate(Planner):
         self.plain: dict[int, StepTimes] = {}
         self.spec: dict[int, StepTimes] = {}
         self.acceptance: dict[str, _Acceptance] = {}
+        # the last step drafted for every candidate: only such steps time t_spec (a step in
+        # which a few requests draft costs less, and would make drafting for all look cheap)
+        self.all_drafted = True
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
         lens = self.planner.plan(proposals, requests)
@@ -146,11 +150,14 @@ class DraftGate(Planner):
             or self.steps_since_plain >= self.remeasure_every
         ):  # time a plain step at this batch size and context length
             self.steps_since_plain = 0
+            self.all_drafted = False
             return [False] * len(requests)
         self.steps_since_plain += 1
         self.clock += 1
         bar = self.break_even(n, octave)
-        return [self._decide(self.acceptance.get(r.request_id), bar) for r in requests]
+        decisions = [self._decide(self.acceptance.get(r.request_id), bar) for r in requests]
+        self.all_drafted = all(decisions)
+        return decisions
 
     def _decide(self, acc: _Acceptance | None, bar: float) -> bool:
         if acc is None:  # no history: draft
@@ -169,7 +176,11 @@ class DraftGate(Planner):
 
     def observe(self, stats: StepStats) -> None:
         self.planner.observe(stats)
-        if stats.decode_only and stats.num_decoding:
+        if (
+            stats.decode_only
+            and stats.num_decoding
+            and (self.all_drafted or not stats.num_requests)
+        ):
             times = self.spec if stats.num_requests else self.plain
             octave = context_octave(stats.context_tokens, stats.num_decoding)
             times.setdefault(octave, StepTimes()).observe(stats.num_decoding, stats.step_s)
