@@ -5,7 +5,9 @@ same block drafter, in one process on one thread, arms alternated:
 
 1. One propose: a request of `--prompts-file` decodes `--context` tokens with DSPARK on
    `--attention-backend cpp`, then `drafter.propose` runs `--repeats` times on that state, the
-   fused step and the PyTorch path in turn (median ms of each).
+   fused step and the PyTorch path in turn (median ms of each); then the same for a sampled
+   request (temperature 1), where the fused arm takes only the draft layers from C++
+   (`FusedDraft.hidden`) and picks in PyTorch.
 2. End to end: single-stream greedy output tok/s (the prompts one after another) of plain
    decoding (NONE), of the drafter with and without the fused step and, with `--mtp DIR`, of
    NEXTN, over `--prompts` prompts of `--output-len` tokens, the arms in turn for `--rounds`
@@ -31,10 +33,15 @@ from specserve.llm import LLM
 from specserve.speculative.factory import build_speculation
 
 
-def propose_ms(llm: LLM, prompt: list[int], context: int, repeats: int) -> dict[str, float]:
+def propose_ms(
+    llm: LLM, prompt: list[int], context: int, repeats: int, temperature: float = 0.0
+) -> dict[str, float]:
     """Median ms of one propose (block of the drafter's size) with and without the fused step."""
     eng, drafter = llm.engine, llm.engine.drafter
-    req = eng.add_request(prompt, SamplingParams(max_tokens=context + 64, temperature=0))
+    params = SamplingParams(
+        max_tokens=context + 64, temperature=temperature, seed=0, ignore_eos=True
+    )  # an EOS before `context` tokens would leave the loop below waiting forever
+    req = eng.add_request(prompt, params)
     while len(req.output_token_ids) < context:
         eng.step()
     fused, times = drafter.fused, {"fused": [], "torch": []}
@@ -111,6 +118,11 @@ def main() -> None:
         f"propose (1 request, {args.context} decoded tokens, block {drafter.block_size}): "
         f"fused {ms['fused']:.3f} ms, PyTorch path {ms['torch']:.3f} ms "
         f"({ms['torch'] / ms['fused']:.2f}x)"
+    )
+    ms = propose_ms(spec, prompts[0], args.context, args.repeats, temperature=1.0)
+    print(
+        f"propose at temperature 1: draft layers in C++ {ms['fused']:.3f} ms, PyTorch path "
+        f"{ms['torch']:.3f} ms ({ms['torch'] / ms['fused']:.2f}x)"
     )
     params = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
     for llm in llms.values():
