@@ -27,6 +27,7 @@ rows are scratch past the committed ones. Both attend for all requests in one ca
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -94,7 +95,7 @@ class MTPModule(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's K, V [N, kv, d] of layer inputs x [N, H]: all a row that no chain step
         reads the output of contributes (its attention and MLP are not needed)."""
-        layer = self.layers[0]
+        layer = cast(DecoderLayer, self.layers[0])
         _, k, v = layer.self_attn.project(layer.input_layernorm(x), self.rotary.bind(positions))
         return k, v
 
