@@ -15,6 +15,10 @@ which every candidate drafted) and a_r r's expected acceptance:
   (acceptance comes in bursts: one unlucky first step must not stop drafting). Proxy
   confidences, such as the draft distribution's max probability, are not read: greedy drafts
   are accepted far more often than they predict.
+A request with no history of its own starts from the acceptance of the requests of its kind
+(greedy or sampled) seen so far, once those have `min_samples` drafted steps: where they did not
+pay, a new request decodes plainly and is probed like one judged below the bar, instead of
+drafting unjudged (at 16 users on short prompts a drafted step costs about eight plain ones).
 Until both times are measured the bar is one accepted token per step. A busy server rarely has
 a step in which no request drafts, so the gate makes one: after `probe_every` steps at a batch
 size whose plain step time is unknown, and again after `remeasure_every` steps without a plain
@@ -58,6 +62,15 @@ class _Acceptance:
         self.expected_samples += 1
         step = max(1.0 - decay, 1.0 / self.expected_samples)
         self.expected += step * (expected - self.expected)
+
+    def prior(self, min_samples: int) -> _Acceptance:
+        """A new request's start from this population estimate: judged at once."""
+        return _Acceptance(
+            rate=self.rate,
+            samples=min_samples if self.samples else 0,
+            expected=self.expected,
+            expected_samples=1 if self.expected_samples else 0,
+        )
 
 
 class StepTimes:
@@ -107,6 +120,9 @@ class DraftGate(Planner):
         self.plain: dict[int, StepTimes] = {}
         self.spec: dict[int, StepTimes] = {}
         self.acceptance: dict[str, _Acceptance] = {}
+        # every request's acceptance by kind (greedy or not), and each tracked request's kind
+        self.population: dict[bool, _Acceptance] = {}
+        self.kinds: dict[str, bool] = {}
         # the last step drafted for every candidate: only such steps time t_spec (a step in
         # which a few requests draft costs less, and would make drafting for all look cheap)
         self.all_drafted = True
@@ -123,6 +139,8 @@ class DraftGate(Planner):
                     expected += survival
                 acc = self.acceptance.setdefault(req.request_id, _Acceptance())
                 acc.add_expected(expected, self.decay)
+                pop = self.population.setdefault(req.params.greedy, _Acceptance())
+                pop.add_expected(expected, self.decay)
         return lens
 
     def break_even(self, num_requests: int, octave: int = 0) -> float:
@@ -155,9 +173,20 @@ class DraftGate(Planner):
         self.steps_since_plain += 1
         self.clock += 1
         bar = self.break_even(n, octave)
-        decisions = [self._decide(self.acceptance.get(r.request_id), bar) for r in requests]
+        decisions = [self._decide(self._acceptance_of(r), bar) for r in requests]
         self.all_drafted = all(decisions)
         return decisions
+
+    def _acceptance_of(self, req: Request) -> _Acceptance | None:
+        """The request's own acceptance; for a new one, its kind's once that is judged."""
+        rid = req.request_id
+        self.kinds[rid] = req.params.greedy
+        if rid not in self.acceptance:
+            pop = self.population.get(req.params.greedy)
+            if pop is None or pop.samples < self.min_samples:
+                return None
+            self.acceptance[rid] = pop.prior(self.min_samples)
+        return self.acceptance[rid]
 
     def _decide(self, acc: _Acceptance | None, bar: float) -> bool:
         if acc is None:  # no history: draft
@@ -188,8 +217,12 @@ class DraftGate(Planner):
                 self.steps_since_plain = 0
         for rid, accepted in stats.accepted.items():
             self.acceptance.setdefault(rid, _Acceptance()).add(accepted, self.decay)
+            if rid in self.kinds:
+                pop = self.population.setdefault(self.kinds[rid], _Acceptance())
+                pop.add(accepted, self.decay)
         for rid in stats.finished:
             self.acceptance.pop(rid, None)
+            self.kinds.pop(rid, None)
 
 
 def context_octave(context_tokens: int, num_decoding: int) -> int:

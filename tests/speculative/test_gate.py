@@ -207,3 +207,23 @@ def test_step_times_at_one_context_length_do_not_judge_another():
     gate.observe(StepStats(0, 0.0, 4.0, True, 2, {}, context_tokens=long))
     assert gate.break_even(2, context_octave(long, 2)) == pytest.approx(0.5)
     assert context_octave(long, 2) != context_octave(short, 2)
+
+
+def test_a_new_request_starts_from_its_kinds_acceptance():
+    """Once earlier sampled requests were judged below the bar, a new sampled request decodes
+    plainly and is only probed; a greedy one (another kind, no history) still drafts; and after
+    the population does pay, new requests draft from their first step."""
+    gate = DraftGate(Planner(), probe_every=4, min_samples=2)
+    old = _req("old")
+    assert gate.allow([old]) == [True]
+    _decode(gate, 3.0, {"old": 0}, n=1)  # drafting steps take 3 s, plain 1 s: the bar is 2
+    _decode(gate, 1.0, {}, n=1)
+    _decode(gate, 3.0, {"old": 0}, n=1)
+    new = _req("new")
+    greedy = Request([1, 2, 3], SamplingParams(max_tokens=8, temperature=0), 8, request_id="g")
+    decisions = [gate.allow([new, greedy], num_decoding=1) for _ in range(4)]
+    assert [d[0] for d in decisions] == [False, False, True, False]  # a probe at clock 4
+    assert all(d[1] for d in decisions)  # no greedy history: drafts unjudged
+    for _ in range(6):  # sampled requests now accept 5 tokens a step: the population pays
+        _decode(gate, 3.0, {"old": 5}, n=1)
+    assert gate.allow([_req("newer")], num_decoding=1) == [True]
