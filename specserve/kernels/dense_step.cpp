@@ -73,6 +73,7 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
       for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * width, src + m * H, H * sizeof(float));
     }
   };
+  std::vector<float> tmp(d), knew(kvh * d);  // a normed head; the new keys of one token
   keep(-1, xp);
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = &weights[l * kPerLayer];
@@ -87,26 +88,19 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
     for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, w[0].data_ptr<float>(), H, feps, xnp + m * H);
     gemm_tiled(xnp, H, M, w[1].data_ptr<float>(), H, qkv_n, qkvp, qkv_n, false);
     float* kp = caches[l].data_ptr<float>();
-    float* vp = kp + kvh * blocks * page * d;
-    float tmp[1024];
-    TORCH_CHECK(d <= 1024, "dense_layers: head_dim above 1024");
     for (int64_t m = 0; m < M; ++m) {
       float* row = qkvp + m * qkv_n;
       const float *c = cp + m * half, *s = sp + m * half;
       for (int64_t head = 0; head < h + kvh; ++head) {
         const float* src = row + head * d;
         if (qk_norm) {
-          rms_norm(src, w[head < h ? 2 : 3].data_ptr<float>(), d, feps, tmp);
-          src = tmp;
+          rms_norm(src, w[head < h ? 2 : 3].data_ptr<float>(), d, feps, tmp.data());
+          src = tmp.data();
         }
-        float* dst = head < h ? qp + (m * h + head) * d
-                              : kp + ((head - h) * blocks * page + slot[m]) * d;
+        float* dst = head < h ? qp + (m * h + head) * d : knew.data() + (head - h) * d;
         rotate(src, c, s, d, dst);
       }
-      for (int64_t g = 0; g < kvh; ++g) {
-        std::memcpy(vp + (g * blocks * page + slot[m]) * d, row + (h + kvh + g) * d,
-                    d * sizeof(float));
-      }
+      store_kv(kp, kvh, blocks, page, d, knew.data(), row + (h + kvh) * d, 0, slot + m, 1);
     }
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
     if (d == 64) {

@@ -23,17 +23,17 @@ namespace specserve_kernels {
 constexpr int64_t kTile = 64;  // keys per online-softmax step (whole pages, at most this many)
 
 // 16 floats in GCC's generic vector type: one AVX-512 register, two AVX2 ones, whatever the
-// target has. Loads and stores are unaligned.
+// target has. Loads and stores are unaligned, through a may_alias twin of the type: a
+// `memcpy` of 64 bytes compiles to two 32-byte copies through the stack where the target
+// prefers 256-bit vectors (GCC's tuning for recent Xeons), and the 64-byte reload of those
+// stalls on store forwarding.
 constexpr int kLanes = 16;
 typedef float vf __attribute__((vector_size(64), aligned(4)));
+typedef float vf_alias __attribute__((vector_size(64), aligned(4), may_alias));
 
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
+inline vf load(const float* p) { return *reinterpret_cast<const vf_alias*>(p); }
 
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
+inline void store(float* p, vf v) { *reinterpret_cast<vf_alias*>(p) = v; }
 
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
@@ -219,40 +219,98 @@ inline void load_rows(float* dst, const T* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// One query row against `visible` keys, any head size d (64 and 128 go through `rows_tile`):
-// scores, the online-softmax update of (mx, sum) and the weighted values added to acc.
+// The most query rows `rows_tile` keeps in registers at head size D (the accumulators): 4 at
+// 64, 2 at 128; the generic head size (D = 0) goes through `row_tile`, one row at a time.
+template <int D>
+constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
+
+// The online-softmax step of one row over its `visible` scores of a tile (exponentiated in
+// place): updates (mx, sum) and returns the factor the row's accumulator is scaled by.
+inline float softmax_step(float* sr, int64_t visible, float& mx, float& sum) {
+  float tile_max = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : tile_max)
+  for (int64_t t = 0; t < visible; ++t) tile_max = std::max(tile_max, sr[t]);
+  const float m_new = std::max(mx, tile_max);
+  float tile_sum = 0.f;
+#pragma omp simd reduction(+ : tile_sum)
+  for (int64_t t = 0; t < visible; ++t) {
+    sr[t] = fast_exp(sr[t] - m_new);
+    tile_sum += sr[t];
+  }
+  const float correction = fast_exp(mx - m_new);  // 0 on the first tile (mx = -inf)
+  sum = sum * correction + tile_sum;
+  mx = m_new;
+  return correction;
+}
+
+// acc[r] = acc[r] * correction[r] + sum over t < visible of s[r, t] * v_t, for R rows of head
+// size D (accumulators in registers; each value row loaded once for all R rows). A row whose
+// own keys end before `visible` has zero weights past them: adding 0 * v leaves its bits.
+template <int D, int R>
+inline void add_values(const float* s, int64_t ld_score, const float* const* vrow,
+                       int64_t visible, const float* correction, float* acc) {
+  constexpr int C = D / kLanes;
+  vf a[R][C];
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * D + c * kLanes) * correction[r];
+  for (int64_t t = 0; t < visible; ++t) {
+    const float* vr = vrow[t];
+#pragma GCC unroll 16
+    for (int c = 0; c < C; ++c) {
+      const vf vv = load(vr + c * kLanes);
+      for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) store(acc + r * D + c * kLanes, a[r][c]);
+}
+
+// `add_values` for `chunk` rows (at most kMaxRows<D>), any head size d when D = 0.
+template <int D>
+inline void add_values_rows(int64_t chunk, const float* s, int64_t ld_score,
+                            const float* const* vrow, int64_t visible, int64_t d,
+                            const float* correction, float* acc) {
+  if constexpr (D > 0) {
+    switch (chunk) {
+      case 4: add_values<D, 4>(s, ld_score, vrow, visible, correction, acc); break;
+      case 3: add_values<D, 3>(s, ld_score, vrow, visible, correction, acc); break;
+      case 2: add_values<D, 2>(s, ld_score, vrow, visible, correction, acc); break;
+      default: add_values<D, 1>(s, ld_score, vrow, visible, correction, acc); break;
+    }
+  } else {
+    for (int64_t r = 0; r < chunk; ++r) {
+      float* ar = acc + r * d;
+      const float* sr = s + r * ld_score;
+#pragma omp simd
+      for (int64_t c = 0; c < d; ++c) ar[c] *= correction[r];
+      for (int64_t t = 0; t < visible; ++t) {
+        const float w = sr[t];
+        const float* vr = vrow[t];
+#pragma omp simd
+        for (int64_t c = 0; c < d; ++c) ar[c] += w * vr[c];
+      }
+    }
+  }
+}
+
+// One query row against `visible` keys stored as rows, any head size d (64 and 128 go through
+// `rows_tile`): scores, the online-softmax update of (mx, sum) and the weighted values added to
+// acc (the drafters' attention: draft_step.cpp, row_attention.cpp).
 inline void row_tile(const float* qr, const float* const* krow, const float* const* vrow,
                      int64_t visible, int64_t d, float* s, float* acc, float& mx, float& sum) {
   int64_t t = 0;
   for (; t + 4 <= visible; t += 4) dot4(qr, &krow[t], d, &s[t]);
   for (; t < visible; ++t) s[t] = dot(qr, krow[t], d);
-  float tile_max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : tile_max)
-  for (t = 0; t < visible; ++t) tile_max = std::max(tile_max, s[t]);
-  const float m_new = std::max(mx, tile_max);
-  float tile_sum = 0.f;
-#pragma omp simd reduction(+ : tile_sum)
-  for (t = 0; t < visible; ++t) {
-    s[t] = fast_exp(s[t] - m_new);
-    tile_sum += s[t];
-  }
-  const float correction = fast_exp(mx - m_new);  // 0 on the first tile (mx = -inf)
-  sum = sum * correction + tile_sum;
-  mx = m_new;
-#pragma omp simd
-  for (int64_t c = 0; c < d; ++c) acc[c] *= correction;
-  for (t = 0; t < visible; ++t) {
-    const float w = s[t];
-    const float* vr = vrow[t];
-#pragma omp simd
-    for (int64_t c = 0; c < d; ++c) acc[c] += w * vr[c];
-  }
+  const float correction = softmax_step(s, visible, mx, sum);
+  add_values_rows<0>(1, s, 0, vrow, visible, d, &correction, acc);
 }
 
 // R query rows that see the same keys (the grouped heads of one query, D > 0) against
-// `visible` keys at once: each key and value row is loaded once for all R rows, the queries
-// and accumulators stay in registers. Each score is the same sum in the same order as with
-// R = 1, so a row's result does not depend on R.
+// `visible` keys stored as rows at once: each key and value row is loaded once for all R rows,
+// the queries and accumulators stay in registers. Each score is the same sum in the same order
+// as with R = 1, so a row's result does not depend on R.
 template <int D, int R>
 inline void rows_tile(const float* q, const float* const* krow, const float* const* vrow,
                       int64_t visible, int64_t ld_score, float* s, float* acc, float* mx,
@@ -279,43 +337,9 @@ inline void rows_tile(const float* q, const float* const* krow, const float* con
     }
   }
   float correction[R];
-  for (int r = 0; r < R; ++r) {
-    float* sr = s + r * ld_score;
-    float tile_max = -std::numeric_limits<float>::infinity();
-#pragma omp simd reduction(max : tile_max)
-    for (int64_t t = 0; t < visible; ++t) tile_max = std::max(tile_max, sr[t]);
-    const float m_new = std::max(mx[r], tile_max);
-    float tile_sum = 0.f;
-#pragma omp simd reduction(+ : tile_sum)
-    for (int64_t t = 0; t < visible; ++t) {
-      sr[t] = fast_exp(sr[t] - m_new);
-      tile_sum += sr[t];
-    }
-    correction[r] = fast_exp(mx[r] - m_new);  // 0 on the first tile (mx = -inf)
-    sum[r] = sum[r] * correction[r] + tile_sum;
-    mx[r] = m_new;
-  }
-  vf a[R][C];
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * D + c * kLanes) * correction[r];
-  for (int64_t t = 0; t < visible; ++t) {
-    const float* vr = vrow[t];
-#pragma GCC unroll 16
-    for (int c = 0; c < C; ++c) {
-      const vf vv = load(vr + c * kLanes);
-      for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
-    }
-  }
-#pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) store(acc + r * D + c * kLanes, a[r][c]);
+  for (int r = 0; r < R; ++r) correction[r] = softmax_step(s + r * ld_score, visible, mx[r], sum[r]);
+  add_values<D, R>(s, ld_score, vrow, visible, correction, acc);
 }
-
-// The most query rows `rows_tile` keeps in registers at head size D (the accumulators): 4 at
-// 64, 2 at 128; the generic head size (D = 0) goes through `row_tile`, one row at a time.
-template <int D>
-constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
 
 // One tile pass of `chunk` rows (at most kMaxRows<D>) that see the same `visible` keys: q, s
 // and acc of the first row, the rows' softmax state mx, sum; scores `ld_score` apart.
@@ -361,6 +385,51 @@ inline std::vector<int64_t> split_items(const std::vector<AttendItem>& items, in
   return first;
 }
 
+// --- Paged attention over keys stored transposed (`attend`) -------------------------------
+//
+// The cache of `specserve.models.attention.CppBackend`: one tensor [2, kv, num_blocks, page, d]
+// per layer whose value pages are [page, d] (a row per token) and whose key pages are stored
+// transposed, [d, page] (element c of the page's token u at c * page + u). A query's scores
+// against 16 keys are then one vector: a multiply-add per element of the head, with the query
+// element broadcast, and no horizontal sums (the row-major `rows_tile` above spends more on
+// those than on the products).
+
+constexpr int64_t kKeys = kLanes;  // keys per score vector
+
+// Scores of RB query rows (q [RB, d]) against 16 keys stored transposed, kt[c * ldk + u] =
+// element c of key u: s[r * ld_score + u]. Each score is the multiply-adds over c = 0 .. d - 1
+// in order, so it has the same bits for any RB and wherever the keys sit.
+template <int RB>
+inline void scores16(const float* q, int64_t d, const float* kt, int64_t ldk, float* s,
+                     int64_t ld_score) {
+  vf acc[RB] = {};
+  for (int64_t c = 0; c < d; ++c) {
+    const vf k = load(kt + c * ldk);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) acc[r] += q[r * d + c] * k;
+  }
+  for (int r = 0; r < RB; ++r) store(s + r * ld_score, acc[r]);
+}
+
+// `scores16` for any number of rows, eight at a time (the key vector loaded once for eight).
+inline void scores_rows(int64_t rows, const float* q, int64_t d, const float* kt, int64_t ldk,
+                        float* s, int64_t ld_score) {
+  int64_t r = 0;
+  for (; r + 8 <= rows; r += 8) scores16<8>(q + r * d, d, kt, ldk, s + r * ld_score, ld_score);
+  const float* qr = q + r * d;
+  float* sr = s + r * ld_score;
+  switch (rows - r) {
+    case 7: scores16<7>(qr, d, kt, ldk, sr, ld_score); break;
+    case 6: scores16<6>(qr, d, kt, ldk, sr, ld_score); break;
+    case 5: scores16<5>(qr, d, kt, ldk, sr, ld_score); break;
+    case 4: scores16<4>(qr, d, kt, ldk, sr, ld_score); break;
+    case 3: scores16<3>(qr, d, kt, ldk, sr, ld_score); break;
+    case 2: scores16<2>(qr, d, kt, ldk, sr, ld_score); break;
+    case 1: scores16<1>(qr, d, kt, ldk, sr, ld_score); break;
+    default: break;
+  }
+}
+
 template <typename T, int D>
 void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             const at::Tensor& block_tables, const at::Tensor& q_starts,
@@ -379,6 +448,9 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   const int64_t* klens = kv_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
   constexpr bool kFloat = std::is_same_v<T, float>;
+  // A float32 page of at least 16 keys is read in place, 16 keys at a time; otherwise (a
+  // narrower dtype, small pages) each 16 keys are first copied into a float32 buffer.
+  const bool in_place = kFloat && page % kKeys == 0;
 
   std::vector<AttendItem> items;
   int64_t total = 0;
@@ -395,19 +467,24 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   }
   const int64_t parts = std::clamp<int64_t>(total / kMinParallelWork, 1, at::get_num_threads());
   const std::vector<int64_t> first_item = split_items(items, parts);
+  const int64_t padded_tile = (tile + kKeys - 1) / kKeys * kKeys;
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<float> qbuf, acc, mx, sum, score, kbuf, vbuf;
-    std::vector<const float*> krow(tile), vrow(tile);
-    if (!kFloat) kbuf.resize(tile * d), vbuf.resize(tile * d);
+    std::vector<float> qbuf, acc, mx, sum, score, correction, kbuf(d * kKeys), vbuf;
+    std::vector<int64_t> seen;
+    std::vector<const float*> vrow(tile);
+    if (!kFloat) vbuf.resize(tile * d);
     for (int64_t item = first_item[part_begin]; item < first_item[part_end]; ++item) {
       const auto [b, g, q0, q1, work] = items[item];
       const int64_t nq = qlens[b], rows = (q1 - q0) * group;
       const int64_t nk = klens[b] - nq + q1;  // the keys the block's last query sees
+      const int64_t* table = tables + b * max_pages;
       qbuf.resize(rows * d);
       acc.assign(rows * d, 0.f);
       mx.assign(rows, -std::numeric_limits<float>::infinity());
       sum.assign(rows, 0.f);
-      score.resize(rows * tile);
+      score.resize(rows * padded_tile);
+      correction.resize(rows);
+      seen.resize(rows);
       for (int64_t r = 0; r < rows; ++r) {  // row r = j * group + i: query q0 + j, head g*group + i
         const int64_t j = r / group, i = r % group;
         float* dst = &qbuf[r * d];
@@ -421,43 +498,77 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
         // pages): the hardware prefetchers do not follow such a jump. Adjacent pages stream
         // without help; prefetching them too slowed a step.
         for (int64_t t = first + tile; t < std::min(nk, first + 2 * tile); t += page) {
-          const int64_t block = tables[b * max_pages + t / page];
-          if (block == tables[b * max_pages + t / page - 1] + 1) continue;
+          const int64_t block = table[t / page];
+          if (block == table[t / page - 1] + 1) continue;
           const char* kpage = reinterpret_cast<const char*>(kp + (g * num_blocks + block) * page * d);
           const char* vpage = reinterpret_cast<const char*>(vp + (g * num_blocks + block) * page * d);
-          const int64_t bytes = std::min(page, nk - t) * d * static_cast<int64_t>(sizeof(T));
+          const int64_t bytes = page * d * static_cast<int64_t>(sizeof(T));
           for (int64_t off = 0; off < bytes; off += 64) {
             __builtin_prefetch(kpage + off, 0, 2);
             __builtin_prefetch(vpage + off, 0, 2);
           }
         }
-        for (int64_t t = 0; t < n; t += page) {  // the tile's rows, page by page, in place
-          const int64_t block = tables[b * max_pages + (first + t) / page];
+        // keys first .. first + seen[r] - 1 of this tile are visible to row r's query; rows are
+        // in query order, so seen[] does not decrease
+        for (int64_t r = 0; r < rows; ++r)
+          seen[r] = std::clamp<int64_t>(nk - (q1 - q0) + r / group - first + 1, 0, n);
+        const int64_t visible = seen[rows - 1];
+        if (visible <= 0) continue;
+        for (int64_t t = 0; t < visible; t += page) {  // the value rows, page by page, in place
+          const int64_t block = table[(first + t) / page];
           const int64_t base = (g * num_blocks + block) * page * d;
-          const int64_t m = std::min(page, n - t);
+          const int64_t m = std::min(page, visible - t);
           for (int64_t u = 0; u < m; ++u) {
             if constexpr (kFloat) {
-              krow[t + u] = kp + base + u * d;
               vrow[t + u] = vp + base + u * d;
             } else {
-              load_rows(&kbuf[(t + u) * d], kp + base + u * d, d);
               load_rows(&vbuf[(t + u) * d], vp + base + u * d, d);
-              krow[t + u] = &kbuf[(t + u) * d];
               vrow[t + u] = &vbuf[(t + u) * d];
             }
           }
         }
+        int64_t r_lo = 0;  // the first row that sees any of keys t0 ..
+        for (int64_t t0 = 0; t0 < visible; t0 += kKeys) {
+          while (seen[r_lo] <= t0) ++r_lo;
+          const float* kt;
+          int64_t ldk;
+          if (in_place) {  // 16 keys of one page
+            const int64_t key = first + t0;
+            kt = reinterpret_cast<const float*>(kp) +
+                 (g * num_blocks + table[key / page]) * page * d + key % page;
+            ldk = page;
+          } else {
+            for (int64_t u = 0; u < kKeys; ++u) {
+              const int64_t key = first + t0 + u;
+              if (t0 + u < visible) {
+                const T* src = kp + (g * num_blocks + table[key / page]) * page * d + key % page;
+                for (int64_t c = 0; c < d; ++c) kbuf[c * kKeys + u] = static_cast<float>(src[c * page]);
+              } else {
+                for (int64_t c = 0; c < d; ++c) kbuf[c * kKeys + u] = 0.f;
+              }
+            }
+            kt = kbuf.data();
+            ldk = kKeys;
+          }
+          scores_rows(rows - r_lo, &qbuf[r_lo * d], d, kt, ldk, &score[r_lo * padded_tile + t0],
+                      padded_tile);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* sr = &score[r * padded_tile];
+          if (seen[r] > 0) {
+            correction[r] = softmax_step(sr, seen[r], mx[r], sum[r]);
+          } else {
+            correction[r] = 1.f;  // sees none of this tile's keys
+          }
+        }
         for (int64_t r = 0; r < rows;) {
-          // keys first .. first + seen(row) - 1 of this tile are visible to row r's query
-          auto seen = [&](int64_t row) { return std::min(n, nk - (q1 - q0) + row / group - first + 1); };
-          const int64_t visible = seen(r);
-          // rows r .. r + chunk - 1 see the same keys (heads of one query, or queries that see
-          // the whole tile)
-          int64_t chunk = 1;
-          while (chunk < kMaxRows<D> && r + chunk < rows && seen(r + chunk) == visible) ++chunk;
-          if (visible > 0)
-            attend_rows<D>(chunk, &qbuf[r * d], krow.data(), vrow.data(), visible, d, tile,
-                           &score[r * tile], &acc[r * d], &mx[r], &sum[r]);
+          int64_t chunk = std::min<int64_t>(kMaxRows<D>, rows - r);
+          const int64_t last = seen[r + chunk - 1];  // the most keys a row of the chunk sees
+          for (int64_t i = r; i < r + chunk; ++i)  // no weight past a row's own keys
+            std::fill(&score[i * padded_tile + seen[i]], &score[i * padded_tile + last], 0.f);
+          if (last > 0)
+            add_values_rows<D>(chunk, &score[r * padded_tile], padded_tile, vrow.data(), last, d,
+                               &correction[r], &acc[r * d]);
           r += chunk;
         }
       }
@@ -469,6 +580,24 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
       }
     }
   });
+}
+
+// The new tokens' keys and values into their slots of a `CppBackend` cache [2, kv, blocks, page,
+// d]: keys transposed into their page ([d, page]), values as rows. k, v: [n, kv, d] with rows
+// `ld` elements apart (a slice of a fused QKV row works), slots [n].
+template <typename T>
+inline void store_kv(T* cache, int64_t kv, int64_t num_blocks, int64_t page, int64_t d,
+                     const T* k, const T* v, int64_t ld, const int64_t* slots, int64_t n) {
+  T* vp = cache + kv * num_blocks * page * d;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t block = slots[i] / page, u = slots[i] % page;
+    for (int64_t g = 0; g < kv; ++g) {
+      T* kt = cache + (g * num_blocks + block) * page * d + u;
+      const T* ks = k + i * ld + g * d;
+      for (int64_t c = 0; c < d; ++c) kt[c * page] = ks[c];
+      std::memcpy(vp + (g * num_blocks * page + slots[i]) * d, v + i * ld + g * d, d * sizeof(T));
+    }
+  }
 }
 
 }  // namespace specserve_kernels

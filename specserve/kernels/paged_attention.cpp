@@ -1,8 +1,9 @@
 // Paged attention on the CPU: decode steps, verify windows and prefill chunks.
 //
 // Reads each sequence's keys and values in place, page by page, from the cache layout of
-// `specserve.models.attention.TorchBackend`: one tensor [2, kv, num_blocks, page_size, d] per
-// layer. Nothing is gathered and no mask is built: query j of a sequence with Q new tokens and
+// `specserve.models.attention.CppBackend`: one tensor [2, kv, num_blocks, page_size, d] per
+// layer whose key pages are stored transposed ([d, page_size]; `store_kv` writes them), so that
+// scores are vector products over 16 keys at a time. Nothing is gathered and no mask is built: query j of a sequence with Q new tokens and
 // L keys sees keys 0 .. L - Q + j, and an online softmax runs over one tile of keys at a time.
 // One work item is a (sequence, block of up to 64 queries, kv head): its rows (the queries x
 // the heads of the group) read each key and value row of the group once, from L1, for all of
@@ -56,13 +57,47 @@ void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cach
   }
 }
 
+// k, v [N, kv, d] into `slots` [N] of the cache: keys transposed into their pages.
+void store_kv_op(at::Tensor cache, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& slots) {
+  TORCH_CHECK(cache.dim() == 5 && cache.size(0) == 2 && cache.is_contiguous(),
+              "store_kv: a contiguous cache [2, kv, blocks, page, d]");
+  TORCH_CHECK(k.dim() == 3 && k.sizes() == v.sizes() && k.size(1) == cache.size(1) &&
+                  k.size(2) == cache.size(4) && k.is_contiguous() && v.is_contiguous(),
+              "store_kv: contiguous k, v [N, kv, d] of the cache's heads");
+  TORCH_CHECK(k.scalar_type() == cache.scalar_type() && v.scalar_type() == cache.scalar_type(),
+              "store_kv: k, v and cache must share a dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.is_contiguous() &&
+                  slots.device().is_cpu() && slots.size(0) == k.size(0),
+              "store_kv: slots [N] contiguous int64 on the CPU");
+  const int64_t kv = cache.size(1), blocks = cache.size(2), page = cache.size(3), d = cache.size(4);
+  const int64_t* slot = slots.data_ptr<int64_t>();
+  for (int64_t i = 0; i < slots.size(0); ++i)
+    TORCH_CHECK(slot[i] >= 0 && slot[i] < blocks * page, "store_kv: slot ", slot[i], " out of range");
+  auto run = [&](auto tag) {
+    using T = decltype(tag);
+    store_kv(cache.data_ptr<T>(), kv, blocks, page, d, k.data_ptr<T>(), v.data_ptr<T>(), kv * d,
+             slot, k.size(0));
+  };
+  switch (cache.scalar_type()) {
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(c10::BFloat16{}); break;
+    case at::kHalf: run(c10::Half{}); break;
+    default: TORCH_CHECK(false, "store_kv: dtype ", cache.scalar_type(), " is not supported");
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(specserve, m) {
   m.def(
       "paged_attention(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_tables, "
       "Tensor q_starts, Tensor q_lens, Tensor kv_lens, float scale) -> ()");
+  m.def("store_kv(Tensor(a!) cache, Tensor k, Tensor v, Tensor slots) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(specserve, CPU, m) { m.impl("paged_attention", &paged_attention); }
+TORCH_LIBRARY_IMPL(specserve, CPU, m) {
+  m.impl("paged_attention", &paged_attention);
+  m.impl("store_kv", &store_kv_op);
+}
 

@@ -99,9 +99,11 @@ class TorchBackend(AttentionBackend):
 
 
 class CppBackend(TorchBackend):
-    """`TorchBackend`'s cache, with decode steps and verify windows attended by a compiled CPU
-    kernel (`specserve/kernels`) that reads each page in place with an online softmax: no
-    gather, no mask. Prefill chunks keep the PyTorch path (SDPA's flash kernel)."""
+    """A compiled CPU kernel (`specserve/kernels`) attends every query (decode steps, verify
+    windows, prefill chunks) over the pages in place with an online softmax: no gather, no
+    mask. The cache has `TorchBackend`'s shape, but each key page is stored transposed,
+    [head_dim, page_size], so that the kernel scores 16 keys with one vector product per
+    element of the head (`keys_transposed` / `keys_untransposed` convert between the two)."""
 
     uses_kernels = True
 
@@ -119,6 +121,22 @@ class CppBackend(TorchBackend):
 
     def context(self, cache, batch):
         return KernelPagedAttention(cache, batch)
+
+
+def keys_transposed(cache: torch.Tensor) -> torch.Tensor:
+    """A `TorchBackend` cache [2, kv, blocks, page, d] in `CppBackend`'s layout (a copy)."""
+    two, kv, blocks, page, d = cache.shape
+    out = cache.clone()
+    out[0].view(kv, blocks, d, page).copy_(cache[0].transpose(-1, -2))
+    return out
+
+
+def keys_untransposed(cache: torch.Tensor) -> torch.Tensor:
+    """A `CppBackend` cache in `TorchBackend`'s layout (a copy): `keys_transposed` undone."""
+    two, kv, blocks, page, d = cache.shape
+    out = cache.clone()
+    out[0].copy_(cache[0].reshape(kv, blocks, d, page).transpose(-1, -2))
+    return out
 
 
 ATTENTION_BACKENDS: dict[str, type[AttentionBackend]] = {"torch": TorchBackend, "cpp": CppBackend}
@@ -300,14 +318,20 @@ class KernelPagedAttention(PagedAttention):
             x.contiguous() for x in (batch.block_tables, starts, batch.query_lens, batch.kv_lens)
         )
         super().__init__(cache, batch)
+        self.slots = batch.slot_mapping.to("cpu", torch.long).contiguous()
         self.step_args = None  # for `dense_layers`: every query short, float32 cache
         short = bool((batch.query_lens <= self.SHORT_QUERY).all())
         if short and cache[0].dtype == torch.float32:
-            slots = batch.slot_mapping.to(cache[0].device)
-            self.step_args = (cache, slots, *self.kernel_args)
+            self.step_args = (cache, self.slots, *self.kernel_args)
 
     def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
         return []  # no SDPA groups: the kernel takes every query
+
+    def _write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """The new tokens' K/V into their slots, keys transposed into their pages."""
+        if k.dtype != cache.dtype:
+            k, v = k.to(cache.dtype), v.to(cache.dtype)
+        torch.ops.specserve.store_kv(cache, k.contiguous(), v.contiguous(), self.slots)
 
     def attend(self, layer_idx, q, k, v):
         cache = self.cache[layer_idx]

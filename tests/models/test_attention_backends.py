@@ -14,7 +14,14 @@ import transformers
 from specserve.config import EngineConfig
 from specserve.engine.model_runner import BatchSeq, ModelRunner
 from specserve.kernels import STALE_LOCK_S, clear_stale_lock
-from specserve.models.attention import CppBackend, PagedBatch, TorchBackend, make_attention_backend
+from specserve.models.attention import (
+    CppBackend,
+    PagedBatch,
+    TorchBackend,
+    keys_transposed,
+    keys_untransposed,
+    make_attention_backend,
+)
 from specserve.models.loader import load_model
 from specserve.testing.tiny import make_checkpoint
 
@@ -57,12 +64,12 @@ def test_kernel_equals_the_torch_backend(head_dim, heads, kv, dtype, tol, page):
     cache.copy_(torch.randn(cache.shape, generator=gen))
     n = sum(qlens)
     q, k, v = (torch.randn(n, c, head_dim, generator=gen).to(dtype) for c in (heads, kv, kv))
-    caches = [[cache.clone()], [cache.clone()]]
+    caches = [[cache.clone()], [keys_transposed(cache)]]  # the same keys in each layout
     want = torch_be.context(caches[0], batch).attend(0, q, k, v)
     got = cpp_be.context(caches[1], batch).attend(0, q, k, v)
     assert got.dtype == dtype
     assert (got.float() - want.float()).abs().max().item() <= tol
-    assert torch.equal(caches[0][0], caches[1][0])
+    assert torch.equal(caches[0][0], keys_untransposed(caches[1][0]))
 
 
 def test_long_queries_are_split_into_blocks_across_threads():
@@ -81,7 +88,7 @@ def test_long_queries_are_split_into_blocks_across_threads():
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            outs.append(CppBackend().context([cache.clone()], batch).attend(0, q, k, v))
+            outs.append(CppBackend().context([keys_transposed(cache)], batch).attend(0, q, k, v))
     finally:
         torch.set_num_threads(threads)
     assert (outs[0] - want).abs().max().item() <= 2e-6
