@@ -57,6 +57,7 @@ def cell(cache, batch: int, context: int, width: int, layout: str, reps: int) ->
     arms = [kernel, lambda: cpp.attend(0, q, k, v), lambda: torch_ctx.attend(0, q, k, v)]
     times: list[list[float]] = [[] for _ in arms]
     bws = []
+    kv_bytes = batch * context * KV * D * 4 * 2
     for fn in arms:
         fn()
     for _ in range(reps):
@@ -64,10 +65,10 @@ def cell(cache, batch: int, context: int, width: int, layout: str, reps: int) ->
             start = time.perf_counter()
             fn()
             t.append(time.perf_counter() - start)
-        bws.append(copy_bandwidth())
+        bws.append(copy_bandwidth(kv_bytes))
     ours, layer, theirs = (min(t) for t in times)
     med = [1e3 * statistics.median(t) for t in times]
-    floor = batch * context * KV * D * 4 * 2 / max(bws)
+    floor = kv_bytes / max(bws)
     flops = 4 * n * HEADS * context * D
     step = "decode" if width == 1 else f"verify {width}"
     return (

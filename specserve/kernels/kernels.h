@@ -394,7 +394,9 @@ inline std::vector<int64_t> split_items(const std::vector<AttendItem>& items, in
 // element broadcast, and no horizontal sums (the row-major `rows_tile` above spends more on
 // those than on the products).
 
+
 constexpr int64_t kKeys = kLanes;  // keys per score vector
+constexpr int64_t kPrefetchBytes = 256;  // of each page of the next tile
 
 // Scores of RB query rows (q [RB, d]) against 16 keys stored transposed, kt[c * ldk + u] =
 // element c of key u: s[r * ld_score + u]. Each score is the multiply-adds over c = 0 .. d - 1
@@ -493,16 +495,17 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
       }
       for (int64_t first = 0; first < nk; first += tile) {
         const int64_t n = std::min(tile, nk - first);
-        // The next tile's pages into L2 while this one is attended, where a page does not follow
-        // the one before it in memory (requests that decode together take turns allocating
-        // pages): the hardware prefetchers do not follow such a jump. Adjacent pages stream
-        // without help; prefetching them too slowed a step.
+        // The first lines of each of the next tile's pages into L2 while this one is attended.
+        // A key page and a value page are 4 KB each (16 keys of head size 64), and the hardware
+        // stream prefetcher stops at 4 KB boundaries; a few demand-like fetches at the start
+        // of a page start it again (adjacent pages of one request too). One layer, ten requests
+        // decoding 1,024-token contexts on pages taken in turns: 0.47 ms against 0.56 with
+        // every line of the next tile prefetched.
         for (int64_t t = first + tile; t < std::min(nk, first + 2 * tile); t += page) {
           const int64_t block = table[t / page];
-          if (block == table[t / page - 1] + 1) continue;
           const char* kpage = reinterpret_cast<const char*>(kp + (g * num_blocks + block) * page * d);
           const char* vpage = reinterpret_cast<const char*>(vp + (g * num_blocks + block) * page * d);
-          const int64_t bytes = page * d * static_cast<int64_t>(sizeof(T));
+          const int64_t bytes = std::min<int64_t>(page * d * sizeof(T), kPrefetchBytes);
           for (int64_t off = 0; off < bytes; off += 64) {
             __builtin_prefetch(kpage + off, 0, 2);
             __builtin_prefetch(vpage + off, 0, 2);
