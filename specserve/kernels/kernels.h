@@ -117,6 +117,13 @@ inline int64_t grain_for(int64_t work_per_item) {
   return std::max<int64_t>(1, (kMinParallelWork + per - 1) / per);
 }
 
+// A block of at least 4 rows spends long enough on each weight row that the weight stream
+// stalls at every 4 KB page (16 rows of a tile), where the hardware prefetcher stops: it fetches
+// the row 16 ahead itself. 150M model, ten requests decoding 1,024-token contexts: 75 ms a step
+// against 94. One row streams fast enough without help (batch 1 is at the copy floor).
+constexpr int kPrefetchRows = 4;
+constexpr int64_t kPrefetchAhead = 16;  // weight rows
+
 // y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` floats apart, 64 of
 // them read). 4 x MB accumulators in registers: each w row is loaded once for all MB rows.
 template <int MB>
@@ -125,6 +132,13 @@ inline void tile_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, 
   vf a[MB][4] = {};
   for (int64_t k = 0; k < K; ++k) {
     const float* wk = w + k * ldw;
+    if constexpr (MB >= kPrefetchRows) {
+      const char* ahead = reinterpret_cast<const char*>(wk + kPrefetchAhead * ldw);
+      __builtin_prefetch(ahead, 0, 2);
+      __builtin_prefetch(ahead + 64, 0, 2);
+      __builtin_prefetch(ahead + 128, 0, 2);
+      __builtin_prefetch(ahead + 192, 0, 2);
+    }
     const vf w0 = load(wk), w1 = load(wk + 16), w2 = load(wk + 32), w3 = load(wk + 48);
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
