@@ -325,6 +325,7 @@ class LLMEngine:
         if stream is not None:
             self.stats.num_aborted += 1
             self.drafter.release(stream.request)
+            self.planner.release(stream.request)
             self.scheduler.finish(stream.request, RequestStatus.FINISHED_ABORTED)
 
     def has_unfinished(self) -> bool:

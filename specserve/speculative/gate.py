@@ -221,8 +221,15 @@ class DraftGate(Planner):
                 pop = self.population.setdefault(self.kinds[rid], _Acceptance())
                 pop.add(accepted, self.decay)
         for rid in stats.finished:
-            self.acceptance.pop(rid, None)
-            self.kinds.pop(rid, None)
+            self._forget(rid)
+
+    def release(self, request: Request) -> None:
+        self.planner.release(request)
+        self._forget(request.request_id)
+
+    def _forget(self, request_id: str) -> None:
+        self.acceptance.pop(request_id, None)
+        self.kinds.pop(request_id, None)
 
 
 def context_octave(context_tokens: int, num_decoding: int) -> int:

@@ -45,7 +45,8 @@ class Planner:
     allow(requests, num_decoding, context_tokens) -> per request, whether it drafts this step at
     all (before drafting); num_decoding: the requests that get a token this step (None:
     len(requests)); context_tokens: their tokens so far (0: not known).
-    observe(stats) -> None, once after every step."""
+    observe(stats) -> None, once after every step; release(request) -> None, once for an
+    aborted request."""
 
     def plan(self, proposals: list[DraftProposal], requests: list[Request]) -> list[int]:
         return plan_full(draft_lens(proposals)).tolist()
@@ -56,6 +57,11 @@ class Planner:
         return [True] * len(requests)
 
     def observe(self, stats: StepStats) -> None:
+        return None
+
+    def release(self, request: Request) -> None:
+        """`request` was aborted: forget what is kept for it (a finished one arrives in
+        `StepStats.finished`)."""
         return None
 
 

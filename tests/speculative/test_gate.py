@@ -46,6 +46,19 @@ def test_skips_below_the_bar_probes_again_and_forgets_finished_requests():
     assert gate.acceptance == {}
 
 
+def test_an_aborted_request_is_forgotten(bundle):
+    """The engine's abort reaches the gate: its acceptance and kind go with the request."""
+    llm = make_llm(bundle, "NGRAM", gate=True)
+    gate = llm.engine.planner
+    assert isinstance(gate, DraftGate)
+    req = llm.engine.add_request(PROMPTS[0], SamplingParams(max_tokens=64, temperature=0))
+    for _ in range(4):
+        llm.engine.step()
+    assert req.request_id in gate.kinds
+    llm.engine.abort(req.request_id)
+    assert req.request_id not in gate.kinds and req.request_id not in gate.acceptance
+
+
 def test_a_request_is_judged_after_min_samples_drafted_steps():
     gate = DraftGate(Planner(), min_samples=3)
     req = _req("r")
