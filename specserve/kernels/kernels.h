@@ -165,11 +165,16 @@ inline void tile_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, 
   }
 }
 
-// y [M, 64-column chunk] (+)= x [M, K] @ w [K, 64]: tile_rows over M in blocks of 8 rows, the
-// rest in one block (a verify window of 8 or a draft block of 7 in one pass over the tile).
+// y [M, 64-column chunk] (+)= x [M, K] @ w [K, 64]: up to 8 rows in one block (a verify window
+// of 8 or a draft block of 7 in one pass over the tile); more in blocks of 6 rows (each pass
+// after the first reads the tile from L2), the rest in one block. 150M model, ten verify
+// windows of 8: 209 ms a step against 227 in blocks of 8.
 inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw,
                             int64_t K, float* y, int64_t ldy, int64_t ncols, bool accumulate) {
   int64_t m = 0;
+  if (M > 8) {  // 6 x 4 accumulators and the 4 weight vectors fit the 32 registers; 8 x 4 spill
+    for (; m + 6 <= M; m += 6) tile_rows<6>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy, ncols, accumulate);
+  }
   for (; m + 8 <= M; m += 8) tile_rows<8>(x + m * ldx, ldx, w, ldw, K, y + m * ldy, ldy, ncols, accumulate);
   const float* xm = x + m * ldx;
   float* ym = y + m * ldy;
