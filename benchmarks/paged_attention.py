@@ -3,12 +3,13 @@
     .venv/bin/python benchmarks/paged_attention.py [--threads 1] [--reps 10]
 
 Shapes are the demo target's (4 query heads, 2 KV heads, head size 64, pages of 16): batch
-{1, 10} x context {512, 1024, 2048} x {decode, verify 8}, with each request's pages laid out
+{1, 10} x context {512, 1024, 2048} x {decode, verify 8}, each request's pages laid out
 `contiguous` (one run, as after a prefill), `interleaved` (taken in turns, as when requests
 decoding together each take their next page) or `random` (a fragmented pool), in a pool of
-20,000 pages. Each cell prints the kernel's time (`--attention-backend cpp`), its floor (the
-K/V bytes the step reads over the best copy bandwidth sampled between the timings), the
-ratio and its GFLOP/s; then a layer's whole `attend` (the new K/V written, then attended) with
+20,000 pages; then one 2,048-token context's prefill chunk of 512 (after 1,536 cached tokens)
+and of 2,048 (the whole prompt), contiguous. Each cell prints the kernel's time (`--attention-backend cpp`), its floor (the
+K/V bytes the step reads over the best bandwidth of a copy of that footprint sampled between
+the timings), the ratio and its GFLOP/s (causal: a prefill row sees the keys before it); then a layer's whole `attend` (the new K/V written, then attended) with
 `--attention-backend cpp` and with the PyTorch backend (`--attention-backend torch`: gather +
 SDPA) on the same cache and batch. Arms alternate; min and median of `--reps`, ratios from
 the mins.
@@ -69,8 +70,9 @@ def cell(cache, batch: int, context: int, width: int, layout: str, reps: int) ->
     ours, layer, theirs = (min(t) for t in times)
     med = [1e3 * statistics.median(t) for t in times]
     floor = kv_bytes / max(bws)
-    flops = 4 * n * HEADS * context * D
-    step = "decode" if width == 1 else f"verify {width}"
+    keys = width * (context - width) + width * (width + 1) // 2  # causal over the new rows
+    flops = 4 * batch * keys * HEADS * D
+    step = "decode" if width == 1 else f"verify {width}" if width <= 16 else f"prefill {width}"
     return (
         f"| {batch} | {context} | {step} | {layout} | {max(bws) / 1e9:.1f} | {1e3 * floor:.3f} | "
         f"{1e3 * ours:.3f} / {med[0]:.3f} | {ours / floor:.1f}x | {flops / ours / 1e9:.0f} | "
@@ -99,6 +101,8 @@ def main() -> None:
             for width in (1, 8):
                 for layout in args.layouts.split(","):
                     print(cell(cache, batch, context, width, layout, args.reps), flush=True)
+    for width in (512, 2048):  # one prefill chunk: after 1,536 cached tokens, and a whole prompt
+        print(cell(cache, 1, 2048, width, "contiguous", max(2, args.reps // 2)), flush=True)
 
 
 if __name__ == "__main__":
