@@ -8,10 +8,10 @@ says so: the pipeline runs, but random drafters are (almost) never accepted, so 
 it prints say nothing about trained drafters. Greedy outputs are checked against NONE.
 
 Each arm's engine first runs the whole workload once, untimed, then again, timed: a fresh
-engine's first pass runs about half as fast (the pages of its caches are touched for the first
-time, 2,400 vs 4,700 tok/s for NONE at concurrency 16 here) and a speculative engine also learns
-its draft gate there, as a serving engine does in its first minutes. Prefix caching is off, so
-the timed pass prefills like the first.
+engine's first pass is cold (NONE at concurrency 16 on the demo target: about 2,400 tok/s,
+against 3,800 for a second pass) and a speculative engine also learns its draft gate there, as
+a serving engine does in its first minutes. Prefix caching is off, so the timed pass prefills
+like the first.
 """
 
 from __future__ import annotations
