@@ -7,10 +7,9 @@ Without --target it builds a tiny random target and random drafters in a tempora
 says so: the pipeline runs, but random drafters are (almost) never accepted, so the speedups
 it prints say nothing about trained drafters. Greedy outputs are checked against NONE.
 
-Each arm's engine first runs the whole workload once, untimed, then again, timed: a fresh
-engine's first pass is cold (NONE at concurrency 16 on the demo target: about 2,400 tok/s,
-against 3,800 for a second pass) and a speculative engine also learns its draft gate there, as
-a serving engine does in its first minutes. Prefix caching is off, so the timed pass prefills
+Each arm's engine first runs the whole workload once, untimed, then again, timed: a gated
+speculative engine learns its draft gate in the first pass (step times, each kind's acceptance),
+as a serving engine does in its first minutes. Prefix caching is off, so the timed pass prefills
 like the first.
 """
 
