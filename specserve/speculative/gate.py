@@ -30,6 +30,16 @@ probe interval (`probe_every`, doubled after each probe that leaves the request 
 up to `max_probe_every`; all powers of two times `probe_every`, so they coincide). Only
 proposals with tokens count as acceptance samples.
 
+Above the per-request bar sits a check on what drafting actually gave: each step in which any
+request drafted is compared with plain decoding (the tokens it committed at the median plain
+step time, over its own time), partial steps and drafter catch-ups included. While that gain,
+over the last `gain_window` drafted steps, is below `min_gain`, nobody drafts but on probe
+steps, further and further apart (`probe_every` doubling up to `max_probe_every`), until a probe
+pays again. At 16 users on 64-token prompts the per-request bar, read from the fastest whole
+drafted steps, let requests draft in steps that ran at 0.8x plain decoding. `min_gain` is 0.9,
+not 1: NEXTN at one user gains 1.1-1.3 per window, dips below 1 in some windows, and paused at
+1.0 it fell from 1.11x to 0.95-0.99x plain decoding.
+
 Lossless: a decision reads only wall times, acceptance counts and drafter confidences of
 earlier steps, never a token of the step it decides. Each step, drafted or not, commits tokens
 distributed exactly as the target's given the history, so any choice made from the history
@@ -54,7 +64,7 @@ class _Acceptance:
     expected: float = 0.0  # accepted draft tokens the confidence head predicted (same average)
     expected_samples: int = 0
 
-    def add(self, accepted: int, decay: float) -> None:
+    def add(self, accepted: float, decay: float) -> None:
         self.samples += 1
         self.rate += max(1.0 - decay, 1.0 / self.samples) * (accepted - self.rate)
 
@@ -92,8 +102,18 @@ class StepTimes:
         """The steady time at `num_requests` (the nearest size seen; 0 before any)."""
         if not self.by_requests:
             return 0.0
+        return min(self._nearest(num_requests))
+
+    def typical(self, num_requests: int) -> float:
+        """The median of the recent times at `num_requests` (the nearest size seen)."""
+        if not self.by_requests:
+            return 0.0
+        times = sorted(self._nearest(num_requests))
+        return times[len(times) // 2]
+
+    def _nearest(self, num_requests: int) -> deque[float]:
         near = min(self.by_requests, key=lambda r: (abs(r - num_requests), r))
-        return min(self.by_requests[near])
+        return self.by_requests[near]
 
 
 class DraftGate(Planner):
@@ -109,8 +129,18 @@ class DraftGate(Planner):
         remeasure_every: int = 64,
         max_probe_every: int = 64,
         head_confidences: bool = False,
+        min_gain: float = 0.9,
+        gain_window: int = 16,
     ) -> None:
         self.planner, self.probe_every, self.decay = planner, probe_every, decay
+        # realised gain of drafted steps over plain decoding (`_observe_gain`): below
+        # `min_gain`, no request drafts until a probe step shows that it pays again
+        self.min_gain = min_gain
+        # (plain-equivalent seconds, seconds) of the last `gain_window` steps that drafted
+        self.gain_window = gain_window
+        self.gain_steps: deque[tuple[float, float]] = deque(maxlen=gain_window)
+        self.paused = False
+        self.pause_interval = probe_every
         self.min_samples, self.remeasure_every = min_samples, remeasure_every
         self.max_probe_every = max(probe_every, max_probe_every)
         self.head_confidences = head_confidences
@@ -174,6 +204,11 @@ class DraftGate(Planner):
         self.clock += 1
         bar = self.break_even(n, octave)
         decisions = [self._decide(self._acceptance_of(r), bar) for r in requests]
+        if self.paused:  # drafting did not pay: only every `pause_interval` steps, a probe
+            if self.clock % self.pause_interval:
+                decisions = [False] * len(requests)
+            else:
+                self.pause_interval = min(2 * self.pause_interval, self.max_probe_every)
         self.all_drafted = all(decisions)
         return decisions
 
@@ -215,6 +250,8 @@ class DraftGate(Planner):
             times.setdefault(octave, StepTimes()).observe(stats.num_decoding, stats.step_s)
             if not stats.num_requests:
                 self.steps_since_plain = 0
+        if stats.decode_only and stats.num_decoding and stats.num_requests:
+            self._observe_gain(stats)
         for rid, accepted in stats.accepted.items():
             self.acceptance.setdefault(rid, _Acceptance()).add(accepted, self.decay)
             if rid in self.kinds:
@@ -222,6 +259,36 @@ class DraftGate(Planner):
                 pop.add(accepted, self.decay)
         for rid in stats.finished:
             self._forget(rid)
+
+    def _observe_gain(self, stats: StepStats) -> None:
+        """A step in which some requests drafted, against plain decoding: the time plain steps
+        need for the tokens it committed (one per decoding request per plain step, at the
+        median plain step time) and the time it took. Every such step counts, partial ones and
+        those that paid a drafter's catch-up too: the per-request bar sees only whole drafted
+        steps at their fastest, and at 16 users on short prompts it let requests draft in steps
+        that ran at 0.8x plain decoding. The gain is the ratio of the sums over the last
+        `gain_window` drafted steps, judged once the window is full, so that a few unlucky steps
+        do not stop a drafter that pays; a pause starts afresh, and the first probe that pays
+        ends it."""
+        n = stats.num_decoding
+        plain = self.plain.get(context_octave(stats.context_tokens, n))
+        if plain is None or not plain.by_requests or stats.step_s <= 0:
+            return
+        tokens = n + sum(stats.accepted.values())
+        self.gain_steps.append((plain.typical(n) * tokens / n, stats.step_s))
+        if not self.paused and len(self.gain_steps) < self.gain_window:
+            return  # judged on a whole window: acceptance comes in bursts
+        plain_s = sum(p for p, _ in self.gain_steps)
+        paused = plain_s < self.min_gain * sum(t for _, t in self.gain_steps)
+        if paused != self.paused:
+            self.gain_steps.clear()
+            self.pause_interval = self.probe_every
+        self.paused = paused
+
+    def gain(self) -> float:
+        """The realised gain of the drafted steps in the window (1.0 when there are none)."""
+        spent = sum(t for _, t in self.gain_steps)
+        return sum(p for p, _ in self.gain_steps) / spent if spent else 1.0
 
     def release(self, request: Request) -> None:
         self.planner.release(request)

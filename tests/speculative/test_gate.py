@@ -60,7 +60,7 @@ def test_an_aborted_request_is_forgotten(bundle):
 
 
 def test_a_request_is_judged_after_min_samples_drafted_steps():
-    gate = DraftGate(Planner(), min_samples=3)
+    gate = DraftGate(Planner(), min_samples=3, min_gain=0.0)  # the request's own bar only
     req = _req("r")
     _decode(gate, 2.0, {"other": 5})  # a drafting step: 2 s
     _decode(gate, 1.0, {})  # a plain one: 1 s, so the break-even is 1 accepted token
@@ -240,3 +240,22 @@ def test_a_new_request_starts_from_its_kinds_acceptance():
     for _ in range(6):  # sampled requests now accept 5 tokens a step: the population pays
         _decode(gate, 3.0, {"old": 5}, n=1)
     assert gate.allow([_req("newer")], num_decoding=1) == [True]
+
+
+def test_drafting_pauses_while_drafted_steps_lose_to_plain_ones():
+    """Whatever the per-request bar says, when the steps in which requests drafted commit fewer
+    tokens per second than plain steps do, nobody drafts but on probe steps, further and further
+    apart; once drafted steps pay again, drafting resumes."""
+    gate = DraftGate(Planner(), probe_every=4, max_probe_every=16, gain_window=2)
+    reqs = [_req("a"), _req("b")]
+    _decode(gate, 1.0, {})  # plain steps: 1 s for 2 tokens
+    for _ in range(2):  # drafted: 3 s for 2 + 2 tokens (the bar of 2 s / 1 s - 1 is not used)
+        assert gate.allow(reqs) == [True, True]
+        _decode(gate, 3.0, {"a": 1, "b": 1})
+    assert gate.paused  # gain 1 s * 4 / (2 * 3 s) = 0.67
+    drafted = [i for i in range(40) if gate.allow(reqs) == [True, True]]
+    assert drafted == [1, 5, 13, 29]  # clock 4, 8, 16, 32: the interval doubles up to 16
+    for _ in range(6):  # drafted steps that pay: 1.5 s for 2 + 6 tokens
+        _decode(gate, 1.5, {"a": 3, "b": 3})
+    assert not gate.paused
+    assert gate.allow(reqs) == [True, True]
