@@ -700,7 +700,7 @@ class LLMEngine:
             completion_tokens=len(req.output_token_ids),
             cached_tokens=req.num_cached_tokens,
             logprobs=stream.pending_logprobs,
-            meta_info=_meta_info(req),
+            meta_info=_meta_info(req, self.drafter.max_draft_tokens > 0),
             prompt_logprobs=stream.prompt_logprobs,
         )
         stream.pending_tokens, stream.pending_logprobs = [], []
@@ -708,7 +708,9 @@ class LLMEngine:
         return out
 
 
-def _meta_info(req: Request) -> dict:
+def _meta_info(req: Request, speculative: bool) -> dict:
+    """SGLang's meta_info; a speculative engine reports the accept length of every request,
+    1.0 for one the draft gate never let draft."""
     info = {
         "id": req.request_id,
         "prompt_tokens": req.num_prompt_tokens,
@@ -716,7 +718,7 @@ def _meta_info(req: Request) -> dict:
         "cached_tokens": req.num_cached_tokens,
         "spec_verify_ct": req.spec_verify_ct,
     }
-    if req.spec_draft_token_num:
+    if speculative or req.spec_draft_token_num:
         info.update(
             spec_accept_length=len(req.output_token_ids) / max(1, req.spec_verify_ct),
             spec_draft_token_num=req.spec_draft_token_num,
