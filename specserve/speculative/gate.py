@@ -64,7 +64,7 @@ class _Acceptance:
     expected: float = 0.0  # accepted draft tokens the confidence head predicted (same average)
     expected_samples: int = 0
 
-    def add(self, accepted: float, decay: float) -> None:
+    def add(self, accepted: int, decay: float) -> None:
         self.samples += 1
         self.rate += max(1.0 - decay, 1.0 / self.samples) * (accepted - self.rate)
 
@@ -278,8 +278,7 @@ class DraftGate(Planner):
         self.gain_steps.append((plain.typical(n) * tokens / n, stats.step_s))
         if not self.paused and len(self.gain_steps) < self.gain_window:
             return  # judged on a whole window: acceptance comes in bursts
-        plain_s = sum(p for p, _ in self.gain_steps)
-        paused = plain_s < self.min_gain * sum(t for _, t in self.gain_steps)
+        paused = self.gain() < self.min_gain
         if paused != self.paused:
             self.gain_steps.clear()
             self.pause_interval = self.probe_every
