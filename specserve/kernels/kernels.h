@@ -109,6 +109,9 @@ constexpr int64_t kCols = 64;  // output columns per tile of a tiled weight
 // than on one next to a local client). Larger steps (batches, prefill) still use every thread.
 constexpr int64_t kMinParallelWork = 1 << 21;
 
+// Weight bytes per chunk above which a tiled product splits across threads whatever its work.
+constexpr int64_t kMinParallelBytes = 2 << 20;
+
 // The grain (items per chunk) for at::parallel_for over items of `work_per_item` each.
 // Rounded up, so that no chunk holds less than kMinParallelWork (two items of 1.5M each stay on
 // one thread).
@@ -194,7 +197,12 @@ inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const float*
 inline void gemm_tiled(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N,
                 float* y, int64_t ldy, bool accumulate) {
   const int64_t tiles = (N + kCols - 1) / kCols;
-  at::parallel_for(0, tiles, grain_for(M * K * kCols), [&](int64_t begin, int64_t end) {
+  // Split by work, or by weight bytes: a product whose weight is large streams from memory at
+  // one row as well, and two threads read it faster (150M model, batch-1 decode on two threads).
+  const int64_t tile_bytes = K * kCols * static_cast<int64_t>(sizeof(float));
+  const int64_t by_bytes = std::max<int64_t>(1, (kMinParallelBytes + tile_bytes - 1) / tile_bytes);
+  const int64_t grain = std::min(grain_for(M * K * kCols), by_bytes);
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* wt = w + t * K * kCols;
       const int64_t ncols = std::min(kCols, N - t * kCols);
