@@ -185,12 +185,9 @@ class PagedAttention(AttentionContext):
 
     def __init__(self, cache: list[torch.Tensor], batch: PagedBatch) -> None:
         self.cache = cache
-        two, kv, num_blocks, page, _ = cache[0].shape
         self.num_tokens = int(batch.query_lens.sum())
         device = cache[0].device
-        # one write index into the cache viewed [2 * kv * num_blocks * page, d]
-        heads = torch.arange(two * kv, device=device)[:, None] * (num_blocks * page)
-        self.write_rows = (heads + batch.slot_mapping.to(device)[None, :]).reshape(-1)
+        self._prepare_write(batch)
         self.groups = [self._group(batch, idx, device) for idx in self._plan(batch)]
         self.padded = any(g.out_index is not None for g in self.groups)
 
@@ -255,6 +252,13 @@ class PagedAttention(AttentionContext):
         self._attend_groups(q, k, v, cache, out)
         return out
 
+    def _prepare_write(self, batch: PagedBatch) -> None:
+        """One write index into the cache viewed [2 * kv * num_blocks * page, d]."""
+        two, kv, num_blocks, page, _ = self.cache[0].shape
+        device = self.cache[0].device
+        heads = torch.arange(two * kv, device=device)[:, None] * (num_blocks * page)
+        self.write_rows = (heads + batch.slot_mapping.to(device)[None, :]).reshape(-1)
+
     def _write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The new tokens' K/V into their slots: one `index_copy_`."""
         d = cache.shape[-1]
@@ -318,7 +322,6 @@ class KernelPagedAttention(PagedAttention):
             x.contiguous() for x in (batch.block_tables, starts, batch.query_lens, batch.kv_lens)
         )
         super().__init__(cache, batch)
-        self.slots = batch.slot_mapping.to("cpu", torch.long).contiguous()
         self.step_args = None  # for `dense_layers`: every query short, float32 cache
         short = bool((batch.query_lens <= self.SHORT_QUERY).all())
         if short and cache[0].dtype == torch.float32:
@@ -326,6 +329,9 @@ class KernelPagedAttention(PagedAttention):
 
     def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
         return []  # no SDPA groups: the kernel takes every query
+
+    def _prepare_write(self, batch: PagedBatch) -> None:
+        self.slots = batch.slot_mapping.to("cpu", torch.long).contiguous()  # for `store_kv`
 
     def _write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """The new tokens' K/V into their slots, keys transposed into their pages."""

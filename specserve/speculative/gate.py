@@ -202,13 +202,13 @@ class DraftGate(Planner):
             return [False] * len(requests)
         self.steps_since_plain += 1
         self.clock += 1
-        bar = self.break_even(n, octave)
-        decisions = [self._decide(self._acceptance_of(r), bar) for r in requests]
         if self.paused:  # drafting did not pay: only every `pause_interval` steps, a probe
             if self.clock % self.pause_interval:
-                decisions = [False] * len(requests)
-            else:
-                self.pause_interval = min(2 * self.pause_interval, self.max_probe_every)
+                self.all_drafted = False
+                return [False] * len(requests)
+            self.pause_interval = min(2 * self.pause_interval, self.max_probe_every)
+        bar = self.break_even(n, octave)
+        decisions = [self._decide(self._acceptance_of(r), bar) for r in requests]
         self.all_drafted = all(decisions)
         return decisions
 
