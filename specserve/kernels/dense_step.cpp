@@ -113,11 +113,7 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
     gemm_tiled(ap, h * d, M, w[4].data_ptr<float>(), h * d, H, xp, H, true);
     for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, w[5].data_ptr<float>(), H, feps, xnp + m * H);
     gemm_tiled(xnp, H, M, w[6].data_ptr<float>(), H, 2 * I, gup, 2 * I, false);
-    for (int64_t m = 0; m < M; ++m) {
-      const float *g = gup + m * 2 * I, *u = g + I;
-      float* a = actp + m * I;
-      for (int64_t i = 0; i < I; ++i) a[i] = g[i] / (1.f + std::exp(-g[i])) * u[i];
-    }
+    for (int64_t m = 0; m < M; ++m) silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, I, actp + m * I);
     gemm_tiled(actp, I, M, w[7].data_ptr<float>(), I, H, xp, H, true);
     if (l != layers - 1) keep(l, xp);
   }

@@ -110,7 +110,7 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
   std::vector<float> gate(M * s.I), up(M * s.I);
   gemm_tiled(xn.data(), H, M, w[8].data_ptr<float>(), H, s.I, gate.data(), s.I, false);
   gemm_tiled(xn.data(), H, M, w[9].data_ptr<float>(), H, s.I, up.data(), s.I, false);
-  for (int64_t i = 0; i < M * s.I; ++i) gate[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+  silu_mul(gate.data(), up.data(), M * s.I, gate.data());
   gemm_tiled(gate.data(), s.I, M, w[10].data_ptr<float>(), s.I, H, x, H, true);
 }
 

@@ -101,6 +101,24 @@ inline vf fast_exp(vf x) {
   return reinterpret_cast<const vf&>(bits);
 }
 
+// y = silu(g) * u over n values, 16 lanes at a time: sigmoid from exp(-|g|), inside
+// `fast_exp`'s domain (std::exp is a libm call per value).
+inline void silu_mul(const float* g, const float* u, int64_t n, float* y) {
+  int64_t i = 0;
+  const vf zero = {};
+  for (; i + kLanes <= n; i += kLanes) {
+    const vf x = load(g + i);
+    const vf e = fast_exp(x < zero ? x : -x);
+    const vf sig = x < zero ? e / (1.f + e) : 1.f / (1.f + e);
+    store(y + i, x * sig * load(u + i));
+  }
+  for (; i < n; ++i) {
+    const float x = g[i], e = fast_exp(x < 0.f ? x : -x);
+    const float sig = x < 0.f ? e / (1.f + e) : 1.f / (1.f + e);
+    y[i] = x * sig * u[i];
+  }
+}
+
 // Four dot products of one query row with four keys, any head size: four independent
 // accumulators share the row's loads.
 inline void dot4(const float* a, const float* const* k, int64_t d, float* out) {
@@ -475,6 +493,7 @@ inline std::vector<int64_t> split_items(const std::vector<AttendItem>& items, in
 
 constexpr int64_t kKeys = kLanes;  // keys per score vector
 constexpr int64_t kPrefetchBytes = 256;  // of each page of the next tile
+constexpr int64_t kScores32Rows = 4;  // fewer rows read keys faster 16 at a time
 
 // Scores of RB query rows (q [RB, d]) against 16 keys stored transposed, kt[c * ldk + u] =
 // element c of key u: s[r * ld_score + u]. Each score is the multiply-adds over c = 0 .. d - 1
@@ -491,23 +510,54 @@ inline void scores16(const float* q, int64_t d, const float* kt, int64_t ldk, fl
   for (int r = 0; r < RB; ++r) store(s + r * ld_score, acc[r]);
 }
 
-// `scores16` for any number of rows, eight at a time (the key vector loaded once for eight).
+// `scores16` for two groups of 16 keys at once (kt, kt2; scores of the second 16 after the
+// first's): each query element, broadcast, serves 32 keys, so the loads no longer outnumber
+// the multiply-adds. The same sums in the same order as `scores16`.
+template <int RB>
+inline void scores32(const float* q, int64_t d, const float* kt, const float* kt2, int64_t ldk,
+                     float* s, int64_t ld_score) {
+  vf acc[RB] = {}, acc2[RB] = {};
+  for (int64_t c = 0; c < d; ++c) {
+    const vf k = load(kt + c * ldk), k2 = load(kt2 + c * ldk);
+#pragma GCC unroll 8
+    for (int r = 0; r < RB; ++r) {
+      const float qc = q[r * d + c];
+      acc[r] += qc * k;
+      acc2[r] += qc * k2;
+    }
+  }
+  for (int r = 0; r < RB; ++r) {
+    store(s + r * ld_score, acc[r]);
+    store(s + r * ld_score + kKeys, acc2[r]);
+  }
+}
+
+// `scores16` (kt2 null) or `scores32` for any number of rows, eight at a time (each key vector
+// loaded once for eight).
 inline void scores_rows(int64_t rows, const float* q, int64_t d, const float* kt, int64_t ldk,
-                        float* s, int64_t ld_score) {
+                        float* s, int64_t ld_score, const float* kt2 = nullptr) {
+#define SPECSERVE_SCORES(RB, QR, SR)                              \
+  if (kt2 != nullptr)                                             \
+    scores32<RB>(QR, d, kt, kt2, ldk, SR, ld_score);              \
+  else                                                            \
+    scores16<RB>(QR, d, kt, ldk, SR, ld_score)
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) scores16<8>(q + r * d, d, kt, ldk, s + r * ld_score, ld_score);
+  for (; r + 8 <= rows; r += 8) {
+    SPECSERVE_SCORES(8, q + r * d, s + r * ld_score);
+  }
   const float* qr = q + r * d;
   float* sr = s + r * ld_score;
   switch (rows - r) {
-    case 7: scores16<7>(qr, d, kt, ldk, sr, ld_score); break;
-    case 6: scores16<6>(qr, d, kt, ldk, sr, ld_score); break;
-    case 5: scores16<5>(qr, d, kt, ldk, sr, ld_score); break;
-    case 4: scores16<4>(qr, d, kt, ldk, sr, ld_score); break;
-    case 3: scores16<3>(qr, d, kt, ldk, sr, ld_score); break;
-    case 2: scores16<2>(qr, d, kt, ldk, sr, ld_score); break;
-    case 1: scores16<1>(qr, d, kt, ldk, sr, ld_score); break;
+    case 7: SPECSERVE_SCORES(7, qr, sr); break;
+    case 6: SPECSERVE_SCORES(6, qr, sr); break;
+    case 5: SPECSERVE_SCORES(5, qr, sr); break;
+    case 4: SPECSERVE_SCORES(4, qr, sr); break;
+    case 3: SPECSERVE_SCORES(3, qr, sr); break;
+    case 2: SPECSERVE_SCORES(2, qr, sr); break;
+    case 1: SPECSERVE_SCORES(1, qr, sr); break;
     default: break;
   }
+#undef SPECSERVE_SCORES
 }
 
 template <typename T, int D>
@@ -609,14 +659,23 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           }
         }
         int64_t r_lo = 0;  // the first row that sees any of keys t0 ..
+        auto keys_at = [&](int64_t key) {  // 16 keys of one page, in place
+          return reinterpret_cast<const float*>(kp) +
+                 (g * num_blocks + table[key / page]) * page * d + key % page;
+        };
         for (int64_t t0 = 0; t0 < visible; t0 += kKeys) {
           while (seen[r_lo] <= t0) ++r_lo;
           const float* kt;
           int64_t ldk;
-          if (in_place) {  // 16 keys of one page
-            const int64_t key = first + t0;
-            kt = reinterpret_cast<const float*>(kp) +
-                 (g * num_blocks + table[key / page]) * page * d + key % page;
+          if (in_place && rows - r_lo >= kScores32Rows && t0 + kKeys < visible) {
+            // 32 keys (rows that see only the first 16 get scores they never use)
+            scores_rows(rows - r_lo, &qbuf[r_lo * d], d, keys_at(first + t0), page,
+                        &score[r_lo * padded_tile + t0], padded_tile, keys_at(first + t0 + kKeys));
+            t0 += kKeys;
+            continue;
+          }
+          if (in_place) {
+            kt = keys_at(first + t0);
             ldk = page;
           } else {
             for (int64_t u = 0; u < kKeys; ++u) {
