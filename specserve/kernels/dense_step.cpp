@@ -1,5 +1,6 @@
-// The decoder layers of a dense Qwen3 / Llama model for a step of short queries (decode steps
-// and verify windows), in one call: no per-op dispatch, no Python between the products.
+// The decoder layers of a dense Qwen3 / Llama model for one step (decode steps, verify windows
+// and prefill chunks, mixed), in one call: no per-op dispatch, no Python between the products.
+// A prefill chunk's row loops (norms, rotary, K/V writes, SiLU) are split across threads.
 //
 // Weights are "tiled": a [N, K] weight stored as [ceil(N / 64), K, 64], so that the 64 output
 // columns of one tile are read as one contiguous stream (`tile_weight` in
@@ -73,7 +74,16 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
       for (int64_t m = 0; m < M; ++m) std::memcpy(dst + m * width, src + m * H, H * sizeof(float));
     }
   };
-  std::vector<float> tmp(d), knew(kvh * d);  // a normed head; the new keys of one token
+  // Row loops (norms, rotary, K/V writes, SiLU) split across threads for a prefill chunk's
+  // thousands of rows; a decode step's few rows stay on the calling thread.
+  auto rows = [&](int64_t work_per_row, const auto& body) {
+    at::parallel_for(0, M, grain_for(work_per_row), body);
+  };
+  auto norm_rows = [&](const float* src, const float* weight, float* dst) {
+    rows(8 * H, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) rms_norm(src + m * H, weight, H, feps, dst + m * H);
+    });
+  };
   keep(-1, xp);
   for (int64_t l = 0; l < layers; ++l) {
     const at::Tensor* w = &weights[l * kPerLayer];
@@ -85,23 +95,26 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
     TORCH_CHECK(w[0].numel() == H && w[5].numel() == H && caches[l].is_contiguous() &&
                     caches[l].scalar_type() == at::kFloat && caches[l].sizes() == caches[0].sizes(),
                 "dense_layers: layer ", l, ": norms [H] and a float32 cache like layer 0's");
-    for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, w[0].data_ptr<float>(), H, feps, xnp + m * H);
+    norm_rows(xp, w[0].data_ptr<float>(), xnp);
     gemm_tiled(xnp, H, M, w[1].data_ptr<float>(), H, qkv_n, qkvp, qkv_n, false);
     float* kp = caches[l].data_ptr<float>();
-    for (int64_t m = 0; m < M; ++m) {
-      float* row = qkvp + m * qkv_n;
-      const float *c = cp + m * half, *s = sp + m * half;
-      for (int64_t head = 0; head < h + kvh; ++head) {
-        const float* src = row + head * d;
-        if (qk_norm) {
-          rms_norm(src, w[head < h ? 2 : 3].data_ptr<float>(), d, feps, tmp.data());
-          src = tmp.data();
+    rows(16 * (h + kvh) * d, [&](int64_t b, int64_t e) {
+      std::vector<float> tmp(d), knew(kvh * d);  // a normed head; the new keys of one token
+      for (int64_t m = b; m < e; ++m) {
+        float* row = qkvp + m * qkv_n;
+        const float *c = cp + m * half, *s = sp + m * half;
+        for (int64_t head = 0; head < h + kvh; ++head) {
+          const float* src = row + head * d;
+          if (qk_norm) {
+            rms_norm(src, w[head < h ? 2 : 3].data_ptr<float>(), d, feps, tmp.data());
+            src = tmp.data();
+          }
+          float* dst = head < h ? qp + (m * h + head) * d : knew.data() + (head - h) * d;
+          rotate(src, c, s, d, dst);
         }
-        float* dst = head < h ? qp + (m * h + head) * d : knew.data() + (head - h) * d;
-        rotate(src, c, s, d, dst);
+        store_kv(kp, kvh, blocks, page, d, knew.data(), row + (h + kvh) * d, 0, slot + m, 1);
       }
-      store_kv(kp, kvh, blocks, page, d, knew.data(), row + (h + kvh) * d, 0, slot + m, 1);
-    }
+    });
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
     if (d == 64) {
       attend<float, 64>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
@@ -111,13 +124,15 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
       attend<float, 0>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
     }
     gemm_tiled(ap, h * d, M, w[4].data_ptr<float>(), h * d, H, xp, H, true);
-    for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, w[5].data_ptr<float>(), H, feps, xnp + m * H);
+    norm_rows(xp, w[5].data_ptr<float>(), xnp);
     gemm_tiled(xnp, H, M, w[6].data_ptr<float>(), H, 2 * I, gup, 2 * I, false);
-    for (int64_t m = 0; m < M; ++m) silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, I, actp + m * I);
+    rows(32 * I, [&](int64_t b, int64_t e) {
+      for (int64_t m = b; m < e; ++m) silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, I, actp + m * I);
+    });
     gemm_tiled(actp, I, M, w[7].data_ptr<float>(), I, H, xp, H, true);
     if (l != layers - 1) keep(l, xp);
   }
-  for (int64_t m = 0; m < M; ++m) rms_norm(xp + m * H, final_norm.data_ptr<float>(), H, feps, xp + m * H);
+  norm_rows(xp, final_norm.data_ptr<float>(), xp);
   keep(layers - 1, xp);
 }
 

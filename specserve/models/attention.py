@@ -322,9 +322,8 @@ class KernelPagedAttention(PagedAttention):
             x.contiguous() for x in (batch.block_tables, starts, batch.query_lens, batch.kv_lens)
         )
         super().__init__(cache, batch)
-        self.step_args = None  # for `dense_layers`: every query short, float32 cache
-        short = bool((batch.query_lens <= self.SHORT_QUERY).all())
-        if short and cache[0].dtype == torch.float32:
+        self.step_args = None  # for `dense_layers` (any step, prefill chunks too): float32 cache
+        if cache[0].dtype == torch.float32:
             self.step_args = (cache, self.slots, *self.kernel_args)
 
     def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:

@@ -190,8 +190,9 @@ class CausalLM(nn.Module):
 
     def use_kernels(self) -> bool:
         """After `fuse`, with the C++ kernels loaded (`--attention-backend cpp`): every product
-        on tiled weights (`tile_products`), and, where the model fits it, steps of short
-        queries through `torch.ops.specserve.dense_layers`, all decoder layers in one call.
+        on tiled weights (`tile_products`), and, where the model fits it, every step (decode,
+        verify windows, prefill chunks) through `torch.ops.specserve.dense_layers`, all decoder
+        layers in one call.
         Returns whether that fused step is on; it needs float32 on the CPU, one process, no
         biases and a fused dense MLP in every layer."""
         tile_products(self)
