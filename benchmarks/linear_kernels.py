@@ -1,15 +1,17 @@
 """MKL `mm` on input-major weights vs oneDNN on packed weights vs the C++ kernels' product on
 tiled weights, by rows, side by side.
 
-    PYTHONPATH=. .venv/bin/python benchmarks/linear_kernels.py [--threads 1]
+    PYTHONPATH=. .venv/bin/python benchmarks/linear_kernels.py [--threads 1] [--weights 8]
+        [--rows 1,10,80,512]
 
 `specserve.models.layers.linear` uses the tiled product when `--attention-backend cpp` made a
 tiled copy (`tile_for_kernels`), else sends products over `ONEDNN_MIN_ROWS` rows or more to
 oneDNN's packed weights and one row to MKL; this prints the three kernels for each of the demo
 target's and the 150M model's weight shapes at 1, 10, 80 and 512 rows (a decode step, ten
 decoding requests, ten verify windows of 8, a prefill chunk): time per product (the 10th
-percentile of the runs, arms alternated in blocks, eight distinct weights per shape so they
-stream from memory like a model's layers), GFLOP/s and the ratios.
+percentile of the runs, arms alternated in blocks, `--weights` distinct weights per shape taken
+in turn: the default 8 of the 150M shapes stay in a large L3, 64 stream from DRAM as a model's
+layers do), GFLOP/s and the ratios.
 """
 
 from __future__ import annotations
@@ -45,7 +47,16 @@ def p10(fn, reps: int = 300) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--weights",
+        type=int,
+        default=8,
+        help="distinct weights per shape, taken in turn (8 of the 150M shapes fit a 480 MB L3; "
+        "64 stream from memory, as a model's layers do)",
+    )
+    ap.add_argument("--rows", default="1,10,80,512")
     args = ap.parse_args()
+    nw = args.weights
     torch.set_num_threads(args.threads)
     print(f"torch threads: {torch.get_num_threads()}")
     kernels.load()
@@ -55,11 +66,11 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, (k, n) in SHAPES.items():
-        weights = [torch.randn(n, k) for _ in range(8)]
+        weights = [torch.randn(n, k) for _ in range(nw)]
         input_major = [w.t().contiguous() for w in weights]
         packed = [torch.ops.mkldnn._reorder_linear_weight(w, 16) for w in weights]
         tiled = [tile_weight(w) for w in weights]
-        for rows in (1, 10, 80, 512):
+        for rows in (int(r) for r in args.rows.split(",")):
             x = torch.randn(rows, k)
             ref = x @ input_major[0]
             got = torch.ops.mkldnn._linear_pointwise(x, packed[0], None, "none", [], "")
@@ -77,12 +88,12 @@ def main() -> None:
             def tiled_product(x=x, ts=tiled, out=out):
                 return [torch.ops.specserve.linear_tiled(out, x, t) for t in ts]
 
-            reps = 300 if rows <= 80 else 20
+            reps = max(5, (300 if rows <= 80 else 20) * 8 // nw)
             t_mkl = t_dnn = t_tile = float("inf")
             for _ in range(2):  # A B C A B C
-                t_mkl = min(t_mkl, p10(mkl, reps) / 8)
-                t_dnn = min(t_dnn, p10(onednn, reps) / 8)
-                t_tile = min(t_tile, p10(tiled_product, reps) / 8)
+                t_mkl = min(t_mkl, p10(mkl, reps) / nw)
+                t_dnn = min(t_dnn, p10(onednn, reps) / nw)
+                t_tile = min(t_tile, p10(tiled_product, reps) / nw)
             flop = 2 * rows * k * n
             print(
                 f"| {name} | {rows} | {t_mkl * 1e6:.0f} | {t_dnn * 1e6:.0f} | "

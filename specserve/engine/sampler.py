@@ -85,7 +85,10 @@ def _top_k_top_p(probs: torch.Tensor, params: Sequence[SamplingParams]) -> torch
 
 def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """One token per row of probs [M, V]; row i uses generators[i] (None: the global RNG).
-    Rows on the global RNG are drawn in one call; seeded rows each from their own generator."""
+    Rows on the global RNG are drawn in one call. A seeded row takes one uniform from its own
+    generator, and all seeded rows are drawn together by inverse CDF (the first token whose
+    cumulative probability, in float64, exceeds u times the row's total): a `torch.rand(1)`
+    per row costs a few microseconds where a `torch.multinomial` per row cost about 50."""
     seeded = [i for i, g in enumerate(generators) if g is not None]
     if not seeded:
         return torch.multinomial(probs, 1)[:, 0]
@@ -93,8 +96,13 @@ def sample(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) ->
     free = [i for i, g in enumerate(generators) if g is None]
     if free:
         out[free] = torch.multinomial(probs[free], 1)[:, 0]
-    for i in seeded:
-        out[i] = torch.multinomial(probs[i], 1, generator=generators[i])
+    gens = [g for g in generators if g is not None]  # the seeded rows' generators, in order
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=g.device) for g in gens])
+    u = u.to(probs.device)
+    cdf = probs[seeded].double().cumsum(dim=-1)
+    # zero-probability tokens never win: the first index with cdf > u * total
+    pick = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+    out[seeded] = pick.clamp_(max=probs.shape[1] - 1)
     return out
 
 

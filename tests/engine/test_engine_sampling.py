@@ -112,6 +112,25 @@ def test_sampled_tokens_follow_the_distribution():
     assert chisquare(counts, [800, 1600, 2400, 3200]).pvalue > 1e-3
 
 
+def test_seeded_rows_follow_the_distribution():
+    """Seeded rows are drawn together by inverse CDF: the same law as unseeded rows, never a
+    zero-probability token, each row reproducible from its seed whatever rows are beside it."""
+    from scipy.stats import chisquare
+
+    from specserve.engine.sampler import sample
+
+    probs = torch.tensor([[0.1, 0.0, 0.2, 0.3, 0.4, 0.0]]).repeat(8000, 1)
+    gens = [torch.Generator().manual_seed(i) for i in range(8000)]
+    mixed = [g if i % 2 else None for i, g in enumerate(gens)]  # seeded and global rows
+    draws = sample(probs, mixed)
+    counts = torch.bincount(draws, minlength=6).tolist()
+    assert counts[1] == counts[5] == 0
+    nonzero = [counts[i] for i in (0, 2, 3, 4)]
+    assert chisquare(nonzero, [800, 1600, 2400, 3200]).pvalue > 1e-3
+    again = sample(probs[1::2][:5], [torch.Generator().manual_seed(i) for i in (1, 3, 5, 7, 9)])
+    assert again.tolist() == draws[1::2][:5].tolist()
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
