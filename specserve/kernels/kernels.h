@@ -324,6 +324,10 @@ inline void load_rows(float* dst, const T* src, int64_t n) {
 template <int D>
 constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
 
+// The most rows `attend` adds weighted values for at once (6 x 4 accumulators at head size 64).
+template <int D>
+constexpr int64_t kValueRows = D == 0 ? 1 : D <= 64 ? 6 : 2;
+
 template <typename V>
 inline V vmax(V a, V b) { return a > b ? a : b; }
 
@@ -403,6 +407,12 @@ inline void add_values_rows(int64_t chunk, const float* s, int64_t ld_score,
                             const float* correction, float* acc) {
   if constexpr (D > 0) {
     switch (chunk) {
+      case 6:
+        if constexpr (D <= 64) add_values<D, 6>(s, ld_score, vrow, visible, correction, acc);
+        break;
+      case 5:
+        if constexpr (D <= 64) add_values<D, 5>(s, ld_score, vrow, visible, correction, acc);
+        break;
       case 4: add_values<D, 4>(s, ld_score, vrow, visible, correction, acc); break;
       case 3: add_values<D, 3>(s, ld_score, vrow, visible, correction, acc); break;
       case 2: add_values<D, 2>(s, ld_score, vrow, visible, correction, acc); break;
@@ -735,7 +745,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           }
         }
         for (int64_t r = 0; r < rows;) {
-          int64_t chunk = std::min<int64_t>(kMaxRows<D>, rows - r);
+          int64_t chunk = std::min<int64_t>(kValueRows<D>, rows - r);
           const int64_t last = seen[r + chunk - 1];  // the most keys a row of the chunk sees
           for (int64_t i = r; i < r + chunk; ++i)  // no weight past a row's own keys
             std::fill(&score[i * padded_tile + seen[i]], &score[i * padded_tile + last], 0.f);
