@@ -35,7 +35,7 @@ NONE = torch.empty(0)  # an absent weight (no Markov head, no confidence head or
 class FusedDraft:
     """The weights and sizes `draft_block` reads, gathered once per drafter."""
 
-    weights: list[torch.Tensor]  # per draft layer: see `_layer_weights`
+    weights: list[torch.Tensor]  # per draft layer: see `layer_weights`
     embed: torch.Tensor  # [V, H]
     fc: torch.Tensor  # tiled
     hidden_norm: torch.Tensor
@@ -66,7 +66,7 @@ class FusedDraft:
         markov = getattr(model, "markov_head", None)
         conf = getattr(model, "confidence_head", None)
         return cls(
-            weights=[w for layer in model.layers for w in _layer_weights(cast(DraftLayer, layer))],
+            weights=[w for layer in model.layers for w in layer_weights(cast(DraftLayer, layer))],
             embed=model.embed_tokens.weight.detach().contiguous(),  # a no-op unless a view
             fc=_tiled(model.fc),
             hidden_norm=model.hidden_norm.weight.detach(),
@@ -170,7 +170,7 @@ def _tiled(linear: nn.Module) -> torch.Tensor:
     return cast(torch.Tensor, linear.weight.tiled)  # type: ignore[union-attr]
 
 
-def _layer_weights(layer: DraftLayer) -> list[torch.Tensor]:
+def layer_weights(layer: DraftLayer) -> list[torch.Tensor]:
     """in_norm, q, k, v, q_norm, k_norm, o, post_norm, gate, up, down (`kDraftPerLayer`)."""
     attn, mlp = layer.self_attn, cast(GatedMLP, layer.mlp)
     return [

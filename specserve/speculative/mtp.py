@@ -35,11 +35,13 @@ from torch import nn
 from specserve.config import ModelConfig
 from specserve.core import Request
 from specserve.models.attention import AttentionContext, CausalAttention
-from specserve.models.layers import Linear, RMSNorm, RotaryEmbedding
+from specserve.models.layers import GatedMLP, Linear, RMSNorm, RotaryEmbedding
 from specserve.models.qwen3 import DecoderLayer
 from specserve.models.qwen3_moe import make_mlp
 from specserve.speculative.base import Drafter, DraftProposal
 from specserve.speculative.deferred import DeferredRows
+from specserve.speculative.draft_layers import DraftLayer
+from specserve.speculative.fused_draft import layer_weights
 from specserve.speculative.handle import TargetHandle
 from specserve.speculative.kv_rows import KVRows, RowAttention
 from specserve.speculative.sampling import Pick, draw, proposal_probs
@@ -153,6 +155,8 @@ class MTPDrafter(Drafter):
         # the C++ kernels are loaded and the layer runs in float32 on the CPU (`tile_products`
         # tiled its products): attention through `row_attention`, else the PyTorch path
         self.kernel = hasattr(module.eh_proj.weight, "tiled")
+        # and where the layer fits it, an all-greedy chain in one call (`mtp_chain`)
+        self.fused = _FusedChain.of(module) if self.kernel else None
 
     @property
     def max_draft_tokens(self) -> int:
@@ -241,13 +245,66 @@ class MTPDrafter(Drafter):
         rows = [s.rows for s in states]
         for kv in rows:
             kv.reserve(kv.length + k)  # the chain's rows, scratch past the committed ones
-        ctx = RowAttention(rows, [kv.length for kv in rows], [1] * len(reqs), self.kernel)
-        tokens, q, conf = self.module.draft(
-            hidden, anchor_pos, ctx, k, lambda logits: draw(logits, reqs)
-        )
+        if self.fused is not None and all(r.params.greedy for r in reqs):
+            tokens, conf = self.fused(hidden, anchor_pos, rows, k)
+            q = hidden.new_empty(len(reqs), k, 0)  # greedy: no q (`draw`)
+        else:
+            ctx = RowAttention(rows, [kv.length for kv in rows], [1] * len(reqs), self.kernel)
+            tokens, q, conf = self.module.draft(
+                hidden, anchor_pos, ctx, k, lambda logits: draw(logits, reqs)
+            )
         for j, i in enumerate(live):
             n = ks[i]
             out[i] = DraftProposal(
                 tokens[j, :n].tolist(), proposal_probs(q[j, :n], reqs[j]), conf[j, :n]
             )
         return out
+
+
+@dataclass(frozen=True)
+class _FusedChain:
+    """The weights `mtp_chain` reads (`kernels/row_attention.cpp`), gathered once: a dense
+    Qwen3-style layer with q/k norms, every product tiled, no biases."""
+
+    layer: list[torch.Tensor]  # in_norm, q, k, v, q_norm, k_norm, o, post_norm, gate, up, down
+    module: MTPModule
+
+    @classmethod
+    def of(cls, module: MTPModule) -> _FusedChain | None:
+        layer = cast(DecoderLayer, module.layers[0])
+        attn, mlp = layer.self_attn, layer.mlp
+        linears = [attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, module.eh_proj]
+        if type(mlp) is not GatedMLP or not attn.qk_norm:
+            return None
+        linears += [mlp.gate_proj, mlp.up_proj, mlp.down_proj, module.lm_head]
+        if any(type(m) is not Linear or m.bias is not None for m in linears) or not all(
+            hasattr(m.weight, "tiled") for m in linears
+        ):
+            return None
+        return cls(layer_weights(cast(DraftLayer, layer)), module)
+
+    def __call__(
+        self, hidden: torch.Tensor, anchor_pos: torch.Tensor, rows: list[KVRows], k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens [R, k], confidence proxy [R, k] (max softmax, as `draw`)."""
+        m, cfg = self.module, self.module.config
+        return torch.ops.specserve.mtp_chain(
+            hidden.contiguous(),
+            anchor_pos.contiguous(),
+            k,
+            self.layer,
+            m.enorm.weight.detach(),
+            m.hnorm.weight.detach(),
+            m.eh_proj.weight.tiled,  # type: ignore[attr-defined]
+            m.final_norm.weight.detach(),
+            m.lm_head.weight.tiled,  # type: ignore[attr-defined]
+            m.embed_tokens.weight.detach().contiguous(),
+            m.rotary.cos,
+            m.rotary.sin,
+            [kv.k for kv in rows],
+            [kv.v for kv in rows],
+            torch.tensor([kv.length for kv in rows], dtype=torch.long),
+            cfg.num_attention_heads,
+            cfg.intermediate_size,
+            cfg.rms_norm_eps,
+        )

@@ -13,6 +13,7 @@ import torch
 from specserve import kernels
 from specserve.config import ModelConfig
 from specserve.core import Request, SamplingParams
+from specserve.models.qwen3 import tile_products
 from specserve.speculative.mtp import MTPDrafter, MTPModule
 from specserve.testing.tiny import tiny_config
 from specserve.train.evaluate import BranchAttention, RecordingCausal
@@ -34,11 +35,22 @@ def _module(head_dim: int) -> MTPModule:
     return MTPModule(ModelConfig.from_dict(cfg)).eval()
 
 
-@pytest.fixture(params=[False, True], ids=["torch", "cpp"])
-def kernel(request) -> bool:
-    if request.param:
+@pytest.fixture(params=["torch", "cpp", "fused"])
+def path(request) -> str:
+    """torch: the PyTorch path; cpp: the chain in PyTorch, attention through `row_attention`;
+    fused: every product tiled, so greedy batches chain in one `mtp_chain` call."""
+    if request.param != "torch":
         kernels.load()
     return request.param
+
+
+def _drafter(mtp: MTPModule, path: str) -> MTPDrafter:
+    if path == "fused":
+        tile_products(mtp)
+    drafter = MTPDrafter(mtp, K)
+    assert (drafter.fused is not None) == (path == "fused")
+    drafter.kernel = path != "torch"
+    return drafter
 
 
 @pytest.fixture(params=[8, 64], ids=["d8", "d64"])
@@ -99,9 +111,8 @@ def _check(drafter, mtp, streams, firsts, ns):
 
 
 @torch.inference_mode()
-def test_ragged_batch_greedy_and_sampled(mtp, kernel):
-    drafter = MTPDrafter(mtp, K)
-    drafter.kernel = kernel
+def test_ragged_batch_greedy_and_sampled(mtp, path):
+    drafter = _drafter(mtp, path)
     streams = [Stream("a", 300, 1), Stream("b", 40, 2, 1.0), Stream("c", 90, 3), Stream("d", 30, 4)]
     ns = [200, 12, 70, 3]  # ragged contexts, some past a tile of 64 keys
     for s, n in zip(streams, ns, strict=True):
@@ -116,9 +127,8 @@ def test_ragged_batch_greedy_and_sampled(mtp, kernel):
 
 
 @torch.inference_mode()
-def test_prefix_cache_hit_rejected_draft_and_replay(mtp, kernel):
-    drafter = MTPDrafter(mtp, K)
-    drafter.kernel = kernel
+def test_prefix_cache_hit_rejected_draft_and_replay(mtp, path):
+    drafter = _drafter(mtp, path)
     hit, plain = Stream("hit", 200, 5), Stream("plain", 200, 6, 1.0)
     hit.commit(100, 48, drafter)  # rows 0..47 came from the prefix cache: the module never saw them
     plain.commit(60, 0, drafter)
@@ -139,6 +149,34 @@ def test_prefix_cache_hit_rejected_draft_and_replay(mtp, kernel):
     hit.commit(104, 30, drafter)
     _check(drafter, mtp, [hit], [30], [104])
     assert drafter.states["hit"].first_pos == 30
+
+
+@torch.inference_mode()
+def test_fused_chain_drafts_greedy_batches(mtp):
+    """An all-greedy batch takes `mtp_chain` (one call for the whole chain) and matches the
+    reference, ragged contexts and chains cut short included; the committed rows stay as they
+    were (the chain's rows are scratch past them)."""
+    drafter = _drafter(mtp, "fused")
+    calls = []
+    real = type(drafter.fused).__call__
+    type(drafter.fused).__call__ = lambda self, *a: calls.append(1) or real(self, *a)
+    try:
+        streams = [Stream(str(i), 300, 20 + i) for i in range(4)]
+        ns = [5, 70, 130, 200]
+        for s, n in zip(streams, ns, strict=True):
+            s.commit(n, 0, drafter)
+        proposals = _check(drafter, mtp, streams, [0] * 4, ns)
+        assert calls == [1] and all(len(p.tokens) == K for p in proposals)
+        assert [drafter.states[s.req.request_id].rows.length for s in streams] == [
+            n - 1 for n in ns
+        ]
+        short = drafter.propose([s.req for s in streams], [K, 1, 2, K])
+        assert [len(p.tokens) for p in short] == [K, 1, 2, K]
+        assert [p.tokens for p in short] == [
+            p.tokens[: len(q.tokens)] for p, q in zip(proposals, short, strict=True)
+        ]
+    finally:
+        type(drafter.fused).__call__ = real
 
 
 @torch.inference_mode()
