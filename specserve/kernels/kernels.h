@@ -149,15 +149,22 @@ constexpr int64_t kCols = 64;  // output columns per tile of a tiled weight
 // than on one next to a local client). Larger steps (batches, prefill) still use every thread.
 constexpr int64_t kMinParallelWork = 1 << 21;
 
+// The same for a tiled product, whose weights mostly come from cache: the verify window of
+// one stream (8 rows of the demo target, 3M multiply-adds a gate-up product) split in two ran
+// slower next to `bench serve` on the other core (`make demo` A, DSPARK: 1,300 against 1,560
+// tok/s). Attention keeps the lower bar: ten decoding requests' K/V streams from memory, and
+// two threads read it faster.
+constexpr int64_t kMinParallelProduct = 1 << 22;
+
 // Weight bytes per chunk above which a tiled product splits across threads whatever its work.
 constexpr int64_t kMinParallelBytes = 2 << 20;
 
 // The grain (items per chunk) for at::parallel_for over items of `work_per_item` each.
-// Rounded up, so that no chunk holds less than kMinParallelWork (two items of 1.5M each stay on
-// one thread).
-inline int64_t grain_for(int64_t work_per_item) {
+// Rounded up, so that no chunk holds less than `min_work` (two items of 1.5M each stay on one
+// thread at kMinParallelWork).
+inline int64_t grain_for(int64_t work_per_item, int64_t min_work = kMinParallelWork) {
   const int64_t per = std::max<int64_t>(1, work_per_item);
-  return std::max<int64_t>(1, (kMinParallelWork + per - 1) / per);
+  return std::max<int64_t>(1, (min_work + per - 1) / per);
 }
 
 // A block of at least 4 rows spends long enough on each weight row that the weight stream
@@ -273,7 +280,7 @@ inline void gemm_tiled(const float* x, int64_t ldx, int64_t M, const float* w, i
   // one row as well, and two threads read it faster (150M model, batch-1 decode on two threads).
   const int64_t tile_bytes = K * kCols * static_cast<int64_t>(sizeof(float));
   const int64_t by_bytes = std::max<int64_t>(1, (kMinParallelBytes + tile_bytes - 1) / tile_bytes);
-  const int64_t grain = std::min(grain_for(M * K * kCols), by_bytes);
+  const int64_t grain = std::min(grain_for(M * K * kCols, kMinParallelProduct), by_bytes);
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const float* wt = w + t * K * kCols;
