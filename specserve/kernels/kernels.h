@@ -84,13 +84,14 @@ typedef int32_t vi __attribute__((vector_size(64)));
 // `fast_exp` on 16 lanes, step for step (n rounded to nearest even by the 1.5 * 2^23 trick,
 // which is `nearbyint` for |n| < 2^22).
 inline vf fast_exp(vf x) {
-  const vf lo = x * 0.0f - 87.0f;
+  const vf zero = {};
+  const vf lo = zero - 87.0f;  // -inf maps here too
   x = x < lo ? lo : x;
-  const vf magic = x * 0.0f + 12582912.0f;
+  const vf magic = zero + 12582912.0f;
   const vf t = x * 1.44269504088896341f;
   const vf n = (t + magic) - magic;
   const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = r * 0.0f + 1.9875691500e-4f;
+  vf p = zero + 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;

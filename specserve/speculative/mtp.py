@@ -281,6 +281,8 @@ class _FusedChain:
             hasattr(m.weight, "tiled") for m in linears
         ):
             return None
+        if module.lm_head.weight.shape[0] != module.embed_tokens.weight.shape[0]:
+            return None  # the chain reads the vocabulary size off the embedding
         return cls(layer_weights(cast(DraftLayer, layer)), module)
 
     def __call__(
