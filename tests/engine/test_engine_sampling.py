@@ -123,10 +123,10 @@ def test_seeded_rows_follow_the_distribution():
     gens = [torch.Generator().manual_seed(i) for i in range(8000)]
     mixed = [g if i % 2 else None for i, g in enumerate(gens)]  # seeded and global rows
     draws = sample(probs, mixed)
-    counts = torch.bincount(draws, minlength=6).tolist()
+    counts = torch.bincount(draws[1::2], minlength=6).tolist()  # the 4,000 seeded rows
     assert counts[1] == counts[5] == 0
     nonzero = [counts[i] for i in (0, 2, 3, 4)]
-    assert chisquare(nonzero, [800, 1600, 2400, 3200]).pvalue > 1e-3
+    assert chisquare(nonzero, [400, 800, 1200, 1600]).pvalue > 1e-3
     again = sample(probs[1::2][:5], [torch.Generator().manual_seed(i) for i in (1, 3, 5, 7, 9)])
     assert again.tolist() == draws[1::2][:5].tolist()
 
