@@ -114,20 +114,6 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
   gemm_tiled(gate.data(), s.I, M, w[10].data_ptr<float>(), s.I, H, x, H, true);
 }
 
-// The first index of the largest value (torch.argmax), and max softmax(l) = 1 / sum exp(l - max).
-inline int64_t argmax(const float* l, int64_t n) {
-  int64_t best = 0;
-  for (int64_t i = 1; i < n; ++i) best = l[i] > l[best] ? i : best;
-  return best;
-}
-
-inline float top_prob(const float* l, int64_t n, float mx) {
-  float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t i = 0; i < n; ++i) sum += fast_exp(l[i] - mx);
-  return 1.f / sum;
-}
-
 // The block's hidden rows after the draft layers and the final norm, [R * block, H] (as
 // DFlashDraftModel.draft_hidden): block embeddings [anchor, mask x (block - 1)] per request, then
 // every draft layer over each request's context rows in place. Checks the shared arguments.

@@ -59,19 +59,23 @@ inline vf hsum4(vf d0, vf d1, vf d2, vf d3) {
   return e + __builtin_shufflevector(e, e, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
 }
 
+// e^r for r in [-ln2/2, ln2/2], on a float or on 16 lanes: the polynomial of both `fast_exp`s.
+template <typename T>
+inline T exp_poly(T r) {
+  T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  return p * r * r + r + 1.0f;
+}
+
 // exp(x) for x <= 0 (and -inf), to ~1 ulp: 2^n * p(r) with r = x - n ln2 in [-ln2/2, ln2/2].
 // Plain arithmetic so that the compiler vectorises the loops that call it (std::exp does not).
 inline float fast_exp(float x) {
   x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: still a normal float; -inf maps here too
   const float n = std::nearbyint(x * 1.44269504088896341f);
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  float p = exp_poly(x - n * 0.693359375f + n * 2.12194440e-4f);
   int32_t bits;
   std::memcpy(&bits, &p, sizeof bits);
   bits += static_cast<int32_t>(n) << 23;
@@ -90,14 +94,7 @@ inline vf fast_exp(vf x) {
   const vf magic = zero + 12582912.0f;
   const vf t = x * 1.44269504088896341f;
   const vf n = (t + magic) - magic;
-  const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf p = zero + 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  vf p = exp_poly(x - n * 0.693359375f + n * 2.12194440e-4f);
   const vi bits = reinterpret_cast<vi&>(p) + (__builtin_convertvector(n, vi) << 23);
   return reinterpret_cast<const vf&>(bits);
 }
@@ -118,6 +115,21 @@ inline void silu_mul(const float* g, const float* u, int64_t n, float* y) {
     const float sig = x < 0.f ? e / (1.f + e) : 1.f / (1.f + e);
     y[i] = x * sig * u[i];
   }
+}
+
+// The first index of the largest value (torch.argmax), and max softmax(l) = 1 / sum exp(l - max)
+// (a greedy draft's confidence proxy): the draft steps' picks.
+inline int64_t argmax(const float* l, int64_t n) {
+  int64_t best = 0;
+  for (int64_t i = 1; i < n; ++i) best = l[i] > l[best] ? i : best;
+  return best;
+}
+
+inline float top_prob(const float* l, int64_t n, float mx) {
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < n; ++i) sum += fast_exp(l[i] - mx);
+  return 1.f / sum;
 }
 
 // Four dot products of one query row with four keys, any head size: four independent

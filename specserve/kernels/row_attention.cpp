@@ -208,12 +208,9 @@ std::tuple<at::Tensor, at::Tensor> mtp_chain(
     gemm_tiled(xn.data(), H, R, lm_head.data_ptr<float>(), H, V, logits.data(), V, false);
     for (int64_t r = 0; r < R; ++r) {
       const float* l = &logits[r * V];
-      int64_t best = 0;
-      for (int64_t i = 1; i < V; ++i) best = l[i] > l[best] ? i : best;  // first max (argmax)
-      float sum = 0.f;
-      for (int64_t i = 0; i < V; ++i) sum += fast_exp(l[i] - l[best]);
+      const int64_t best = argmax(l, V);
       tok[r * steps + s] = best;
-      cf[r * steps + s] = 1.f / sum;
+      cf[r * steps + s] = top_prob(l, V, l[best]);
     }
     if (s == steps - 1) break;
     for (int64_t r = 0; r < R; ++r) {  // the next layer input
