@@ -1,11 +1,13 @@
 """Engine speed against its floor and against `transformers`, measured side by side.
 
     .venv/bin/python benchmarks/engine_decode.py [--models demo,150m] [--quick] [--threads 1]
-        [--pages contiguous|interleaved]
+        [--pages contiguous|interleaved] [--checkpoint-dtype bfloat16|float16|float32]
 
-For each model (`demo` = models/demo/target, `10m`/`150m` = random Qwen3 checkpoints written to
-a temp folder) it prints:
-  * greedy decode tok/s at batch 1, ours vs `transformers` `generate`, and the ratio;
+For each model (`demo` = models/demo/target, saved in float16; `10m`/`150m` = random Qwen3
+checkpoints written to a temp folder in `--checkpoint-dtype`, bfloat16 by default as Qwen3
+ships) it prints:
+  * greedy decode tok/s at batch 1, ours vs `transformers` `generate` in float32 (the same
+    arithmetic as ours) and in the checkpoint's dtype, and the ratios;
   * a grid batch {1, 10, 32} x context {64, 1024, 2048} x step {decode, verify 4, verify 8,
     prefill chunk 512} (`--quick`: batch {1, 10} x context {1024} x {decode, verify 8}). Each
     cell is one target forward through `ModelRunner` on a cache filled with random K/V (the
@@ -105,10 +107,10 @@ def ours_decode(path: str, batch: int, tokens: int, backend: str) -> float:
     return batch * tokens / (time.perf_counter() - t)
 
 
-def hf_decode(path: str, tokens: int) -> float:
+def hf_decode(path: str, tokens: int, dtype: torch.dtype = torch.float32) -> float:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
     ids = torch.tensor([[(7 * j) % 1000 + 3 for j in range(16)]])
     kw = dict(do_sample=False, pad_token_id=0)
     with torch.inference_mode():
@@ -158,10 +160,11 @@ class Cell:
         return runner, seqs
 
     def bytes_read(self, runner: ModelRunner) -> int:
-        """Weights (the embedding only by the rows it reads) plus the K/V every query sees."""
+        """Weights (the embedding only by the rows it reads; a product's weight at the size of
+        the copy the kernels read, 16-bit where that is exact) plus the K/V every query sees."""
         model = runner.model
         embed = model.model.embed_tokens.weight
-        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        weights = sum(p.numel() * weight_bytes(p) for p in model.parameters())
         if model.lm_head.weight is not embed:
             weights -= embed.numel() * embed.element_size()
         cache = runner.kv_cache[0]
@@ -200,6 +203,17 @@ class Cell:
                 )
 
         return step
+
+
+def weight_bytes(p: torch.Tensor) -> int:
+    """Bytes per value of `p` as the step reads it: its tiled copy's where it has one."""
+    tiled = getattr(p, "tiled", None)
+    return (tiled if tiled is not None else p).element_size()
+
+
+def checkpoint_dtype(path: str) -> torch.dtype:
+    name = json.loads((Path(path) / "config.json").read_text()).get("torch_dtype", "float32")
+    return getattr(torch, name)
 
 
 def timed(fn, reps: int) -> list[float]:
@@ -261,10 +275,10 @@ def op_profile(cell: Cell, backend: str, steps: int = 5) -> str:
     )
 
 
-def model_path(name: str, tmp: str) -> str:
+def model_path(name: str, tmp: str, dtype: torch.dtype) -> str:
     if name == "demo":
         return str(DEMO_TARGET)
-    return str(make_checkpoint(f"{tmp}/{name}", **SIZES[name]))
+    return str(make_checkpoint(f"{tmp}/{name}", dtype=dtype, **SIZES[name]))
 
 
 def main() -> None:
@@ -276,6 +290,13 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5, help="alternated timings per arm and cell")
     ap.add_argument("--no-hf", action="store_true", help="skip transformers in the grid")
     ap.add_argument("--profile", action="store_true", help="ops per decode step")
+    ap.add_argument(
+        "--checkpoint-dtype",
+        choices=("bfloat16", "float16", "float32"),
+        default="bfloat16",
+        help="how the random models are saved (Qwen3 ships bfloat16); both engines compute in "
+        "float32, and `transformers` also runs in this dtype",
+    )
     ap.add_argument(
         "--pages",
         choices=("contiguous", "interleaved"),
@@ -294,17 +315,24 @@ def main() -> None:
     print(f"torch threads: {torch.get_num_threads()}, pages: {args.pages}")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            path = model_path(name, tmp)
+            path = model_path(name, tmp, getattr(torch, args.checkpoint_dtype))
+            saved = checkpoint_dtype(path)
             model, _ = load_model(path)
             n_params = sum(p.numel() for p in model.parameters())
             del model
-            print(f"\n== {name}: {n_params / 1e6:.1f}M parameters, fp32")
+            print(
+                f"\n== {name}: {n_params / 1e6:.1f}M parameters, saved in {saved}, computed in "
+                "float32 (the cpp backend reads 16-bit weights where they are exact)"
+            )
+            peers = [torch.float32] + ([saved] if saved != torch.float32 else [])
             for _ in range(2):  # A B A B
-                hf = hf_decode(path, args.tokens)
+                hf = {dt: hf_decode(path, args.tokens, dt) for dt in peers}
                 for b in backends:
                     ours = ours_decode(path, 1, args.tokens, b)
-                    print(f"batch-1 greedy decode: ours ({b}) {ours:.1f} tok/s, transformers "
-                          f"{hf:.1f} tok/s, ratio {ours / hf:.2f}x", flush=True)  # fmt: skip
+                    line = f"batch-1 greedy decode: ours ({b}) {ours:.1f} tok/s"
+                    for dt, tps in hf.items():
+                        line += f"; transformers {dt} {tps:.1f} tok/s, ratio {ours / tps:.2f}x"
+                    print(line, flush=True)
             if args.profile:
                 for b in backends:
                     print(op_profile(Cell(path, 10, 1024, "decode"), b))

@@ -29,7 +29,7 @@ void linear_tiled(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
               "linear_tiled: x and out must be contiguous float32");
   const int64_t M = x.size(0), K = x.size(1), N = out.size(1);
   check_tiled(w, K, N, "linear_tiled");
-  gemm_tiled(x.data_ptr<float>(), K, M, w.data_ptr<float>(), K, N, out.data_ptr<float>(), N,
+  gemm_tiled(x.data_ptr<float>(), K, M, w, K, N, out.data_ptr<float>(), N,
              false);
 }
 
@@ -96,7 +96,7 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
                     caches[l].scalar_type() == at::kFloat && caches[l].sizes() == caches[0].sizes(),
                 "dense_layers: layer ", l, ": norms [H] and a float32 cache like layer 0's");
     norm_rows(xp, w[0].data_ptr<float>(), xnp);
-    gemm_tiled(xnp, H, M, w[1].data_ptr<float>(), H, qkv_n, qkvp, qkv_n, false);
+    gemm_tiled(xnp, H, M, w[1], H, qkv_n, qkvp, qkv_n, false);
     float* kp = caches[l].data_ptr<float>();
     rows(16 * (h + kvh) * d, [&](int64_t b, int64_t e) {
       std::vector<float> tmp(d), knew(kvh * d);  // a normed head; the new keys of one token
@@ -123,13 +123,13 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
     } else {
       attend<float, 0>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
     }
-    gemm_tiled(ap, h * d, M, w[4].data_ptr<float>(), h * d, H, xp, H, true);
+    gemm_tiled(ap, h * d, M, w[4], h * d, H, xp, H, true);
     norm_rows(xp, w[5].data_ptr<float>(), xnp);
-    gemm_tiled(xnp, H, M, w[6].data_ptr<float>(), H, 2 * I, gup, 2 * I, false);
+    gemm_tiled(xnp, H, M, w[6], H, 2 * I, gup, 2 * I, false);
     rows(32 * I, [&](int64_t b, int64_t e) {
       for (int64_t m = b; m < e; ++m) silu_mul(gup + m * 2 * I, gup + m * 2 * I + I, I, actp + m * I);
     });
-    gemm_tiled(actp, I, M, w[7].data_ptr<float>(), I, H, xp, H, true);
+    gemm_tiled(actp, I, M, w[7], I, H, xp, H, true);
     if (l != layers - 1) keep(l, xp);
   }
   norm_rows(xp, final_norm.data_ptr<float>(), xp);

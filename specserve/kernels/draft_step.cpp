@@ -80,9 +80,9 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
               "draft_block: layer ", layer, ": norms [H] and q/k norms [head_dim]");
   std::vector<float> xn(M * H), q(M * qn), k(M * kn), v(M * kn), attn(M * qn), tmp(s.d);
   for (int64_t m = 0; m < M; ++m) rms_norm(x + m * H, w[0].data_ptr<float>(), H, eps, &xn[m * H]);
-  gemm_tiled(xn.data(), H, M, w[1].data_ptr<float>(), H, qn, q.data(), qn, false);
-  gemm_tiled(xn.data(), H, M, w[2].data_ptr<float>(), H, kn, k.data(), kn, false);
-  gemm_tiled(xn.data(), H, M, w[3].data_ptr<float>(), H, kn, v.data(), kn, false);
+  gemm_tiled(xn.data(), H, M, w[1], H, qn, q.data(), qn, false);
+  gemm_tiled(xn.data(), H, M, w[2], H, kn, k.data(), kn, false);
+  gemm_tiled(xn.data(), H, M, w[3], H, kn, v.data(), kn, false);
   for (int64_t m = 0; m < M; ++m) {
     const float *c = cos + pos[m] * half, *sn = sin + pos[m] * half;
     for (int64_t head = 0; head < s.h + s.kvh; ++head) {
@@ -105,13 +105,13 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
     run(s, &q[b * qn], &k[b * kn], &v[b * kn], ck.data_ptr<float>(), cv.data_ptr<float>(), L,
         &attn[b * qn]);
   }
-  gemm_tiled(attn.data(), qn, M, w[6].data_ptr<float>(), qn, H, x, H, true);
+  gemm_tiled(attn.data(), qn, M, w[6], qn, H, x, H, true);
   for (int64_t m = 0; m < M; ++m) rms_norm(x + m * H, w[7].data_ptr<float>(), H, eps, &xn[m * H]);
   std::vector<float> gate(M * s.I), up(M * s.I);
-  gemm_tiled(xn.data(), H, M, w[8].data_ptr<float>(), H, s.I, gate.data(), s.I, false);
-  gemm_tiled(xn.data(), H, M, w[9].data_ptr<float>(), H, s.I, up.data(), s.I, false);
+  gemm_tiled(xn.data(), H, M, w[8], H, s.I, gate.data(), s.I, false);
+  gemm_tiled(xn.data(), H, M, w[9], H, s.I, up.data(), s.I, false);
   silu_mul(gate.data(), up.data(), M * s.I, gate.data());
-  gemm_tiled(gate.data(), s.I, M, w[10].data_ptr<float>(), s.I, H, x, H, true);
+  gemm_tiled(gate.data(), s.I, M, w[10], s.I, H, x, H, true);
 }
 
 // The block's hidden rows after the draft layers and the final norm, [R * block, H] (as
@@ -199,7 +199,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
   check_tiled(lm_head, H, V, "draft_block lm_head");
   const int64_t* anchor = anchors.data_ptr<int64_t>();
   std::vector<float> base(M * V);
-  gemm_tiled(x.data(), H, M, lm_head.data_ptr<float>(), H, V, base.data(), V, false);
+  gemm_tiled(x.data(), H, M, lm_head, H, V, base.data(), V, false);
 
   const bool markov = markov_w1.numel() > 0, confidence = conf_w.numel() > 0;
   const int64_t rank = markov ? markov_w1.size(1) : 0;
@@ -228,7 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
       for (int64_t r = 0; r < R; ++r) {
         std::memcpy(&e[r * rank], markov_w1.data_ptr<float>() + prev[r] * rank, rank * sizeof(float));
       }
-      gemm_tiled(e.data(), rank, R, markov_w2.data_ptr<float>(), rank, V, bias.data(), V, false);
+      gemm_tiled(e.data(), rank, R, markov_w2, rank, V, bias.data(), V, false);
     }
     for (int64_t r = 0; r < R; ++r) {
       const int64_t m = r * block + j;
@@ -248,7 +248,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
   }
   if (confidence) {
     float* c = conf.data_ptr<float>();
-    gemm_tiled(feats.data(), feat, M, conf_w.data_ptr<float>(), feat, 1, c, 1, false);
+    gemm_tiled(feats.data(), feat, M, conf_w, feat, 1, c, 1, false);
     if (conf_b.numel() == 1) {
       const float b = conf_b.data_ptr<float>()[0];
       for (int64_t m = 0; m < M; ++m) c[m] += b;
@@ -285,7 +285,7 @@ std::vector<at::Tensor> draft_context(const at::Tensor& rows, const at::Tensor& 
   }
   const float feps = static_cast<float>(eps);
   std::vector<float> feats(N * H), tmp(d);
-  gemm_tiled(rows.data_ptr<float>(), F, N, fc.data_ptr<float>(), F, H, feats.data(), H, false);
+  gemm_tiled(rows.data_ptr<float>(), F, N, fc, F, H, feats.data(), H, false);
   for (int64_t m = 0; m < N; ++m) {
     rms_norm(&feats[m * H], hidden_norm.data_ptr<float>(), H, feps, &feats[m * H]);
   }
@@ -296,8 +296,8 @@ std::vector<at::Tensor> draft_context(const at::Tensor& rows, const at::Tensor& 
     check_tiled(w[3], H, kn, "draft_context v_proj");
     at::Tensor k = at::empty({N, kvh, d}, rows.options()), v = at::empty({N, kvh, d}, rows.options());
     float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
-    gemm_tiled(feats.data(), H, N, w[2].data_ptr<float>(), H, kn, kp, kn, false);
-    gemm_tiled(feats.data(), H, N, w[3].data_ptr<float>(), H, kn, vp, kn, false);
+    gemm_tiled(feats.data(), H, N, w[2], H, kn, kp, kn, false);
+    gemm_tiled(feats.data(), H, N, w[3], H, kn, vp, kn, false);
     for (int64_t m = 0; m < N; ++m) {
       const float *c = cos.data_ptr<float>() + pos[m] * half, *sn = sin.data_ptr<float>() + pos[m] * half;
       for (int64_t g = 0; g < kvh; ++g) {

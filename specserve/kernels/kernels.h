@@ -9,6 +9,8 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -188,25 +190,52 @@ constexpr int kPrefetchRows = 4;
 constexpr int64_t kPrefetchAhead = 16;  // weight rows
 constexpr int64_t kFetchNextRows = 24;  // rows of a product from which passes fetch the next tile
 
-// y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` floats apart, 64 of
+// Tiled weights hold float32, or 16 bits a value where every value of the weight is exact in
+// bfloat16 or float16 (`tile_for_kernels` in specserve/models/layers.py chooses): widening is
+// exact and the sums are the same float32 sums in the same order, so a product gives the same
+// bits from either copy, and reads half the bytes from the 16-bit one.
+// GCC's generic vector conversions come out as 16 scalar conversions (float16) or 256-bit
+// halves (bfloat16), so AVX-512 gets its own instructions.
+typedef uint16_t vh __attribute__((vector_size(32), aligned(2), may_alias));
+typedef uint32_t vu __attribute__((vector_size(64)));
+
+inline vf load_w(const float* p) { return load(p); }
+
+inline vf load_w(const c10::BFloat16* p) {  // the 16 bits are float32's upper half
+#if defined(__AVX512F__)
+  const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#else
+  return (vf)(__builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16);
+#endif
+}
+
+inline vf load_w(const c10::Half* p) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#else
+  vf out;
+  for (int i = 0; i < kLanes; ++i) out[i] = static_cast<float>(p[i]);
+  return out;
+#endif
+}
+
+// y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` values apart, 64 of
 // them read). 4 x MB accumulators in registers: each w row is loaded once for all MB rows.
 // FETCH: also fetch lines line .. line_end - 1 of `next` into L2 (see rows_times_tile).
-template <int MB, bool FETCH = false>
-inline void tile_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t K,
+template <int MB, bool FETCH = false, typename W = float>
+inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                       float* y, int64_t ldy, int64_t ncols, bool accumulate,
-                      const float* next = nullptr, int64_t line = 0, int64_t line_end = 0,
+                      const void* next = nullptr, int64_t line = 0, int64_t line_end = 0,
                       int64_t every = 1) {
   vf a[MB][4] = {};
-  const char* next_bytes = reinterpret_cast<const char*>(next);
+  const char* next_bytes = static_cast<const char*>(next);
   int64_t countdown = every;
   for (int64_t k = 0; k < K; ++k) {
-    const float* wk = w + k * ldw;
+    const W* wk = w + k * ldw;
     if constexpr (MB >= kPrefetchRows) {
       const char* ahead = reinterpret_cast<const char*>(wk + kPrefetchAhead * ldw);
-      __builtin_prefetch(ahead, 0, 2);
-      __builtin_prefetch(ahead + 64, 0, 2);
-      __builtin_prefetch(ahead + 128, 0, 2);
-      __builtin_prefetch(ahead + 192, 0, 2);
+      for (size_t b = 0; b < kCols * sizeof(W); b += 64) __builtin_prefetch(ahead + b, 0, 2);
     }
     if constexpr (FETCH) {  // lines line .. line_end - 1 of `next`, one every `every` rows
       if (--countdown == 0) {
@@ -214,7 +243,7 @@ inline void tile_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, 
         if (line < line_end) __builtin_prefetch(next_bytes + 64 * line++, 0, 2);
       }
     }
-    const vf w0 = load(wk), w1 = load(wk + 16), w2 = load(wk + 32), w3 = load(wk + 48);
+    const vf w0 = load_w(wk), w1 = load_w(wk + 16), w2 = load_w(wk + 32), w3 = load_w(wk + 48);
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const float xv = x[i * ldx + k];
@@ -252,13 +281,28 @@ inline void tile_rows(const float* x, int64_t ldx, const float* w, int64_t ldw, 
 // 2.78 ms against 3.21. Fetching it at the rate the multiply-adds read (a line per weight row)
 // or in one pass was slower than not at all: the fetches then hold the line-fill buffers the
 // tile's own loads from L2 need.
-inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const float* w, int64_t ldw,
+//
+// A 16-bit tile read by more than 8 rows is widened to float32 once, into a buffer the passes
+// read from L1 / L2.
+template <typename W>
+inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw,
                             int64_t K, float* y, int64_t ldy, int64_t ncols, bool accumulate,
-                            const float* next = nullptr) {
+                            const void* next = nullptr, int64_t next_lines = 0) {
+  if constexpr (!std::is_same_v<W, float>) {
+    if (M > 8) {
+      thread_local std::vector<float> wide;
+      wide.resize(K * kCols);
+      for (int64_t k = 0; k < K; ++k)
+        for (int c = 0; c < 4; ++c) store(wide.data() + k * kCols + c * kLanes, load_w(w + k * ldw + c * kLanes));
+      rows_times_tile<float>(x, ldx, M, wide.data(), kCols, K, y, ldy, ncols, accumulate, next,
+                             next_lines);
+      return;
+    }
+  }
   int64_t m = 0;
   if (M > 8) {  // 6 x 4 accumulators and the 4 weight vectors fit the 32 registers; 8 x 4 spill
     const int64_t spread = M >= kFetchNextRows && next != nullptr ? std::min<int64_t>(M / 6 - 1, 12) : 0;
-    const int64_t lines = K * kCols * static_cast<int64_t>(sizeof(float)) / 64;
+    const int64_t lines = next_lines;
     const int64_t per = spread > 0 ? (lines + spread - 1) / spread : 0;  // lines a pass fetches
     const int64_t every = per > 0 ? std::max<int64_t>(1, K / per) : 0;    // weight rows per line
     for (int64_t pass = 0; m + 6 <= M; m += 6, ++pass) {
@@ -286,30 +330,45 @@ inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const float*
 }
 
 // y [M, N] (+)= x [M, K] @ W, W tiled [ceil(N / 64), K, 64]; ldx / ldy are row strides.
-inline void gemm_tiled(const float* x, int64_t ldx, int64_t M, const float* w, int64_t K, int64_t N,
-                float* y, int64_t ldy, bool accumulate) {
+template <typename W>
+inline void gemm_tiled_as(const float* x, int64_t ldx, int64_t M, const W* w, int64_t K,
+                          int64_t N, float* y, int64_t ldy, bool accumulate) {
   const int64_t tiles = (N + kCols - 1) / kCols;
   // Split by work, or by weight bytes: a product whose weight is large streams from memory at
   // one row as well, and two threads read it faster (150M model, batch-1 decode on two threads).
-  const int64_t tile_bytes = K * kCols * static_cast<int64_t>(sizeof(float));
+  const int64_t tile_bytes = K * kCols * static_cast<int64_t>(sizeof(W));
   const int64_t by_bytes = std::max<int64_t>(1, (kMinParallelBytes + tile_bytes - 1) / tile_bytes);
   const int64_t grain = std::min(grain_for(M * K * kCols, kMinParallelProduct), by_bytes);
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
-      const float* wt = w + t * K * kCols;
+      const W* wt = w + t * K * kCols;
       const int64_t ncols = std::min(kCols, N - t * kCols);
       float* yt = y + t * kCols;
-      rows_times_tile(x, ldx, M, wt, kCols, K, yt, ldy, ncols, accumulate,
-                      t + 1 < end ? wt + K * kCols : nullptr);
+      rows_times_tile<W>(x, ldx, M, wt, kCols, K, yt, ldy, ncols, accumulate,
+                         t + 1 < end ? wt + K * kCols : nullptr, tile_bytes / 64);
     }
   });
+}
+
+// The same for a tiled weight of any of the three types (`check_tiled`).
+inline void gemm_tiled(const float* x, int64_t ldx, int64_t M, const at::Tensor& w, int64_t K,
+                       int64_t N, float* y, int64_t ldy, bool accumulate) {
+  switch (w.scalar_type()) {
+    case at::kBFloat16:
+      return gemm_tiled_as(x, ldx, M, w.data_ptr<c10::BFloat16>(), K, N, y, ldy, accumulate);
+    case at::kHalf:
+      return gemm_tiled_as(x, ldx, M, w.data_ptr<c10::Half>(), K, N, y, ldy, accumulate);
+    default:
+      return gemm_tiled_as(x, ldx, M, w.data_ptr<float>(), K, N, y, ldy, accumulate);
+  }
 }
 
 inline void check_tiled(const at::Tensor& w, int64_t K, int64_t N, const char* what) {
   TORCH_CHECK(w.dim() == 3 && w.size(2) == kCols && w.size(1) == K &&
                   w.size(0) == (N + kCols - 1) / kCols && w.is_contiguous() &&
-                  w.scalar_type() == at::kFloat,
-              what, ": expected a contiguous float32 tiled weight [", (N + kCols - 1) / kCols,
+                  (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 ||
+                   w.scalar_type() == at::kHalf),
+              what, ": expected a contiguous float32, bfloat16 or float16 tiled weight [", (N + kCols - 1) / kCols,
               ", ", K, ", 64], got ", w.sizes());
 }
 

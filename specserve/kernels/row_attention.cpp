@@ -205,7 +205,7 @@ std::tuple<at::Tensor, at::Tensor> mtp_chain(
   for (int64_t s = 0; s < steps; ++s) {
     for (int64_t r = 0; r < R; ++r)
       rms_norm(&x[r * H], final_norm.data_ptr<float>(), H, feps, &xn[r * H]);
-    gemm_tiled(xn.data(), H, R, lm_head.data_ptr<float>(), H, V, logits.data(), V, false);
+    gemm_tiled(xn.data(), H, R, lm_head, H, V, logits.data(), V, false);
     for (int64_t r = 0; r < R; ++r) {
       const float* l = &logits[r * V];
       const int64_t best = argmax(l, V);
@@ -219,13 +219,13 @@ std::tuple<at::Tensor, at::Tensor> mtp_chain(
       rms_norm(embed.data_ptr<float>() + t * H, enorm.data_ptr<float>(), H, feps, &cat[r * 2 * H]);
       rms_norm(&x[r * H], hnorm.data_ptr<float>(), H, feps, &cat[r * 2 * H + H]);
     }
-    gemm_tiled(cat.data(), 2 * H, R, eh_proj.data_ptr<float>(), 2 * H, H, x.data(), H, false);
+    gemm_tiled(cat.data(), 2 * H, R, eh_proj, 2 * H, H, x.data(), H, false);
     // the decoder layer at position anchor + s (past the RoPE table: its last row, as the
     // PyTorch path clamps a request's discarded lookahead)
     for (int64_t r = 0; r < R; ++r) rms_norm(&x[r * H], w[0].data_ptr<float>(), H, feps, &xn[r * H]);
-    gemm_tiled(xn.data(), H, R, w[1].data_ptr<float>(), H, qn, q.data(), qn, false);
-    gemm_tiled(xn.data(), H, R, w[2].data_ptr<float>(), H, kn, k.data(), kn, false);
-    gemm_tiled(xn.data(), H, R, w[3].data_ptr<float>(), H, kn, v.data(), kn, false);
+    gemm_tiled(xn.data(), H, R, w[1], H, qn, q.data(), qn, false);
+    gemm_tiled(xn.data(), H, R, w[2], H, kn, k.data(), kn, false);
+    gemm_tiled(xn.data(), H, R, w[3], H, kn, v.data(), kn, false);
     for (int64_t r = 0; r < R; ++r) {
       const int64_t p = std::min(anchor[r] + s, positions - 1);
       const float *c = cos.data_ptr<float>() + p * half, *sn = sin.data_ptr<float>() + p * half;
@@ -247,12 +247,12 @@ std::tuple<at::Tensor, at::Tensor> mtp_chain(
             at_row, 1, h, kvh, g, d, scale, &attn[r * qn], scratch);
       }
     }
-    gemm_tiled(attn.data(), qn, R, w[6].data_ptr<float>(), qn, H, x.data(), H, true);
+    gemm_tiled(attn.data(), qn, R, w[6], qn, H, x.data(), H, true);
     for (int64_t r = 0; r < R; ++r) rms_norm(&x[r * H], w[7].data_ptr<float>(), H, feps, &xn[r * H]);
-    gemm_tiled(xn.data(), H, R, w[8].data_ptr<float>(), H, I, gate.data(), I, false);
-    gemm_tiled(xn.data(), H, R, w[9].data_ptr<float>(), H, I, up.data(), I, false);
+    gemm_tiled(xn.data(), H, R, w[8], H, I, gate.data(), I, false);
+    gemm_tiled(xn.data(), H, R, w[9], H, I, up.data(), I, false);
     silu_mul(gate.data(), up.data(), R * I, gate.data());
-    gemm_tiled(gate.data(), I, R, w[10].data_ptr<float>(), I, H, x.data(), H, true);
+    gemm_tiled(gate.data(), I, R, w[10], I, H, x.data(), H, true);
   }
   return {tokens, conf};
 }

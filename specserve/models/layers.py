@@ -81,17 +81,30 @@ def tile_weight(weight: torch.Tensor) -> torch.Tensor:
     return padded.view(-1, TILE_COLUMNS, in_features).transpose(1, 2).contiguous()
 
 
+def narrowest_exact(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` in bfloat16 or float16 where every value survives the round trip, else itself.
+    A checkpoint saved in 16 bits (Qwen3 and DeepSeek ship bfloat16; the demo target float16)
+    and loaded in float32 holds only such values: the kernels widen them back exactly, so a
+    product gives the same bits as from the float32 copy and reads half the bytes."""
+    for dtype in (torch.bfloat16, torch.float16):
+        narrow = weight.to(dtype)
+        if torch.equal(narrow.to(weight.dtype), weight):
+            return narrow
+    return weight
+
+
 def tile_for_kernels(weight: torch.Tensor) -> torch.Tensor | None:
     """Keep a tiled copy of an inference weight (CPU, float32) for `linear()` and the fused
     decode step, in place of its oneDNN-packed copy: the kernels' product is at least as fast
     as oneDNN from 1 to 512 rows here and 1.2-1.9x MKL's one-row product
-    (`benchmarks/linear_kernels.py`). Returns the tiled weight, or None where it does not
-    apply. Needs `specserve.kernels.load()`."""
+    (`benchmarks/linear_kernels.py`). The copy is 16-bit where that is exact
+    (`narrowest_exact`). Returns the tiled weight, or None where it does not apply. Needs
+    `specserve.kernels.load()`."""
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
     tiled = getattr(weight, "tiled", None)
     if tiled is None:
-        tiled = tile_weight(weight)
+        tiled = narrowest_exact(tile_weight(weight))
         weight.tiled = tiled  # type: ignore[attr-defined]
     if hasattr(weight, "onednn_packed"):
         del weight.onednn_packed  # type: ignore[attr-defined]

@@ -61,9 +61,14 @@ def tiny_config(**overrides: Any) -> dict[str, Any]:
 
 
 def make_checkpoint(
-    out: str | Path, seed: int = 0, init_std: float = 0.02, **overrides: Any
+    out: str | Path,
+    seed: int = 0,
+    init_std: float = 0.02,
+    dtype: torch.dtype = torch.float32,
+    **overrides: Any,
 ) -> Path:
-    """A random model of our own classes, saved like a Hugging Face checkpoint."""
+    """A random model of our own classes, saved like a Hugging Face checkpoint, its tensors in
+    `dtype` (`torch_dtype` in config.json says which)."""
     from specserve.config import ModelConfig
     from specserve.models.registry import model_class
 
@@ -83,7 +88,10 @@ def make_checkpoint(
             state[name] = 0.02 * torch.randn(p.shape, generator=gen)
         else:
             state[name] = init_std * torch.randn(p.shape, generator=gen)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "model.safetensors"))
+    save_file(
+        {k: v.to(dtype).contiguous() for k, v in state.items()}, str(out / "model.safetensors")
+    )
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     save_tokenizer(out, cfg["vocab_size"])
     return out

@@ -155,19 +155,30 @@ def test_backend_names_and_devices():
 
 
 @pytest.mark.parametrize(
-    ("model_type", "head_dim", "tie"), [("qwen3", 16, False), ("llama", 64, True)]
+    ("model_type", "head_dim", "tie", "saved"),
+    [
+        ("qwen3", 16, False, torch.float32),
+        ("llama", 64, True, torch.float32),
+        ("qwen3", 64, False, torch.bfloat16),
+        ("qwen3", 64, True, torch.float16),
+    ],
 )
 def test_fused_step_equals_the_layer_by_layer_path(
-    tmp_path, monkeypatch, model_type, head_dim, tie
+    tmp_path, monkeypatch, model_type, head_dim, tie, saved
 ):
     """`dense_layers` (every layer in one call) against the PyTorch layers on the same cache
     contents: logits and the captured hidden states (embedding, a middle layer, the last one)
     of short prefills, decode steps, a batch of verify windows and a mixed step (a 20-token
-    prefill chunk beside a decode)."""
+    prefill chunk beside a decode). A checkpoint saved in 16 bits runs on 16-bit tiles."""
     from specserve.models.qwen3 import CausalLM
 
     path = make_checkpoint(
-        tmp_path / "m", seed=5, model_type=model_type, head_dim=head_dim, tie_word_embeddings=tie
+        tmp_path / "m",
+        seed=5,
+        dtype=saved,
+        model_type=model_type,
+        head_dim=head_dim,
+        tie_word_embeddings=tie,
     )
     capture = (-1, 0, 1)
     runners = []
@@ -176,6 +187,8 @@ def test_fused_step_equals_the_layer_by_layer_path(
         model.fuse()
         runners.append(ModelRunner(model, 80, 4, torch.float32, "cpu", capture, backend))
     assert runners[1].model._step_weights is not None
+    tiles = {w.dtype for w in runners[1].model._step_weights if w.dim() == 3}
+    assert tiles == {saved}
     fused_calls = []
     real = CausalLM._dense_step
     monkeypatch.setattr(
@@ -222,6 +235,28 @@ def test_linear_tiled_is_row_invariant():
             y = linear(x, weight)
             assert (y.double() - x.double() @ ref.double().t()).abs().max().item() < 1e-4
             assert torch.equal(linear(x[-1:], weight)[0], y[-1])
+
+
+def test_16_bit_tiles_give_the_same_bits():
+    """A weight whose values are all exact in bfloat16 or float16 (a checkpoint saved in 16 bits,
+    loaded in float32) gets a 16-bit tiled copy, and the product from it is bit-identical to
+    the product from the float32 tiles at every row count (one-row blocks, 8-row blocks, the
+    widened passes over 9+ rows); any other weight keeps float32 tiles."""
+    from specserve.models.layers import linear, tile_for_kernels, tile_weight
+
+    CppBackend()
+    gen = torch.Generator().manual_seed(0)
+    for narrow in (torch.bfloat16, torch.float16, torch.float32):
+        for out_features, in_features in ((130, 64), (256, 768)):
+            weight = torch.randn(out_features, in_features, generator=gen).to(narrow).float()
+            tiled = tile_for_kernels(weight)
+            assert tiled is not None and tiled.dtype == narrow
+            wide = tile_weight(weight)  # the float32 tiles
+            for rows in (1, 3, 8, 9, 13, 30, 80):
+                x = torch.randn(rows, in_features, generator=gen)
+                want = torch.empty(rows, out_features)
+                torch.ops.specserve.linear_tiled(want, x, wide)
+                assert torch.equal(linear(x, weight), want)
 
 
 def test_fused_step_is_off_where_it_does_not_fit(tmp_path):
