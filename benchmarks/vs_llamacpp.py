@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/vs_llamacpp.py [--model models/demo/target] [--threads 1]
         [--tokens 256] [--rounds 3] [--work /tmp/specserve-llamacpp] [--attention-backend cpp]
+        [--outtype auto|f32|f16|bf16]
 
 The first run builds `llama-cpp-python==0.3.36` from source into its own venv under `--work`
 (about 11 minutes of two quiet cores; later runs reuse it) and converts the model folder to
-GGUF f32 with the converter that release vendors (llama.cpp of 2026-10-01), run by this
+GGUF with the converter that release vendors (llama.cpp of 2026-10-01), run by this
 project's Python (it needs torch and transformers, which the llama venv must not install
-again). Our demo tokenizer is a plain byte-level BPE with the GPT-2 split regex whose hash the
+again). `--outtype auto` keeps the checkpoint's dtype (`torch_dtype` in config.json): both
+engines then read the weights as saved (specserve widens 16-bit weights to float32 exactly
+and sums in float32; llama.cpp's f16 / bf16 dot products round the activations to 16 bits). Our demo tokenizer is a plain byte-level BPE with the GPT-2 split regex whose hash the
 converter does not know; the converter is told it is `gpt-2`. Then, alternating the two
 engines `--rounds` times, each decodes `--tokens` tokens greedily after a 16-token prompt on
 `--threads` threads; it prints tok/s of both (best and median over rounds) and the ratio.
@@ -109,19 +112,22 @@ def llama_env(work: Path) -> tuple[Path, Path]:
     return python, src
 
 
-def to_gguf(model: Path, src: Path, work: Path) -> Path:
-    """The model folder as GGUF f32, converted once per folder and version of its weights (the
-    name carries the path, config.json and each weight file's size and mtime)."""
+GGUF_TYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
+
+def to_gguf(model: Path, src: Path, work: Path, outtype: str = "f32") -> Path:
+    """The model folder as GGUF `outtype`, converted once per folder and version of its weights
+    (the name carries the path, config.json and each weight file's size and mtime)."""
     key = [str(model.resolve()), (model / "config.json").read_text()]
     key += [
         f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
         for f in sorted(model.glob("*.safetensors"))
     ]
     tag = hashlib.sha1("\n".join(key).encode()).hexdigest()[:8]
-    out = work / f"{model.resolve().name}-{tag}-f32.gguf"
+    out = work / f"{model.resolve().name}-{tag}-{outtype}.gguf"
     if not out.exists():
         converter = src / "vendor" / "llama.cpp"
-        args = [str(model), "--outfile", str(out), "--outtype", "f32"]
+        args = [str(model), "--outfile", str(out), "--outtype", outtype]
         run([sys.executable, "-c", CONVERT, str(converter), *args])
     return out
 
@@ -157,11 +163,21 @@ def main() -> None:
     ap.add_argument(
         "--attention-backend", default="cpp", help="ours: cpp (the C++ kernels) or torch"
     )
+    ap.add_argument(
+        "--outtype",
+        choices=("auto", *GGUF_TYPES.values()),
+        default="auto",
+        help="GGUF weight type; auto: the checkpoint's dtype",
+    )
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     python, src = llama_env(work)
-    gguf = to_gguf(Path(args.model), src, work)
+    outtype = args.outtype
+    if outtype == "auto":
+        saved = json.loads((Path(args.model) / "config.json").read_text()).get("torch_dtype")
+        outtype = GGUF_TYPES.get(saved or "float32", "f32")
+    gguf = to_gguf(Path(args.model), src, work, outtype)
     prompt = ",".join(map(str, PROMPT))
     ours, theirs = [], []
     for _ in range(args.rounds):  # alternate the engines
@@ -170,6 +186,7 @@ def main() -> None:
         ours.append(ours_tok_s(Path(args.model), args.threads, args.tokens, args.attention_backend))
     result = {
         "model": args.model,
+        "gguf": outtype,
         "threads": args.threads,
         "tokens": args.tokens,
         "specserve_tok_s": {"best": max(ours), "median": statistics.median(ours)},

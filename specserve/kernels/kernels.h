@@ -190,6 +190,13 @@ constexpr int kPrefetchRows = 4;
 constexpr int64_t kPrefetchAhead = 16;  // weight rows
 constexpr int64_t kFetchNextRows = 24;  // rows of a product from which passes fetch the next tile
 
+// Rows from which a 16-bit tile is widened to float32 once, into a buffer the passes read,
+// instead of widening its 16 lanes at every load of every pass. Below, the first pass streams
+// the tile from memory while it computes (150M model, ten decoding requests: 62-64 ms a step
+// against 70-77 widened; ten verify windows of 4: 106 against 112-128); from here the passes'
+// widening costs more (a 512-token prefill chunk: 805-830 ms against 912-918).
+constexpr int64_t kWidenRows = 64;
+
 // Tiled weights hold float32, or 16 bits a value where every value of the weight is exact in
 // bfloat16 or float16 (`tile_for_kernels` in specserve/models/layers.py chooses): widening is
 // exact and the sums are the same float32 sums in the same order, so a product gives the same
@@ -282,14 +289,14 @@ inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
 // or in one pass was slower than not at all: the fetches then hold the line-fill buffers the
 // tile's own loads from L2 need.
 //
-// A 16-bit tile read by more than 8 rows is widened to float32 once, into a buffer the passes
-// read from L1 / L2.
+// A 16-bit tile read by `kWidenRows` rows or more is widened to float32 once, into a buffer
+// the passes read from L1 / L2.
 template <typename W>
 inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw,
                             int64_t K, float* y, int64_t ldy, int64_t ncols, bool accumulate,
                             const void* next = nullptr, int64_t next_lines = 0) {
   if constexpr (!std::is_same_v<W, float>) {
-    if (M > 8) {
+    if (M >= kWidenRows) {
       thread_local std::vector<float> wide;
       wide.resize(K * kCols);
       for (int64_t k = 0; k < K; ++k)
