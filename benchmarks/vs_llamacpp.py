@@ -87,7 +87,8 @@ conv.main()
 
 
 def run(cmd: list[str], **kw) -> str:
-    print("+", " ".join(cmd), flush=True)
+    shown = ["<script>" if "\n" in a else a for a in cmd]  # not the inline scripts' text
+    print("+", " ".join(shown), flush=True)
     return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
 
 

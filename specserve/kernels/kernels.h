@@ -184,10 +184,17 @@ inline int64_t grain_for(int64_t work_per_item, int64_t min_work = kMinParallelW
 
 // A block of at least 4 rows spends long enough on each weight row that the weight stream
 // stalls at every 4 KB page (16 rows of a tile), where the hardware prefetcher stops: it fetches
-// the row 16 ahead itself. 150M model, ten requests decoding 1,024-token contexts: 75 ms a step
+// a page ahead itself. 150M model, ten requests decoding 1,024-token contexts: 75 ms a step
 // against 94. One row streams fast enough without help (batch 1 is at the copy floor).
 constexpr int kPrefetchRows = 4;
-constexpr int64_t kPrefetchAhead = 16;  // weight rows
+constexpr int64_t kPrefetchAheadBytes = 4096;  // a page of the tile ahead: 16 float32 rows, 32 16-bit
+
+// A 16-bit product over 1-3 rows prefetches too when its weight is over this size (it then
+// streams from memory, not from cache): its loads carry half the bytes and the widening, and
+// the hardware prefetcher alone left the 150M model's batch-1 decode at 38-40 tok/s, against
+// 48-54 with it. Float32 at one row lost 5% with it (26 against 27-28 tok/s), and products
+// of the demo target (at most 1 MB) lost 3-4%.
+constexpr int64_t kStreamBytes = 1 << 20;
 constexpr int64_t kFetchNextRows = 24;  // rows of a product from which passes fetch the next tile
 
 // Rows from which a 16-bit tile is widened to float32 once, into a buffer the passes read,
@@ -230,7 +237,7 @@ inline vf load_w(const c10::Half* p) {
 // y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` values apart, 64 of
 // them read). 4 x MB accumulators in registers: each w row is loaded once for all MB rows.
 // FETCH: also fetch lines line .. line_end - 1 of `next` into L2 (see rows_times_tile).
-template <int MB, bool FETCH = false, typename W = float>
+template <int MB, bool FETCH = false, typename W = float, bool STREAM = false>
 inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                       float* y, int64_t ldy, int64_t ncols, bool accumulate,
                       const void* next = nullptr, int64_t line = 0, int64_t line_end = 0,
@@ -240,8 +247,8 @@ inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
   int64_t countdown = every;
   for (int64_t k = 0; k < K; ++k) {
     const W* wk = w + k * ldw;
-    if constexpr (MB >= kPrefetchRows) {
-      const char* ahead = reinterpret_cast<const char*>(wk + kPrefetchAhead * ldw);
+    if constexpr (MB >= kPrefetchRows || STREAM) {
+      const char* ahead = reinterpret_cast<const char*>(wk + kPrefetchAheadBytes / (kCols * sizeof(W)) * ldw);
       for (size_t b = 0; b < kCols * sizeof(W); b += 64) __builtin_prefetch(ahead + b, 0, 2);
     }
     if constexpr (FETCH) {  // lines line .. line_end - 1 of `next`, one every `every` rows
@@ -294,7 +301,8 @@ inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
 template <typename W>
 inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const W* w, int64_t ldw,
                             int64_t K, float* y, int64_t ldy, int64_t ncols, bool accumulate,
-                            const void* next = nullptr, int64_t next_lines = 0) {
+                            const void* next = nullptr, int64_t next_lines = 0,
+                            bool stream = false) {
   if constexpr (!std::is_same_v<W, float>) {
     if (M >= kWidenRows) {
       thread_local std::vector<float> wide;
@@ -329,9 +337,18 @@ inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const W* w, 
     case 6: tile_rows<6>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
     case 5: tile_rows<5>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
     case 4: tile_rows<4>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
-    case 3: tile_rows<3>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
-    case 2: tile_rows<2>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
-    case 1: tile_rows<1>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate); break;
+    case 3:
+      if (stream) tile_rows<3, false, W, true>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate);
+      else tile_rows<3>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate);
+      break;
+    case 2:
+      if (stream) tile_rows<2, false, W, true>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate);
+      else tile_rows<2>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate);
+      break;
+    case 1:
+      if (stream) tile_rows<1, false, W, true>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate);
+      else tile_rows<1>(xm, ldx, w, ldw, K, ym, ldy, ncols, accumulate);
+      break;
     default: break;
   }
 }
@@ -346,13 +363,14 @@ inline void gemm_tiled_as(const float* x, int64_t ldx, int64_t M, const W* w, in
   const int64_t tile_bytes = K * kCols * static_cast<int64_t>(sizeof(W));
   const int64_t by_bytes = std::max<int64_t>(1, (kMinParallelBytes + tile_bytes - 1) / tile_bytes);
   const int64_t grain = std::min(grain_for(M * K * kCols, kMinParallelProduct), by_bytes);
+  const bool stream = sizeof(W) == 2 && tiles * tile_bytes > kStreamBytes;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
       const W* wt = w + t * K * kCols;
       const int64_t ncols = std::min(kCols, N - t * kCols);
       float* yt = y + t * kCols;
       rows_times_tile<W>(x, ldx, M, wt, kCols, K, yt, ldy, ncols, accumulate,
-                         t + 1 < end ? wt + K * kCols : nullptr, tile_bytes / 64);
+                         t + 1 < end ? wt + K * kCols : nullptr, tile_bytes / 64, stream);
     }
   });
 }
