@@ -11,10 +11,11 @@ ships) it prints:
   * a grid batch {1, 10, 32} x context {64, 1024, 2048} x step {decode, verify 4, verify 8,
     prefill chunk 512} (`--quick`: batch {1, 10} x context {1024} x {decode, verify 8}). Each
     cell is one target forward through `ModelRunner` on a cache filled with random K/V (the
-    step's cost depends on shapes, not values): its time, its floor (the bytes the step must
-    read, weights plus every request's K/V, over the best bandwidth of a copy with the same
-    footprint, so the same cache level, sampled between the cell's timings), the
-    ratio, and `transformers` running one forward over the same tokens on a `DynamicCache` of
+    step's cost depends on shapes, not values): its time, its floor (the larger of two: the
+    bytes the step must read, weights plus every request's K/V, over the best bandwidth of a
+    copy with the same footprint, so the same cache level; and its FLOPs, products and
+    attention, over the best rate of a float32 `torch.mm` from cache; both sampled between the
+    cell's timings), the ratio to the larger floor, and `transformers` running one forward over the same tokens on a `DynamicCache` of
     the same length (arms alternated; min and median of `--reps`). Requests' contexts differ by
     a few tokens on our side (as in serving), all equal on the `transformers` side. "prefill
     512" is one request's 512-token chunk after the context while the others decode. Each
@@ -89,6 +90,24 @@ def copy_bandwidth(footprint: int = 64 << 20) -> float:
         b.copy_(a)
     dt = (time.perf_counter() - t) / reps
     return 2 * a.nbytes / dt
+
+
+@functools.lru_cache(maxsize=1)
+def _product_operands() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.randn(256, 1024), torch.randn(1024, 1024)
+
+
+def peak_flops(reps: int = 5) -> float:
+    """FLOP/s of a float32 product that runs from cache (`torch.mm` of [256, 1024] x [1024,
+    1024], 0.5 GFLOP, the best of `reps`, on the run's threads): what a tuned BLAS gets from
+    these cores, the compute floor's rate."""
+    a, b = _product_operands()
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - t)
+    return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
 
 
 def ours_decode(path: str, batch: int, tokens: int, backend: str) -> float:
@@ -173,6 +192,21 @@ class Cell:
             c + q for c, q in zip(self.contexts, self.queries, strict=True)
         )
 
+    def flops(self, runner: ModelRunner) -> float:
+        """The step's floating-point work: 2 per multiply-add of every decoder-layer weight for
+        each query row and of the LM head for each row whose logits the step computes, plus
+        attention (q.k and p.v: 4 x heads x head size per key a query sees, per layer)."""
+        model = runner.model
+        cfg = model.config
+        layers = sum(p.numel() for p in model.model.layers.parameters())
+        rows = sum(self.queries)
+        logit_rows = sum(1 if q > 8 else q for q in self.queries)  # `BatchSeq.logits_from`
+        keys = sum(
+            q * c + q * (q + 1) // 2 for c, q in zip(self.contexts, self.queries, strict=True)
+        )
+        per_key = 4 * cfg.num_attention_heads * cfg.head_dim * cfg.num_hidden_layers
+        return 2.0 * (rows * layers + logit_rows * model.lm_head.weight.numel()) + per_key * keys
+
     def hf(self):
         import transformers
 
@@ -239,13 +273,19 @@ def run_cell(cell: Cell, reps: int, with_hf: bool, backends: list[str]) -> str:
     for fn in arms:
         fn()
     times: list[list[float]] = [[] for _ in arms]
-    bws = []
+    bws, peaks = [], []
     for _ in range(reps):
         for fn, t in zip(arms, times, strict=True):
             t += timed(fn, 1)
         bws.append(copy_bandwidth(cell.bytes_read(runner)))
-    floor = cell.bytes_read(runner) / max(bws)
-    line = f"| {cell.batch} | {cell.context} | {cell.step} | {max(bws) / 1e9:.1f} | {1e3 * floor:.2f} |"
+        peaks.append(peak_flops())
+    floor_bytes = cell.bytes_read(runner) / max(bws)
+    floor_flops = cell.flops(runner) / max(peaks)
+    floor = max(floor_bytes, floor_flops)
+    line = (
+        f"| {cell.batch} | {cell.context} | {cell.step} | {max(bws) / 1e9:.1f} | "
+        f"{max(peaks) / 1e9:.0f} | {1e3 * floor_bytes:.2f} | {1e3 * floor_flops:.2f} |"
+    )
     for t in times[: len(backends)]:
         line += f" {1e3 * min(t):.2f} / {1e3 * statistics.median(t):.2f} | {min(t) / floor:.1f}x |"
     if with_hf:
@@ -336,7 +376,10 @@ def main() -> None:
             if args.profile:
                 for b in backends:
                     print(op_profile(Cell(path, 10, 1024, "decode"), b))
-            head = "| batch | context | step | copy GB/s | floor ms |"
+            head = (
+                "| batch | context | step | copy GB/s | GFLOP/s | floor ms, bytes | "
+                "floor ms, FLOPs |"
+            )
             for b in backends:
                 head += f" {b} ms min / median | {b} / floor |"
             if not args.no_hf:
