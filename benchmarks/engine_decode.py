@@ -15,12 +15,15 @@ ships) it prints:
     bytes the step must read, weights plus every request's K/V, over the best bandwidth of a
     copy with the same footprint, so the same cache level; and its FLOPs, products and
     attention, over the best rate of a float32 `torch.mm` from cache; both sampled between the
-    cell's timings), the ratio to the larger floor, and `transformers` running one forward over the same tokens on a `DynamicCache` of
-    the same length (arms alternated; min and median of `--reps`). Requests' contexts differ by
-    a few tokens on our side (as in serving), all equal on the `transformers` side. "prefill
-    512" is one request's 512-token chunk after the context while the others decode. Each
-    request's pages are one run (`--pages contiguous`, as after a prefill) or taken in turns
-    (`--pages interleaved`, as when requests decoding together each take their next page).
+    cell's timings), the ratio to the larger floor, and `transformers` running one forward
+    over the same tokens on a `DynamicCache` of the same length. Arms alternate, and each step
+    is timed right after an untimed one, as a server runs its steps back to back (not right
+    after another arm has filled the caches with its data); min and median of `--reps`.
+    Requests' contexts differ by a few tokens on our side (as in serving), all equal on the
+    `transformers` side. "prefill 512" is one request's 512-token chunk after the context
+    while the others decode. Each request's pages are one run (`--pages contiguous`, as after
+    a prefill) or taken in turns (`--pages interleaved`, as when requests decoding together
+    each take their next page).
   * with `--profile`, torch ops per decode step and the share of the step spent outside them.
 """
 
@@ -276,6 +279,7 @@ def run_cell(cell: Cell, reps: int, with_hf: bool, backends: list[str]) -> str:
     bws, peaks = [], []
     for _ in range(reps):
         for fn, t in zip(arms, times, strict=True):
+            fn()  # back to back, as a server runs its steps: not after another arm's data
             t += timed(fn, 1)
         bws.append(copy_bandwidth(cell.bytes_read(runner)))
         peaks.append(peak_flops())
