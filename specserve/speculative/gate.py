@@ -34,8 +34,12 @@ Above the per-request bar sits a check on what drafting actually gave: each step
 request drafted is compared with plain decoding (the tokens it committed at the median plain
 step time, over its own time), partial steps and drafter catch-ups included. While that gain,
 over the last `gain_window` drafted steps, is below `min_gain`, nobody drafts but on probe
-steps, further and further apart (`probe_every` doubling up to `max_probe_every`), until a probe
-pays again. At 16 users on 64-token prompts the per-request bar, read from the fastest whole
+steps, further and further apart (`probe_every` doubling up to `max_pause_every`, 256 steps),
+until a probe pays again. A probe step costs several plain ones (every request drafts, and a
+paused MTP drafter catches up on the tokens since it last drafted), so where drafting never
+pays the probes must be rare: with a cap of 64 steps, gated NEXTN and DSPARK ran at 0.86-0.94x
+plain decoding at 16 users on 64-token prompts (demo bundle, three runs), with 256 at
+0.95-0.99x; at one user they were unchanged (NEXTN 1.05-1.08x, DSPARK 1.91-1.93x). At 16 users on 64-token prompts the per-request bar, read from the fastest whole
 drafted steps, let requests draft in steps that ran at 0.8x plain decoding. `min_gain` is 0.9,
 not 1: NEXTN at one user gains 1.1-1.3 per window, dips below 1 in some windows, and paused at
 1.0 it fell from 1.11x to 0.95-0.99x plain decoding.
@@ -131,6 +135,7 @@ class DraftGate(Planner):
         head_confidences: bool = False,
         min_gain: float = 0.9,
         gain_window: int = 16,
+        max_pause_every: int = 256,
     ) -> None:
         self.planner, self.probe_every, self.decay = planner, probe_every, decay
         # realised gain of drafted steps over plain decoding (`_observe_gain`): below
@@ -143,6 +148,7 @@ class DraftGate(Planner):
         self.pause_interval = probe_every
         self.min_samples, self.remeasure_every = min_samples, remeasure_every
         self.max_probe_every = max(probe_every, max_probe_every)
+        self.max_pause_every = max(probe_every, max_pause_every)
         self.head_confidences = head_confidences
         self.steps_since_plain = 0  # steps since the last plain one
         self.clock = 0  # steps decided (the probe schedule)
@@ -206,7 +212,7 @@ class DraftGate(Planner):
             if self.clock % self.pause_interval:
                 self.all_drafted = False
                 return [False] * len(requests)
-            self.pause_interval = min(2 * self.pause_interval, self.max_probe_every)
+            self.pause_interval = min(2 * self.pause_interval, self.max_pause_every)
         bar = self.break_even(n, octave)
         decisions = [self._decide(self._acceptance_of(r), bar) for r in requests]
         self.all_drafted = all(decisions)

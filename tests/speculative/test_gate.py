@@ -246,15 +246,15 @@ def test_drafting_pauses_while_drafted_steps_lose_to_plain_ones():
     """Whatever the per-request bar says, when the steps in which requests drafted commit fewer
     tokens per second than plain steps do, nobody drafts but on probe steps, further and further
     apart; once drafted steps pay again, drafting resumes."""
-    gate = DraftGate(Planner(), probe_every=4, max_probe_every=16, gain_window=2)
+    gate = DraftGate(Planner(), probe_every=4, max_pause_every=16, gain_window=2)
     reqs = [_req("a"), _req("b")]
     _decode(gate, 1.0, {})  # plain steps: 1 s for 2 tokens
     for _ in range(2):  # drafted: 3 s for 2 + 2 tokens (the bar of 2 s / 1 s - 1 is not used)
         assert gate.allow(reqs) == [True, True]
         _decode(gate, 3.0, {"a": 1, "b": 1})
     assert gate.paused  # gain 1 s * 4 / (2 * 3 s) = 0.67
-    drafted = [i for i in range(40) if gate.allow(reqs) == [True, True]]
-    assert drafted == [1, 5, 13, 29]  # clock 4, 8, 16, 32: the interval doubles up to 16
+    drafted = [i for i in range(50) if gate.allow(reqs) == [True, True]]
+    assert drafted == [1, 5, 13, 29, 45]  # clock 4, 8, 16, 32, 48: the interval doubles up to 16
     for _ in range(6):  # drafted steps that pay: 1.5 s for 2 + 6 tokens
         _decode(gate, 1.5, {"a": 3, "b": 3})
     assert not gate.paused
