@@ -200,8 +200,8 @@ constexpr int64_t kFetchNextRows = 24;  // rows of a product from which passes f
 // Rows from which a 16-bit tile is widened to float32 once, into a buffer the passes read,
 // instead of widening its 16 lanes at every load of every pass. Below, the first pass streams
 // the tile from memory while it computes (150M model, ten decoding requests: 62-64 ms a step
-// against 70-77 widened; ten verify windows of 4: 106 against 112-128); from here the passes'
-// widening costs more (a 512-token prefill chunk: 805-830 ms against 912-918).
+// against 73-78 widened; ten verify windows of 4: 106-107 against 114-128); from here the
+// passes' widening costs more (a 512-token prefill chunk: 912-918 ms unwidened, 805-912 widened).
 constexpr int64_t kWidenRows = 64;
 
 // Tiled weights hold float32, or 16 bits a value where every value of the weight is exact in
