@@ -187,7 +187,7 @@ inline int64_t grain_for(int64_t work_per_item, int64_t min_work = kMinParallelW
 // a page ahead itself. 150M model, ten requests decoding 1,024-token contexts: 75 ms a step
 // against 94. One row streams fast enough without help (batch 1 is at the copy floor).
 constexpr int kPrefetchRows = 4;
-constexpr int64_t kPrefetchAheadBytes = 4096;  // a page of the tile ahead: 16 float32 rows, 32 16-bit
+constexpr int64_t kPrefetchAheadBytes = 4096;  // a page ahead: 16 float32 tile rows, 32 16-bit
 
 // A 16-bit product over 1-3 rows prefetches too when its weight is over this size (it then
 // streams from memory, not from cache): its loads carry half the bytes and the widening, and
@@ -248,7 +248,8 @@ inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
   for (int64_t k = 0; k < K; ++k) {
     const W* wk = w + k * ldw;
     if constexpr (MB >= kPrefetchRows || STREAM) {
-      const char* ahead = reinterpret_cast<const char*>(wk + kPrefetchAheadBytes / (kCols * sizeof(W)) * ldw);
+      constexpr int64_t rows_ahead = kPrefetchAheadBytes / (kCols * sizeof(W));
+      const char* ahead = reinterpret_cast<const char*>(wk + rows_ahead * ldw);
       for (size_t b = 0; b < kCols * sizeof(W); b += 64) __builtin_prefetch(ahead + b, 0, 2);
     }
     if constexpr (FETCH) {  // lines line .. line_end - 1 of `next`, one every `every` rows
@@ -307,8 +308,11 @@ inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const W* w, 
     if (M >= kWidenRows) {
       thread_local std::vector<float> wide;
       wide.resize(K * kCols);
-      for (int64_t k = 0; k < K; ++k)
-        for (int c = 0; c < 4; ++c) store(wide.data() + k * kCols + c * kLanes, load_w(w + k * ldw + c * kLanes));
+      for (int64_t k = 0; k < K; ++k) {
+        for (int c = 0; c < 4; ++c) {
+          store(wide.data() + k * kCols + c * kLanes, load_w(w + k * ldw + c * kLanes));
+        }
+      }
       rows_times_tile<float>(x, ldx, M, wide.data(), kCols, K, y, ldy, ncols, accumulate, next,
                              next_lines);
       return;
@@ -393,8 +397,8 @@ inline void check_tiled(const at::Tensor& w, int64_t K, int64_t N, const char* w
                   w.size(0) == (N + kCols - 1) / kCols && w.is_contiguous() &&
                   (w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16 ||
                    w.scalar_type() == at::kHalf),
-              what, ": expected a contiguous float32, bfloat16 or float16 tiled weight [", (N + kCols - 1) / kCols,
-              ", ", K, ", 64], got ", w.sizes());
+              what, ": expected a contiguous float32, bfloat16 or float16 tiled weight [",
+              (N + kCols - 1) / kCols, ", ", K, ", 64], got ", w.sizes());
 }
 
 // y = x * rsqrt(mean(x^2) + eps) * weight over n values.
