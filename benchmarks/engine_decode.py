@@ -182,13 +182,19 @@ class Cell:
         return runner, seqs
 
     def bytes_read(self, runner: ModelRunner) -> int:
-        """Weights (the embedding only by the rows it reads; a product's weight at the size of
-        the copy the kernels read, 16-bit where that is exact) plus the K/V every query sees."""
+        """Weights as the step reads them (the fused step's tiled copies, 16-bit where that is
+        exact, and the LM head's; else the parameters, the embedding only by the rows it reads)
+        plus the K/V every query sees."""
         model = runner.model
-        embed = model.model.embed_tokens.weight
-        weights = sum(p.numel() * weight_bytes(p) for p in model.parameters())
-        if model.lm_head.weight is not embed:
-            weights -= embed.numel() * embed.element_size()
+        if model._step_weights is not None:
+            head = getattr(model.lm_head.weight, "tiled", model.lm_head.weight)
+            tensors = [*model._step_weights, model.model.norm.weight, head]
+            weights = sum(t.numel() * t.element_size() for t in tensors)
+        else:
+            embed = model.model.embed_tokens.weight
+            weights = sum(p.numel() * p.element_size() for p in model.parameters())
+            if model.lm_head.weight is not embed:
+                weights -= embed.numel() * embed.element_size()
         cache = runner.kv_cache[0]
         per_token = cache[0, :, 0, 0].numel() * 2 * cache.element_size() * len(runner.kv_cache)
         return weights + per_token * sum(
@@ -240,12 +246,6 @@ class Cell:
                 )
 
         return step
-
-
-def weight_bytes(p: torch.Tensor) -> int:
-    """Bytes per value of `p` as the step reads it: its tiled copy's where it has one."""
-    tiled = getattr(p, "tiled", None)
-    return (tiled if tiled is not None else p).element_size()
 
 
 def checkpoint_dtype(path: str) -> torch.dtype:
