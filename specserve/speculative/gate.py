@@ -39,8 +39,9 @@ until a probe pays again. A probe step costs several plain ones (every request d
 paused MTP drafter catches up on the tokens since it last drafted), so where drafting never
 pays the probes must be rare: with a cap of 64 steps, gated NEXTN and DSPARK ran at 0.86-0.94x
 plain decoding at 16 users on 64-token prompts (demo bundle, three runs), with 256 at
-0.95-0.99x; at one user they were unchanged (NEXTN 1.05-1.08x, DSPARK 1.91-1.93x). At 16 users on 64-token prompts the per-request bar, read from the fastest whole
-drafted steps, let requests draft in steps that ran at 0.8x plain decoding. `min_gain` is 0.9,
+0.95-0.99x; at one user they were unchanged (NEXTN 1.05-1.08x, DSPARK 1.91-1.93x). At 16
+users on 64-token prompts the per-request bar, read from the fastest whole drafted steps, let
+requests draft in steps that ran at 0.8x plain decoding. `min_gain` is 0.9,
 not 1: NEXTN at one user gains 1.1-1.3 per window, dips below 1 in some windows, and paused at
 1.0 it fell from 1.11x to 0.95-0.99x plain decoding.
 
