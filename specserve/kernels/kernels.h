@@ -9,7 +9,9 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include <immintrin.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>  // `load_w`'s widening; other targets take the generic path
+#endif
 
 #include <algorithm>
 #include <cstdint>
