@@ -7,6 +7,10 @@ expects: gcc on a fresh machine) into torch's extension cache (`TORCH_EXTENSIONS
 `linear_tiled`, `dense_layers`, `draft_block`, `draft_context` and `row_attention`. The first
 build takes about a minute; later loads reuse it. Nothing here is needed by the pure PyTorch path
 (`--attention-backend torch`).
+
+The build targets this machine's CPU (`-march=native`; `SPECSERVE_KERNELS_MARCH` names another
+target, e.g. `x86-64-v3`, to test a narrower build), and its name carries the CPU's model and
+flags, so a cache shared between machines never loads a build for another CPU.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
+import platform
 import time
 from pathlib import Path
 
@@ -29,7 +35,8 @@ SOURCES = [
     for name in ("paged_attention.cpp", "dense_step.cpp", "draft_step.cpp", "row_attention.cpp")
 ]
 HEADERS = [HERE / "kernels.h"]
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
+MARCH = os.environ.get("SPECSERVE_KERNELS_MARCH", "native")
+FLAGS = ["-O3", f"-march={MARCH}", "-fopenmp", "-fno-math-errno"]
 STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a killed build
 
 
@@ -38,11 +45,22 @@ class KernelUnavailable(ConfigError):
     CLI prints it and exits)."""
 
 
+def _cpu() -> str:
+    """The CPU's model and instruction-set flags (what `-march=native` builds for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.machine() + platform.processor()
+    keep = ("model name", "flags", "Features", "CPU part")  # x86; ARM names its own
+    return "\n".join(dict.fromkeys(line for line in lines if line.startswith(keep)))
+
+
 def _digest() -> str:
-    """Of the sources, headers and flags: part of the build's name, so that two versions of the
-    kernels (an upgrade, two checkouts) never share a build folder in torch's cache."""
+    """Of the sources, headers, flags and CPU: part of the build's name, so that two versions
+    of the kernels (an upgrade, two checkouts) or two CPUs never share a build folder in
+    torch's cache."""
     parts = [p.read_bytes() for p in (*SOURCES, *HEADERS)] + [" ".join(FLAGS).encode()]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:12]
+    return hashlib.sha256(b"\0".join([*parts, _cpu().encode()])).hexdigest()[:12]
 
 
 def clear_stale_lock(name: str) -> bool:

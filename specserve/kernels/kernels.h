@@ -1,6 +1,6 @@
-// Shared pieces of the CPU kernels: 16-float vectors, a vectorisable exp, the tiled product
-// (`tile_rows`, `gemm_tiled`), RMSNorm, the rotary embedding and the paged attention of short
-// queries (`attend`), used by paged_attention.cpp, dense_step.cpp and draft_step.cpp.
+// Shared pieces of the CPU kernels: the target's float vectors, a vectorisable exp, the tiled
+// product (`tile_rows`, `gemm_tiled`), RMSNorm, the rotary embedding and the paged attention of
+// short queries (`attend`), used by paged_attention.cpp, dense_step.cpp and draft_step.cpp.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -9,7 +9,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#if defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>  // `load_w`'s widening; other targets take the generic path
 #endif
 
@@ -26,14 +26,28 @@ namespace specserve_kernels {
 
 constexpr int64_t kTile = 64;  // keys per online-softmax step (whole pages, at most this many)
 
-// 16 floats in GCC's generic vector type: one AVX-512 register, two AVX2 ones, whatever the
-// target has. Loads and stores are unaligned, through a may_alias twin of the type: a
-// `memcpy` of 64 bytes compiles to two 32-byte copies through the stack where the target
-// prefers 256-bit vectors (GCC's tuning for recent Xeons), and the 64-byte reload of those
-// stalls on store forwarding.
+// One hardware register of floats in GCC's generic vector type: 16 lanes with AVX-512, 8 with
+// AVX / AVX2, 4 elsewhere (SSE, NEON). A wider type than the target's registers is not split
+// into registers: GCC keeps such vectors (and arrays of them) in memory and copies them 16
+// bytes at a time, which made every product of an AVX2 build about 25x slower than `torch.mm`.
+// Loads and stores are unaligned, through a may_alias twin of the type: a `memcpy` of 64 bytes
+// compiles to two 32-byte copies through the stack where the target prefers 256-bit vectors
+// (GCC's tuning for recent Xeons), and the 64-byte reload of those stalls on store forwarding.
+// A sum over lanes depends on the width, so two builds for different targets may differ in the
+// last bits; within one build every path gives the same bits (what lossless decoding needs).
+#if defined(__AVX512F__)
 constexpr int kLanes = 16;
-typedef float vf __attribute__((vector_size(64), aligned(4)));
-typedef float vf_alias __attribute__((vector_size(64), aligned(4), may_alias));
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+typedef float vf __attribute__((vector_size(4 * kLanes), aligned(4)));
+typedef float vf_alias __attribute__((vector_size(4 * kLanes), aligned(4), may_alias));
+
+// Vectors of the target's register file: 32 with AVX-512, 16 otherwise. The register blocks of
+// the products and of attention are sized to it (`kPanel`, `kValueRows`, `kMaxRows`).
+constexpr bool kWideRegs = kLanes == 16;
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_alias*>(p); }
 
@@ -42,17 +56,30 @@ inline void store(float* p, vf v) { *reinterpret_cast<vf_alias*>(p) = v; }
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
 
-inline float hsum(vf v) {  // a tree of halves, not 15 dependent adds
-  const vf8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vf4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+// Halves of a vector, down to 4 lanes, with `op` (a tree, not kLanes - 1 dependent steps).
+template <typename Op>
+inline vf4 fold4(vf v, Op op) {
+#if defined(__AVX512F__)
+  const vf8 a = op(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
+  return op(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+#elif defined(__AVX__)
+  return op(__builtin_shufflevector(v, v, 0, 1, 2, 3), __builtin_shufflevector(v, v, 4, 5, 6, 7));
+#else
+  (void)op;
+  return v;
+#endif
+}
+
+inline float hsum(vf v) {  // a tree of halves, not kLanes - 1 dependent adds
+  const vf4 b = fold4(v, [](auto x, auto y) { return x + y; });
   return (b[0] + b[2]) + (b[1] + b[3]);
 }
 
-
-// The sums of four vectors at lanes 0, 4, 8 and 12, each added in `hsum`'s order (so the same
-// bits), with the shuffles and adds shared by the four.
-inline vf hsum4(vf d0, vf d1, vf d2, vf d3) {
+// The sums of four vectors, each added in `hsum`'s order (so the same bits); with 16 lanes the
+// shuffles and adds are shared by the four.
+inline void hsum4(vf d0, vf d1, vf d2, vf d3, float* out) {
+#if defined(__AVX512F__)
   const vf a = __builtin_shufflevector(d0, d1, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
                __builtin_shufflevector(d0, d1, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
   const vf b = __builtin_shufflevector(d2, d3, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
@@ -60,10 +87,14 @@ inline vf hsum4(vf d0, vf d1, vf d2, vf d3) {
   const vf c = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27) +
                __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31);
   const vf e = c + __builtin_shufflevector(c, c, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13);
-  return e + __builtin_shufflevector(e, e, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  const vf sums = e + __builtin_shufflevector(e, e, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14);
+  out[0] = sums[0], out[1] = sums[4], out[2] = sums[8], out[3] = sums[12];
+#else
+  out[0] = hsum(d0), out[1] = hsum(d1), out[2] = hsum(d2), out[3] = hsum(d3);
+#endif
 }
 
-// e^r for r in [-ln2/2, ln2/2], on a float or on 16 lanes: the polynomial of both `fast_exp`s.
+// e^r for r in [-ln2/2, ln2/2], on a float or on a vector: the polynomial of both `fast_exp`s.
 template <typename T>
 inline T exp_poly(T r) {
   T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
@@ -87,9 +118,9 @@ inline float fast_exp(float x) {
   return p;
 }
 
-typedef int32_t vi __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(4 * kLanes)));
 
-// `fast_exp` on 16 lanes, step for step (n rounded to nearest even by the 1.5 * 2^23 trick,
+// `fast_exp` on a vector, step for step (n rounded to nearest even by the 1.5 * 2^23 trick,
 // which is `nearbyint` for |n| < 2^22).
 inline vf fast_exp(vf x) {
   const vf zero = {};
@@ -103,7 +134,7 @@ inline vf fast_exp(vf x) {
   return reinterpret_cast<const vf&>(bits);
 }
 
-// y = silu(g) * u over n values, 16 lanes at a time: sigmoid from exp(-|g|), inside
+// y = silu(g) * u over n values, a vector at a time: sigmoid from exp(-|g|), inside
 // `fast_exp`'s domain (std::exp is a libm call per value).
 inline void silu_mul(const float* g, const float* u, int64_t n, float* y) {
   int64_t i = 0;
@@ -210,10 +241,10 @@ constexpr int64_t kWidenRows = 64;
 // bfloat16 or float16 (`tile_for_kernels` in specserve/models/layers.py chooses): widening is
 // exact and the sums are the same float32 sums in the same order, so a product gives the same
 // bits from either copy, and reads half the bytes from the 16-bit one.
-// GCC's generic vector conversions come out as 16 scalar conversions (float16) or 256-bit
-// halves (bfloat16), so AVX-512 gets its own instructions.
-typedef uint16_t vh __attribute__((vector_size(32), aligned(2), may_alias));
-typedef uint32_t vu __attribute__((vector_size(64)));
+// GCC's generic vector conversions come out as scalar conversions (float16) or 256-bit halves
+// (bfloat16), so AVX-512, AVX2 and F16C get their own instructions.
+typedef uint16_t vh __attribute__((vector_size(2 * kLanes), aligned(2), may_alias));
+typedef uint32_t vu __attribute__((vector_size(4 * kLanes)));
 
 inline vf load_w(const float* p) { return load(p); }
 
@@ -221,6 +252,9 @@ inline vf load_w(const c10::BFloat16* p) {  // the 16 bits are float32's upper h
 #if defined(__AVX512F__)
   const __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16);
+#elif defined(__AVX2__)
+  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
 #else
   return (vf)(__builtin_convertvector(*reinterpret_cast<const vh*>(p), vu) << 16);
 #endif
@@ -229,6 +263,8 @@ inline vf load_w(const c10::BFloat16* p) {  // the 16 bits are float32's upper h
 inline vf load_w(const c10::Half* p) {
 #if defined(__AVX512F__)
   return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__) && defined(__AVX__)
+  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
 #else
   vf out;
   for (int i = 0; i < kLanes; ++i) out[i] = static_cast<float>(p[i]);
@@ -236,52 +272,69 @@ inline vf load_w(const c10::Half* p) {
 #endif
 }
 
+// Vectors of a tile's columns that `tile_rows` accumulates in one pass over the weight rows:
+// with AVX-512, all 64 columns (4 vectors; 6 rows x 4 accumulators and the 4 weight vectors
+// fit the 32 registers); with 16 registers, 2 vectors (6 x 2 accumulators, as the usual
+// 6 x 16 AVX2 kernel), so a tile takes kCols / kLanes / 2 passes, each over its columns.
+constexpr int kPanel = kWideRegs ? 4 : 2;
+
 // y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` values apart, 64 of
-// them read). 4 x MB accumulators in registers: each w row is loaded once for all MB rows.
+// them read), a panel of kPanel vectors at a time: kPanel x MB accumulators in registers, each
+// w row's panel loaded once for all MB rows. Each output is the same sum over k in order
+// whatever the panels, so the bits do not depend on kPanel.
 // FETCH: also fetch lines line .. line_end - 1 of `next` into L2 (see rows_times_tile).
 template <int MB, bool FETCH = false, typename W = float, bool STREAM = false>
 inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                       float* y, int64_t ldy, int64_t ncols, bool accumulate,
                       const void* next = nullptr, int64_t line = 0, int64_t line_end = 0,
                       int64_t every = 1) {
-  vf a[MB][4] = {};
+  constexpr int kPanelCols = kPanel * kLanes;
   const char* next_bytes = static_cast<const char*>(next);
-  int64_t countdown = every;
-  for (int64_t k = 0; k < K; ++k) {
-    const W* wk = w + k * ldw;
-    if constexpr (MB >= kPrefetchRows || STREAM) {
-      constexpr int64_t rows_ahead = kPrefetchAheadBytes / (kCols * sizeof(W));
-      const char* ahead = reinterpret_cast<const char*>(wk + rows_ahead * ldw);
-      for (size_t b = 0; b < kCols * sizeof(W); b += 64) __builtin_prefetch(ahead + b, 0, 2);
-    }
-    if constexpr (FETCH) {  // lines line .. line_end - 1 of `next`, one every `every` rows
-      if (--countdown == 0) {
-        countdown = every;
-        if (line < line_end) __builtin_prefetch(next_bytes + 64 * line++, 0, 2);
+  for (int panel = 0; panel < kCols / kPanelCols; ++panel) {
+    const int64_t col0 = panel * kPanelCols;
+    if (panel > 0 && col0 >= ncols) break;  // a narrow last tile: no work past its columns
+    const W* wp = w + col0;
+    vf a[MB][kPanel] = {};
+    int64_t countdown = every;
+    for (int64_t k = 0; k < K; ++k) {
+      const W* wk = wp + k * ldw;
+      if constexpr (MB >= kPrefetchRows || STREAM) {
+        if (panel == 0) {  // the whole tile row: later panels find it in cache
+          constexpr int64_t rows_ahead = kPrefetchAheadBytes / (kCols * sizeof(W));
+          const char* ahead = reinterpret_cast<const char*>(wk + rows_ahead * ldw);
+          for (size_t b = 0; b < kCols * sizeof(W); b += 64) __builtin_prefetch(ahead + b, 0, 2);
+        }
+      }
+      if constexpr (FETCH) {  // lines line .. line_end - 1 of `next`, one every `every` rows
+        if (--countdown == 0) {
+          countdown = every;
+          if (line < line_end) __builtin_prefetch(next_bytes + 64 * line++, 0, 2);
+        }
+      }
+      vf wv[kPanel];
+#pragma GCC unroll 4
+      for (int c = 0; c < kPanel; ++c) wv[c] = load_w(wk + c * kLanes);
+#pragma GCC unroll 8
+      for (int i = 0; i < MB; ++i) {
+        const float xv = x[i * ldx + k];
+#pragma GCC unroll 4
+        for (int c = 0; c < kPanel; ++c) a[i][c] += xv * wv[c];
       }
     }
-    const vf w0 = load_w(wk), w1 = load_w(wk + 16), w2 = load_w(wk + 32), w3 = load_w(wk + 48);
-#pragma GCC unroll 8
+    const int64_t n = std::min<int64_t>(kPanelCols, ncols - col0);
     for (int i = 0; i < MB; ++i) {
-      const float xv = x[i * ldx + k];
-      a[i][0] += xv * w0;
-      a[i][1] += xv * w1;
-      a[i][2] += xv * w2;
-      a[i][3] += xv * w3;
-    }
-  }
-  for (int i = 0; i < MB; ++i) {
-    float* yr = y + i * ldy;
-    if (ncols == kCols && !accumulate) {
-      for (int c = 0; c < 4; ++c) store(yr + c * kLanes, a[i][c]);
-      continue;
-    }
-    float buf[kCols];
-    for (int c = 0; c < 4; ++c) store(buf + c * kLanes, a[i][c]);
-    if (accumulate) {
-      for (int64_t c = 0; c < ncols; ++c) yr[c] += buf[c];
-    } else {
-      for (int64_t c = 0; c < ncols; ++c) yr[c] = buf[c];
+      float* yr = y + i * ldy + col0;
+      if (n == kPanelCols && !accumulate) {
+        for (int c = 0; c < kPanel; ++c) store(yr + c * kLanes, a[i][c]);
+        continue;
+      }
+      float buf[kPanelCols];
+      for (int c = 0; c < kPanel; ++c) store(buf + c * kLanes, a[i][c]);
+      if (accumulate) {
+        for (int64_t c = 0; c < n; ++c) yr[c] += buf[c];
+      } else {
+        for (int64_t c = 0; c < n; ++c) yr[c] = buf[c];
+      }
     }
   }
 }
@@ -311,7 +364,7 @@ inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const W* w, 
       thread_local std::vector<float> wide;
       wide.resize(K * kCols);
       for (int64_t k = 0; k < K; ++k) {
-        for (int c = 0; c < 4; ++c) {
+        for (int c = 0; c < kCols / kLanes; ++c) {
           store(wide.data() + k * kCols + c * kLanes, load_w(w + k * ldw + c * kLanes));
         }
       }
@@ -321,7 +374,7 @@ inline void rows_times_tile(const float* x, int64_t ldx, int64_t M, const W* w, 
     }
   }
   int64_t m = 0;
-  if (M > 8) {  // 6 x 4 accumulators and the 4 weight vectors fit the 32 registers; 8 x 4 spill
+  if (M > 8) {  // 6 x kPanel accumulators and kPanel weight vectors fit the registers; 8 spill
     const int64_t spread = M >= kFetchNextRows && next != nullptr ? std::min<int64_t>(M / 6 - 1, 12) : 0;
     const int64_t lines = next_lines;
     const int64_t per = spread > 0 ? (lines + spread - 1) / spread : 0;  // lines a pass fetches
@@ -429,19 +482,21 @@ inline void load_rows(float* dst, const T* src, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-// The most query rows `rows_tile` keeps in registers at head size D (the accumulators): 4 at
-// 64, 2 at 128; the generic head size (D = 0) goes through `row_tile`, one row at a time.
+// The most query rows `rows_tile` keeps in registers at head size D (the queries): 4 at 64, 2
+// at 128 with 32 registers, half that with 16; the generic head size (D = 0) goes through
+// `row_tile`, one row at a time.
 template <int D>
-constexpr int64_t kMaxRows = D == 0 ? 1 : D <= 64 ? 4 : 2;
+constexpr int64_t kMaxRows = D == 0 ? 1 : (D <= 64 ? 4 : 2) / (kWideRegs ? 1 : 2);
 
-// The most rows `attend` adds weighted values for at once (6 x 4 accumulators at head size 64).
+// The most rows `attend` adds weighted values for at once: 6 x 4 accumulators at head size 64
+// with 32 registers; with 16, 3 rows of kPanel-vector column panels (`add_values`).
 template <int D>
-constexpr int64_t kValueRows = D == 0 ? 1 : D <= 64 ? 6 : 2;
+constexpr int64_t kValueRows = D == 0 ? 1 : !kWideRegs ? 3 : D <= 64 ? 6 : 2;
 
 template <typename V>
 inline V vmax(V a, V b) { return a > b ? a : b; }
 
-// The largest of n floats (-inf for none), 16 lanes at a time. GCC leaves an `omp simd`
+// The largest of n floats (-inf for none), a vector at a time. GCC leaves an `omp simd`
 // max reduction scalar: one dependent `vmaxss` per score, 4 cycles each (a maximum is exact, so
 // the order does not change any bits).
 inline float max_of(const float* x, int64_t n) {
@@ -453,9 +508,7 @@ inline float max_of(const float* x, int64_t n) {
       const vf y = load(x + t);
       v = vmax(y, v);
     }
-    const vf8 a = vmax(__builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7),
-                       __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15));
-    const vf4 b = vmax(__builtin_shufflevector(a, a, 0, 1, 2, 3), __builtin_shufflevector(a, a, 4, 5, 6, 7));
+    const vf4 b = fold4(v, [](auto x, auto y) { return vmax(x, y); });
     m = std::max(std::max(b[0], b[2]), std::max(b[1], b[3]));
   }
   for (; t < n; ++t) m = std::max(m, x[t]);
@@ -466,7 +519,7 @@ inline float max_of(const float* x, int64_t n) {
 // place): updates (mx, sum) and returns the factor the row's accumulator is scaled by.
 inline float softmax_step(float* sr, int64_t visible, float& mx, float& sum) {
   const float m_new = std::max(mx, max_of(sr, visible));
-  // 16 lanes at a time, then the rest one by one: the same bits for a row whatever rows it is
+  // a vector at a time, then the rest one by one: the same bits for a row whatever rows it is
   // attended with (the sum's order depends only on `visible`)
   vf lanes = {};
   int64_t t = 0;
@@ -489,25 +542,29 @@ inline float softmax_step(float* sr, int64_t visible, float& mx, float& sum) {
 // acc[r] = acc[r] * correction[r] + sum over t < visible of s[r, t] * v_t, for R rows of head
 // size D (accumulators in registers; each value row loaded once for all R rows). A row whose
 // own keys end before `visible` has zero weights past them: adding 0 * v leaves its bits.
+// With 16 registers the head is taken in panels of kPanel vectors (one pass over the values
+// each), so that R x kPanel accumulators fit; each value's sum over t has the same order.
 template <int D, int R>
 inline void add_values(const float* s, int64_t ld_score, const float* const* vrow,
                        int64_t visible, const float* correction, float* acc) {
-  constexpr int C = D / kLanes;
-  vf a[R][C];
+  constexpr int C = D / kLanes, P = kWideRegs || C < kPanel ? C : kPanel;
+  for (int c0 = 0; c0 < C; c0 += P) {
+    vf a[R][P];
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) a[r][c] = load(acc + r * D + c * kLanes) * correction[r];
-  for (int64_t t = 0; t < visible; ++t) {
-    const float* vr = vrow[t];
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < P; ++c) a[r][c] = load(acc + r * D + (c0 + c) * kLanes) * correction[r];
+    for (int64_t t = 0; t < visible; ++t) {
+      const float* vr = vrow[t] + c0 * kLanes;
 #pragma GCC unroll 16
-    for (int c = 0; c < C; ++c) {
-      const vf vv = load(vr + c * kLanes);
-      for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
+      for (int c = 0; c < P; ++c) {
+        const vf vv = load(vr + c * kLanes);
+        for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
+      }
     }
-  }
 #pragma GCC unroll 16
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) store(acc + r * D + c * kLanes, a[r][c]);
+    for (int r = 0; r < R; ++r)
+      for (int c = 0; c < P; ++c) store(acc + r * D + (c0 + c) * kLanes, a[r][c]);
+  }
 }
 
 // `add_values` for `chunk` rows (at most kMaxRows<D>), any head size d when D = 0.
@@ -578,9 +635,9 @@ inline void rows_tile(const float* q, const float* const* krow, const float* con
       for (int r = 0; r < R; ++r) dots[r] += qv[r][c] * kv;
     }
     if constexpr (R == 4) {
-      float sums[kLanes];
-      store(sums, hsum4(dots[0], dots[1], dots[2], dots[3]));
-      for (int r = 0; r < R; ++r) s[r * ld_score + t] = sums[4 * r];
+      float sums[4];
+      hsum4(dots[0], dots[1], dots[2], dots[3], sums);
+      for (int r = 0; r < R; ++r) s[r * ld_score + t] = sums[r];
     } else {
       for (int r = 0; r < R; ++r) s[r * ld_score + t] = hsum(dots[r]);
     }
@@ -639,16 +696,16 @@ inline std::vector<int64_t> split_items(const std::vector<AttendItem>& items, in
 // The cache of `specserve.models.attention.CppBackend`: one tensor [2, kv, num_blocks, page, d]
 // per layer whose value pages are [page, d] (a row per token) and whose key pages are stored
 // transposed, [d, page] (element c of the page's token u at c * page + u). A query's scores
-// against 16 keys are then one vector: a multiply-add per element of the head, with the query
+// against kKeys keys (a vector's lanes) are then one vector: a multiply-add per element of the head, with the query
 // element broadcast, and no horizontal sums (the row-major `rows_tile` above spends more on
 // those than on the products).
 
 
 constexpr int64_t kKeys = kLanes;  // keys per score vector
 constexpr int64_t kPrefetchBytes = 256;  // of each page of the next tile
-constexpr int64_t kScores32Rows = 4;  // fewer rows read keys faster 16 at a time
+constexpr int64_t kScores32Rows = 4;  // fewer rows read keys faster a vector at a time
 
-// Scores of RB query rows (q [RB, d]) against 16 keys stored transposed, kt[c * ldk + u] =
+// Scores of RB query rows (q [RB, d]) against kKeys keys stored transposed, kt[c * ldk + u] =
 // element c of key u: s[r * ld_score + u]. Each score is the multiply-adds over c = 0 .. d - 1
 // in order, so it has the same bits for any RB and wherever the keys sit.
 template <int RB>
@@ -663,8 +720,8 @@ inline void scores16(const float* q, int64_t d, const float* kt, int64_t ldk, fl
   for (int r = 0; r < RB; ++r) store(s + r * ld_score, acc[r]);
 }
 
-// `scores16` for two groups of 16 keys at once (kt, kt2; scores of the second 16 after the
-// first's): each query element, broadcast, serves 32 keys, so the loads no longer outnumber
+// `scores16` for two groups of kKeys keys at once (kt, kt2; scores of the second group after
+// the first's): each query element, broadcast, serves 2 kKeys keys, so the loads no longer outnumber
 // the multiply-adds. The same sums in the same order as `scores16`.
 template <int RB>
 inline void scores32(const float* q, int64_t d, const float* kt, const float* kt2, int64_t ldk,
@@ -731,8 +788,9 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   const int64_t* klens = kv_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
   constexpr bool kFloat = std::is_same_v<T, float>;
-  // A float32 page of at least 16 keys is read in place, 16 keys at a time; otherwise (a
-  // narrower dtype, small pages) each 16 keys are first copied into a float32 buffer.
+  // A float32 page of a multiple of kKeys keys is read in place, kKeys keys at a time;
+  // otherwise (a narrower dtype, small pages) each kKeys keys are first copied into a float32
+  // buffer.
   const bool in_place = kFloat && page % kKeys == 0;
 
   std::vector<AttendItem> items;
@@ -812,7 +870,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           }
         }
         int64_t r_lo = 0;  // the first row that sees any of keys t0 ..
-        auto keys_at = [&](int64_t key) {  // 16 keys of one page, in place
+        auto keys_at = [&](int64_t key) {  // kKeys keys of one page, in place
           return reinterpret_cast<const float*>(kp) +
                  (g * num_blocks + table[key / page]) * page * d + key % page;
         };
@@ -821,7 +879,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           const float* kt;
           int64_t ldk;
           if (in_place && rows - r_lo >= kScores32Rows && t0 + kKeys < visible) {
-            // 32 keys (rows that see only the first 16 get scores they never use)
+            // 2 kKeys keys (rows that see only the first kKeys get scores they never use)
             scores_rows(rows - r_lo, &qbuf[r_lo * d], d, keys_at(first + t0), page,
                         &score[r_lo * padded_tile + t0], padded_tile, keys_at(first + t0 + kKeys));
             t0 += kKeys;
