@@ -1,11 +1,11 @@
 """Compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-`load()` compiles `paged_attention.cpp`, `dense_step.cpp`, `draft_step.cpp` and
-`row_attention.cpp` with `torch.utils.cpp_extension` (ninja and the C++ compiler that `make venv`
+`load()` compiles `paged_attention.cpp`, `dense_step.cpp`, `draft_step.cpp`,
+`row_attention.cpp` and `register.cpp` (the op registrations) with `torch.utils.cpp_extension` (ninja and the C++ compiler that `make venv`
 expects: gcc on a fresh machine) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
 `~/.cache/torch_extensions`) and registers `torch.ops.specserve.paged_attention`,
-`linear_tiled`, `dense_layers`, `draft_block`, `draft_context` and `row_attention`. The first
-build takes about a minute; later loads reuse it. Nothing here is needed by the pure PyTorch path
+`store_kv`, `linear_tiled`, `dense_layers`, `draft_block`, `draft_hidden`, `draft_context`,
+`row_attention` and `mtp_chain`. The first build takes 30-60 s; later loads reuse it. Nothing here is needed by the pure PyTorch path
 (`--attention-backend torch`).
 
 The build targets this machine's CPU (`-march=native`; `SPECSERVE_KERNELS_MARCH` names another
@@ -32,9 +32,15 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
 SOURCES = [
     HERE / name
-    for name in ("paged_attention.cpp", "dense_step.cpp", "draft_step.cpp", "row_attention.cpp")
+    for name in (
+        "dense_step.cpp",
+        "draft_step.cpp",
+        "paged_attention.cpp",
+        "row_attention.cpp",
+        "register.cpp",
+    )
 ]
-HEADERS = [HERE / "kernels.h"]
+HEADERS = [HERE / "kernels.h", HERE / "ops.h"]
 MARCH = os.environ.get("SPECSERVE_KERNELS_MARCH", "native")
 FLAGS = ["-O3", f"-march={MARCH}", "-fopenmp", "-fno-math-errno"]
 STALE_LOCK_S = 600  # a build takes about a minute; an older lock was left by a killed build

@@ -16,10 +16,9 @@
 // added to the residual; then the final norm. Float32 only.
 
 #include "kernels.h"
+#include "ops.h"
 
-namespace {
-
-using namespace specserve_kernels;
+namespace specserve_kernels {
 
 void linear_tiled(at::Tensor out, const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && out.dim() == 2 && x.size(0) == out.size(0),
@@ -58,9 +57,9 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
               "dense_layers: slots [N] int64");
   const float feps = static_cast<float>(eps);
   const auto opts = x.options();
-  at::Tensor xn = at::empty({M, H}, opts), qkv = at::empty({M, qkv_n}, opts);
-  at::Tensor q = at::empty({M, h, d}, opts), attn = at::empty({M, h, d}, opts);
-  at::Tensor gu = at::empty({M, 2 * I}, opts), act = at::empty({M, I}, opts);
+  at::Tensor xn = empty({M, H}, opts), qkv = empty({M, qkv_n}, opts);
+  at::Tensor q = empty({M, h, d}, opts), attn = empty({M, h, d}, opts);
+  at::Tensor gu = empty({M, 2 * I}, opts), act = empty({M, I}, opts);
   float *xp = x.data_ptr<float>(), *xnp = xn.data_ptr<float>(), *qkvp = qkv.data_ptr<float>();
   float *qp = q.data_ptr<float>(), *ap = attn.data_ptr<float>();
   float *gup = gu.data_ptr<float>(), *actp = act.data_ptr<float>();
@@ -136,18 +135,4 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
   keep(layers - 1, xp);
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(specserve, m) {
-  m.def("linear_tiled(Tensor(a!) out, Tensor x, Tensor w) -> ()");
-  m.def(
-      "dense_layers(Tensor(a!) x, Tensor[] weights, Tensor final_norm, Tensor cos, Tensor sin, "
-      "Tensor[] caches, Tensor slots, Tensor block_tables, Tensor q_starts, Tensor q_lens, "
-      "Tensor kv_lens, int num_heads, int intermediate, float eps, int[] capture, "
-      "Tensor(b!) captured) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(specserve, CPU, m) {
-  m.impl("linear_tiled", &linear_tiled);
-  m.impl("dense_layers", &dense_layers);
-}
+}  // namespace specserve_kernels

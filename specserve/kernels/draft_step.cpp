@@ -11,10 +11,10 @@
 // it to float32 rounding. Ties pick the first maximum, as torch.argmax. Float32 only.
 
 #include "kernels.h"
+#include "ops.h"
 
+namespace specserve_kernels {
 namespace {
-
-using namespace specserve_kernels;
 
 // in_norm, q, k, v, q_norm, k_norm, o, post_norm, gate, up, down
 constexpr int64_t kDraftPerLayer = 11;
@@ -168,6 +168,8 @@ std::vector<float> block_hidden(const at::Tensor& anchors, const at::Tensor& pos
   return x;
 }
 
+}  // namespace
+
 // `block_hidden` as a tensor [R, block, H], for sampled drafting (the picks stay in PyTorch).
 at::Tensor draft_hidden(const at::Tensor& anchors, const at::Tensor& positions,
                         const std::vector<at::Tensor>& contexts,
@@ -179,7 +181,7 @@ at::Tensor draft_hidden(const at::Tensor& anchors, const at::Tensor& positions,
   std::vector<float> x = block_hidden(anchors, positions, contexts, weights, embed, final_norm,
                                       cos, sin, block, mask_token, num_heads, num_kv_heads,
                                       intermediate, eps, s);
-  at::Tensor out = at::empty({s.R, block, s.H}, embed.options());
+  at::Tensor out = empty({s.R, block, s.H}, embed.options());
   std::memcpy(out.data_ptr<float>(), x.data(), x.size() * sizeof(float));
   return out;
 }
@@ -217,9 +219,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> draft_block(
     TORCH_CHECK(conf_b.numel() <= 1, "draft_block: confidence bias [1] or empty");
   }
   auto opts = anchors.options();
-  at::Tensor tokens = at::empty({R, block}, opts);
-  at::Tensor conf = at::empty({confidence ? R : 0, block}, opts.dtype(at::kFloat));
-  at::Tensor top = at::empty({confidence ? 0 : R, block}, opts.dtype(at::kFloat));
+  at::Tensor tokens = empty({R, block}, opts);
+  at::Tensor conf = empty({confidence ? R : 0, block}, opts.dtype(at::kFloat));
+  at::Tensor top = empty({confidence ? 0 : R, block}, opts.dtype(at::kFloat));
   int64_t* tok = tokens.data_ptr<int64_t>();
   std::vector<float> e(R * rank), bias(R * V), feats(M * feat);
   std::vector<int64_t> prev(anchor, anchor + R);
@@ -294,7 +296,7 @@ std::vector<at::Tensor> draft_context(const at::Tensor& rows, const at::Tensor& 
     const at::Tensor* w = &weights[l * kDraftPerLayer];
     check_tiled(w[2], H, kn, "draft_context k_proj");
     check_tiled(w[3], H, kn, "draft_context v_proj");
-    at::Tensor k = at::empty({N, kvh, d}, rows.options()), v = at::empty({N, kvh, d}, rows.options());
+    at::Tensor k = empty({N, kvh, d}, rows.options()), v = empty({N, kvh, d}, rows.options());
     float *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
     gemm_tiled(feats.data(), H, N, w[2], H, kn, kp, kn, false);
     gemm_tiled(feats.data(), H, N, w[3], H, kn, vp, kn, false);
@@ -312,26 +314,4 @@ std::vector<at::Tensor> draft_context(const at::Tensor& rows, const at::Tensor& 
   return out;
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(specserve, m) {
-  m.def(
-      "draft_block(Tensor anchors, Tensor positions, Tensor[] contexts, Tensor[] weights, "
-      "Tensor embed, Tensor final_norm, Tensor lm_head, Tensor cos, Tensor sin, "
-      "Tensor markov_w1, Tensor markov_w2, Tensor conf_w, Tensor conf_b, int block, "
-      "int mask_token, int num_heads, int num_kv_heads, int intermediate, float eps) "
-      "-> (Tensor, Tensor, Tensor)");
-  m.def(
-      "draft_hidden(Tensor anchors, Tensor positions, Tensor[] contexts, Tensor[] weights, "
-      "Tensor embed, Tensor final_norm, Tensor cos, Tensor sin, int block, int mask_token, "
-      "int num_heads, int num_kv_heads, int intermediate, float eps) -> Tensor");
-  m.def(
-      "draft_context(Tensor rows, Tensor positions, Tensor[] weights, Tensor fc, "
-      "Tensor hidden_norm, Tensor cos, Tensor sin, int num_kv_heads, float eps) -> Tensor[]");
-}
-
-TORCH_LIBRARY_IMPL(specserve, CPU, m) {
-  m.impl("draft_block", &draft_block);
-  m.impl("draft_hidden", &draft_hidden);
-  m.impl("draft_context", &draft_context);
-}
+}  // namespace specserve_kernels

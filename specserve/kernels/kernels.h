@@ -3,11 +3,14 @@
 // short queries (`attend`), used by paged_attention.cpp, dense_step.cpp and draft_step.cpp.
 #pragma once
 
-#include <ATen/ATen.h>
+// Only the tensor, allocation and thread-pool headers: ATen/ATen.h (every operator) and
+// torch/library.h (the dispatcher; only register.cpp needs it) would double the time each
+// translation unit takes to compile.
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
-#include <torch/library.h>
 
 #if defined(__AVX2__) || defined(__F16C__) || defined(__AVX512F__)
 #include <immintrin.h>  // `load_w`'s widening; other targets take the generic path
@@ -23,6 +26,12 @@
 
 
 namespace specserve_kernels {
+
+// A new CPU tensor, straight from the allocator (the kernels' outputs and scratch; at::empty
+// would go through the dispatcher and its headers).
+inline at::Tensor empty(at::IntArrayRef size, const at::TensorOptions& options) {
+  return at::Tensor(at::detail::empty_cpu(size, options));
+}
 
 constexpr int64_t kTile = 64;  // keys per online-softmax step (whole pages, at most this many)
 

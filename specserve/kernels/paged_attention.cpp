@@ -11,10 +11,9 @@
 
 
 #include "kernels.h"
+#include "ops.h"
 
-namespace {
-
-using namespace specserve_kernels;
+namespace specserve_kernels {
 
 void paged_attention(at::Tensor out, const at::Tensor& q, const at::Tensor& cache,
                      const at::Tensor& block_tables, const at::Tensor& q_starts,
@@ -87,17 +86,4 @@ void store_kv_op(at::Tensor cache, const at::Tensor& k, const at::Tensor& v,
   }
 }
 
-}  // namespace
-
-TORCH_LIBRARY(specserve, m) {
-  m.def(
-      "paged_attention(Tensor(a!) out, Tensor q, Tensor cache, Tensor block_tables, "
-      "Tensor q_starts, Tensor q_lens, Tensor kv_lens, float scale) -> ()");
-  m.def("store_kv(Tensor(a!) cache, Tensor k, Tensor v, Tensor slots) -> ()");
-}
-
-TORCH_LIBRARY_IMPL(specserve, CPU, m) {
-  m.impl("paged_attention", &paged_attention);
-  m.impl("store_kv", &store_kv_op);
-}
-
+}  // namespace specserve_kernels

@@ -9,10 +9,10 @@
 // only.
 
 #include "kernels.h"
+#include "ops.h"
 
+namespace specserve_kernels {
 namespace {
-
-using namespace specserve_kernels;
 
 struct Scratch {
   std::vector<float> q, acc, mx, sum, score;
@@ -60,6 +60,8 @@ void attend_group(const float* q, const float* keys, const float* values, int64_
     for (int64_t c = 0; c < d; ++c) dst[c] = w.acc[r * d + c] * inv;
   }
 }
+
+}  // namespace
 
 void row_attention(const at::Tensor& out, const at::Tensor& q, const at::Tensor& k,
                    const at::Tensor& v, const std::vector<at::Tensor>& keys,
@@ -193,8 +195,8 @@ std::tuple<at::Tensor, at::Tensor> mtp_chain(
   }
   const float feps = static_cast<float>(eps);
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  at::Tensor tokens = at::empty({R, steps}, hidden.options().dtype(at::kLong));
-  at::Tensor conf = at::empty({R, steps}, hidden.options());
+  at::Tensor tokens = empty({R, steps}, hidden.options().dtype(at::kLong));
+  at::Tensor conf = empty({R, steps}, hidden.options());
   int64_t* tok = tokens.data_ptr<int64_t>();
   float* cf = conf.data_ptr<float>();
   std::vector<float> x(hidden.data_ptr<float>(), hidden.data_ptr<float>() + R * H);
@@ -257,20 +259,4 @@ std::tuple<at::Tensor, at::Tensor> mtp_chain(
   return {tokens, conf};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_FRAGMENT(specserve, m) {
-  m.def(
-      "row_attention(Tensor(a!) out, Tensor q, Tensor k, Tensor v, Tensor(b!)[] keys, "
-      "Tensor(c!)[] values, Tensor starts, Tensor q_lens, float scale) -> ()");
-  m.def(
-      "mtp_chain(Tensor hidden, Tensor anchor_positions, int steps, Tensor[] layer, "
-      "Tensor enorm, Tensor hnorm, Tensor eh_proj, Tensor final_norm, Tensor lm_head, "
-      "Tensor embed, Tensor cos, Tensor sin, Tensor(a!)[] keys, Tensor(b!)[] values, "
-      "Tensor starts, int num_heads, int intermediate, float eps) -> (Tensor, Tensor)");
-}
-
-TORCH_LIBRARY_IMPL(specserve, CPU, m) {
-  m.impl("row_attention", &row_attention);
-  m.impl("mtp_chain", &mtp_chain);
-}
+}  // namespace specserve_kernels
