@@ -38,31 +38,40 @@ class OracleDrafter(Drafter):
 
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
-        return [self._one(r, min(self.k, m)) for r, m in zip(requests, max_tokens, strict=True)]
-
-    def _one(self, req: Request, k: int) -> DraftProposal:
-        seq, toks, qs = list(req.all_token_ids), [], []
-        for j in range(k):
-            n = len(seq)
-            ctx = V4Context.fresh(self.model, [n])
-            logits = self.model.compute_logits(
-                self.model(torch.tensor(seq), torch.arange(n), ctx).hidden[-1:]
-            )[0]
-            self.calls += 1
-            if req.params.greedy:
-                tok = int(logits.argmax())
-                tok = (tok + 1) % 512 if (self.calls + j) % 3 == 0 else tok
-            else:
-                q = torch.softmax(logits / (2.0 * req.params.temperature), dim=-1)
-                tok = int(torch.multinomial(q, 1, generator=req.generator))
-                qs.append(q)
-            toks.append(tok)
-            seq.append(tok)
-        return DraftProposal(toks, torch.stack(qs) if qs else None)
+        """Draft position j for every request at once: one ragged no-cache forward over all the
+        sequences, laid out in turn."""
+        ks = [min(self.k, m) for m in max_tokens]
+        seqs = [list(r.all_token_ids) for r in requests]
+        toks: list[list[int]] = [[] for _ in requests]
+        qs: list[list[torch.Tensor]] = [[] for _ in requests]
+        for j in range(max(ks, default=0)):
+            live = [i for i, k in enumerate(ks) if j < k]
+            lengths = [len(seqs[i]) for i in live]
+            ctx = V4Context.fresh(self.model, lengths)
+            flat = torch.tensor([t for i in live for t in seqs[i]])
+            out = self.model(flat, torch.cat([torch.arange(n) for n in lengths]), ctx)
+            last = torch.tensor(lengths).cumsum(0) - 1
+            logits = self.model.compute_logits(out.hidden[last])
+            for row, i in enumerate(live):
+                req = requests[i]
+                self.calls += 1
+                if req.params.greedy:
+                    tok = int(logits[row].argmax())
+                    tok = (tok + 1) % 512 if (self.calls + j) % 3 == 0 else tok
+                else:
+                    q = torch.softmax(logits[row] / (2.0 * req.params.temperature), dim=-1)
+                    tok = int(torch.multinomial(q, 1, generator=req.generator))
+                    qs[i].append(q)
+                toks[i].append(tok)
+                seqs[i].append(tok)
+        return [
+            DraftProposal(t, torch.stack(q) if q else None) for t, q in zip(toks, qs, strict=True)
+        ]
 
 
 def _llm(path: str, algorithm: str = "NONE", oracle_k: int = 4, **kw) -> LLM:
-    llm = LLM(path, max_total_tokens=2048, page_size=8, chunked_prefill_size=16, **kw)
+    kw.setdefault("chunked_prefill_size", 16)
+    llm = LLM(path, max_total_tokens=kw.pop("max_total_tokens", 2048), page_size=8, **kw)
     if algorithm == "ORACLE":
         oracle = OracleDrafter(llm.engine.model, oracle_k)
         llm.engine.set_speculation(oracle, Planner())  # full verify windows
@@ -112,7 +121,15 @@ def peaked(tiny_v4_path, tmp_path_factory):
 
 
 def _samples(path: str, algorithm: str, n: int = 200) -> tuple[list, LLM]:
-    llm = _llm(path, algorithm, oracle_k=2, max_running_requests=128)
+    # all n in one batch, their prompts in one prefill chunk: a handful of steps
+    llm = _llm(
+        path,
+        algorithm,
+        oracle_k=2,
+        max_running_requests=n,
+        chunked_prefill_size=8 * n,
+        max_total_tokens=16 * n,
+    )
     # room for a whole window (3 MTP steps) after the prefill's token: no drafts past the end
     params = [SamplingParams(max_tokens=5, temperature=1.0, seed=10_000 + i) for i in range(n)]
     outs = llm.generate([PROMPTS[0]] * n, params)
@@ -144,7 +161,7 @@ def test_sampling_follows_the_target(peaked, plain_samples, algorithm):
     are kept in part and the state rolled back mid-window."""
     spec, llm = _samples(peaked, algorithm)
     stats = llm.engine.stats
-    assert stats.num_accepted_tokens > 0
+    assert stats.num_draft_tokens > 0  # NEXTN's random layer: its drafts all but never accepted
     if algorithm == "ORACLE":
         assert stats.num_accepted_tokens > stats.num_draft_tokens / 4
     assert _p_value(plain_samples, spec) > 0.01
