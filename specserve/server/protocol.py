@@ -176,7 +176,8 @@ def _response_format(fmt: dict[str, Any] | None) -> GrammarSpec | None:
         return None
     if kind == "json_object":
         return GrammarSpec("json_object", "")
-    schema = (fmt or {}).get("json_schema", {}).get("schema")
+    spec = (fmt or {}).get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
     if kind != "json_schema" or not isinstance(schema, dict):
         raise SamplingParamsError(
             "response_format must be text, json_object, or json_schema with json_schema.schema"

@@ -116,6 +116,21 @@ def test_unimplemented_values_are_a_400_naming_them(client, route, name, value):
     assert err["param"] == name and name in err["message"]
 
 
+@pytest.mark.parametrize(
+    "fmt",
+    [
+        {"type": "json_schema", "json_schema": 5},  # once a 500 (found by the fuzz)
+        {"type": "json_schema", "json_schema": {"schema": "{}"}},
+        {"type": "json_schema"},
+        {"type": 7},
+    ],
+)
+def test_malformed_response_format_is_a_400(client, fmt):
+    r = client.post("/v1/chat/completions", json={**IMPLEMENTED_CHAT, "response_format": fmt})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format", r.text
+
+
 def test_logit_bias_steers_greedy_output(client):
     body = {"prompt": "x", "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     plain = client.post("/v1/completions", json={**body, "logprobs": 0}).json()
