@@ -20,7 +20,7 @@ test: $(STAMP)
 	bash scripts/install-test-deps.sh
 	$(PY) -m ruff check specserve tests benchmarks
 	$(PY) -m mypy
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 lint: $(STAMP)
 	$(PY) -m ruff check specserve tests benchmarks
