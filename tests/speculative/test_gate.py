@@ -166,7 +166,7 @@ def test_step_times_are_keyed_by_the_requests_that_decode():
 def test_probes_share_steps_and_back_off():
     """Requests below the bar are probed on the same steps (a drafting step costs the whole
     batch), and each probe that leaves a request below the bar doubles its interval."""
-    gate = DraftGate(Planner(), probe_every=2, min_samples=1, max_probe_every=8)
+    gate = DraftGate(Planner(), probe_every=2, min_samples=1, max_probe_every=8, probe_budget=None)
     a, b = _req("a"), _req("b")
     _decode(gate, 2.0, {"a": 0})  # a judged: below the bar of 1
     _decode(gate, 1.0, {})
@@ -246,7 +246,7 @@ def test_drafting_pauses_while_drafted_steps_lose_to_plain_ones():
     """Whatever the per-request bar says, when the steps in which requests drafted commit fewer
     tokens per second than plain steps do, nobody drafts but on probe steps, further and further
     apart; once drafted steps pay again, drafting resumes."""
-    gate = DraftGate(Planner(), probe_every=4, max_pause_every=16, gain_window=2)
+    gate = DraftGate(Planner(), probe_every=4, max_pause_every=16, gain_window=2, probe_budget=None)
     reqs = [_req("a"), _req("b")]
     _decode(gate, 1.0, {})  # plain steps: 1 s for 2 tokens
     for _ in range(2):  # drafted: 3 s for 2 + 2 tokens (the bar of 2 s / 1 s - 1 is not used)
@@ -259,3 +259,22 @@ def test_drafting_pauses_while_drafted_steps_lose_to_plain_ones():
         _decode(gate, 1.5, {"a": 3, "b": 3})
     assert not gate.paused
     assert gate.allow(reqs) == [True, True]
+
+
+def test_probes_wait_until_plain_steps_paid_for_them():
+    """A probe step's extra seconds over a plain one come out of a budget: with 10%, a probe
+    that costs 2 s more than a 1 s plain step waits for 20 s of plain steps since the last."""
+    gate = DraftGate(Planner(), probe_every=1, max_pause_every=1, gain_window=1, probe_budget=0.1)
+    reqs = [_req("a"), _req("b")]
+    _decode(gate, 1.0, {})  # plain: 1 s
+    assert gate.allow(reqs) == [True, True]
+    _decode(gate, 3.0, {"a": 0, "b": 0})  # drafted, nothing accepted: 2 s more than plain
+    assert gate.paused
+    allowed = []
+    for _ in range(45):
+        ok = gate.allow(reqs)
+        allowed.append(all(ok))
+        _decode(gate, 3.0 if all(ok) else 1.0, {"a": 0, "b": 0} if all(ok) else {})
+    # 20 plain steps (the first before the first drafted step) between probes
+    assert [i for i, ok in enumerate(allowed) if ok] == [19, 40]
+    assert gate.paused
