@@ -48,8 +48,9 @@ not 1: NEXTN at one user gains 1.1-1.3 per window, dips below 1 in some windows,
 Every probe also waits for a budget: it costs a step's worth of drafting beyond a plain step
 (`probe_cost`, measured on the last probe steps at this batch size and context octave; before
 any, a whole drafted step's extra time), and it happens only once the plain steps since the last
-probe took that extra time / `probe_budget` (3%), so probing costs at most about 3% of the time
-spent decoding plainly, however slow drafting is on this machine and at this batch size. A probe
+probe (prefill chunks included) took that extra time / `probe_budget` (3%), so probing costs at
+most about 3% of the time spent in steps without drafts, however slow drafting is on this
+machine and at this batch size. A probe
 beside requests that draft on merit is not held back (their step drafts anyway). Measured on
 a 2-core AVX2 host, demo bundle, 16 users on 64-token prompts: a drafted step took 45-108 ms
 against 13-16 ms plain (drafting never paid there), and the probes scheduled by interval alone,
