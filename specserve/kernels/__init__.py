@@ -1,12 +1,13 @@
 """Compiled CPU kernels, built on first use with the machine's C++ compiler.
 
-`load()` compiles `paged_attention.cpp`, `dense_step.cpp`, `draft_step.cpp`,
-`row_attention.cpp` and `register.cpp` (the op registrations) with `torch.utils.cpp_extension` (ninja and the C++ compiler that `make venv`
-expects: gcc on a fresh machine) into torch's extension cache (`TORCH_EXTENSIONS_DIR`, default
-`~/.cache/torch_extensions`) and registers `torch.ops.specserve.paged_attention`,
-`store_kv`, `linear_tiled`, `dense_layers`, `draft_block`, `draft_hidden`, `draft_context`,
-`row_attention` and `mtp_chain`. The first build takes 30-60 s; later loads reuse it. Nothing here is needed by the pure PyTorch path
-(`--attention-backend torch`).
+`load()` compiles `paged_attention.cpp`, `dense_step.cpp`, `draft_step.cpp`, `row_attention.cpp`
+and `register.cpp` (the op registrations) with `torch.utils.cpp_extension` (ninja and the C++
+compiler that `make venv` expects: gcc on a fresh machine) into torch's extension cache
+(`TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`) and registers
+`torch.ops.specserve.paged_attention`, `store_kv`, `linear_tiled`, `dense_layers`, `draft_block`,
+`draft_hidden`, `draft_context`, `row_attention` and `mtp_chain`. The first build takes 30-60 s;
+later loads reuse it. Nothing here is needed by the pure PyTorch path (`--attention-backend
+torch`).
 
 The build targets this machine's CPU (`-march=native`; `SPECSERVE_KERNELS_MARCH` names another
 target, e.g. `x86-64-v3`, to test a narrower build), and its name carries the CPU's model and

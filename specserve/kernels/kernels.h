@@ -1,6 +1,7 @@
 // Shared pieces of the CPU kernels: the target's float vectors, a vectorisable exp, the tiled
 // product (`tile_rows`, `gemm_tiled`), RMSNorm, the rotary embedding and the paged attention of
-// short queries (`attend`), used by paged_attention.cpp, dense_step.cpp and draft_step.cpp.
+// short queries (`attend`), used by paged_attention.cpp, dense_step.cpp, draft_step.cpp and
+// row_attention.cpp.
 #pragma once
 
 // Only the tensor, allocation and thread-pool headers: ATen/ATen.h (every operator) and

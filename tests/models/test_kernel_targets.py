@@ -50,7 +50,8 @@ def test_kernels_built_for_a_narrower_target_match_the_reference():
     tail = (proc.stdout + proc.stderr)[-3000:]
     assert proc.returncode == 0, f"-march={march}:\n{tail}"
     assert " passed" in proc.stdout and "skipped" not in proc.stdout, tail
-    # the subprocess really used that build: its name carries the flags (specserve.kernels)
+    # the variable reaches the build's flags; the build's name hashes them, so the pytest run
+    # above could not have loaded the native build from a shared cache
     check = subprocess.run(
         [sys.executable, "-c", "from specserve import kernels; print(' '.join(kernels.FLAGS))"],
         cwd=ROOT,

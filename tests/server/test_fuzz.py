@@ -165,6 +165,14 @@ def _check(http: httpx.Client, route: str, body: dict | bytes) -> None:
         assert not any('"server_error"' in line for line in lines), (route, body, lines)
 
 
+@pytest.fixture(scope="module")
+def http(server):
+    """One client for every case: a new httpx client loads the CA bundle (about 50 ms, most of
+    the fuzz's time), though these requests are plain HTTP. A hang still fails its case."""
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        yield client
+
+
 @settings(
     max_examples=300,
     derandomize=True,  # a fixed seed: the same cases every run
@@ -176,14 +184,6 @@ def _check(http: httpx.Client, route: str, body: dict | bytes) -> None:
 def test_fuzzed_requests_get_no_5xx(http, case):
     route, body = case
     _check(http, route, body)
-
-
-@pytest.fixture(scope="module")
-def http(server):
-    """One client for every case: a new httpx client loads the CA bundle (about 50 ms, most of
-    the fuzz's time), though these requests are plain HTTP. A hang still fails its case."""
-    with httpx.Client(base_url=server.url, timeout=30) as client:
-        yield client
 
 
 def test_server_is_healthy_and_idle_after_the_fuzz(server):
