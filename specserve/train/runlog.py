@@ -3,7 +3,10 @@ step) and TensorBoard event files under `tensorboard/` (written by the `tensorbo
 TensorFlow); `plot_log` draws either as a PNG (`specserve train plot`).
 
 A resumed run first drops the records of steps it is about to redo, so each file holds every
-step exactly once.
+step exactly once. The TensorBoard folder is rewritten from the kept JSONL records into one fresh
+event file: TensorBoard orders event files by name, and two writers opened in the same second by
+one process are named by a counter compared as text (`...9` sorts after `...10`), so a purge
+event in a second file could be read before the records it purges.
 """
 
 from __future__ import annotations
@@ -28,14 +31,22 @@ class RunLog:
         kept = [r for r in read_jsonl(self.path) if r["step"] < start_step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         self.jsonl = self.path.open("a")
-        self.tb = SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step or None)
+        tb_dir = out / TENSORBOARD_DIR
+        for old in tb_dir.glob("events.out.tfevents.*"):
+            old.unlink()
+        self.tb = SummaryWriter(str(tb_dir))
+        for record in kept:
+            self._add_scalars(record)
+
+    def _add_scalars(self, record: dict[str, Any]) -> None:
+        for name, value in record.items():
+            if name != "step":
+                self.tb.add_scalar(f"train/{name}", value, record["step"])
 
     def write(self, record: dict[str, Any]) -> None:
         self.jsonl.write(json.dumps(record) + "\n")
         self.jsonl.flush()
-        for name, value in record.items():
-            if name != "step":
-                self.tb.add_scalar(f"train/{name}", value, record["step"])
+        self._add_scalars(record)
 
     def close(self) -> None:
         self.jsonl.close()

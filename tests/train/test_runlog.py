@@ -24,6 +24,8 @@ def test_jsonl_and_tensorboard_agree_and_resume_rewrites_once(tmp_path):
     assert rows[2]["total"] == 1 / 3 and rows[4]["total"] == 2 / 5
     tb = read_tensorboard(tmp_path / "tensorboard")
     assert [r["step"] for r in tb] == list(range(6))
+    # one event file: with two, their order by name is not their order in time (see runlog)
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 1
     for a, b in zip(rows, tb, strict=True):
         assert b["total"] == pytest.approx(a["total"], rel=1e-6)
         assert b["accept"] == pytest.approx(a["accept"], abs=1e-6)
