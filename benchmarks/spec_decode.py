@@ -7,16 +7,18 @@ Without --target it builds a tiny random target and random drafters in a tempora
 says so: the pipeline runs, but random drafters are (almost) never accepted, so the speedups
 it prints say nothing about trained drafters. Greedy outputs are checked against NONE.
 
-Each arm's engine first runs the whole workload once, untimed, then again, timed: a gated
-speculative engine learns its draft gate in the first pass (step times, each kind's acceptance),
-as a serving engine does in its first minutes. Prefix caching is off, so the timed pass prefills
-like the first.
+Each arm's engine first runs the whole workload once, untimed: a gated speculative engine learns
+its draft gate in that pass (step times, each kind's acceptance), as a serving engine does in
+its first minutes. Then `--repeats` timed passes alternate the arms (in order, then reversed, as
+A B B A), and each arm's speedup is its tok/s over NONE's in the same pass: the median and the
+lowest over the passes are printed. Prefix caching is off, so every pass prefills like the first.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -58,12 +60,14 @@ def _prompts(n: int, length: int, vocab: int, motif_len: int = 8) -> list[list[i
     return out
 
 
-def run_one(
-    target, algorithm, path, policy, prompts, params, max_running, adaptive=False, backend="torch"
+def make_engine(
+    target, algorithm, path, policy, max_running, tokens, adaptive=False, backend="torch"
 ):
+    """An arm's engine; its KV cache holds `tokens` (every arm lives for the whole level)."""
     llm = LLM(
         str(target),
         max_running_requests=max_running,
+        max_total_tokens=tokens,
         attention_backend=backend,
         enable_prefix_caching=False,
     )
@@ -75,7 +79,10 @@ def run_one(
             adaptive_drafting=adaptive,
         )
         llm.engine.set_speculation(*build_speculation(spec, llm.engine))
-    llm.generate(prompts, params)  # warm-up: the same workload, untimed
+    return llm
+
+
+def timed_pass(llm: LLM, prompts, params) -> dict:
     stats = llm.engine.stats
     passes, accepted = stats.num_verify_passes, stats.num_accepted_tokens
     start = time.perf_counter()
@@ -116,6 +123,7 @@ def main() -> None:
         default=4,
         help="prompts per concurrency slot: conc x rounds prompts, at most conc running at once",
     )
+    ap.add_argument("--repeats", type=int, default=3, help="timed passes per arm (alternated)")
     ap.add_argument("--output-len", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--temperature", type=float, default=0.0)
@@ -146,9 +154,13 @@ def main() -> None:
     )
     print(
         f"target {target}  output {args.output_len} tokens  temperature {args.temperature}  "
-        f"attention backend {args.attention_backend}"
+        f"attention backend {args.attention_backend}  {args.repeats} alternated timed passes"
     )
-    print(f"{'algorithm':<12}{'conc':>4}{'accept':>9}{'tok/s':>10}{'speedup':>9}  greedy==NONE")
+    print(
+        f"{'algorithm':<12}{'conc':>4}{'accept':>9}{'tok/s med':>11}"
+        f"{'speedup med':>13}{'min':>6}  greedy==NONE"
+    )
+    gates = (False, True) if args.adaptive_drafting else (False,)
     for conc in (int(c) for c in args.concurrency.split(",")):
         if args.prompts:
             rows = domains_in_turn(args.prompts)
@@ -158,21 +170,32 @@ def main() -> None:
             motif = args.input_len if args.random_ids else 8
             prompts = _prompts(conc * args.rounds, args.input_len, vocab, motif)
         backend = args.attention_backend
-        base = run_one(target, "NONE", None, None, prompts, params, conc, backend=backend)
-        print(f"{'NONE':<12}{conc:>4}{base['accept']:>9.2f}{base['tok_s']:>10.1f}{1.0:>9.2f}")
+        tokens = conc * (args.input_len + args.output_len + 32) + 1024
+        engines = {"NONE": make_engine(target, "NONE", None, None, conc, tokens, backend=backend)}
         for algo, path in drafters.items():
-            for gate in (False, True) if args.adaptive_drafting else (False,):
-                r = run_one(
-                    target, algo, path, args.verify_policy, prompts, params, conc, gate, backend
-                )
-                same = "yes" if r["outputs"] == base["outputs"] else "NO"
-                if args.temperature > 0:
-                    same = "n/a"
+            for gate in gates:
                 name = algo + ("+gate" if gate else "")
-                print(
-                    f"{name:<12}{conc:>4}{r['accept']:>9.2f}{r['tok_s']:>10.1f}"
-                    f"{r['tok_s'] / base['tok_s']:>9.2f}  {same}"
+                engines[name] = make_engine(
+                    target, algo, path, args.verify_policy, conc, tokens, gate, backend
                 )
+        for llm in engines.values():
+            llm.generate(prompts, params)  # warm-up: the same workload, untimed
+        results: dict[str, list[dict]] = {name: [] for name in engines}
+        for r in range(args.repeats):
+            for name in list(engines) if r % 2 == 0 else list(engines)[::-1]:
+                results[name].append(timed_pass(engines[name], prompts, params))
+        base = results["NONE"]
+        for name, rs in results.items():
+            ratios = [x["tok_s"] / b["tok_s"] for x, b in zip(rs, base, strict=True)]
+            same = all(x["outputs"] == b["outputs"] for x, b in zip(rs, base, strict=True))
+            check = "n/a" if args.temperature > 0 or name == "NONE" else "yes" if same else "NO"
+            print(
+                f"{name:<12}{conc:>4}{statistics.mean(x['accept'] for x in rs):>9.2f}"
+                f"{statistics.median(x['tok_s'] for x in rs):>11.1f}"
+                f"{statistics.median(ratios):>13.2f}{min(ratios):>6.2f}  {check}",
+                flush=True,
+            )
+        del engines
     if tmp is not None:
         tmp.cleanup()
 
