@@ -48,9 +48,14 @@ not 1: NEXTN at one user gains 1.1-1.3 per window, dips below 1 in some windows,
 Every probe also waits for a budget: it costs a step's worth of drafting beyond a plain step
 (`probe_cost`, measured on the last probe steps at this batch size and context octave; before
 any, a whole drafted step's extra time), and it happens only once the plain steps since the last
-probe (prefill chunks included) took that extra time / `probe_budget` (3%), so probing costs at
-most about 3% of the time spent in steps without drafts, however slow drafting is on this
-machine and at this batch size. A probe
+probe (prefill chunks included) took that extra time / the budget, so probing costs at most
+that share of the time spent in steps without drafts, however slow drafting is on this machine
+and at this batch size. The budget starts at `probe_budget` (3%) and follows what probes find:
+doubled after a probe whose requests accepted the break-even on average, halved after one that
+did not, between 1% and 25%. A fixed 3% cost gated NEXTN a tenth of its speed at one user (after
+its acceptance collapsed on one prompt, the pause ended 30-40 steps late), while DFLASH at
+temperature 1, whose probes never pay, spent the 3% on a 10-user, 1,024-token workload (one probe
+step of 240 ms, mostly the drafter catching up on 10,000 context rows, per 8 s). A probe
 beside requests that draft on merit is not held back (their step drafts anyway). Measured on
 a 2-core AVX2 host, demo bundle, 16 users on 64-token prompts: a drafted step took 45-108 ms
 against 13-16 ms plain (drafting never paid there), and the probes scheduled by interval alone,
@@ -149,6 +154,9 @@ class DraftGate(Planner):
         gain_window: int = 16,
         max_pause_every: int = 256,
         probe_budget: float | None = 0.03,
+        min_probe_budget: float = 0.01,
+        max_probe_budget: float = 0.25,
+        probation: int = 4,
     ) -> None:
         self.planner, self.probe_every, self.decay = planner, probe_every, decay
         # realised gain of drafted steps over plain decoding (`_observe_gain`): below
@@ -159,6 +167,8 @@ class DraftGate(Planner):
         self.gain_steps: deque[tuple[float, float]] = deque(maxlen=gain_window)
         self.paused = False
         self.pause_interval = probe_every
+        # after a pause, drafting is judged on its first `probation` drafted steps
+        self.probation, self.on_probation = probation, False
         self.min_samples, self.remeasure_every = min_samples, remeasure_every
         self.max_probe_every = max(probe_every, max_probe_every)
         self.max_pause_every = max(probe_every, max_pause_every)
@@ -175,11 +185,16 @@ class DraftGate(Planner):
         # the last step drafted for every candidate: only such steps time t_spec (a step in
         # which a few requests draft costs less, and would make drafting for all look cheap)
         self.all_drafted = True
-        # probes cost at most `probe_budget` of the time spent decoding plainly: a probe step
-        # waits until the plain steps since the last one took probe cost / budget seconds
-        self.probe_budget = probe_budget
+        # probes cost at most `budget` of the time spent decoding plainly: a probe step waits
+        # until the plain steps since the last one took probe cost / budget seconds. The budget
+        # starts at `probe_budget`, doubles after a probe that paid and halves after one that
+        # did not, within [min_probe_budget, max_probe_budget] (None: no budget)
+        self.probe_budget = self.budget = probe_budget
+        self.min_probe_budget, self.max_probe_budget = min_probe_budget, max_probe_budget
         self.plain_s_since_probe = 0.0
         self.probing = False  # the last step allowed was a probe (nobody drafted on merit)
+        self.probed: list[str] = []  # the requests it drafted for
+        self.probe_bar = 0.0  # the break-even of that step
         # a probe step's seconds beyond a plain one, by context octave, then batch size
         self.probe_cost: dict[int, StepTimes] = {}
 
@@ -213,6 +228,7 @@ class DraftGate(Planner):
         """Per request: draft this step (True) or decode it plainly. Step times are keyed by
         `num_decoding`, the requests that get a token this step (drafting or not), and the
         octave of their mean context."""
+        self.probed = []
         if not requests:
             return []
         n = len(requests) if num_decoding is None else num_decoding
@@ -244,6 +260,12 @@ class DraftGate(Planner):
         afford = afford or any(pays)
         decisions = [self._decide(acc, ok, afford) for acc, ok in zip(accs, pays, strict=True)]
         self.probing = self.probing or (any(decisions) and not any(pays))
+        self.probe_bar = bar
+        self.probed = [  # drafting not on merit, or on a probe step (all of its drafts)
+            r.request_id
+            for r, d, ok in zip(requests, decisions, pays, strict=True)
+            if d and (self.probing or not ok)
+        ]
         self.all_drafted = all(decisions)
         return decisions
 
@@ -251,7 +273,7 @@ class DraftGate(Planner):
         """The plain steps since the last probe paid for one within `probe_budget`: a probe
         step's extra seconds (the last ones measured at this batch size and context octave, or
         a whole drafted step's before any) / budget."""
-        if self.probe_budget is None:
+        if self.budget is None:
             return True
         costs = self.probe_cost.get(octave)
         if costs is not None and costs.by_requests:
@@ -261,7 +283,7 @@ class DraftGate(Planner):
             if plain is None or spec is None:
                 return True
             extra = max(0.0, spec.get(n) - plain.get(n))
-        return self.plain_s_since_probe * self.probe_budget >= extra
+        return self.plain_s_since_probe * self.budget >= extra
 
     def _acceptance_of(self, req: Request) -> _Acceptance | None:
         """The request's own acceptance; for a new one, its kind's once that is judged."""
@@ -316,6 +338,8 @@ class DraftGate(Planner):
             if stats.decode_only and plain is not None and plain.by_requests:
                 extra = max(0.0, stats.step_s - plain.typical(stats.num_decoding))
                 self.probe_cost.setdefault(octave, StepTimes()).observe(stats.num_decoding, extra)
+        if self.probed:
+            self._judge_probe(stats, adapt_budget=self.probing and stats.num_requests > 0)
         for rid, accepted in stats.accepted.items():
             self.acceptance.setdefault(rid, _Acceptance()).add(accepted, self.decay)
             if rid in self.kinds:
@@ -323,6 +347,47 @@ class DraftGate(Planner):
                 pop.add(accepted, self.decay)
         for rid in stats.finished:
             self._forget(rid)
+
+    def _judge_probe(self, stats: StepStats, adapt_budget: bool) -> None:
+        """After a step with probes. A probed request that accepted at least the step's
+        break-even drafts again from the next step: its estimate is lifted to the bar (a probe
+        is one sample of a moving average that gives it a tenth, and at one user a request
+        whose text turned predictable again stayed gated for 30-60 steps). After a probe step
+        (probes beside requests that draft on merit do not wait for the budget), the budget
+        doubles if the step paid, judged as a paused drafter's probe is (`_against_plain`: a
+        gain of at least `min_gain`), else it halves. Where probes keep finding that drafting pays (one user
+        whose text turns predictable in stretches), they come as often as the probe intervals
+        allow; where they never do (a drafter at temperature 1 whose drafts are not accepted,
+        many users on short prompts), they cost `min_probe_budget` of the plain time. The
+        acceptance alone is not the judge of the budget: at 32 users NEXTN's probes accepted
+        the break-even of its fastest drafted steps while the probe steps ran at 0.8x plain
+        ones, and the budget rose to its maximum."""
+        for rid in self.probed:
+            acc = self.acceptance.get(rid)
+            if acc is not None and stats.accepted.get(rid, -1) >= self.probe_bar:
+                acc.rate = max(acc.rate, self.probe_bar)
+                if acc.expected_samples:
+                    acc.expected = max(acc.expected, self.probe_bar)
+        self.probed = []
+        step = self._against_plain(stats)
+        if self.budget is None or step is None or not adapt_budget:
+            return
+        if step[0] / step[1] >= self.min_gain:
+            self.budget = min(2 * self.budget, self.max_probe_budget)
+        else:
+            self.budget = max(self.budget / 2, self.min_probe_budget)
+
+    def _against_plain(self, stats: StepStats) -> tuple[float, float] | None:
+        """A decode step against plain decoding: (the time plain steps need for the tokens it
+        committed, one per decoding request per plain step at the median plain step time; its
+        own time), or None where that is not known."""
+        n = stats.num_decoding
+        plain = self.plain.get(context_octave(stats.context_tokens, n))
+        if not stats.decode_only or not n or plain is None or not plain.by_requests:
+            return None
+        if stats.step_s <= 0:
+            return None
+        return plain.typical(n) * (n + sum(stats.accepted.values())) / n, stats.step_s
 
     def _observe_gain(self, stats: StepStats) -> None:
         """A step in which some requests drafted, against plain decoding: the time plain steps
@@ -332,20 +397,38 @@ class DraftGate(Planner):
         steps at their fastest, and at 16 users on short prompts it let requests draft in steps
         that ran at 0.8x plain decoding. The gain is the ratio of the sums over the last
         `gain_window` drafted steps, judged once the window is full, so that a few unlucky steps
-        do not stop a drafter that pays; a pause starts afresh, and the first probe that pays
-        ends it."""
-        n = stats.num_decoding
-        plain = self.plain.get(context_octave(stats.context_tokens, n))
-        if plain is None or not plain.by_requests or stats.step_s <= 0:
+        do not stop a drafter that pays. While paused, each probe step is judged alone, and the
+        first that pays ends the pause: averaged with the probes that failed before it, one that
+        paid did not, and at one user a pause that began on a hard prompt outlasted the three
+        predictable prompts after it. A probe can pay by luck, so drafting is then on probation:
+        its first `probation` drafted steps are judged together, and if they lose the pause
+        resumes where its probe interval was (at four users on short prompts, where a NEXTN
+        drafted step runs at about 0.8x plain ones, lucky probes otherwise bought whole windows
+        of losing steps); only drafting that passes sets the interval back to `probe_every`.
+        The steps on probation are paid from the probe budget (their extra seconds over plain
+        steps delay the next probe as the probe's own did), and failing probation halves it."""
+        step = self._against_plain(stats)
+        if step is None:
             return
-        tokens = n + sum(stats.accepted.values())
-        self.gain_steps.append((plain.typical(n) * tokens / n, stats.step_s))
-        if not self.paused and len(self.gain_steps) < self.gain_window:
+        self.gain_steps.append(step)
+        if self.on_probation and self.budget:  # paid from the probe budget, like the probe
+            plain = self.plain[context_octave(stats.context_tokens, stats.num_decoding)]
+            extra = stats.step_s - plain.typical(stats.num_decoding)
+            self.plain_s_since_probe -= max(0.0, extra) / self.budget
+        if self.paused:  # each probe on its own: earlier probes that failed do not outvote it
+            paused = step[0] / step[1] < self.min_gain
+        elif len(self.gain_steps) < (self.probation if self.on_probation else self.gain_window):
             return  # judged on a whole window: acceptance comes in bursts
-        paused = self.gain() < self.min_gain
+        else:
+            paused = self.gain() < self.min_gain
+            if self.on_probation and not paused:  # drafting proved itself after a pause
+                self.pause_interval = self.probe_every
+            elif self.on_probation and self.budget:  # the probe that ended the pause was luck
+                self.budget = max(self.budget / 2, self.min_probe_budget)
+            self.on_probation = False
         if paused != self.paused:
             self.gain_steps.clear()
-            self.pause_interval = self.probe_every
+            self.on_probation = not paused
         self.paused = paused
 
     def gain(self) -> float:

@@ -264,7 +264,14 @@ def test_drafting_pauses_while_drafted_steps_lose_to_plain_ones():
 def test_probes_wait_until_plain_steps_paid_for_them():
     """A probe step's extra seconds over a plain one come out of a budget: with 10%, a probe
     that costs 2 s more than a 1 s plain step waits for 20 s of plain steps since the last."""
-    gate = DraftGate(Planner(), probe_every=1, max_pause_every=1, gain_window=1, probe_budget=0.1)
+    gate = DraftGate(
+        Planner(),
+        probe_every=1,
+        max_pause_every=1,
+        gain_window=1,
+        probe_budget=0.1,
+        min_probe_budget=0.1,  # held at 10% here; how it adapts is the next test
+    )
     reqs = [_req("a"), _req("b")]
     _decode(gate, 1.0, {})  # plain: 1 s
     assert gate.allow(reqs) == [True, True]
@@ -278,3 +285,137 @@ def test_probes_wait_until_plain_steps_paid_for_them():
     # 20 plain steps (the first before the first drafted step) between probes
     assert [i for i, ok in enumerate(allowed) if ok] == [19, 40]
     assert gate.paused
+
+
+def test_the_probe_budget_halves_after_probes_that_fail_and_doubles_after_one_that_pays():
+    """A probe step that loses to plain steps halves the budget (down to the minimum), so the
+    next one waits twice as long; one that pays doubles it."""
+    gate = DraftGate(
+        Planner(),
+        probe_every=1,
+        max_probe_every=1,
+        min_samples=1,
+        probe_budget=0.1,
+        min_probe_budget=0.025,
+        max_probe_budget=0.4,
+    )
+    req = _req("a")
+    _decode(gate, 1.0, {}, n=1)  # plain: 1 s
+    assert gate.allow([req], num_decoding=1) == [True]  # no history: drafts
+    _decode(gate, 3.0, {"a": 0}, n=1)  # 2 s more than plain, nothing accepted: bar 2 tokens
+    probes, budgets = [], []
+    for i in range(150):
+        if gate.allow([req], num_decoding=1)[0]:
+            probes.append(i)
+            _decode(gate, 3.0, {"a": 0}, n=1)
+            budgets.append(gate.budget)
+        else:
+            _decode(gate, 1.0, {}, n=1)
+    # 2 s of extra per probe: it waits for 20, then 40, then 80 plain seconds (the first
+    # counted from the start)
+    assert probes == [19, 60, 141]
+    assert budgets == [0.05, 0.025, 0.025]
+    for _ in range(80):
+        gate.allow([req], num_decoding=1)
+        _decode(gate, 1.0, {}, n=1)
+    assert gate.allow([req], num_decoding=1) == [True]
+    _decode(gate, 3.0, {"a": 3}, n=1)  # 4 tokens in 3 s, plain steps give 3: it paid
+    assert gate.budget == 0.05
+
+
+def test_a_probe_that_pays_ends_a_pause_whatever_the_probes_before_it_found():
+    gate = DraftGate(Planner(), probe_every=1, max_pause_every=1, gain_window=2, probe_budget=None)
+    reqs = [_req("a"), _req("b")]
+    _decode(gate, 1.0, {})  # plain steps: 1 s for 2 tokens
+    for _ in range(2):  # drafted: 3 s for 2 tokens
+        assert gate.allow(reqs) == [True, True]
+        _decode(gate, 3.0, {"a": 0, "b": 0})
+    assert gate.paused
+    for _ in range(3):  # probes that fail: 3 s for 2 tokens
+        assert gate.allow(reqs) == [True, True]
+        _decode(gate, 3.0, {"a": 0, "b": 0})
+        assert gate.paused
+    assert gate.allow(reqs) == [True, True]
+    _decode(gate, 1.5, {"a": 2, "b": 2})  # 6 tokens in 1.5 s: gain 2, alone; 1.0 with the rest
+    assert not gate.paused
+
+
+def test_a_probe_that_accepts_the_break_even_gives_drafting_back_at_once():
+    """One probe is one sample of a moving average (a tenth of it); a request whose probe
+    accepted at least the break-even drafts again from the next step, and the average judges
+    the steps after it."""
+    gate = DraftGate(Planner(), probe_every=2, min_samples=2, min_gain=0.0, probe_budget=None)
+    req = _req("r")
+    _decode(gate, 1.0, {}, n=1)  # plain: 1 s
+    for _ in range(2):
+        assert gate.allow([req], num_decoding=1) == [True]
+        _decode(gate, 2.0, {"r": 0}, n=1)  # 2 s, nothing accepted: the bar is 1 token
+    allowed = [gate.allow([req], num_decoding=1)[0] for _ in range(2)]
+    assert allowed == [False, True]  # the probe, at clock 4
+    _decode(gate, 2.0, {"r": 2}, n=1)  # it accepted 2: the average alone would say 0.2
+    assert gate.acceptance["r"].rate >= 1.0
+    for _ in range(2):  # and the average judges the next steps: two zeros, below the bar
+        assert gate.allow([req], num_decoding=1) == [True]
+        _decode(gate, 2.0, {"r": 0}, n=1)
+    assert gate.allow([req], num_decoding=1) == [False]
+
+
+def test_drafting_after_a_pause_is_on_probation():
+    """The probe that ended a pause may have been lucky: the next `probation` drafted steps are
+    judged together; if they lose, the pause resumes with its probe interval still doubled, and
+    only drafting that passes sets the interval back."""
+    gate = DraftGate(
+        Planner(), probe_every=2, max_pause_every=32, gain_window=2, probation=2, probe_budget=None
+    )
+    reqs = [_req("a"), _req("b")]
+    _decode(gate, 1.0, {})  # plain steps: 1 s for 2 tokens
+
+    def draft(seconds: float, accepted: int, steps: int) -> None:
+        for _ in range(steps):
+            assert gate.allow(reqs) == [True, True]
+            _decode(gate, seconds, {"a": accepted, "b": accepted})
+
+    def until_probe() -> None:
+        while gate.allow(reqs) != [True, True]:
+            _decode(gate, 1.0, {})
+
+    draft(3.0, 0, 2)  # 3 s for 2 tokens: a pause
+    assert gate.paused and gate.pause_interval == 2
+    until_probe()
+    _decode(gate, 1.5, {"a": 2, "b": 2})  # a probe that pays: gain 2
+    assert not gate.paused and gate.pause_interval == 4
+    draft(3.0, 0, 2)  # the two steps on probation lose
+    assert gate.paused and gate.pause_interval == 4  # not back to 2
+    until_probe()
+    _decode(gate, 1.5, {"a": 2, "b": 2})
+    assert not gate.paused
+    draft(1.5, 2, 2)  # these pay: probation passed
+    assert not gate.paused and gate.pause_interval == 2
+
+
+def test_probation_is_paid_from_the_probe_budget():
+    gate = DraftGate(
+        Planner(),
+        probe_every=1,
+        max_pause_every=1,
+        gain_window=2,
+        probation=2,
+        probe_budget=0.1,
+        min_probe_budget=0.025,
+        max_probe_budget=0.4,
+    )
+    reqs = [_req("a"), _req("b")]
+    _decode(gate, 1.0, {})  # plain steps: 1 s for 2 tokens
+    for _ in range(2):  # 3 s for 2 tokens: a pause
+        assert gate.allow(reqs) == [True, True]
+        _decode(gate, 3.0, {"a": 0, "b": 0})
+    assert gate.paused
+    while gate.allow(reqs) != [True, True]:  # the first probe waits for 20 plain seconds
+        _decode(gate, 1.0, {})
+    _decode(gate, 1.5, {"a": 2, "b": 2})  # 6 tokens in 1.5 s: it pays, 10% -> 20%
+    assert not gate.paused and gate.budget == 0.2
+    for _ in range(2):  # probation: 2 s more than plain each, 20 plain seconds at 20%
+        assert gate.allow(reqs) == [True, True]
+        _decode(gate, 3.0, {"a": 0, "b": 0})
+    assert gate.paused and gate.budget == 0.1  # failed: halved
+    assert gate.plain_s_since_probe == pytest.approx(-20.0)
