@@ -51,11 +51,11 @@ any, a whole drafted step's extra time), and it happens only once the plain step
 probe (prefill chunks included) took that extra time / the budget, so probing costs at most
 that share of the time spent in steps without drafts, however slow drafting is on this machine
 and at this batch size. The budget starts at `probe_budget` (3%) and follows what probes find:
-doubled after a probe whose requests accepted the break-even on average, halved after one that
-did not, between 1% and 25%. A fixed 3% cost gated NEXTN a tenth of its speed at one user (after
-its acceptance collapsed on one prompt, the pause ended 30-40 steps late), while DFLASH at
-temperature 1, whose probes never pay, spent the 3% on a 10-user, 1,024-token workload (one probe
-step of 240 ms, mostly the drafter catching up on 10,000 context rows, per 8 s). A probe
+doubled after a probe step that paid (its gain over plain decoding at least `min_gain`), halved
+after one that did not, between 1% and 25%, so probes come often where they keep finding that
+drafting pays (one user whose text turns predictable in stretches) and cost 1% where they never
+do (DFLASH at temperature 1 on 10 users × 1,024 tokens spent the whole fixed 3%: one probe step
+of 240 ms per 8 s, mostly the drafter catching up on 10,000 context rows). A probe
 beside requests that draft on merit is not held back (their step drafts anyway). Measured on
 a 2-core AVX2 host, demo bundle, 16 users on 64-token prompts: a drafted step took 45-108 ms
 against 13-16 ms plain (drafting never paid there), and the probes scheduled by interval alone,
@@ -270,7 +270,7 @@ class DraftGate(Planner):
         return decisions
 
     def _can_afford_probe(self, n: int, octave: int) -> bool:
-        """The plain steps since the last probe paid for one within `probe_budget`: a probe
+        """The plain steps since the last probe paid for one within the budget: a probe
         step's extra seconds (the last ones measured at this batch size and context octave, or
         a whole drafted step's before any) / budget."""
         if self.budget is None:
@@ -355,13 +355,11 @@ class DraftGate(Planner):
         whose text turned predictable again stayed gated for 30-60 steps). After a probe step
         (probes beside requests that draft on merit do not wait for the budget), the budget
         doubles if the step paid, judged as a paused drafter's probe is (`_against_plain`: a
-        gain of at least `min_gain`), else it halves. Where probes keep finding that drafting pays (one user
-        whose text turns predictable in stretches), they come as often as the probe intervals
-        allow; where they never do (a drafter at temperature 1 whose drafts are not accepted,
-        many users on short prompts), they cost `min_probe_budget` of the plain time. The
-        acceptance alone is not the judge of the budget: at 32 users NEXTN's probes accepted
-        the break-even of its fastest drafted steps while the probe steps ran at 0.8x plain
-        ones, and the budget rose to its maximum."""
+        gain of at least `min_gain`), else it halves. The acceptance alone is not the judge of
+        the budget: at 32 users NEXTN's probes met the break-even of its fastest drafted steps
+        while the probe steps themselves lost to plain ones (the pause went on), the budget rose
+        to its maximum, and in one run NEXTN drafted at 32 users at 0.96x NONE (the previous
+        gate 1.12x)."""
         for rid in self.probed:
             acc = self.acceptance.get(rid)
             if acc is not None and stats.accepted.get(rid, -1) >= self.probe_bar:
