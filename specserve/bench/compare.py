@@ -198,18 +198,20 @@ class ServerProcess:
     def wait_healthy(self, timeout: float) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise CompareError(
-                    f"server exited with code {self.proc.returncode} before /health answered; "
-                    f"log {self.log_path}: {self.log_tail()}"
-                )
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        # one client for every poll: each new one loads the CA bundle (about 50 ms here)
+        with httpx.Client(timeout=2.0) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise CompareError(
+                        f"server exited with code {self.proc.returncode} before /health "
+                        f"answered; log {self.log_path}: {self.log_tail()}"
+                    )
+                try:
+                    if client.get(f"{self.base_url}/health").status_code == 200:
+                        return
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.2)
         raise CompareError(
             f"server did not answer /health within {timeout:.0f} s; log {self.log_path}"
         )
