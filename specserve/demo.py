@@ -203,7 +203,8 @@ def run_bundle(bundle: Path, out: Path) -> int:
 
 def run_fallback(bundle: Path) -> int:
     """No bundle yet: serve a small random model and show a few requests end to end."""
-    from specserve.bench.compare import CompareError, ServerProcess, free_port
+    from specserve.bench.compare import CompareError, ServerProcess
+    from specserve.ports import free_port
     from specserve.testing.tiny import make_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,6 @@ import difflib
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 import httpx
 
 from specserve.bench import serve
+from specserve.ports import free_port
 
 TOP_KEYS = ("arms", "workloads", "baseline", "notes", "startup_timeout", "stop_timeout")
 ARM_KEYS = ("name", "serve", "command", "url", "model")
@@ -174,12 +174,6 @@ def load_config(path: str | Path) -> CompareConfig:
     except yaml.YAMLError as e:
         raise CompareError(f"{path} is not valid YAML: {e}") from None
     return parse_config(data, str(path))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServerProcess:

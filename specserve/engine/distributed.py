@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import socket
 from dataclasses import dataclass, replace
 from datetime import timedelta
 
@@ -31,6 +30,7 @@ from specserve.engine.state_runner import StateRunner
 from specserve.models.loader import load_model
 from specserve.models.parallel import Parallel, ParallelConfig
 from specserve.models.qwen3 import CausalLM
+from specserve.ports import free_port
 
 log = logging.getLogger("specserve.distributed")
 
@@ -139,9 +139,7 @@ class BroadcastingStateRunner(_Broadcasting, StateRunner):
 
 
 def free_local_addr() -> str:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"127.0.0.1:{s.getsockname()[1]}"
+    return f"127.0.0.1:{free_port()}"
 
 
 def start_ranks(spec: RankSpec) -> RankGroup:

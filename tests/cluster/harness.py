@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from specserve.ports import free_port, free_port_range
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_SERVER = Path(__file__).with_name("fake_openai_server.py")
@@ -34,29 +35,9 @@ def require(ok: bool, reason: str) -> None:
     pytest.skip(reason)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def free_range(n: int) -> tuple[int, int]:
-    """`n` consecutive free loopback ports (best effort)."""
-    for _ in range(50):
-        lo = free_port()
-        if lo + n >= 65535:
-            continue
-        ok = True
-        for p in range(lo, lo + n):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", p))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return lo, lo + n - 1
-    raise RuntimeError("no free port range")
+    """`n` consecutive free loopback ports."""
+    return free_port_range(n)
 
 
 def wait_for(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.2):

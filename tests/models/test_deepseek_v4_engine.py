@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 
@@ -17,6 +16,7 @@ from specserve.cli import build_parser
 from specserve.core import SamplingParams
 from specserve.engine.model_runner import kv_bytes_per_token
 from specserve.llm import LLM
+from specserve.ports import free_port
 from specserve.server.api import ServerConfig, create_app
 from specserve.server.async_engine import AsyncEngine
 from specserve.server.cli import build_engine
@@ -67,9 +67,7 @@ def server(tiny_v4_path):
     )
     engine = AsyncEngine(build_engine(args)[0])
     engine.start()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     app = create_app(engine, ServerConfig("dsv4"))
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,12 +14,7 @@ import psutil
 from specserve.config import CacheConfig, EngineConfig
 from specserve.core import SamplingParams
 from specserve.engine.engine import LLMEngine
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from specserve.ports import free_port
 
 
 def _lingering(proc: psutil.Process) -> bool:
@@ -31,7 +25,7 @@ def _lingering(proc: psutil.Process) -> bool:
 
 
 def test_serve_tp2_ep2_mxfp4_over_http(tiny_moe_tp_path):
-    port = _port()
+    port = free_port()
     cmd = [sys.executable, "-m", "specserve", "serve", "--model-path", tiny_moe_tp_path,
            "--port", str(port), "--max-total-tokens", "1024", "--page-size", "8",
            "--tp-size", "2", "--ep-size", "2", "--moe-runner-backend", "flashinfer_mxfp4",

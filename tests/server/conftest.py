@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -10,6 +9,7 @@ import uvicorn
 
 from specserve.config import CacheConfig, EngineConfig, SchedulerConfig, SpecConfig
 from specserve.engine.engine import LLMEngine
+from specserve.ports import free_port
 from specserve.server.api import ServerConfig, create_app
 from specserve.server.async_engine import AsyncEngine
 from specserve.speculative.factory import build_speculation
@@ -41,9 +41,7 @@ class RunningServer:
             self.engine,
             server or ServerConfig("tiny", api_key, algorithm, tool_call_parser=tool_call_parser),
         )
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = uvicorn.Server(
             uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning")
         )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,15 +13,10 @@ import httpx
 
 from specserve.config import CacheConfig, EngineConfig
 from specserve.engine.engine import LLMEngine
+from specserve.ports import free_port
 from specserve.server.api import ServerConfig, create_app
 from specserve.server.async_engine import AsyncEngine
 from specserve.server.lifecycle import serve
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_healthy(url: str, proc: subprocess.Popen | None = None, timeout: float = 120) -> None:
@@ -59,7 +53,7 @@ class _Stream(threading.Thread):
 
 
 def test_sigterm_with_live_streams_exits_in_time(tiny_model_path):
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "specserve", "serve", "--model-path", tiny_model_path]
     cmd += ["--port", str(port), "--max-total-tokens", "8192", "--shutdown-timeout", "2"]
@@ -97,7 +91,7 @@ def test_serve_exits_nonzero_when_the_engine_loop_dies(tiny_model_path):
     config = EngineConfig(model_path=tiny_model_path, cache=CacheConfig(max_total_tokens=1024))
     engine = AsyncEngine(LLMEngine(config))
     app = create_app(engine, ServerConfig("tiny"))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     seen: list[int] = []
 
