@@ -189,7 +189,7 @@ class DraftGate(Planner):
         # until the plain steps since the last one took probe cost / budget seconds. The budget
         # starts at `probe_budget`, doubles after a probe that paid and halves after one that
         # did not, within [min_probe_budget, max_probe_budget] (None: no budget)
-        self.probe_budget = self.budget = probe_budget
+        self.budget = probe_budget
         self.min_probe_budget, self.max_probe_budget = min_probe_budget, max_probe_budget
         self.plain_s_since_probe = 0.0
         self.probing = False  # the last step allowed was a probe (nobody drafted on merit)
@@ -368,12 +368,14 @@ class DraftGate(Planner):
                     acc.expected = max(acc.expected, self.probe_bar)
         self.probed = []
         step = self._against_plain(stats)
-        if self.budget is None or step is None or not adapt_budget:
-            return
-        if step[0] / step[1] >= self.min_gain:
-            self.budget = min(2 * self.budget, self.max_probe_budget)
-        else:
-            self.budget = max(self.budget / 2, self.min_probe_budget)
+        if step is not None and adapt_budget:
+            self._scale_budget(2.0 if step[0] / step[1] >= self.min_gain else 0.5)
+
+    def _scale_budget(self, factor: float) -> None:
+        """Multiply the probe budget by `factor`, within [min_probe_budget, max_probe_budget]."""
+        if self.budget is not None:
+            scaled = self.budget * factor
+            self.budget = min(max(scaled, self.min_probe_budget), self.max_probe_budget)
 
     def _against_plain(self, stats: StepStats) -> tuple[float, float] | None:
         """A decode step against plain decoding: (the time plain steps need for the tokens it
@@ -421,8 +423,8 @@ class DraftGate(Planner):
             paused = self.gain() < self.min_gain
             if self.on_probation and not paused:  # drafting proved itself after a pause
                 self.pause_interval = self.probe_every
-            elif self.on_probation and self.budget:  # the probe that ended the pause was luck
-                self.budget = max(self.budget / 2, self.min_probe_budget)
+            elif self.on_probation:  # the probe that ended the pause was luck
+                self._scale_budget(0.5)
             self.on_probation = False
         if paused != self.paused:
             self.gain_steps.clear()
