@@ -14,6 +14,10 @@ and sums in float32; llama.cpp's f16 / bf16 dot products round the activations t
 converter does not know; the converter is told it is `gpt-2`. Then, alternating the two
 engines `--rounds` times, each decodes `--tokens` tokens greedily after a 16-token prompt on
 `--threads` threads; it prints tok/s of both (best and median over rounds) and the ratio.
+Each round also measures the copy bandwidth (`engine_decode.copy_bandwidth`, over the weights'
+footprint); the floor is that bandwidth over the bytes a decode step reads (every weight as
+saved, less the embedding table, of which a step reads one row), and both engines' tok/s are
+given as a fraction of the floor's tok/s.
 """
 
 from __future__ import annotations
@@ -154,6 +158,28 @@ def ours_tok_s(model: Path, threads: int, tokens: int, backend: str) -> float:
     return tokens / dt
 
 
+def step_bytes(model: Path) -> int:
+    """Bytes of weight a batch-1 decode step reads, as saved: every tensor but the input
+    embedding (one row of it is read), which a tied output head reads whole."""
+    from safetensors import safe_open
+
+    config = json.loads((model / "config.json").read_text())
+    tied = config.get("tie_word_embeddings", False)
+    sizes = {"F32": 4, "F16": 2, "BF16": 2}
+    total = 0
+    for f in sorted(model.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            for name in st.keys():
+                if name.endswith("embed_tokens.weight") and not tied:
+                    continue
+                part = st.get_slice(name)
+                n = 1
+                for d in part.get_shape():
+                    n *= d
+                total += n * sizes[part.get_dtype()]
+    return total
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="models/demo/target")
@@ -180,11 +206,18 @@ def main() -> None:
         outtype = GGUF_TYPES.get(saved or "float32", "f32")
     gguf = to_gguf(Path(args.model), src, work, outtype)
     prompt = ",".join(map(str, PROMPT))
-    ours, theirs = [], []
+    import torch
+    from engine_decode import copy_bandwidth
+
+    torch.set_num_threads(args.threads)
+    nbytes = step_bytes(Path(args.model))
+    ours, theirs, bws = [], [], []
     for _ in range(args.rounds):  # alternate the engines
         cmd = [str(python), "-c", LLAMA_DECODE, str(gguf), str(args.threads), str(args.tokens)]
         theirs.append(float(run([*cmd, prompt]).strip().splitlines()[-1]))
         ours.append(ours_tok_s(Path(args.model), args.threads, args.tokens, args.attention_backend))
+        bws.append(copy_bandwidth(nbytes))
+    floor = max(bws) / nbytes  # tok/s if a step only read its weights at the copy bandwidth
     result = {
         "model": args.model,
         "gguf": outtype,
@@ -193,6 +226,11 @@ def main() -> None:
         "specserve_tok_s": {"best": max(ours), "median": statistics.median(ours)},
         "llamacpp_tok_s": {"best": max(theirs), "median": statistics.median(theirs)},
         "ratio_median": statistics.median(ours) / statistics.median(theirs),
+        "step_weight_mb": nbytes / 1e6,
+        "copy_gb_s": {"best": max(bws) / 1e9, "median": statistics.median(bws) / 1e9},
+        "floor_tok_s": floor,
+        "specserve_of_floor": statistics.median(ours) / floor,
+        "llamacpp_of_floor": statistics.median(theirs) / floor,
     }
     print(json.dumps(result, indent=2))
 

@@ -282,64 +282,100 @@ inline vf load_w(const c10::Half* p) {
 #endif
 }
 
-// Vectors of a tile's columns that `tile_rows` accumulates in one pass over the weight rows:
-// with AVX-512, all 64 columns (4 vectors; 6 rows x 4 accumulators and the 4 weight vectors
-// fit the 32 registers); with 16 registers, 2 vectors (6 x 2 accumulators, as the usual
-// 6 x 16 AVX2 kernel), so a tile takes kCols / kLanes / 2 passes, each over its columns.
+// Vectors of a tile's columns that `tile_rows` accumulates at once (a panel): with AVX-512,
+// all 64 columns (4 vectors; 6 rows x 4 accumulators and the 4 weight vectors fit the 32
+// registers); with 16 registers, 2 vectors (6 x 2 accumulators, as the usual 6 x 16 AVX2
+// kernel), so a tile takes kCols / kLanes / 2 panels.
 constexpr int kPanel = kWideRegs ? 4 : 2;
 
+// The panel for a block of MB rows: one row takes all of a tile's columns in one panel (8
+// accumulators and the weight vectors still fit 16 registers), two rows half of them. AVX2,
+// the 150M model's products from memory (`benchmarks/linear_kernels.py --weights 64`), in
+// 16 bits: two rows 0.55 ms a gate-up product against 0.83-0.92 in panels of 2.
+template <int MB>
+constexpr int panel_for() {
+  constexpr int all = static_cast<int>(kCols / kLanes);
+  if constexpr (MB == 1) return std::min(all, 8);
+  else if constexpr (MB == 2) return std::min(all, std::max(kPanel, 4));
+  else return kPanel;
+}
+
+// Weight rows a tile is walked in: every panel of a block of rows before the next block, so
+// that the tile streams front to back once (a block is 2-4 KB: later panels read it from L1)
+// instead of once per panel with a stride of a whole tile row, which the prefetchers follow
+// badly. The panels' accumulators go to L1 between blocks (MB x P vectors per 16 rows).
+// AVX2, the 150M model's gate-up product from memory: one row in float32 took 1.88 ms in
+// four strided passes (6.7 GB/s; MKL's `mm` 0.89 ms), 0.78-1.06 in one panel; three rows
+// in 16 bits 1.14 ms panel by panel, 0.60 in blocks.
+constexpr int64_t kBlockK = 16;
+
 // y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` values apart, 64 of
-// them read), a panel of kPanel vectors at a time: kPanel x MB accumulators in registers, each
-// w row's panel loaded once for all MB rows. Each output is the same sum over k in order
-// whatever the panels, so the bits do not depend on kPanel.
+// them read), a panel of P vectors at a time: P x MB accumulators in registers, each w row's
+// panel loaded once for all MB rows. Each output is the same sum over k in order whatever
+// the panels and blocks (an accumulator kept in L1 between blocks holds the same float), so
+// the bits depend on neither.
 // FETCH: also fetch lines line .. line_end - 1 of `next` into L2 (see rows_times_tile).
 template <int MB, bool FETCH = false, typename W = float, bool STREAM = false>
 inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int64_t K,
                       float* y, int64_t ldy, int64_t ncols, bool accumulate,
                       const void* next = nullptr, int64_t line = 0, int64_t line_end = 0,
                       int64_t every = 1) {
-  constexpr int kPanelCols = kPanel * kLanes;
+  constexpr int P = panel_for<MB>();
+  constexpr int kPanelCols = P * kLanes;
+  constexpr int kPanels = kCols / kPanelCols;
+  const int panels = static_cast<int>(std::min<int64_t>(kPanels, (ncols + kPanelCols - 1) / kPanelCols));
   const char* next_bytes = static_cast<const char*>(next);
-  for (int panel = 0; panel < kCols / kPanelCols; ++panel) {
-    const int64_t col0 = panel * kPanelCols;
-    if (panel > 0 && col0 >= ncols) break;  // a narrow last tile: no work past its columns
-    const W* wp = w + col0;
-    vf a[MB][kPanel] = {};
-    int64_t countdown = every;
-    for (int64_t k = 0; k < K; ++k) {
-      const W* wk = wp + k * ldw;
-      if constexpr (MB >= kPrefetchRows || STREAM) {
-        if (panel == 0) {  // the whole tile row: later panels find it in cache
-          constexpr int64_t rows_ahead = kPrefetchAheadBytes / (kCols * sizeof(W));
-          const char* ahead = reinterpret_cast<const char*>(wk + rows_ahead * ldw);
-          for (size_t b = 0; b < kCols * sizeof(W); b += 64) __builtin_prefetch(ahead + b, 0, 2);
-        }
-      }
-      if constexpr (FETCH) {  // lines line .. line_end - 1 of `next`, one every `every` rows
-        if (--countdown == 0) {
-          countdown = every;
-          if (line < line_end) __builtin_prefetch(next_bytes + 64 * line++, 0, 2);
-        }
-      }
-      vf wv[kPanel];
-#pragma GCC unroll 4
-      for (int c = 0; c < kPanel; ++c) wv[c] = load_w(wk + c * kLanes);
-#pragma GCC unroll 8
+  vf held[kPanels][MB][P] = {};  // the accumulators between blocks
+  int64_t countdown = every;
+  for (int64_t k0 = 0; k0 < K; k0 += kBlockK) {
+    const int64_t k1 = std::min(K, k0 + kBlockK);
+    for (int panel = 0; panel < panels; ++panel) {
+      const W* wp = w + panel * kPanelCols;
+      vf a[MB][P];
       for (int i = 0; i < MB; ++i) {
-        const float xv = x[i * ldx + k];
-#pragma GCC unroll 4
-        for (int c = 0; c < kPanel; ++c) a[i][c] += xv * wv[c];
+        for (int c = 0; c < P; ++c) a[i][c] = held[panel][i][c];
+      }
+      for (int64_t k = k0; k < k1; ++k) {
+        const W* wk = wp + k * ldw;
+        if (panel == 0) {  // the first panel to read this weight row
+          if constexpr (MB >= kPrefetchRows || STREAM) {  // the whole tile row, a page ahead
+            constexpr int64_t rows_ahead = kPrefetchAheadBytes / (kCols * sizeof(W));
+            const char* ahead = reinterpret_cast<const char*>(w + (k + rows_ahead) * ldw);
+            for (size_t b = 0; b < kCols * sizeof(W); b += 64) __builtin_prefetch(ahead + b, 0, 2);
+          }
+          if constexpr (FETCH) {  // lines line .. line_end - 1 of `next`, one every `every` rows
+            if (--countdown == 0) {
+              countdown = every;
+              if (line < line_end) __builtin_prefetch(next_bytes + 64 * line++, 0, 2);
+            }
+          }
+        }
+        vf wv[P];
+#pragma GCC unroll 8
+        for (int c = 0; c < P; ++c) wv[c] = load_w(wk + c * kLanes);
+#pragma GCC unroll 8
+        for (int i = 0; i < MB; ++i) {
+          const float xv = x[i * ldx + k];
+#pragma GCC unroll 8
+          for (int c = 0; c < P; ++c) a[i][c] += xv * wv[c];
+        }
+      }
+      for (int i = 0; i < MB; ++i) {
+        for (int c = 0; c < P; ++c) held[panel][i][c] = a[i][c];
       }
     }
+  }
+  for (int panel = 0; panel < panels; ++panel) {
+    const int64_t col0 = panel * kPanelCols;
     const int64_t n = std::min<int64_t>(kPanelCols, ncols - col0);
     for (int i = 0; i < MB; ++i) {
       float* yr = y + i * ldy + col0;
       if (n == kPanelCols && !accumulate) {
-        for (int c = 0; c < kPanel; ++c) store(yr + c * kLanes, a[i][c]);
+        for (int c = 0; c < P; ++c) store(yr + c * kLanes, held[panel][i][c]);
         continue;
       }
       float buf[kPanelCols];
-      for (int c = 0; c < kPanel; ++c) store(buf + c * kLanes, a[i][c]);
+      for (int c = 0; c < P; ++c) store(buf + c * kLanes, held[panel][i][c]);
       if (accumulate) {
         for (int64_t c = 0; c < n; ++c) yr[c] += buf[c];
       } else {
@@ -554,26 +590,37 @@ inline float softmax_step(float* sr, int64_t visible, float& mx, float& sum) {
 // own keys end before `visible` has zero weights past them: adding 0 * v leaves its bits.
 // With 16 registers the head is taken in panels of kPanel vectors (one pass over the values
 // each), so that R x kPanel accumulators fit; each value's sum over t has the same order.
+// The panels walk the values in blocks of kValueBlock rows, every panel of a block before the
+// next block (as `tile_rows` walks a weight tile), so that each value row is read whole, once,
+// from memory; the accumulators go back to acc between blocks (the same floats: the same bits).
+constexpr int64_t kValueBlock = 4;
+
 template <int D, int R>
 inline void add_values(const float* s, int64_t ld_score, const float* const* vrow,
                        int64_t visible, const float* correction, float* acc) {
   constexpr int C = D / kLanes, P = kWideRegs || C < kPanel ? C : kPanel;
-  for (int c0 = 0; c0 < C; c0 += P) {
-    vf a[R][P];
+  for (int64_t t0 = 0; t0 < visible || t0 == 0; t0 += kValueBlock) {
+    const int64_t t1 = std::min(visible, t0 + kValueBlock);
+    for (int c0 = 0; c0 < C; c0 += P) {
+      vf a[R][P];
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < P; ++c) a[r][c] = load(acc + r * D + (c0 + c) * kLanes) * correction[r];
-    for (int64_t t = 0; t < visible; ++t) {
-      const float* vr = vrow[t] + c0 * kLanes;
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < P; ++c) {
+          a[r][c] = load(acc + r * D + (c0 + c) * kLanes);
+          if (t0 == 0) a[r][c] *= correction[r];
+        }
+      for (int64_t t = t0; t < t1; ++t) {
+        const float* vr = vrow[t] + c0 * kLanes;
 #pragma GCC unroll 16
-      for (int c = 0; c < P; ++c) {
-        const vf vv = load(vr + c * kLanes);
-        for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
+        for (int c = 0; c < P; ++c) {
+          const vf vv = load(vr + c * kLanes);
+          for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
+        }
       }
-    }
 #pragma GCC unroll 16
-    for (int r = 0; r < R; ++r)
-      for (int c = 0; c < P; ++c) store(acc + r * D + (c0 + c) * kLanes, a[r][c]);
+      for (int r = 0; r < R; ++r)
+        for (int c = 0; c < P; ++c) store(acc + r * D + (c0 + c) * kLanes, a[r][c]);
+    }
   }
 }
 

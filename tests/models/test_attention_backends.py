@@ -230,11 +230,13 @@ def test_linear_tiled_is_row_invariant():
         weight = torch.randn(out_features, in_features, generator=gen)
         ref = weight.clone()
         assert tile_for_kernels(weight) is not None
-        for rows in (1, 5, 6, 13, 80):
+        for rows in (1, 2, 3, 5, 6, 13, 80):  # one-row and two-row blocks take wider panels
             x = torch.randn(rows, in_features, generator=gen)
             y = linear(x, weight)
             assert (y.double() - x.double() @ ref.double().t()).abs().max().item() < 1e-4
-            assert torch.equal(linear(x[-1:], weight)[0], y[-1])
+            for i in range(rows):
+                assert torch.equal(linear(x[i : i + 1], weight)[0], y[i])
+            assert torch.equal(linear(x[:2], weight), y[:2])
 
 
 def test_16_bit_tiles_give_the_same_bits():
@@ -252,7 +254,7 @@ def test_16_bit_tiles_give_the_same_bits():
             tiled = tile_for_kernels(weight)
             assert tiled is not None and tiled.dtype == narrow
             wide = tile_weight(weight)  # the float32 tiles
-            for rows in (1, 3, 8, 9, 13, 30, 80):
+            for rows in (1, 2, 3, 8, 9, 13, 30, 80):
                 x = torch.randn(rows, in_features, generator=gen)
                 want = torch.empty(rows, out_features)
                 torch.ops.specserve.linear_tiled(want, x, wide)
