@@ -289,9 +289,7 @@ inline vf load_w(const c10::Half* p) {
 constexpr int kPanel = kWideRegs ? 4 : 2;
 
 // The panel for a block of MB rows: one row takes all of a tile's columns in one panel (8
-// accumulators and the weight vectors still fit 16 registers), two rows half of them. AVX2,
-// the 150M model's products from memory (`benchmarks/linear_kernels.py --weights 64`), in
-// 16 bits: two rows 0.55 ms a gate-up product against 0.83-0.92 in panels of 2.
+// accumulators and the weight vectors still fit 16 registers), two rows half of them.
 template <int MB>
 constexpr int panel_for() {
   constexpr int all = static_cast<int>(kCols / kLanes);
@@ -304,9 +302,10 @@ constexpr int panel_for() {
 // that the tile streams front to back once (a block is 2-4 KB: later panels read it from L1)
 // instead of once per panel with a stride of a whole tile row, which the prefetchers follow
 // badly. The panels' accumulators go to L1 between blocks (MB x P vectors per 16 rows).
-// AVX2, the 150M model's gate-up product from memory: one row in float32 took 1.88 ms in
-// four strided passes (6.7 GB/s; MKL's `mm` 0.89 ms), 0.78-1.06 in one panel; three rows
-// in 16 bits 1.14 ms panel by panel, 0.60 in blocks.
+// AVX2, the 150M model's gate-up product from memory (`benchmarks/linear_kernels.py
+// --weights 64`): one row in float32 took 1.88 ms in four strided passes (6.7 GB/s; MKL's
+// `mm` 0.89 ms), 0.78-1.06 in one panel; in 16 bits two rows took 0.83-0.92 ms panel by
+// panel, 0.56 in blocks, three rows 1.14 and 0.60.
 constexpr int64_t kBlockK = 16;
 
 // y[i, :ncols] (+)= x[i, :K] @ w[:K, :64] for MB rows (w's rows `ldw` values apart, 64 of
@@ -323,7 +322,8 @@ inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
   constexpr int P = panel_for<MB>();
   constexpr int kPanelCols = P * kLanes;
   constexpr int kPanels = kCols / kPanelCols;
-  const int panels = static_cast<int>(std::min<int64_t>(kPanels, (ncols + kPanelCols - 1) / kPanelCols));
+  const int panels =  // a narrow last tile: no work past its columns
+      static_cast<int>(std::min<int64_t>(kPanels, (ncols + kPanelCols - 1) / kPanelCols));
   const char* next_bytes = static_cast<const char*>(next);
   vf held[kPanels][MB][P] = {};  // the accumulators between blocks
   int64_t countdown = every;
@@ -386,8 +386,9 @@ inline void tile_rows(const float* x, int64_t ldx, const W* w, int64_t ldw, int6
 }
 
 // y [M, 64-column chunk] (+)= x [M, K] @ w [K, 64]: up to 8 rows in one block (a verify window
-// of 8 or a draft block of 7 in one pass over the tile; with 16 registers 7-8 rows as 6 + rest); more in blocks of 6 rows (each pass
-// after the first reads the tile from L2), the rest in one block. 150M model, ten verify
+// of 8 or a draft block of 7 in one pass over the tile; with 16 registers, 7-8 rows as 6 and
+// the rest); more in blocks of 6 rows (each pass after the first reads the tile from L2), the
+// rest in one block. 150M model, ten verify
 // windows of 8: 209 ms a step against 227 in blocks of 8.
 //
 // With `kFetchNextRows` rows or more, passes 1 to 12 also fetch `next` (the tile this thread
@@ -599,17 +600,18 @@ inline float softmax_step(float* sr, int64_t visible, float& mx, float& sum) {
 // acc[r] = acc[r] * correction[r] + sum over t < visible of s[r, t] * v_t, for R rows of head
 // size D (accumulators in registers; each value row loaded once for all R rows). A row whose
 // own keys end before `visible` has zero weights past them: adding 0 * v leaves its bits.
-// With 16 registers the head is taken in panels of kPanel vectors (one pass over the values
-// each), so that R x kPanel accumulators fit; each value's sum over t has the same order.
-// The panels walk the values in blocks of kValueBlock rows, every panel of a block before the
-// next block (as `tile_rows` walks a weight tile), so that each value row is read whole, once,
-// from memory; the accumulators go back to acc between blocks (the same floats: the same bits).
+// With 16 registers the head is taken in panels of kPanel vectors, so that R x kPanel
+// accumulators fit; each value's sum over t has the same order. The panels walk the values in
+// blocks of kValueBlock rows, every panel of a block before the next block (as `tile_rows`
+// walks a weight tile), so that each value row is read whole, once, from memory; the
+// accumulators go back to acc between blocks (the same floats: the same bits).
 constexpr int64_t kValueBlock = 4;
 
 template <int D, int R>
 inline void add_values(const float* s, int64_t ld_score, const float* const* vrow,
                        int64_t visible, const float* correction, float* acc) {
   constexpr int C = D / kLanes, P = kWideRegs || C < kPanel ? C : kPanel;
+  // at least one block, so that the correction is applied even with no value to add
   for (int64_t t0 = 0; t0 < visible || t0 == 0; t0 += kValueBlock) {
     const int64_t t1 = std::min(visible, t0 + kValueBlock);
     for (int c0 = 0; c0 < C; c0 += P) {
