@@ -1,9 +1,11 @@
 """The paged-attention kernel against its floor and the PyTorch backend, one layer, side by side.
 
     .venv/bin/python benchmarks/paged_attention.py [--threads 1] [--reps 10]
+        [--heads 4 --kv-heads 2] [--batches 1,10] [--contexts 512,1024,2048] [--no-prefill]
 
-Shapes are the demo target's (4 query heads, 2 KV heads, head size 64, pages of 16): batch
-{1, 10} x context {512, 1024, 2048} x {decode, verify 8}, each request's pages laid out
+Shapes are the demo target's by default (4 query heads, 2 KV heads; the 150M model's are 12
+and 4), head size 64, pages of 16: batch {1, 10} x context {512, 1024, 2048} x {decode,
+verify 8}, each request's pages laid out
 `contiguous` (one run, as after a prefill), `interleaved` (taken in turns, as when requests
 decoding together each take their next page) or `random` (a fragmented pool), in a pool of
 20,000 pages; then one 2,048-token context's prefill chunk of 512 (after 1,536 cached tokens)
@@ -82,26 +84,39 @@ def cell(cache, batch: int, context: int, width: int, layout: str, reps: int) ->
 
 
 def main() -> None:
+    global HEADS, KV  # the shapes `cell` uses
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--layouts", default="contiguous,interleaved,random")
+    ap.add_argument("--heads", type=int, default=HEADS, help="query heads")
+    ap.add_argument("--kv-heads", type=int, default=KV)
+    ap.add_argument("--batches", default="1,10")
+    ap.add_argument("--contexts", default="512,1024,2048")
+    ap.add_argument(
+        "--prefill", action=argparse.BooleanOptionalAction, default=True, help="the chunk cells"
+    )
     args = ap.parse_args()
+    HEADS, KV = args.heads, args.kv_heads
     torch.set_num_threads(args.threads)
     cache = [torch.randn(2, KV, POOL, PAGE, D)]
-    print(f"torch threads: {torch.get_num_threads()}; one layer of the demo target's shapes")
+    print(
+        f"torch threads: {torch.get_num_threads()}; one layer, {HEADS} query heads, {KV} KV heads"
+    )
     print(
         "| batch | context | step | pages | copy GB/s | floor ms | kernel ms min / median | "
         "kernel / floor | kernel GFLOP/s | cpp attend ms min / median | "
         "torch attend ms min / median | torch / cpp |"
     )
     print("|---" * 12 + "|")
-    for batch in (1, 10):
-        for context in (512, 1024, 2048):
+    for batch in (int(b) for b in args.batches.split(",")):
+        for context in (int(c) for c in args.contexts.split(",")):
             for width in (1, 8):
                 for layout in args.layouts.split(","):
                     print(cell(cache, batch, context, width, layout, args.reps), flush=True)
-    for width in (512, 2048):  # one prefill chunk: after 1,536 cached tokens, and a whole prompt
+    for width in (
+        (512, 2048) if args.prefill else ()
+    ):  # one prefill chunk: after 1,536 cached tokens, and a whole prompt
         print(cell(cache, 1, 2048, width, "contiguous", max(2, args.reps // 2)), flush=True)
 
 
