@@ -3,9 +3,11 @@
 Every stage writes its result under `--work` (default `build/demo`) and is skipped when that
 result exists, and the long ones checkpoint, so an interrupted build resumes where it stopped.
 Before each stage the build prints its time estimate (from `--estimate`'s measured step
-times, when `WORK/step_times.json` exists). The bundle (`--out`) gets the target (float16 on
-disk), the three drafters, the DSpark STS temperatures, the held-out prompts, `eval.json` and
-a README with the evaluation tables. `--smoke` runs every stage at a tiny scale in a temporary
+times, when `WORK/step_times.json` exists). The bundle (`--out`) gets the target and the three
+drafters (float16 on disk), the DSpark STS temperatures, the held-out prompts, `eval.json` and
+a README with the evaluation tables. Models already in `--out` are kept, not trained again: run
+on a checkout, the build makes only what evaluating them needs and writes `eval.json` and the
+README anew. `--smoke` runs every stage at a tiny scale in a temporary
 folder (a check of the pipeline, not a model).
 """
 
@@ -185,6 +187,22 @@ def run(cmd: list[str]) -> None:
         raise SystemExit(f"failed (exit {code}): specserve {' '.join(cmd[3:])}")
 
 
+def export_drafter(src: Path, dst: Path) -> None:
+    """A trained drafter into the bundle, float16 on disk like the target: it loads back to
+    float32, and the draft step's products then stream half the bytes (their tiled copies are
+    16-bit where that is exact). `src` may be `dst` (a float32 drafter converted in place)."""
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    state = load_file(str(src / "model.safetensors"))
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    save_file(half, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "config.json").read_text()) | {"torch_dtype": "float16"}
+    (dst / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    if src.resolve() != dst.resolve():
+        shutil.copy(src / "train_log.json", dst / "train_log.json")
+
+
 class Builder:
     """The stages of one build, in order; each is skipped when its result exists."""
 
@@ -219,18 +237,35 @@ class Builder:
 
     def build(self) -> None:
         w, out = self.work, self.out
+        # A bundle whose target (or drafters) are already in `out` (a checkout of the repository,
+        # whose work folder is gone) keeps them: the build then only makes what evaluating them
+        # needs (the corpus, the held-out prompts and continuations) instead of training again.
+        exported = (out / "target" / "model.safetensors").is_file()
+        drafted = all(self.has(a) for a in ALGORITHMS)
         self.stage("corpus", (self.corpus / "prose").is_dir(), self.make_corpus)
+        if exported and not (self.tok / "tokenizer.json").is_file():
+            from specserve.train.target import copy_tokenizer
+
+            self.tok.mkdir(parents=True, exist_ok=True)
+            copy_tokenizer(out / "target", self.tok)  # the bundle's own, not a new one
         self.stage("tokenizer", (self.tok / "tokenizer.json").is_file(), self.make_tokenizer)
         if self.r.target_warmup:
-            done = (w / "target_short" / "model.safetensors").is_file()
+            done = exported or (w / "target_short" / "model.safetensors").is_file()
             self.stage("target-short", done, lambda: self.train_target("target_short"))
-        self.stage("target", (w / "target" / "model.safetensors").is_file(), self.train_target)
-        self.stage("export", (out / "target" / "model.safetensors").is_file(), self.export)
+        done = exported or (w / "target" / "model.safetensors").is_file()
+        self.stage("target", done, self.train_target)
+        self.stage("export", exported, self.export)
         self.stage("prompts", (w / "prompts.done").is_file(), self.make_prompts)
         self.stage("position-loss", (w / "position_loss.json").is_file(), self.position_loss)
-        self.stage("gen-data", (w / "gen-data.done").is_file(), self.gen_data)
-        self.stage("cache-target", (w / "target_cache" / "index.json").is_file(), self.cache)
-        self.stage("drafters", all(self.has(a) for a in ALGORITHMS), self.train_drafters)
+        sets = self.data_sets(train=not drafted)
+        done = all((w / name / "data.pt").is_file() for name, *_ in sets)
+        # named apart when only the held-out sets are made, so that the recorded stage times
+        # keep what the whole generation took
+        self.stage("gen-data" if not drafted else "gen-data-heldout", done,
+                   lambda: self.gen_data(sets))  # fmt: skip
+        done = drafted or (w / "target_cache" / "index.json").is_file()
+        self.stage("cache-target", done, self.cache)
+        self.stage("drafters", drafted, self.train_drafters)
         self.stage("calibrate", (out / "dspark" / "sts.json").is_file(), self.calibrate)
         self.stage("evaluate", False, self.evaluate)
         size = _size_mb(out)
@@ -334,10 +369,11 @@ class Builder:
         )
         (self.work / "position_loss.json").write_text(json.dumps(loss, indent=2) + "\n")
 
-    def data_sets(self) -> list[tuple[str, Path, int, float]]:
-        """(folder, prompts file, prompt length, temperature) of every gen-data run."""
+    def data_sets(self, train: bool = True) -> list[tuple[str, Path, int, float]]:
+        """(folder, prompts file, prompt length, temperature) of every gen-data run (the
+        drafters' training sets with `train`, then the held-out ones)."""
         w, sets = self.work, []
-        for length in self.r.prompt_lens:
+        for length in self.r.prompt_lens if train else ():
             for temp, tag in ((1.0, "sampled"), (0.0, "greedy")):
                 sets.append(
                     (
@@ -356,8 +392,8 @@ class Builder:
     def train_data(self) -> list[str]:
         return [str(self.work / name) for name, *_ in self.data_sets() if "train" in name]
 
-    def gen_data(self) -> None:
-        for name, prompts, length, temp in self.data_sets():
+    def gen_data(self, sets: list[tuple[str, Path, int, float]]) -> None:
+        for name, prompts, length, temp in sets:
             if not (self.work / name / "data.pt").is_file():
                 run(
                     cli(
@@ -368,7 +404,6 @@ class Builder:
                         *("--batch-size", str(gen_batch(length))),
                     )
                 )
-        (self.work / "gen-data.done").touch()
 
     def cache(self) -> None:
         """The target's states of the training data, once for all three drafters (MTP reads
@@ -416,9 +451,7 @@ class Builder:
                 running.remove((alg, proc))
                 if proc.returncode:
                     raise SystemExit(f"drafter {alg} failed; see {self.work / (alg + '.log')}")
-                (self.out / alg).mkdir(parents=True, exist_ok=True)
-                for name in ("config.json", "model.safetensors", "train_log.json"):
-                    shutil.copy(self.work / alg / name, self.out / alg / name)
+                export_drafter(self.work / alg, self.out / alg)
 
     def calibrate(self) -> None:
         mid = sorted(self.r.eval_lens)[len(self.r.eval_lens) // 2]

@@ -5,6 +5,7 @@ random tokens (`python -m specserve.train.bundle --estimate`)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -60,6 +61,9 @@ def evaluate_bundle(recipe: Recipe, out: Path, heldout: dict[int, Path], device:
 
     path = out / "eval.json"
     results = json.loads(path.read_text()) if path.is_file() else {}
+    inputs = _fingerprint([out / "target", *(out / a for a in ALGORITHMS), *heldout.values()])
+    if results.get("inputs") != inputs:  # other models or held-out data: measure them anew
+        results = {"inputs": inputs}
 
     def keep(key: str, fn) -> None:
         if key not in results:
@@ -85,6 +89,16 @@ def evaluate_bundle(recipe: Recipe, out: Path, heldout: dict[int, Path], device:
         )
     keep("cost", lambda: forward_costs(out))
     return results
+
+
+def _fingerprint(folders: list[Path]) -> str:
+    """A digest of the files an evaluation reads (weights, STS temperatures, held-out data)."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        for f in sorted(folder.glob("*")):
+            if f.suffix in (".safetensors", ".pt", ".json") and f.name != "train_log.json":
+                digest.update(f.name.encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def engine_check(out: Path, data: Path, alg: str, k: int, recipe: Recipe) -> dict:

@@ -59,7 +59,8 @@ def contents(recipe: Recipe, out: Path, results: dict) -> list[str]:
     ]
     for alg in ALGORITHMS:
         lines.append(
-            f"| `{alg}/` | {alg} drafter, 1 layer, shares the target's embedding and LM head | "
+            f"| `{alg}/` | {alg} drafter, 1 layer, shares the target's embedding and LM head, "
+            "float16 on disk | "
             f"{logs[alg]['params'] / 1e6:.2f} M | {_size_mb(out / alg):.1f} MB | "
             f"{_drafter_minutes(logs[alg])}, {recipe.drafter_steps[alg]} steps |"
         )
@@ -196,6 +197,16 @@ def how_built(recipe: Recipe, stages: dict[str, float]) -> list[str]:
         "|---|---|",
         *(f"| {k} | {v:.0f} |" for k, v in stages.items()),
         "",
+        *(
+            [
+                "A later run of the build re-evaluated the models already in the bundle (it",
+                "trains nothing that exists); a stage it ran again shows that run's time, and",
+                "`gen-data-heldout` is its held-out continuations alone.",
+                "",
+            ]
+            if "gen-data-heldout" in stages
+            else []
+        ),
         *_target_recipe(recipe),
         f"* Drafter data: prompts per domain (count x tokens) {spread}, windows of whole training",
         f"  files, each continued by the target for {recipe.new_tokens} tokens once sampled (t=1)",

@@ -4,9 +4,11 @@ scale (`python -m specserve.train.bundle --smoke`)."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
+from safetensors import safe_open
 
 from specserve.train.bundle import FULL, SMOKE, Recipe
 
@@ -77,6 +79,11 @@ def test_smoke_build_runs_every_stage_and_resumes(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(out / "target")
     assert type(hf).__name__ == "Qwen3ForCausalLM"
     assert hf.config.max_position_embeddings == SMOKE.model["max_position_embeddings"]
+    for alg in ("mtp", "dflash", "dspark"):  # float16 on disk, as the target
+        cfg = json.loads((out / alg / "config.json").read_text())
+        assert cfg["torch_dtype"] == "float16"
+        with safe_open(out / alg / "model.safetensors", "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float16}
     for alg in ("dflash", "dspark"):
         cfg = json.loads((out / alg / "config.json").read_text())
         assert cfg["target_layer_ids"] == list(SMOKE.target_layer_ids)
@@ -98,3 +105,38 @@ def test_smoke_build_runs_every_stage_and_resumes(tmp_path):
     assert main(["--smoke", "--work", str(tmp_path)]) == 0  # resumes: every stage is done
     again = json.loads((work / "stage_seconds.json").read_text())
     assert {k for k in first if first[k] != again[k]} <= {"evaluate"}
+    # a checkout of the bundle without its work folder: re-evaluated, nothing trained again
+    models = {p: p.read_bytes() for p in out.glob("*/model.safetensors")}
+    shutil.rmtree(work)
+    assert main(["--smoke", "--work", str(tmp_path)]) == 0
+    redone = json.loads((work / "stage_seconds.json").read_text())
+    assert "gen-data-heldout" in redone and "evaluate" in redone
+    assert not {
+        "tokenizer",
+        "target-short",
+        "target",
+        "export",
+        "gen-data",
+        "cache-target",
+        "drafters",
+    } & set(redone)
+    assert {p: p.read_bytes() for p in out.glob("*/model.safetensors")} == models
+    assert "inputs" in json.loads((out / "eval.json").read_text())  # what it measured
+
+
+def test_evaluation_is_redone_when_what_it_read_changes(tmp_path):
+    from specserve.train.bundle_eval import _fingerprint
+
+    model, data = tmp_path / "dspark", tmp_path / "data"
+    model.mkdir(), data.mkdir()
+    (model / "model.safetensors").write_bytes(b"float32 weights")
+    (model / "train_log.json").write_text("{}")
+    (data / "data.pt").write_bytes(b"continuations")
+    first = _fingerprint([model, data])
+    (model / "train_log.json").write_text('{"steps": 1}')  # not read by the evaluation
+    assert _fingerprint([model, data]) == first
+    (model / "model.safetensors").write_bytes(b"float16 weights")
+    assert _fingerprint([model, data]) != first
+    (model / "model.safetensors").write_bytes(b"float32 weights")
+    (data / "data.pt").write_bytes(b"other continuations")
+    assert _fingerprint([model, data]) != first
