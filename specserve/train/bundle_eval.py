@@ -91,13 +91,17 @@ def evaluate_bundle(recipe: Recipe, out: Path, heldout: dict[int, Path], device:
     return results
 
 
+# The files of a model or held-out data folder an evaluation reads (it writes caches beside them).
+EVAL_INPUTS = ("config.json", "model.safetensors", "sts.json", "data.pt")
+
+
 def _fingerprint(folders: list[Path]) -> str:
     """A digest of the files an evaluation reads (weights, STS temperatures, held-out data)."""
     digest = hashlib.sha256()
     for folder in folders:
-        for f in sorted(folder.glob("*")):
-            if f.suffix in (".safetensors", ".pt", ".json") and f.name != "train_log.json":
-                digest.update(f.name.encode() + b"\0" + f.read_bytes())
+        for name in EVAL_INPUTS:
+            if (folder / name).is_file():
+                digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -134,6 +134,7 @@ def test_evaluation_is_redone_when_what_it_read_changes(tmp_path):
     (data / "data.pt").write_bytes(b"continuations")
     first = _fingerprint([model, data])
     (model / "train_log.json").write_text('{"steps": 1}')  # not read by the evaluation
+    (data / "eval_t0_s0.pt").write_bytes(b"a cache the evaluation writes")
     assert _fingerprint([model, data]) == first
     (model / "model.safetensors").write_bytes(b"float16 weights")
     assert _fingerprint([model, data]) != first
