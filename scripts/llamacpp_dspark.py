@@ -128,7 +128,11 @@ def ours(bundle: Path, prompts: list[list[int]], lengths: list[int], threads: in
 
     longest = max(map(len, prompts)) + max(lengths) + 64
     llm = LLM(str(bundle / "target"), max_total_tokens=longest, num_threads=threads)
-    spec = SpecConfig("DSPARK", str(bundle / "dspark"), verify_policy="full")
+    # the drafter's accept length, so every step drafts: no draft gate (it pauses drafting
+    # where it does not pay on this machine, which llama.cpp does not)
+    spec = SpecConfig(
+        "DSPARK", str(bundle / "dspark"), verify_policy="full", adaptive_drafting=False
+    )
     llm.engine.set_speculation(*build_speculation(spec, llm.engine))
     return [
         llm.generate(ids, SamplingParams(max_tokens=n, temperature=0))[0]
@@ -150,7 +154,9 @@ def report(bundle: Path, work: Path, n_predict: int, threads: int) -> None:
         theirs = llamacpp_rounds(logs[i - 1])
         mine, ids = specserve_rounds(out.meta_info[0]), out.outputs[0].token_ids
         # llama.cpp prints the prompt, then what it generated (one token past -n)
-        text = (work / f"decode_{i}.out").read_text().lstrip("\n")
+        # the model may generate a byte-level token that ends mid-character: both sides
+        # decode invalid UTF-8 to U+FFFD, as the tokenizers library does
+        text = (work / f"decode_{i}.out").read_text(errors="replace").lstrip("\n")
         prompt_text = (work / f"prompt_{i}.txt").read_text()
         generated = text[len(prompt_text) :] if text.startswith(prompt_text) else None
         # over the -n tokens asked for: llama.cpp's printout now and then lacks its last token
