@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/engine_decode.py [--models demo,150m] [--quick] [--threads 1]
         [--pages contiguous|interleaved] [--checkpoint-dtype bfloat16|float16|float32]
+        [--attention-backends torch,cpp,cpp:bfloat16]
 
 For each model (`demo` = models/demo/target, saved in float16; `10m`/`150m` = random Qwen3
 checkpoints written to a temp folder in `--checkpoint-dtype`, bfloat16 by default as Qwen3
@@ -25,6 +26,9 @@ ships) it prints:
     a prefill) or taken in turns (`--pages interleaved`, as when requests decoding together
     each take their next page).
   * with `--profile`, torch ops per decode step and the share of the step spent outside them.
+Our arms are `--attention-backends`, each `NAME[:KV_CACHE_DTYPE]` (`cpp:bfloat16`: the cpp
+backend over a bfloat16 K/V cache, `--kv-cache-dtype bfloat16`); the floor columns are the
+first arm's, and each arm's ratio is to its own floor (a 16-bit cache has fewer bytes to read).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from pathlib import Path
 import torch
 from torch.profiler import profile
 
+from specserve.config import CacheConfig
 from specserve.core import SamplingParams
 from specserve.engine.model_runner import BatchSeq, ModelRunner
 from specserve.llm import LLM
@@ -113,10 +118,18 @@ def peak_flops(reps: int = 5) -> float:
     return 2 * a.shape[0] * a.shape[1] * b.shape[1] / best
 
 
+def arm(backend: str) -> tuple[str, str]:
+    """`NAME[:KV_CACHE_DTYPE]` -> the attention backend and `--kv-cache-dtype` (auto)."""
+    name, _, kv = backend.partition(":")
+    return name, kv or "auto"
+
+
 def ours_decode(path: str, batch: int, tokens: int, backend: str) -> float:
+    name, kv = arm(backend)
     llm = LLM(
         path,
-        attention_backend=backend,
+        attention_backend=name,
+        kv_cache_dtype=kv,
         max_total_tokens=max(4096, batch * (tokens + 64)),
         page_size=16,
         max_running_requests=max(batch, 1),
@@ -164,8 +177,10 @@ class Cell:
         model, _ = load_model(self.path)
         model.fuse()
         per = -(-(self.context + self.width) // PAGE)
+        name, kv = arm(backend)
+        kv_dtype = CacheConfig(kv_cache_dtype=kv).kv_dtype(torch.float32)
         runner = ModelRunner(
-            model, self.batch * per, PAGE, torch.float32, "cpu", attention_backend=backend
+            model, self.batch * per, PAGE, torch.float32, "cpu", (), name, kv_dtype
         )
         for layer in runner.kv_cache:
             layer.normal_()
@@ -267,9 +282,10 @@ def run_cell(cell: Cell, reps: int, with_hf: bool, backends: list[str]) -> str:
     """Arms (each attention backend, then `transformers`) alternated with a copy-bandwidth
     sample each round (the load on a shared machine moves); the floor uses the best bandwidth
     seen, each ratio the best step time."""
-    arms = []
+    arms, runners = [], []
     for b in backends:
         runner, seqs = cell.ours(b)
+        runners.append(runner)
         arms.append(lambda r=runner, s=seqs: r.forward(s))
     if with_hf:
         arms.append(cell.hf())
@@ -281,16 +297,16 @@ def run_cell(cell: Cell, reps: int, with_hf: bool, backends: list[str]) -> str:
         for fn, t in zip(arms, times, strict=True):
             fn()  # back to back, as a server runs its steps: not after another arm's data
             t += timed(fn, 1)
-        bws.append(copy_bandwidth(cell.bytes_read(runner)))
+        bws.append(copy_bandwidth(cell.bytes_read(runners[0])))
         peaks.append(peak_flops())
-    floor_bytes = cell.bytes_read(runner) / max(bws)
-    floor_flops = cell.flops(runner) / max(peaks)
-    floor = max(floor_bytes, floor_flops)
+    floor_flops = cell.flops(runners[0]) / max(peaks)
+    floors = [max(cell.bytes_read(r) / max(bws), floor_flops) for r in runners]
+    floor_bytes = cell.bytes_read(runners[0]) / max(bws)
     line = (
         f"| {cell.batch} | {cell.context} | {cell.step} | {max(bws) / 1e9:.1f} | "
         f"{max(peaks) / 1e9:.0f} | {1e3 * floor_bytes:.2f} | {1e3 * floor_flops:.2f} |"
     )
-    for t in times[: len(backends)]:
+    for t, floor in zip(times[: len(backends)], floors, strict=True):
         line += f" {1e3 * min(t):.2f} / {1e3 * statistics.median(t):.2f} | {min(t) / floor:.1f}x |"
     if with_hf:
         best = min(min(t) for t in times[: len(backends)])

@@ -19,6 +19,11 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 
+# `--kv-cache-dtype` (SGLang's and vLLM's flag): a 16-bit cache under a float32 model halves
+# the bytes attention reads and the memory a token takes; keys and values are rounded once, as
+# they are written, and every sum stays float32.
+KV_CACHE_DTYPES: dict[str, torch.dtype] = DTYPES | {"bf16": torch.bfloat16, "fp16": torch.float16}
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field."""
@@ -196,14 +201,26 @@ class CacheConfig:
     max_total_tokens: int | None = None
     mem_fraction_static: float = 0.1  # of available RAM (CPU) or free device memory
     enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; else a key of KV_CACHE_DTYPES
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype != "auto" and self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ConfigError(
+                f"--kv-cache-dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"not {self.kv_cache_dtype!r}"
+            )
         if self.page_size <= 0 or self.page_size & (self.page_size - 1):
             raise ConfigError("--page-size must be a positive power of two")
         if self.max_total_tokens is not None and self.max_total_tokens < self.page_size:
             raise ConfigError("--max-total-tokens must be at least --page-size")
         if not 0.0 < self.mem_fraction_static <= 1.0:
             raise ConfigError("--mem-fraction-static must be in (0, 1]")
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The K/V cache's dtype: the model's under "auto"."""
+        if self.kv_cache_dtype == "auto":
+            return model_dtype
+        return KV_CACHE_DTYPES[self.kv_cache_dtype]
 
 
 @dataclass(frozen=True)

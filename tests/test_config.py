@@ -7,7 +7,8 @@ import os
 import pytest
 import torch
 
-from specserve.config import ConfigError, EngineConfig, physical_cores
+from specserve.config import CacheConfig, ConfigError, EngineConfig, ModelConfig, physical_cores
+from specserve.engine.model_runner import num_kv_blocks
 from specserve.llm import LLM
 
 
@@ -21,6 +22,26 @@ from specserve.llm import LLM
 def test_bad_engine_options_name_the_flag(field, value, flag):
     with pytest.raises(ConfigError, match=flag):
         EngineConfig(model_path="m", **{field: value})
+
+
+def test_bad_kv_cache_dtype_names_the_flag():
+    with pytest.raises(ConfigError, match="--kv-cache-dtype must be auto or one of"):
+        CacheConfig(kv_cache_dtype="fp8_e4m3")
+
+
+def test_a_16_bit_kv_cache_holds_twice_the_tokens(tiny_model_path):
+    """The same memory fraction, half the bytes a token: twice the blocks; "auto" is the model's
+    dtype, "bf16" SGLang's spelling of bfloat16."""
+    cfg = ModelConfig.from_pretrained(tiny_model_path)
+    cache = CacheConfig(mem_fraction_static=0.01)
+    assert cache.kv_dtype(torch.float32) == torch.float32
+    assert CacheConfig(kv_cache_dtype="bf16").kv_dtype(torch.float32) == torch.bfloat16
+    wide = num_kv_blocks(cfg, cache, torch.float32)
+    narrow = num_kv_blocks(cfg, cache, torch.bfloat16)
+    assert abs(narrow - 2 * wide) <= 2
+    llm = LLM(tiny_model_path, max_total_tokens=256, kv_cache_dtype="float16")
+    assert {c.dtype for c in llm.engine.runner.kv_cache} == {torch.float16}
+    assert llm.generate([1, 2, 3])[0].outputs[0].token_ids
 
 
 def test_cpp_attention_backend_refuses_cuda():

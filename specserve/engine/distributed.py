@@ -83,10 +83,13 @@ class RankGroup:
         device: str,
         capture: tuple[int, ...] = (),
         attention_backend: str = "torch",
+        kv_dtype: torch.dtype | None = None,
     ) -> ModelRunner | StateRunner:
         """Rank 0's runner: broadcasts each batch before running it."""
         cls = BroadcastingStateRunner if hasattr(model, "new_state") else BroadcastingRunner
-        return cls(self, model, num_blocks, page_size, dtype, device, capture, attention_backend)
+        return cls(
+            self, model, num_blocks, page_size, dtype, device, capture, attention_backend, kv_dtype
+        )
 
     def send_step(self, seqs: list[BatchSeq] | None) -> None:
         dist.broadcast_object_list([seqs], src=0, group=self.control)
@@ -226,9 +229,10 @@ def serve_steps(group: RankGroup) -> None:
     dtype, device = DTYPES[spec.dtype], spec.device_of(rank)
     model, cfg = load_model(spec.model_path, dtype, device, group.parallel, spec.moe_backend)
     model.fuse()
-    blocks = group.agree_num_blocks(num_kv_blocks(cfg, spec.cache, dtype))
+    kv_dtype = spec.cache.kv_dtype(dtype)
+    blocks = group.agree_num_blocks(num_kv_blocks(cfg, spec.cache, kv_dtype))
     runner_cls = StateRunner if hasattr(model, "new_state") else ModelRunner
-    runner = runner_cls(model, blocks, spec.cache.page_size, dtype, device)
+    runner = runner_cls(model, blocks, spec.cache.page_size, dtype, device, kv_dtype=kv_dtype)
     log.info("rank %d ready (%d KV blocks)", rank, blocks)
     try:
         while (seqs := group.recv_step()) is not None:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from specserve.config import EngineConfig
+from specserve.config import ConfigError, EngineConfig
 from specserve.core import Request, RequestStatus, SamplingParams
 from specserve.engine.block_manager import BlockManager
 from specserve.engine.model_runner import (
@@ -131,6 +131,13 @@ class _Stream:
         self.matcher: GrammarMatcher | None = None  # structured output
 
 
+def _own_cache(model_cfg) -> bool:
+    """Whether the model class keeps a cache of its own format (`cache_bytes_per_token`)."""
+    from specserve.models.registry import model_class
+
+    return hasattr(model_class(model_cfg.architecture), "cache_bytes_per_token")
+
+
 class LLMEngine:
     def __init__(
         self,
@@ -166,7 +173,13 @@ class LLMEngine:
                 self.model_config.architecture,
             )
             cache = replace(cache, enable_prefix_caching=False)
-        blocks = num_kv_blocks(self.model_config, cache, config.torch_dtype)
+        if cache.kv_cache_dtype != "auto" and (stateful or _own_cache(self.model_config)):
+            raise ConfigError(
+                f"--kv-cache-dtype {cache.kv_cache_dtype}: {self.model_config.architecture} keeps "
+                "its own compressed cache in the model's dtype; use --kv-cache-dtype auto"
+            )
+        self.kv_dtype = cache.kv_dtype(config.torch_dtype)
+        blocks = num_kv_blocks(self.model_config, cache, self.kv_dtype)
         if group is not None:
             blocks = group.agree_num_blocks(blocks)
         self.cache_config, self.kv_budget_blocks = cache, blocks
@@ -181,6 +194,7 @@ class LLMEngine:
             config.device,
             (),
             config.attention_backend,
+            self.kv_dtype,
         )
         self.eos_token_ids = frozenset(self.model_config.eos_token_ids) | (
             {self.tokenizer.eos_token_id} if self.tokenizer.eos_token_id is not None else set()
@@ -235,7 +249,7 @@ class LLMEngine:
         gets fewer blocks. Cached prefixes are dropped: their pages have no rows of `capture`."""
         dtype = self.config.torch_dtype
         hidden = hidden_bytes_per_token(self.model_config, capture, dtype)
-        kv = kv_bytes_per_token(self.model_config, dtype)
+        kv = kv_bytes_per_token(self.model_config, self.kv_dtype)
         blocks = blocks_with_hidden_pool(self.kv_budget_blocks, self.cache_config, kv, hidden)
         width = len(capture) * self.model_config.hidden_size
         assert isinstance(self.runner, ModelRunner)  # prefix caching: a paged runner

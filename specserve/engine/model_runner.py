@@ -85,9 +85,12 @@ class ModelRunner:
         device: str,
         capture: tuple[int, ...] = (),
         attention_backend: str = "torch",
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
+        """`dtype`: the model's (and the hidden pool's); `kv_dtype`: the K/V cache's
+        (`--kv-cache-dtype`; None: the model's)."""
         self.model, self.page_size, self.device, self.capture = model, page_size, device, capture
-        self.dtype = dtype
+        self.dtype, self.kv_dtype = dtype, kv_dtype or dtype
         self.backend = make_attention_backend(attention_backend)
         if self.backend.uses_kernels and hasattr(model, "use_kernels"):
             model.use_kernels()
@@ -105,7 +108,7 @@ class ModelRunner:
             self.page_size,
             kv_heads,
             head_dim,
-            self.dtype,
+            self.kv_dtype,
             self.device,
         )
         shape = (num_blocks, self.page_size, hidden_width)

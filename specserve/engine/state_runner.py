@@ -29,6 +29,7 @@ class StateRunner:
         device: str,
         capture: tuple[int, ...] = (),
         attention_backend: str = "torch",  # unused: attention runs inside the model's state
+        kv_dtype: torch.dtype | None = None,  # unused: the state keeps the model's dtype
     ) -> None:
         self.model, self.device, self.capture = model, device, capture
         self.states: dict[int, tuple[object, list[int]]] = {}  # first block -> (state, table)

@@ -13,7 +13,9 @@
 // `dense_layers` runs, per layer: RMSNorm, the fused qkv product, q/k RMSNorm, the rotary
 // embedding, the K/V write into the paged cache, paged attention (kernels.h), the o product
 // added to the residual, RMSNorm, the fused gate-up product, SiLU * up and the down product
-// added to the residual; then the final norm. Float32 only.
+// added to the residual; then the final norm. Float32 activations; the cache float32 or 16-bit
+// (`--kv-cache-dtype`: the new keys and values rounded as they are written, every key and value
+// widened as attention loads it, so a token's K/V reads the same whichever step wrote it).
 
 #include "kernels.h"
 #include "ops.h"
@@ -92,35 +94,45 @@ void dense_layers(at::Tensor x, const std::vector<at::Tensor>& weights,
     check_tiled(w[6], H, 2 * I, "dense_layers gate_up");
     check_tiled(w[7], I, H, "dense_layers down_proj");
     TORCH_CHECK(w[0].numel() == H && w[5].numel() == H && caches[l].is_contiguous() &&
-                    caches[l].scalar_type() == at::kFloat && caches[l].sizes() == caches[0].sizes(),
-                "dense_layers: layer ", l, ": norms [H] and a float32 cache like layer 0's");
+                    caches[l].scalar_type() == caches[0].scalar_type() &&
+                    caches[l].sizes() == caches[0].sizes(),
+                "dense_layers: layer ", l, ": norms [H] and a cache like layer 0's");
     norm_rows(xp, w[0].data_ptr<float>(), xnp);
     gemm_tiled(xnp, H, M, w[1], H, qkv_n, qkvp, qkv_n, false);
-    float* kp = caches[l].data_ptr<float>();
-    rows(16 * (h + kvh) * d, [&](int64_t b, int64_t e) {
-      std::vector<float> tmp(d), knew(kvh * d);  // a normed head; the new keys of one token
-      for (int64_t m = b; m < e; ++m) {
-        float* row = qkvp + m * qkv_n;
-        const float *c = cp + m * half, *s = sp + m * half;
-        for (int64_t head = 0; head < h + kvh; ++head) {
-          const float* src = row + head * d;
-          if (qk_norm) {
-            rms_norm(src, w[head < h ? 2 : 3].data_ptr<float>(), d, feps, tmp.data());
-            src = tmp.data();
-          }
-          float* dst = head < h ? qp + (m * h + head) * d : knew.data() + (head - h) * d;
-          rotate(src, c, s, d, dst);
-        }
-        store_kv(kp, kvh, blocks, page, d, knew.data(), row + (h + kvh) * d, 0, slot + m, 1);
-      }
-    });
     const double scale = 1.0 / std::sqrt(static_cast<double>(d));
-    if (d == 64) {
-      attend<float, 64>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
-    } else if (d == 128) {
-      attend<float, 128>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
-    } else {
-      attend<float, 0>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
+    auto attend_layer = [&](auto tag) {  // the cache's type: write the new K/V, attend
+      using CT = decltype(tag);
+      CT* kp = caches[l].data_ptr<CT>();
+      rows(16 * (h + kvh) * d, [&](int64_t b, int64_t e) {
+        std::vector<float> tmp(d), knew(kvh * d);  // a normed head; the new keys of one token
+        for (int64_t m = b; m < e; ++m) {
+          float* row = qkvp + m * qkv_n;
+          const float *c = cp + m * half, *s = sp + m * half;
+          for (int64_t head = 0; head < h + kvh; ++head) {
+            const float* src = row + head * d;
+            if (qk_norm) {
+              rms_norm(src, w[head < h ? 2 : 3].data_ptr<float>(), d, feps, tmp.data());
+              src = tmp.data();
+            }
+            float* dst = head < h ? qp + (m * h + head) * d : knew.data() + (head - h) * d;
+            rotate(src, c, s, d, dst);
+          }
+          store_kv(kp, kvh, blocks, page, d, knew.data(), row + (h + kvh) * d, 0, slot + m, 1);
+        }
+      });
+      if (d == 64) {
+        attend<float, CT, 64>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
+      } else if (d == 128) {
+        attend<float, CT, 128>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
+      } else {
+        attend<float, CT, 0>(attn, q, caches[l], block_tables, q_starts, q_lens, kv_lens, scale);
+      }
+    };
+    switch (caches[l].scalar_type()) {
+      case at::kFloat: attend_layer(float{}); break;
+      case at::kBFloat16: attend_layer(c10::BFloat16{}); break;
+      case at::kHalf: attend_layer(c10::Half{}); break;
+      default: TORCH_CHECK(false, "dense_layers: a ", caches[l].scalar_type(), " cache");
     }
     gemm_tiled(ap, h * d, M, w[4], h * d, H, xp, H, true);
     norm_rows(xp, w[5].data_ptr<float>(), xnp);

@@ -607,8 +607,8 @@ inline float softmax_step(float* sr, int64_t visible, float& mx, float& sum) {
 // accumulators go back to acc between blocks (the same floats: the same bits).
 constexpr int64_t kValueBlock = 4;
 
-template <int D, int R>
-inline void add_values(const float* s, int64_t ld_score, const float* const* vrow,
+template <int D, int R, typename VT = float>
+inline void add_values(const float* s, int64_t ld_score, const VT* const* vrow,
                        int64_t visible, const float* correction, float* acc) {
   constexpr int C = D / kLanes, P = kWideRegs || C < kPanel ? C : kPanel;
   // at least one block, so that the correction is applied even with no value to add
@@ -623,10 +623,10 @@ inline void add_values(const float* s, int64_t ld_score, const float* const* vro
           if (t0 == 0) a[r][c] *= correction[r];
         }
       for (int64_t t = t0; t < t1; ++t) {
-        const float* vr = vrow[t] + c0 * kLanes;
+        const VT* vr = vrow[t] + c0 * kLanes;
 #pragma GCC unroll 16
         for (int c = 0; c < P; ++c) {
-          const vf vv = load(vr + c * kLanes);
+          const vf vv = load_w(vr + c * kLanes);
           for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
         }
       }
@@ -637,23 +637,24 @@ inline void add_values(const float* s, int64_t ld_score, const float* const* vro
   }
 }
 
-// `add_values` for `chunk` rows (at most kMaxRows<D>), any head size d when D = 0.
-template <int D>
+// `add_values` for `chunk` rows (at most kMaxRows<D>), any head size d when D = 0; value rows
+// of float32 or of a 16-bit cache (widened as they are loaded).
+template <int D, typename VT = float>
 inline void add_values_rows(int64_t chunk, const float* s, int64_t ld_score,
-                            const float* const* vrow, int64_t visible, int64_t d,
+                            const VT* const* vrow, int64_t visible, int64_t d,
                             const float* correction, float* acc) {
   if constexpr (D > 0) {
     switch (chunk) {
       case 6:
-        if constexpr (D <= 64) add_values<D, 6>(s, ld_score, vrow, visible, correction, acc);
+        if constexpr (D <= 64) add_values<D, 6, VT>(s, ld_score, vrow, visible, correction, acc);
         break;
       case 5:
-        if constexpr (D <= 64) add_values<D, 5>(s, ld_score, vrow, visible, correction, acc);
+        if constexpr (D <= 64) add_values<D, 5, VT>(s, ld_score, vrow, visible, correction, acc);
         break;
-      case 4: add_values<D, 4>(s, ld_score, vrow, visible, correction, acc); break;
-      case 3: add_values<D, 3>(s, ld_score, vrow, visible, correction, acc); break;
-      case 2: add_values<D, 2>(s, ld_score, vrow, visible, correction, acc); break;
-      default: add_values<D, 1>(s, ld_score, vrow, visible, correction, acc); break;
+      case 4: add_values<D, 4, VT>(s, ld_score, vrow, visible, correction, acc); break;
+      case 3: add_values<D, 3, VT>(s, ld_score, vrow, visible, correction, acc); break;
+      case 2: add_values<D, 2, VT>(s, ld_score, vrow, visible, correction, acc); break;
+      default: add_values<D, 1, VT>(s, ld_score, vrow, visible, correction, acc); break;
     }
   } else {
     for (int64_t r = 0; r < chunk; ++r) {
@@ -663,9 +664,9 @@ inline void add_values_rows(int64_t chunk, const float* s, int64_t ld_score,
       for (int64_t c = 0; c < d; ++c) ar[c] *= correction[r];
       for (int64_t t = 0; t < visible; ++t) {
         const float w = sr[t];
-        const float* vr = vrow[t];
+        const VT* vr = vrow[t];
 #pragma omp simd
-        for (int64_t c = 0; c < d; ++c) ar[c] += w * vr[c];
+        for (int64_t c = 0; c < d; ++c) ar[c] += w * static_cast<float>(vr[c]);
       }
     }
   }
@@ -778,12 +779,12 @@ constexpr int64_t kScores32Rows = 4;  // fewer rows read keys faster a vector at
 // Scores of RB query rows (q [RB, d]) against kKeys keys stored transposed, kt[c * ldk + u] =
 // element c of key u: s[r * ld_score + u]. Each score is the multiply-adds over c = 0 .. d - 1
 // in order, so it has the same bits for any RB and wherever the keys sit.
-template <int RB>
-inline void scores16(const float* q, int64_t d, const float* kt, int64_t ldk, float* s,
+template <int RB, typename KT>
+inline void scores16(const float* q, int64_t d, const KT* kt, int64_t ldk, float* s,
                      int64_t ld_score) {
   vf acc[RB] = {};
   for (int64_t c = 0; c < d; ++c) {
-    const vf k = load(kt + c * ldk);
+    const vf k = load_w(kt + c * ldk);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) acc[r] += q[r * d + c] * k;
   }
@@ -793,12 +794,12 @@ inline void scores16(const float* q, int64_t d, const float* kt, int64_t ldk, fl
 // `scores16` for two groups of kKeys keys at once (kt, kt2; scores of the second group after
 // the first's): each query element, broadcast, serves 2 kKeys keys, so the loads no longer outnumber
 // the multiply-adds. The same sums in the same order as `scores16`.
-template <int RB>
-inline void scores32(const float* q, int64_t d, const float* kt, const float* kt2, int64_t ldk,
+template <int RB, typename KT>
+inline void scores32(const float* q, int64_t d, const KT* kt, const KT* kt2, int64_t ldk,
                      float* s, int64_t ld_score) {
   vf acc[RB] = {}, acc2[RB] = {};
   for (int64_t c = 0; c < d; ++c) {
-    const vf k = load(kt + c * ldk), k2 = load(kt2 + c * ldk);
+    const vf k = load_w(kt + c * ldk), k2 = load_w(kt2 + c * ldk);
 #pragma GCC unroll 8
     for (int r = 0; r < RB; ++r) {
       const float qc = q[r * d + c];
@@ -813,9 +814,10 @@ inline void scores32(const float* q, int64_t d, const float* kt, const float* kt
 }
 
 // `scores16` (kt2 null) or `scores32` for any number of rows, eight at a time (each key vector
-// loaded once for eight).
-inline void scores_rows(int64_t rows, const float* q, int64_t d, const float* kt, int64_t ldk,
-                        float* s, int64_t ld_score, const float* kt2 = nullptr) {
+// loaded once for eight); keys of float32 or of a 16-bit cache (widened as they are loaded).
+template <typename KT>
+inline void scores_rows(int64_t rows, const float* q, int64_t d, const KT* kt, int64_t ldk,
+                        float* s, int64_t ld_score, const KT* kt2 = nullptr) {
 #define SPECSERVE_SCORES(RB, QR, SR)                              \
   if (kt2 != nullptr)                                             \
     scores32<RB>(QR, d, kt, kt2, ldk, SR, ld_score);              \
@@ -840,7 +842,10 @@ inline void scores_rows(int64_t rows, const float* q, int64_t d, const float* kt
 #undef SPECSERVE_SCORES
 }
 
-template <typename T, int D>
+// Queries and outputs of type QT (float32, or the 16-bit type of a 16-bit model), a cache of
+// type CT: the model's, or a 16-bit cache under a float32 model (`--kv-cache-dtype`), whose
+// keys and values are widened to float32 as they are loaded. Every sum is float32.
+template <typename QT, typename CT, int D>
 void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
             const at::Tensor& block_tables, const at::Tensor& q_starts,
             const at::Tensor& q_lens, const at::Tensor& kv_lens, double scale) {
@@ -848,20 +853,18 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   const int64_t kv = cache.size(1), num_blocks = cache.size(2), page = cache.size(3);
   const int64_t group = h / kv, batch = q_lens.size(0), max_pages = block_tables.size(1);
   const int64_t tile_pages = std::max<int64_t>(1, kTile / page), tile = tile_pages * page;
-  const T* qp = q.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  const T* kp = cache.data_ptr<T>();
-  const T* vp = kp + kv * num_blocks * page * d;
+  const QT* qp = q.data_ptr<QT>();
+  QT* op = out.data_ptr<QT>();
+  const CT* kp = cache.data_ptr<CT>();
+  const CT* vp = kp + kv * num_blocks * page * d;
   const int64_t* tables = block_tables.data_ptr<int64_t>();
   const int64_t* starts = q_starts.data_ptr<int64_t>();
   const int64_t* qlens = q_lens.data_ptr<int64_t>();
   const int64_t* klens = kv_lens.data_ptr<int64_t>();
   const float fscale = static_cast<float>(scale);
-  constexpr bool kFloat = std::is_same_v<T, float>;
-  // A float32 page of a multiple of kKeys keys is read in place, kKeys keys at a time;
-  // otherwise (a narrower dtype, small pages) each kKeys keys are first copied into a float32
-  // buffer.
-  const bool in_place = kFloat && page % kKeys == 0;
+  // A page of a multiple of kKeys keys is read in place, kKeys keys at a time; a smaller page's
+  // keys are first copied, kKeys at a time, into a float32 buffer. Value rows are read in place.
+  const bool in_place = page % kKeys == 0;
 
   std::vector<AttendItem> items;
   int64_t total = 0;
@@ -880,10 +883,9 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
   const std::vector<int64_t> first_item = split_items(items, parts);
   const int64_t padded_tile = (tile + kKeys - 1) / kKeys * kKeys;
   at::parallel_for(0, parts, 1, [&](int64_t part_begin, int64_t part_end) {
-    std::vector<float> qbuf, acc, mx, sum, score, correction, kbuf(d * kKeys), vbuf;
+    std::vector<float> qbuf, acc, mx, sum, score, correction, kbuf(d * kKeys);
     std::vector<int64_t> seen;
-    std::vector<const float*> vrow(tile);
-    if (!kFloat) vbuf.resize(tile * d);
+    std::vector<const CT*> vrow(tile);
     for (int64_t item = first_item[part_begin]; item < first_item[part_end]; ++item) {
       const auto [b, g, q0, q1, work] = items[item];
       const int64_t nq = qlens[b], rows = (q1 - q0) * group;
@@ -914,7 +916,7 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           const int64_t block = table[t / page];
           const char* kpage = reinterpret_cast<const char*>(kp + (g * num_blocks + block) * page * d);
           const char* vpage = reinterpret_cast<const char*>(vp + (g * num_blocks + block) * page * d);
-          const int64_t bytes = std::min<int64_t>(page * d * sizeof(T), kPrefetchBytes);
+          const int64_t bytes = std::min<int64_t>(page * d * sizeof(CT), kPrefetchBytes);
           for (int64_t off = 0; off < bytes; off += 64) {
             __builtin_prefetch(kpage + off, 0, 2);
             __builtin_prefetch(vpage + off, 0, 2);
@@ -930,49 +932,35 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
           const int64_t block = table[(first + t) / page];
           const int64_t base = (g * num_blocks + block) * page * d;
           const int64_t m = std::min(page, visible - t);
-          for (int64_t u = 0; u < m; ++u) {
-            if constexpr (kFloat) {
-              vrow[t + u] = vp + base + u * d;
-            } else {
-              load_rows(&vbuf[(t + u) * d], vp + base + u * d, d);
-              vrow[t + u] = &vbuf[(t + u) * d];
-            }
-          }
+          for (int64_t u = 0; u < m; ++u) vrow[t + u] = vp + base + u * d;
         }
         int64_t r_lo = 0;  // the first row that sees any of keys t0 ..
         auto keys_at = [&](int64_t key) {  // kKeys keys of one page, in place
-          return reinterpret_cast<const float*>(kp) +
-                 (g * num_blocks + table[key / page]) * page * d + key % page;
+          return kp + (g * num_blocks + table[key / page]) * page * d + key % page;
         };
         for (int64_t t0 = 0; t0 < visible; t0 += kKeys) {
           while (seen[r_lo] <= t0) ++r_lo;
-          const float* kt;
-          int64_t ldk;
+          float* sr = &score[r_lo * padded_tile + t0];
           if (in_place && rows - r_lo >= kScores32Rows && t0 + kKeys < visible) {
             // 2 kKeys keys (rows that see only the first kKeys get scores they never use)
-            scores_rows(rows - r_lo, &qbuf[r_lo * d], d, keys_at(first + t0), page,
-                        &score[r_lo * padded_tile + t0], padded_tile, keys_at(first + t0 + kKeys));
+            scores_rows(rows - r_lo, &qbuf[r_lo * d], d, keys_at(first + t0), page, sr,
+                        padded_tile, keys_at(first + t0 + kKeys));
             t0 += kKeys;
-            continue;
-          }
-          if (in_place) {
-            kt = keys_at(first + t0);
-            ldk = page;
+          } else if (in_place) {
+            scores_rows(rows - r_lo, &qbuf[r_lo * d], d, keys_at(first + t0), page, sr,
+                        padded_tile);
           } else {
             for (int64_t u = 0; u < kKeys; ++u) {
               const int64_t key = first + t0 + u;
               if (t0 + u < visible) {
-                const T* src = kp + (g * num_blocks + table[key / page]) * page * d + key % page;
+                const CT* src = kp + (g * num_blocks + table[key / page]) * page * d + key % page;
                 for (int64_t c = 0; c < d; ++c) kbuf[c * kKeys + u] = static_cast<float>(src[c * page]);
               } else {
                 for (int64_t c = 0; c < d; ++c) kbuf[c * kKeys + u] = 0.f;
               }
             }
-            kt = kbuf.data();
-            ldk = kKeys;
+            scores_rows(rows - r_lo, &qbuf[r_lo * d], d, kbuf.data(), kKeys, sr, padded_tile);
           }
-          scores_rows(rows - r_lo, &qbuf[r_lo * d], d, kt, ldk, &score[r_lo * padded_tile + t0],
-                      padded_tile);
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* sr = &score[r * padded_tile];
@@ -996,8 +984,8 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
       for (int64_t r = 0; r < rows; ++r) {
         const int64_t j = r / group, i = r % group;
         const float inv = 1.f / sum[r];
-        T* dst = op + ((starts[b] + q0 + j) * h + g * group + i) * d;
-        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<T>(acc[r * d + c] * inv);
+        QT* dst = op + ((starts[b] + q0 + j) * h + g * group + i) * d;
+        for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<QT>(acc[r * d + c] * inv);
       }
     }
   });
@@ -1005,18 +993,25 @@ void attend(at::Tensor& out, const at::Tensor& q, const at::Tensor& cache,
 
 // The new tokens' keys and values into their slots of a `CppBackend` cache [2, kv, blocks, page,
 // d]: keys transposed into their page ([d, page]), values as rows. k, v: [n, kv, d] with rows
-// `ld` elements apart (a slice of a fused QKV row works), slots [n].
-template <typename T>
+// `ld` elements apart (a slice of a fused QKV row works), slots [n]. Rounded to the cache's
+// type T when it is narrower than theirs (S), to nearest even, as `Tensor.to` rounds.
+template <typename T, typename S>
 inline void store_kv(T* cache, int64_t kv, int64_t num_blocks, int64_t page, int64_t d,
-                     const T* k, const T* v, int64_t ld, const int64_t* slots, int64_t n) {
+                     const S* k, const S* v, int64_t ld, const int64_t* slots, int64_t n) {
   T* vp = cache + kv * num_blocks * page * d;
   for (int64_t i = 0; i < n; ++i) {
     const int64_t block = slots[i] / page, u = slots[i] % page;
     for (int64_t g = 0; g < kv; ++g) {
       T* kt = cache + (g * num_blocks + block) * page * d + u;
-      const T* ks = k + i * ld + g * d;
-      for (int64_t c = 0; c < d; ++c) kt[c * page] = ks[c];
-      std::memcpy(vp + (g * num_blocks * page + slots[i]) * d, v + i * ld + g * d, d * sizeof(T));
+      const S* ks = k + i * ld + g * d;
+      for (int64_t c = 0; c < d; ++c) kt[c * page] = static_cast<T>(ks[c]);
+      T* vt = vp + (g * num_blocks * page + slots[i]) * d;
+      const S* vs = v + i * ld + g * d;
+      if constexpr (std::is_same_v<T, S>) {
+        std::memcpy(vt, vs, d * sizeof(T));
+      } else {
+        for (int64_t c = 0; c < d; ++c) vt[c] = static_cast<T>(vs[c]);
+      }
     }
   }
 }

@@ -291,6 +291,9 @@ class PagedAttention(AttentionContext):
             n = grp.shape[1]
             own = (x.narrow(0, grp.first_row, n).view(1, n, kv, d) for x in (k, v))
             keys, values = (x.transpose(1, 2) for x in own)
+            if cache.dtype != k.dtype:  # as the cache holds them (`--kv-cache-dtype`), so that
+                # a token's K/V read the same here as from the cache in later steps
+                keys, values = (x.to(cache.dtype).to(k.dtype) for x in (keys, values))
             causal = True
         else:
             g, lmax = grp.shape[0], grp.num_keys
@@ -322,8 +325,8 @@ class KernelPagedAttention(PagedAttention):
             x.contiguous() for x in (batch.block_tables, starts, batch.query_lens, batch.kv_lens)
         )
         super().__init__(cache, batch)
-        self.step_args = None  # for `dense_layers` (any step, prefill chunks too): float32 cache
-        if cache[0].dtype == torch.float32:
+        self.step_args = None  # for `dense_layers` (any step, prefill chunks too)
+        if cache[0].dtype in (torch.float32, torch.bfloat16, torch.float16):
             self.step_args = (cache, self.slots, *self.kernel_args)
 
     def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
@@ -333,17 +336,18 @@ class KernelPagedAttention(PagedAttention):
         self.slots = batch.slot_mapping.to("cpu", torch.long).contiguous()  # for `store_kv`
 
     def _write(self, cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """The new tokens' K/V into their slots, keys transposed into their pages."""
-        if k.dtype != cache.dtype:
-            k, v = k.to(cache.dtype), v.to(cache.dtype)
+        """The new tokens' K/V into their slots, keys transposed into their pages (float32 K/V
+        are rounded to a 16-bit cache by the kernel)."""
+        if k.dtype not in (cache.dtype, torch.float32):
+            k, v = k.float(), v.float()
         torch.ops.specserve.store_kv(cache, k.contiguous(), v.contiguous(), self.slots)
 
     def attend(self, layer_idx, q, k, v):
         cache = self.cache[layer_idx]
         self._write(cache, k, v)
         dtype = q.dtype
-        if dtype != cache.dtype:  # a cache narrower than the model
-            q = q.to(cache.dtype)
+        if dtype not in (cache.dtype, torch.float32):  # a 16-bit model, a cache of another type
+            q = q.float()
         out = q.new_empty(q.shape)
         scale = q.shape[-1] ** -0.5
         torch.ops.specserve.paged_attention(out, q.contiguous(), cache, *self.kernel_args, scale)

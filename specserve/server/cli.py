@@ -107,6 +107,13 @@ def _add_cache_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--page-size", type=int, default=16)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument(
+        "--kv-cache-dtype",
+        default="auto",
+        help="K/V cache dtype: auto (the model's --dtype), bfloat16 (bf16), float16 (fp16) or "
+        "float32; a 16-bit cache under a float32 model halves the bytes attention reads and "
+        "a token's cache memory (keys and values rounded once when written, sums in float32)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument(
         "--disable-radix-cache",
@@ -237,6 +244,7 @@ def build_engine(args: argparse.Namespace) -> tuple[LLMEngine, str]:
             max_total_tokens=args.max_total_tokens,
             mem_fraction_static=args.mem_fraction_static or 0.1,
             enable_prefix_caching=not args.disable_radix_cache,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
         from specserve.config import ModelConfig
 
@@ -384,6 +392,7 @@ def _run_worker_node(args: argparse.Namespace) -> int:
             page_size=args.page_size,
             max_total_tokens=args.max_total_tokens,
             mem_fraction_static=args.mem_fraction_static or 0.1,
+            kv_cache_dtype=args.kv_cache_dtype,
         )
         serve_steps(start_ranks(_rank_spec(args, cache)))
     except (ConfigError, DistributedError) as e:

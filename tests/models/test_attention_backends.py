@@ -41,26 +41,35 @@ def _random_batch(qlens, klens, page, gen):
     return batch, sum(pages) + 3
 
 
+BF16, F16, F32 = torch.bfloat16, torch.float16, torch.float32
+
+
 @pytest.mark.parametrize(
-    ("head_dim", "heads", "kv", "dtype", "tol", "page"),
+    ("head_dim", "heads", "kv", "dtype", "tol", "page", "cache_dtype"),
     [
-        (64, 4, 2, torch.float32, 2e-6, 16),
-        (128, 8, 2, torch.float32, 2e-6, 16),
-        (16, 4, 4, torch.float32, 2e-6, 16),  # the generic (not specialised) head size
-        (64, 12, 4, torch.bfloat16, 2e-2, 16),
-        (64, 4, 2, torch.float32, 2e-6, 8),  # 8 pages per 64-key tile
-        (128, 4, 1, torch.float32, 2e-6, 128),  # a page longer than a tile
+        (64, 4, 2, F32, 2e-6, 16, F32),
+        (128, 8, 2, F32, 2e-6, 16, F32),
+        (16, 4, 4, F32, 2e-6, 16, F32),  # the generic (not specialised) head size
+        (64, 12, 4, BF16, 2e-2, 16, BF16),
+        (64, 4, 2, F32, 2e-6, 8, F32),  # 8 pages per 64-key tile
+        (128, 4, 1, F32, 2e-6, 128, F32),  # a page longer than a tile
+        # --kv-cache-dtype: a 16-bit cache under float32 queries, widened as it is read
+        (64, 4, 2, F32, 2e-6, 16, BF16),
+        (128, 8, 2, F32, 2e-6, 16, F16),
+        (16, 4, 4, F32, 2e-6, 16, BF16),
+        (64, 4, 2, F32, 2e-6, 4, BF16),  # pages smaller than a score vector: keys copied
     ],
 )
-def test_kernel_equals_the_torch_backend(head_dim, heads, kv, dtype, tol, page):
+def test_kernel_equals_the_torch_backend(head_dim, heads, kv, dtype, tol, page, cache_dtype):
     """Decode, verify windows up to the short-query limit, a prefill chunk after a prefix and
-    one with no prefix, in one batch; page-edge lengths; the cache writes are identical too."""
+    one with no prefix, in one batch; page-edge lengths; the cache writes are identical too
+    (a 16-bit cache under float32 K/V: both round them the same way, to nearest even)."""
     gen = torch.Generator().manual_seed(head_dim + heads)
     qlens = [1, 16, 3, 40, 1, 8, 5, 1]
     klens = [1, 300, 17, 40, 1024, 64, 133, 16]
     batch, num_blocks = _random_batch(qlens, klens, page, gen)
     torch_be, cpp_be = TorchBackend(), CppBackend()
-    cache = torch_be.allocate(1, num_blocks, page, kv, head_dim, dtype, "cpu")[0]
+    cache = torch_be.allocate(1, num_blocks, page, kv, head_dim, cache_dtype, "cpu")[0]
     cache.copy_(torch.randn(cache.shape, generator=gen))
     n = sum(qlens)
     q, k, v = (torch.randn(n, c, head_dim, generator=gen).to(dtype) for c in (heads, kv, kv))
@@ -145,6 +154,38 @@ def test_decode_and_verify_logits_match_hf(tmp_path, head_dim):
     assert (torch.cat(got) - torch.cat(want)).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
+def test_a_16_bit_cache_reads_the_same_whichever_step_wrote_it(tmp_path, backend):
+    """`--kv-cache-dtype bfloat16`: one 40-token prefill with no cached prefix, a 16-token one
+    and a 24-token chunk after it (its prefix read from the cache), and 16 tokens then one-token
+    decode steps give the same logits: a chunk's own K/V are read rounded, as the cache holds
+    them. Against `transformers` in float32 they differ by the rounding only."""
+    path = make_checkpoint(tmp_path / "m", seed=4, head_dim=64, num_attention_heads=4)
+    ours, _ = load_model(str(path))
+    ours.fuse()
+    ref = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ctx = torch.randint(0, 512, (40,), generator=torch.Generator().manual_seed(4)).tolist()
+    table = list(range(1, 11))
+
+    def runner():
+        return ModelRunner(ours, 12, 4, F32, "cpu", (), backend, BF16)
+
+    whole = runner().forward([BatchSeq(ctx, 0, table, 39)]).logits[-1]
+    chunked = runner()
+    chunked.forward([BatchSeq(ctx[:16], 0, table, 16)])
+    after_prefix = chunked.forward([BatchSeq(ctx[16:], 16, table, 23)]).logits[-1]
+    stepped = runner()
+    stepped.forward([BatchSeq(ctx[:16], 0, table, 16)])
+    for pos in range(16, 40):
+        last = stepped.forward([BatchSeq(ctx[pos : pos + 1], pos, table, 0)]).logits[-1]
+    assert (after_prefix - whole).abs().max().item() <= 1e-5
+    assert (last - whole).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        want = ref(torch.tensor([ctx])).logits[0, -1]
+    err = (whole - want).abs().max().item()
+    assert 0 < err <= 2e-2 * want.abs().max().item()  # rounded K/V: near, not equal
+
+
 def test_backend_names_and_devices():
     assert isinstance(make_attention_backend("cpp"), CppBackend)
     with pytest.raises(ValueError, match="is not one of"):
@@ -155,21 +196,24 @@ def test_backend_names_and_devices():
 
 
 @pytest.mark.parametrize(
-    ("model_type", "head_dim", "tie", "saved"),
+    ("model_type", "head_dim", "tie", "saved", "kv_dtype"),
     [
-        ("qwen3", 16, False, torch.float32),
-        ("llama", 64, True, torch.float32),
-        ("qwen3", 64, False, torch.bfloat16),
-        ("qwen3", 64, True, torch.float16),
+        ("qwen3", 16, False, F32, None),
+        ("llama", 64, True, F32, None),
+        ("qwen3", 64, False, BF16, None),
+        ("qwen3", 64, True, F16, None),
+        ("qwen3", 64, False, F16, BF16),  # --kv-cache-dtype bfloat16
+        ("qwen3", 16, False, F32, F16),
     ],
 )
 def test_fused_step_equals_the_layer_by_layer_path(
-    tmp_path, monkeypatch, model_type, head_dim, tie, saved
+    tmp_path, monkeypatch, model_type, head_dim, tie, saved, kv_dtype
 ):
     """`dense_layers` (every layer in one call) against the PyTorch layers on the same cache
     contents: logits and the captured hidden states (embedding, a middle layer, the last one)
     of short prefills, decode steps, a batch of verify windows and a mixed step (a 20-token
-    prefill chunk beside a decode). A checkpoint saved in 16 bits runs on 16-bit tiles."""
+    prefill chunk beside a decode). A checkpoint saved in 16 bits runs on 16-bit tiles; a
+    16-bit K/V cache holds the same rounded keys and values in both."""
     from specserve.models.qwen3 import CausalLM
 
     path = make_checkpoint(
@@ -185,7 +229,8 @@ def test_fused_step_equals_the_layer_by_layer_path(
     for backend in ("torch", "cpp"):
         model, _ = load_model(str(path))
         model.fuse()
-        runners.append(ModelRunner(model, 80, 4, torch.float32, "cpu", capture, backend))
+        runners.append(ModelRunner(model, 80, 4, torch.float32, "cpu", capture, backend, kv_dtype))
+        assert runners[-1].kv_cache[0].dtype == (kv_dtype or torch.float32)
     assert runners[1].model._step_weights is not None
     tiles = {w.dtype for w in runners[1].model._step_weights if w.dim() == 3}
     assert tiles == {saved}
@@ -211,10 +256,14 @@ def test_fused_step_equals_the_layer_by_layer_path(
     steps.append(  # a mixed step: one sequence prefills 20 tokens (a long query), one decodes
         [BatchSeq(ctxs[0][28:29], 28, tables[0], 0), BatchSeq(ctxs[2][20:40], 20, tables[2], 0)]
     )
+    # The two paths' float32 K/V differ in the last bits (other sums); a 16-bit cache rounds a
+    # value that sits near a rounding edge one way in one and the other way in the other, a
+    # 16-bit ulp (2**-8 of it for bfloat16), so the tolerance is wider there.
+    tol = 1e-4 if kv_dtype is None else 2e-3
     for seqs in steps:
         want, got = (r.forward(seqs) for r in runners)
-        assert (got.logits - want.logits).abs().max().item() <= 1e-4
-        assert (got.captured - want.captured).abs().max().item() <= 1e-4
+        assert (got.logits - want.logits).abs().max().item() <= tol
+        assert (got.captured - want.captured).abs().max().item() <= tol
     assert len(fused_calls) == len(steps)  # every step, prefill chunks included
 
 

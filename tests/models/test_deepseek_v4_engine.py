@@ -13,6 +13,7 @@ import transformers
 import uvicorn
 
 from specserve.cli import build_parser
+from specserve.config import ConfigError
 from specserve.core import SamplingParams
 from specserve.engine.model_runner import kv_bytes_per_token
 from specserve.llm import LLM
@@ -108,6 +109,12 @@ def test_preemption_recomputes_the_state(tiny_v4_path):
     got = [o.outputs[0].token_ids for o in tight.generate(prompts, params)]
     assert tight.engine.scheduler.num_preemptions > 0
     assert got == want
+
+
+def test_a_16_bit_kv_cache_is_refused(tiny_v4_path):
+    """Its compressed per-request state keeps the model's dtype: say so rather than ignore it."""
+    with pytest.raises(ConfigError, match="--kv-cache-dtype bfloat16: .* keeps its own"):
+        LLM(tiny_v4_path, max_total_tokens=1024, page_size=8, kv_cache_dtype="bfloat16")
 
 
 def test_finished_requests_leave_no_state(tiny_v4_path):

@@ -94,6 +94,7 @@ def test_unknown_architecture(serve, model_copy):
         (["--max-running-requests", "0"], "--max-running-requests"),
         (["--mem-fraction-static", "1.5"], "--mem-fraction-static"),
         (["--device", "tpu"], "--device"),
+        (["--kv-cache-dtype", "fp8"], "--kv-cache-dtype"),
     ],
 )
 def test_bad_values(serve, tiny_model_path, flags, needle):

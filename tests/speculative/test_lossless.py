@@ -4,6 +4,7 @@ algorithm and verify policy, and KV blocks always return to the baseline."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from specserve.core import SamplingParams
 from specserve.testing.tiny import make_checkpoint
@@ -89,6 +90,24 @@ def test_greedy_identical_with_the_cpp_attention_kernel(bundle, reference, algor
     assert _run_waves(llm, PROMPTS, _params()) == reference
     assert_kv_baseline(llm)
     assert llm.engine.stats.num_draft_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("backend", "algorithms"), [("cpp", list(ALGORITHMS)), ("torch", ["DSPARK", "NEXTN"])]
+)
+def test_greedy_identical_with_a_16_bit_kv_cache(bundle, backend, algorithms):
+    """`--kv-cache-dtype bfloat16` under the float32 target: every token's K/V is rounded once,
+    when written, and read back the same by a decode step, a verify window or a prefill chunk,
+    so speculation stays token-identical to plain decoding on the same cache."""
+    kw = {"attention_backend": backend, "kv_cache_dtype": "bfloat16"}
+    plain = make_llm(bundle, **kw)
+    assert plain.engine.runner.kv_cache[0].dtype == torch.bfloat16
+    want = _run_waves(plain, PROMPTS, _params())
+    for algorithm in algorithms:
+        llm = make_llm(bundle, algorithm, **kw)
+        assert _run_waves(llm, PROMPTS, _params()) == want, algorithm
+        assert_kv_baseline(llm)
+        assert llm.engine.stats.num_draft_tokens > 0
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
