@@ -102,11 +102,15 @@ def plan_workloads(bundle: Path, out: Path) -> tuple[list[dict], list[str]]:
     return entries, notes
 
 
-def write_heldout_prompts(tokenizer_dir: Path, path: Path, length: int, per_domain: int) -> int:
+def write_heldout_prompts(
+    tokenizer_dir: str | Path, path: str | Path, length: int, per_domain: int
+) -> int:
     """The first `length` tokens of `per_domain` held-out files per domain that have that many,
     as a prompts file (`domain`, `token_ids`, `source`); -> prompts written."""
     from specserve.bench.datasets import Tokenizer
     from specserve.train.data import heldout_documents
+
+    path = Path(path)
 
     tok, made, lines = Tokenizer(tokenizer_dir), {}, []
     for domain, rel, text in heldout_documents():

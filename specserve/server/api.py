@@ -220,6 +220,7 @@ def _info_router(app: FastAPI, config: ServerConfig, metrics: ServerMetrics) -> 
             "max_queued_requests": engine.max_queued,
             "chunked_prefill_size": e.config.scheduler.chunked_prefill_size,
             "page_size": e.config.cache.page_size,
+            "kv_cache_dtype": e.config.cache.kv_cache_dtype,  # the flag, as SGLang reports it
             "max_total_num_tokens": snap.max_total_num_tokens,
             "dtype": e.config.dtype,
             "device": e.config.device,

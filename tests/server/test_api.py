@@ -149,6 +149,7 @@ def test_health_metrics_server_info(client):
         assert name in m
     info = client.get("/get_server_info").json()
     assert info["internal_states"][0]["avg_spec_accept_length"] == 1.0
+    assert info["kv_cache_dtype"] == "auto"
 
 
 def _error(r, status):
