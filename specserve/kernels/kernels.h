@@ -813,8 +813,9 @@ inline void scores32(const float* q, int64_t d, const KT* kt, const KT* kt2, int
   }
 }
 
-// `scores16` (kt2 null) or `scores32` for any number of rows, eight at a time (each key vector
-// loaded once for eight); keys of float32 or of a 16-bit cache (widened as they are loaded).
+// `scores16` (kt2 null) or `scores32` for any number of rows, eight (`scores32` with 16
+// registers: six) at a time, each key vector loaded once for them all; keys of float32 or of a
+// 16-bit cache (widened as they are loaded).
 template <typename KT>
 inline void scores_rows(int64_t rows, const float* q, int64_t d, const KT* kt, int64_t ldk,
                         float* s, int64_t ld_score, const KT* kt2 = nullptr) {
@@ -824,8 +825,18 @@ inline void scores_rows(int64_t rows, const float* q, int64_t d, const KT* kt, i
   else                                                            \
     scores16<RB>(QR, d, kt, ldk, SR, ld_score)
   int64_t r = 0;
-  for (; r + 8 <= rows; r += 8) {
-    SPECSERVE_SCORES(8, q + r * d, s + r * ld_score);
+  if (kWideRegs || kt2 == nullptr) {
+    for (; r + 8 <= rows; r += 8) {
+      SPECSERVE_SCORES(8, q + r * d, s + r * ld_score);
+    }
+  } else {
+    // With 16 registers, `scores32` of 8 rows needs 16 accumulators and spills them; 6 rows
+    // keep 12, the two key vectors and the broadcast query element in registers (one layer's
+    // causal attention over a 2,048-token prefill chunk: 45 ms against 52-54, the quietest of
+    // three alternated runs each on an AVX2 host; 4 rows: 50).
+    for (; r + 6 <= rows; r += 6) {
+      SPECSERVE_SCORES(6, q + r * d, s + r * ld_score);
+    }
   }
   const float* qr = q + r * d;
   float* sr = s + r * ld_score;
