@@ -102,9 +102,13 @@ def test_smoke_build_runs_every_stage_and_resumes(tmp_path):
     readme = (out / "README.md").read_text()
     assert "by the position of" in readme and "context 64" in readme
     first = json.loads((work / "stage_seconds.json").read_text())
+    # a stale evaluation time that the README must not show after the next run
+    (work / "stage_seconds.json").write_text(json.dumps(first | {"evaluate": 9999}))
     assert main(["--smoke", "--work", str(tmp_path)]) == 0  # resumes: every stage is done
     again = json.loads((work / "stage_seconds.json").read_text())
     assert {k for k in first if first[k] != again[k]} <= {"evaluate"}
+    readme = (out / "README.md").read_text()
+    assert f"| evaluate | {again['evaluate']:.0f} |" in readme and "9999" not in readme
     # a checkout of the bundle without its work folder: re-evaluated, nothing trained again
     models = {p: p.read_bytes() for p in out.glob("*/model.safetensors")}
     shutil.rmtree(work)
