@@ -61,6 +61,19 @@ constexpr bool kWideRegs = kLanes == 16;
 
 inline vf load(const float* p) { return *reinterpret_cast<const vf_alias*>(p); }
 
+// Keeps v in a register: GCC otherwise folds a vector used by several multiply-adds into each
+// of them as a memory operand, one load per use (the weighted-value sum's R rows each loaded
+// the value vector again, 7 loads for 6 multiply-adds on AVX2). The same value either way.
+inline void in_register(vf& v) {
+#if defined(__AVX512F__)
+  asm("" : "+v"(v));
+#elif defined(__x86_64__) || defined(__i386__)
+  asm("" : "+x"(v));
+#else
+  (void)v;
+#endif
+}
+
 inline void store(float* p, vf v) { *reinterpret_cast<vf_alias*>(p) = v; }
 
 typedef float vf8 __attribute__((vector_size(32)));
@@ -626,7 +639,9 @@ inline void add_values(const float* s, int64_t ld_score, const VT* const* vrow,
         const VT* vr = vrow[t] + c0 * kLanes;
 #pragma GCC unroll 16
         for (int c = 0; c < P; ++c) {
-          const vf vv = load_w(vr + c * kLanes);
+          vf vv = load_w(vr + c * kLanes);
+          in_register(vv);  // one load, not one per row (a 2,048-token causal chunk's attention
+                            // 37 ms against 40-45 a layer on an AVX2 host)
           for (int r = 0; r < R; ++r) a[r][c] += s[r * ld_score + t] * vv;
         }
       }
