@@ -325,9 +325,8 @@ class KernelPagedAttention(PagedAttention):
             x.contiguous() for x in (batch.block_tables, starts, batch.query_lens, batch.kv_lens)
         )
         super().__init__(cache, batch)
-        self.step_args = None  # for `dense_layers` (any step, prefill chunks too)
-        if cache[0].dtype in (torch.float32, torch.bfloat16, torch.float16):
-            self.step_args = (cache, self.slots, *self.kernel_args)
+        # for `dense_layers` (any step, prefill chunks too; a float32 model over any cache dtype)
+        self.step_args = (cache, self.slots, *self.kernel_args)
 
     def _plan(self, batch: PagedBatch) -> list[torch.Tensor]:
         return []  # no SDPA groups: the kernel takes every query
