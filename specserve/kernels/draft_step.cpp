@@ -24,42 +24,41 @@ struct Shape {
   int64_t M() const { return R * K; }
 };
 
-// Attention of one request's K block rows, all heads: keys [context (L rows); block (K rows)],
-// every block row sees all of them. q, out [K, h, d]; kb, vb [K, kvh, d]; ck, cv [L, kvh, d].
-// Per KV head, its K x group query rows share each key and value load (`rows_tile`, up to
-// kMaxRows<D> rows at once, head sizes 64 and 128; `row_tile` one row at a time otherwise), an
-// online softmax over tiles of kTile keys.
+// Attention of one request's K block rows, the query heads of KV head g: keys [context (L
+// rows); block (K rows)], every block row sees all of them. q, out [K, h, d]; kb, vb [K, kvh,
+// d]; ck, cv [L, kvh, d]. The KV head's K x group query rows share each key and value load
+// (`rows_tile`, up to kMaxRows<D> rows at once, head sizes 64 and 128; `row_tile` one row at a
+// time otherwise), an online softmax over tiles of kTile keys. Each (request, KV head) writes
+// its own rows of out, so they run on any thread in any order with the same bits.
 template <int D>
 void block_attention(const Shape& s, const float* q, const float* kb, const float* vb,
-                     const float* ck, const float* cv, int64_t L, float* out) {
+                     const float* ck, const float* cv, int64_t L, int64_t g, float* out) {
   const int64_t group = s.h / s.kvh, d = D > 0 ? D : s.d, n = L + s.K, rows = s.K * group;
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
   std::vector<float> qbuf(rows * d), acc(rows * d), mx(rows), sum(rows), score(rows * kTile);
   std::vector<const float*> krow(kTile), vrow(kTile);
-  for (int64_t g = 0; g < s.kvh; ++g) {
-    for (int64_t r = 0; r < rows; ++r) {  // row r = j * group + i: slot j, head g * group + i
-      const float* src = q + ((r / group) * s.h + g * group + r % group) * d;
-      for (int64_t c = 0; c < d; ++c) qbuf[r * d + c] = src[c] * scale;
+  for (int64_t r = 0; r < rows; ++r) {  // row r = j * group + i: slot j, head g * group + i
+    const float* src = q + ((r / group) * s.h + g * group + r % group) * d;
+    for (int64_t c = 0; c < d; ++c) qbuf[r * d + c] = src[c] * scale;
+  }
+  std::fill(acc.begin(), acc.end(), 0.f);
+  std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
+  std::fill(sum.begin(), sum.end(), 0.f);
+  for (int64_t first = 0; first < n; first += kTile) {
+    const int64_t cnt = std::min(kTile, n - first);
+    for (int64_t t = 0; t < cnt; ++t) {
+      const int64_t key = first + t;
+      const int64_t off = key < L ? (key * s.kvh + g) * d : ((key - L) * s.kvh + g) * d;
+      krow[t] = (key < L ? ck : kb) + off;
+      vrow[t] = (key < L ? cv : vb) + off;
     }
-    std::fill(acc.begin(), acc.end(), 0.f);
-    std::fill(mx.begin(), mx.end(), -std::numeric_limits<float>::infinity());
-    std::fill(sum.begin(), sum.end(), 0.f);
-    for (int64_t first = 0; first < n; first += kTile) {
-      const int64_t cnt = std::min(kTile, n - first);
-      for (int64_t t = 0; t < cnt; ++t) {
-        const int64_t key = first + t;
-        const int64_t off = key < L ? (key * s.kvh + g) * d : ((key - L) * s.kvh + g) * d;
-        krow[t] = (key < L ? ck : kb) + off;
-        vrow[t] = (key < L ? cv : vb) + off;
-      }
-      for (int64_t r = 0; r < rows; r += kMaxRows<D>)
-        attend_rows<D>(std::min(kMaxRows<D>, rows - r), &qbuf[r * d], krow.data(), vrow.data(),
-                       cnt, d, kTile, &score[r * kTile], &acc[r * d], &mx[r], &sum[r]);
-    }
-    for (int64_t r = 0; r < rows; ++r) {
-      float* dst = out + ((r / group) * s.h + g * group + r % group) * d;
-      for (int64_t c = 0; c < d; ++c) dst[c] = acc[r * d + c] / sum[r];
-    }
+    for (int64_t r = 0; r < rows; r += kMaxRows<D>)
+      attend_rows<D>(std::min(kMaxRows<D>, rows - r), &qbuf[r * d], krow.data(), vrow.data(),
+                     cnt, d, kTile, &score[r * kTile], &acc[r * d], &mx[r], &sum[r]);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    float* dst = out + ((r / group) * s.h + g * group + r % group) * d;
+    for (int64_t c = 0; c < d; ++c) dst[c] = acc[r * d + c] / sum[r];
   }
 }
 
@@ -91,6 +90,7 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
       rotate(tmp.data(), c, sn, s.d, row);
     }
   }
+  int64_t keys = 0;  // over all requests: the work of the attention below
   for (int64_t r = 0; r < s.R; ++r) {
     const at::Tensor& ck = contexts[(r * layers + layer) * 2];
     const at::Tensor& cv = contexts[(r * layers + layer) * 2 + 1];
@@ -100,11 +100,22 @@ void draft_layer(const Shape& s, const at::Tensor* w, const std::vector<at::Tens
                     ck.numel() == L * kn && cv.numel() == L * kn,
                 "draft_block: request ", r, " layer ", layer,
                 ": context k, v must be contiguous float32 [L, kv, head_dim]");
-    const int64_t b = r * s.K;
-    auto run = s.d == 64 ? block_attention<64> : s.d == 128 ? block_attention<128> : block_attention<0>;
-    run(s, &q[b * qn], &k[b * kn], &v[b * kn], ck.data_ptr<float>(), cv.data_ptr<float>(), L,
-        &attn[b * qn]);
+    keys += L + s.K;
   }
+  // (request, KV head) items across threads: ten requests drafting over 2,048-token contexts
+  // spend most of the step's attention here
+  auto run = s.d == 64 ? block_attention<64> : s.d == 128 ? block_attention<128> : block_attention<0>;
+  const int64_t items = s.R * s.kvh, work = 2 * s.K * s.h * keys * s.d;
+  at::parallel_for(0, items, grain_for(work / std::max<int64_t>(1, items)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t r = item / s.kvh, g = item % s.kvh, b = r * s.K;
+      const at::Tensor& ck = contexts[(r * layers + layer) * 2];
+      const at::Tensor& cv = contexts[(r * layers + layer) * 2 + 1];
+      run(s, &q[b * qn], &k[b * kn], &v[b * kn], ck.data_ptr<float>(), cv.data_ptr<float>(),
+          ck.size(0), g, &attn[b * qn]);
+    }
+  });
   gemm_tiled(attn.data(), qn, M, w[6], qn, H, x, H, true);
   for (int64_t m = 0; m < M; ++m) rms_norm(x + m * H, w[7].data_ptr<float>(), H, eps, &xn[m * H]);
   std::vector<float> gate(M * s.I), up(M * s.I);

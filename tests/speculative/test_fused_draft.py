@@ -46,10 +46,12 @@ def _kernels():
     kernels.load()
 
 
-def _drafter(name: str, layers: int = 2, head_dim: int = 16) -> DFlashDraftModel:
+def _drafter(
+    name: str, layers: int = 2, head_dim: int = 16, positions: int = 96
+) -> DFlashDraftModel:
     torch.manual_seed(0)
     extra = DRAFTERS[name]
-    target = {**TARGET, "head_dim": head_dim}
+    target = {**TARGET, "head_dim": head_dim, "max_position_embeddings": positions}
     common = dict(target_layer_ids=[-1, 1], block_size=BLOCK, mask_token_id=3)
     if extra is None:
         model = DFlashDraftModel(DraftConfig.from_target(target, layers, **common))
@@ -125,6 +127,30 @@ def _check_against_torch(model: DFlashDraftModel) -> None:
     want_hidden = model.draft_hidden(anchor, pos, contexts, BLOCK)
     assert hidden.shape == want_hidden.shape == (4, BLOCK, TARGET["hidden_size"])
     torch.testing.assert_close(hidden, want_hidden, atol=1e-5, rtol=1e-5)
+
+
+def test_long_contexts_split_across_threads_with_the_same_bits():
+    """Requests drafting over long contexts split the block attention across threads by
+    (request, KV head): the same tokens and the same bits as on one thread, and as the PyTorch
+    path to float32 rounding."""
+    model = _drafter("dspark", 1, 64, positions=4096)
+    fused = FusedDraft.of(model)
+    lengths = [1500, 2100, 900, 1800]
+    contexts = _contexts(model, lengths)
+    anchor, pos = torch.tensor([5, 17, 299, 3]), torch.tensor(lengths)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = fused(anchor, pos, contexts, BLOCK), fused.hidden(anchor, pos, contexts, BLOCK)
+        torch.set_num_threads(2)
+        two = fused(anchor, pos, contexts, BLOCK), fused.hidden(anchor, pos, contexts, BLOCK)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one[0][0], two[0][0]) and torch.equal(one[0][1], two[0][1])
+    assert torch.equal(one[1], two[1])
+    want_tokens, want_conf = _torch_path(model, anchor, pos, contexts)
+    assert torch.equal(two[0][0], want_tokens)
+    torch.testing.assert_close(two[0][1], want_conf, atol=1e-5, rtol=1e-5)
 
 
 def test_argmax_ties_pick_the_first_maximum():
