@@ -97,6 +97,7 @@ def plan_workloads(bundle: Path, out: Path) -> tuple[list[dict], list[str]]:
                 "dataset_name": "jsonl",
                 "ignore_eos": True,
                 "temperature": 0.0,
+                "output_details": True,  # the texts, so the report checks greedy identity
             }
         )
     return entries, notes

@@ -65,6 +65,29 @@ def workload_table(arms: list[str], by_arm: dict[str, dict], pair: tuple[str, st
     return "\n".join(lines)
 
 
+def identity_line(arms: list[str], by_arm: dict[str, dict], options: dict) -> str | None:
+    """For a greedy workload whose results carry their texts (`output_details`): each other
+    arm's outputs against the first arm's, request by request (a lossless speculative arm matches
+    plain decoding exactly). None where there is nothing to compare."""
+    if float(options.get("temperature", 0.0)) != 0.0:
+        return None
+    texts = {a: by_arm[a].get("generated_texts") for a in arms if a in by_arm}
+    ref = arms[0]
+    if texts.get(ref) is None:
+        return None
+    parts = []
+    for arm in arms[1:]:
+        other = texts.get(arm)
+        if other is None:
+            continue
+        same = sum(x == y for x, y in zip(texts[ref], other, strict=False))
+        verdict = "identical" if same == len(texts[ref]) == len(other) else "**DIFFERENT**"
+        parts.append(f"{arm} {same}/{len(texts[ref])} {verdict}")
+    if not parts:
+        return None
+    return f"Greedy outputs against {ref}, request by request: " + "; ".join(parts) + "."
+
+
 def _workload_line(options: dict) -> str:
     """The workload as bench serve flags (true booleans as bare flags, false ones left out)."""
     parts = []
@@ -107,6 +130,9 @@ def write_report(
         by_arm = {r["arm"]: r for r in results if r.get("workload") == wl.name}
         out += ["", f"## Workload `{wl.name}`", "", f"`bench serve {_workload_line(wl.options)}`"]
         out += ["", workload_table(arms, by_arm, pair)]
+        same = identity_line(arms, by_arm, wl.options)
+        if same:
+            out += ["", same]
         per_pos = {a: by_arm[a]["spec_accept_rate_per_pos"] for a in arms if a in by_arm}
         per_pos = {a: v for a, v in per_pos.items() if v}
         if per_pos:

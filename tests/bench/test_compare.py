@@ -13,7 +13,7 @@ from specserve.bench.compare import (
     ServerProcess,
     parse_config,
 )
-from specserve.bench.report import gain, workload_table
+from specserve.bench.report import gain, identity_line, workload_table
 from specserve.cli import main
 
 from .conftest import FAKE_SERVER
@@ -45,7 +45,7 @@ def test_two_arms_report_jsonl_and_plots(tmp_path):
             fake_arm("dspark", "--chunk-tokens", "4", "--spec-k", "3", "--itl-ms", "4"),
         ],
         "workloads": [
-            workload("short", random_output_len=9, max_concurrency=2),
+            workload("short", random_output_len=9, max_concurrency=2, output_details=True),
             workload("long", random_output_len=17, num_prompts=4, warmup_requests=0),
         ],
     }
@@ -79,6 +79,9 @@ def test_two_arms_report_jsonl_and_plots(tmp_path):
     ttft_gain = p["mean_ttft_ms"] / d["mean_ttft_ms"]
     assert f"{d['mean_ttft_ms']:.2f} | {ttft_gain:.2f}x |" in short
     assert "* dspark: 1.000 1.000 1.000" in report
+    # the texts were kept for `short` only: its greedy outputs are compared, `long`'s are not
+    assert "Greedy outputs against plain, request by request: dspark 6/6 identical." in short
+    assert report.count("Greedy outputs against") == 1
 
     import matplotlib.image
 
@@ -188,3 +191,22 @@ def test_server_that_ignores_sigterm_is_killed(tmp_path):
     server.stop(timeout=0.5)
     assert server.proc.returncode == -9
     assert time.monotonic() - t0 < 5
+
+
+def test_identity_line_names_an_arm_whose_greedy_outputs_differ():
+    by_arm = {
+        "NONE": {"generated_texts": ["a b", "c d", "e"]},
+        "MTP": {"generated_texts": ["a b", "c d", "e"]},
+        "DSPARK": {"generated_texts": ["a b", "c x", "e"]},
+        "OLD": {},  # run without output_details: left out
+    }
+    arms = ["NONE", "MTP", "DSPARK", "OLD"]
+    assert identity_line(arms, by_arm, {"temperature": 0.0}) == (
+        "Greedy outputs against NONE, request by request: MTP 3/3 identical; "
+        "DSPARK 2/3 **DIFFERENT**."
+    )
+    assert identity_line(arms, by_arm, {}) is not None  # bench serve's default is greedy
+    assert identity_line(arms, by_arm, {"temperature": 1.0}) is None  # sampled: no claim
+    assert identity_line(["OLD", "NONE"], by_arm, {}) is None  # no reference texts
+    short = {"NONE": by_arm["NONE"], "MTP": {"generated_texts": ["a b", "c d"]}}
+    assert "MTP 2/3 **DIFFERENT**" in identity_line(["NONE", "MTP"], short, {})
