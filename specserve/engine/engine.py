@@ -36,7 +36,7 @@ from specserve.engine.scheduler import ScheduledRequest, Scheduler
 from specserve.engine.state_runner import StateRunner
 from specserve.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 from specserve.models.loader import load_model
-from specserve.speculative.base import Drafter, DraftProposal, NoDrafter
+from specserve.speculative.base import CatchUp, Drafter, DraftProposal, NoDrafter
 from specserve.speculative.handle import TargetHandle
 from specserve.speculative.planner import Planner, StepStats
 from specserve.speculative.verify import greedy_verify, rejection_verify
@@ -186,6 +186,7 @@ class LLMEngine:
         self._use_blocks(blocks)
         self.drafter: Drafter = NoDrafter()
         self.planner = planner or Planner()
+        self._catch_up = CatchUp()  # this step's fold of deferred drafter rows (`StepStats`)
         self.runner = (group.make_runner if group else StateRunner if stateful else ModelRunner)(
             self.model,
             blocks,
@@ -357,6 +358,7 @@ class LLMEngine:
         self.stats.num_steps += 1
         # the K/V the decoding requests read: with their number, the key of the step's times
         context = sum(s.request.num_tokens for s in scheduled if s.reaches_end)
+        self._catch_up = CatchUp()
         drafts = self._draft(scheduled, context)
         t_fwd = time.perf_counter()
         result = self.runner.forward(
@@ -387,6 +389,7 @@ class LLMEngine:
                     rid: len(new_tokens[rid][0]) - 1 for rid, d in drafts.items() if d.tokens
                 },
                 finished=tuple(r.request_id for r in finished),
+                catch_up=self._catch_up,
             )
         )
         for req in finished:
@@ -452,6 +455,7 @@ class LLMEngine:
             return {}
         reqs = [s.request for s in spec]
         proposals = self.drafter.propose(reqs, [s.num_lookahead for s in spec])
+        self._catch_up = self.drafter.catch_up
         lens = self.planner.plan(proposals, reqs)
         out = {}
         for req, p, n in zip(reqs, proposals, lens, strict=True):

@@ -25,6 +25,14 @@ class DraftProposal:
     confidences: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class CatchUp:
+    """A `propose`'s fold of deferred context rows (`deferred.py`): how many rows, how long."""
+
+    rows: int = 0
+    seconds: float = 0.0
+
+
 class Drafter(abc.ABC):
     """Proposes draft tokens for running requests and learns from what the target committed.
 
@@ -43,6 +51,10 @@ class Drafter(abc.ABC):
 
     #: Target layer ids whose hidden states `update` receives (see CausalLM.forward `capture`).
     capture_layers: tuple[int, ...] = ()
+    #: The last `propose`'s fold of the context rows committed since the request last drafted
+    #: (drafters that defer them, `deferred.py`); the draft gate judges a step without the part
+    #: a steady step does not pay (`gate.steady_seconds`).
+    catch_up: CatchUp = CatchUp()
     #: Proposals carry a trained confidence head's estimates (DSpark), not a proxy such as the
     #: draft distribution's max probability, so they predict acceptance (the draft gate).
     has_confidence_head: bool = False

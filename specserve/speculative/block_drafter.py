@@ -48,11 +48,8 @@ class DFlashDrafter(Drafter):
     def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
         self.deferred.add(requests, hidden)  # folded in when the request drafts next
 
-    def _catch_up(self, requests: list[Request]) -> None:
-        """Project the pending rows of `requests` into their contexts, in one forward."""
-        pending = self.deferred.take(requests)
-        if not pending:
-            return
+    def _catch_up(self, pending: list[tuple[Request, int, torch.Tensor]]) -> None:
+        """Project the pending rows (`DeferredRows.fold`) into their contexts, in one forward."""
         positions = torch.cat(
             [torch.arange(s, s + h.shape[0], device=h.device) for _, s, h in pending]
         )
@@ -76,7 +73,9 @@ class DFlashDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
         ks = [min(self.block_size, m) for m in max_tokens]
-        self._catch_up([r for r, k in zip(requests, ks, strict=True) if k > 0])
+        self.catch_up = self.deferred.fold(
+            [r for r, k in zip(requests, ks, strict=True) if k > 0], self._catch_up
+        )
         live = [i for i, k in enumerate(ks) if k > 0 and requests[i].request_id in self.contexts]
         out = [DraftProposal([]) for _ in requests]
         if not live:

@@ -132,10 +132,10 @@ class DeepseekV4MTPDrafter(Drafter):
     def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
         self.deferred.add(requests, hidden)  # folded in when the request drafts next
 
-    def _catch_up(self, requests: list[Request]) -> None:
-        """Run the layer over the pending rows of `requests`, all in one forward."""
+    def _catch_up(self, pending: list[tuple[Request, int, torch.Tensor]]) -> None:
+        """Run the layer over the pending rows (`DeferredRows.fold`), all in one forward."""
         rows, owners = [], []
-        for req, start, h in self.deferred.take(requests):
+        for req, start, h in pending:
             end = start + h.shape[0]
             nxt = req.all_token_ids[start + 1 : end + 1]  # row i pairs S_i with t_{i+1}
             if not nxt:
@@ -162,7 +162,9 @@ class DeepseekV4MTPDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
         ks = [min(self.num_steps, m) for m in max_tokens]
-        self._catch_up([r for r, k in zip(requests, ks, strict=True) if k > 0])
+        self.catch_up = self.deferred.fold(
+            [r for r, k in zip(requests, ks, strict=True) if k > 0], self._catch_up
+        )
         live = [
             i
             for i, r in enumerate(requests)

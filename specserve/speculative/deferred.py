@@ -11,11 +11,14 @@ are unchanged; only when the work happens moves.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from specserve.core import Request
+from specserve.speculative.base import CatchUp
 
 
 @dataclass
@@ -59,6 +62,19 @@ class DeferredRows:
             if p is not None:
                 out.append((req, p.start, p.rows[0] if len(p.rows) == 1 else torch.cat(p.rows)))
         return out
+
+    def fold(
+        self,
+        requests: list[Request],
+        forward: Callable[[list[tuple[Request, int, torch.Tensor]]], None],
+    ) -> CatchUp:
+        """`take` the pending rows of `requests` and hand them to the drafter's `forward` (which
+        folds them into its context), timed."""
+        start = time.perf_counter()
+        pending = self.take(requests)
+        if pending:
+            forward(pending)
+        return CatchUp(sum(h.shape[0] for _, _, h in pending), time.perf_counter() - start)
 
     def drop(self, request_id: str) -> None:
         self.pending.pop(request_id, None)

@@ -6,7 +6,8 @@ of draft tokens the target accepts; plain decoding commits 1. Drafting pays when
 measured wall times of a decode step with and without drafting (the fastest of the last eight
 such steps, by batch size and context octave: a step at 2K-token contexts reads eight times the
 K/V of one at 256, so times from one length say nothing of the other; t_spec only from steps in
-which every candidate drafted) and a_r r's expected acceptance:
+which every candidate drafted, and without the part of the drafter's catch-up on context it
+skipped, `steady_seconds`) and a_r r's expected acceptance:
 * for a drafter with a confidence head (DSpark; `head_confidences`), what the head predicts
   for the tokens the planner verifies, sum_i prod_{j<=i} c_j, averaged over r's drafted steps
   and judged from the first one;
@@ -324,7 +325,7 @@ class DraftGate(Planner):
         ):
             times = self.spec if stats.num_requests else self.plain
             octave = context_octave(stats.context_tokens, stats.num_decoding)
-            times.setdefault(octave, StepTimes()).observe(stats.num_decoding, stats.step_s)
+            times.setdefault(octave, StepTimes()).observe(stats.num_decoding, steady_seconds(stats))
             if not stats.num_requests:
                 self.steps_since_plain = 0
         if stats.decode_only and stats.num_decoding and stats.num_requests:
@@ -385,9 +386,10 @@ class DraftGate(Planner):
         plain = self.plain.get(context_octave(stats.context_tokens, n))
         if not stats.decode_only or not n or plain is None or not plain.by_requests:
             return None
-        if stats.step_s <= 0:
+        seconds = steady_seconds(stats)
+        if seconds <= 0:
             return None
-        return plain.typical(n) * (n + sum(stats.accepted.values())) / n, stats.step_s
+        return plain.typical(n) * (n + sum(stats.accepted.values())) / n, seconds
 
     def _observe_gain(self, stats: StepStats) -> None:
         """A step in which some requests drafted, against plain decoding: the time plain steps
@@ -443,6 +445,22 @@ class DraftGate(Planner):
     def _forget(self, request_id: str) -> None:
         self.acceptance.pop(request_id, None)
         self.kinds.pop(request_id, None)
+
+
+def steady_seconds(stats: StepStats) -> float:
+    """The step's seconds with the drafter's catch-up (`StepStats.catch_up`) cut to what a
+    steady drafted step folds: the rows this step commits for the requests it drafted for (one
+    plus each one's accepted tokens, folded when they draft next). The rest is the context
+    committed while a request did not draft (its prompt, a pause), folded once whenever drafting
+    starts: judged as what drafting costs per step, the first drafted step after a 2,048-token
+    prompt (NEXTN, demo bundle: 50 ms against a 6 ms plain step) set the break-even at 7.6
+    accepted tokens, and a server that had served another workload first drafted in 10 of 140
+    steps of the next. What probes cost (the budget) still counts the whole step."""
+    rows, seconds = stats.catch_up.rows, stats.catch_up.seconds
+    steady = stats.num_requests + sum(stats.accepted.values())
+    if rows <= steady:
+        return stats.step_s
+    return stats.step_s - seconds * (1.0 - steady / rows)
 
 
 def context_octave(context_tokens: int, num_decoding: int) -> int:

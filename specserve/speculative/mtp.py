@@ -176,11 +176,11 @@ class MTPDrafter(Drafter):
     def update(self, requests: list[Request], hidden: list[torch.Tensor | None]) -> None:
         self.deferred.add(requests, hidden)  # folded in when the request drafts next
 
-    def _catch_up(self, requests: list[Request]) -> None:
-        """Fold the pending rows of `requests` in, all in one batch: the K/V of every row, the
-        layer's output of each request's last."""
+    def _catch_up(self, pending: list[tuple[Request, int, torch.Tensor]]) -> None:
+        """Fold the pending rows (`DeferredRows.fold`) in, all in one batch: the K/V of every
+        row, the layer's output of each request's last."""
         toks, hs, pos, rows, owners = [], [], [], [], []
-        for req, start, h in self.deferred.take(requests):
+        for req, start, h in pending:
             end = start + h.shape[0]
             nxt = req.all_token_ids[start + 1 : end + 1]  # row i pairs h_i with t_{i+1}
             h = h[: len(nxt)]
@@ -226,7 +226,9 @@ class MTPDrafter(Drafter):
     @torch.inference_mode()
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
         ks = [min(self.num_steps, m) for m in max_tokens]
-        self._catch_up([r for r, k in zip(requests, ks, strict=True) if k > 0])
+        self.catch_up = self.deferred.fold(
+            [r for r, k in zip(requests, ks, strict=True) if k > 0], self._catch_up
+        )
         live = [
             i
             for i, r in enumerate(requests)

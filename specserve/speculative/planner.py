@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from specserve.core import Request
-from specserve.speculative.base import DraftProposal
+from specserve.speculative.base import CatchUp, DraftProposal
 from specserve.speculative.profile import SPSTable
 
 
@@ -34,6 +34,7 @@ class StepStats:
     accepted: dict[str, int] = field(default_factory=dict)  # id -> accepted, non-empty drafts
     finished: tuple[str, ...] = ()  # requests that ended this step
     context_tokens: int = 0  # the decoding requests' tokens before the step: the K/V it read
+    catch_up: CatchUp = CatchUp()  # the drafter's fold of deferred context rows in this step
 
 
 class Planner:

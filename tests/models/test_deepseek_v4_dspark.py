@@ -52,7 +52,7 @@ class TargetForced(DFlashDrafter):
         self.corrupt, self.slots, self.seqs = corrupt, 0, []
 
     def propose(self, requests: list[Request], max_tokens: list[int]) -> list[DraftProposal]:
-        self._catch_up(requests)  # contexts are folded in lazily: bring them current first
+        self.deferred.fold(requests, self._catch_up)  # contexts are folded in lazily: now
         self.seqs = [
             list(r.all_token_ids)
             for r, m in zip(requests, max_tokens, strict=True)

@@ -419,3 +419,47 @@ def test_probation_is_paid_from_the_probe_budget():
         _decode(gate, 3.0, {"a": 0, "b": 0})
     assert gate.paused and gate.budget == 0.1  # failed: halved
     assert gate.plain_s_since_probe == pytest.approx(-20.0)
+
+
+def test_a_catch_up_on_skipped_context_is_not_judged_as_the_cost_of_drafting():
+    """The first drafted step after a long prompt folds the whole prompt into the drafter's
+    context: paid once, not by every drafted step. Judged without it, drafting goes on; the
+    probe budget still counts the whole step."""
+    from specserve.speculative.base import CatchUp
+    from specserve.speculative.gate import steady_seconds
+
+    def step(seconds: float, accepted: dict[str, int], catch_up: CatchUp = CatchUp()):
+        return StepStats(len(accepted), 0.0, seconds, True, 2, accepted, catch_up=catch_up)
+
+    # 4,096 rows folded in 0.5 s; a steady step folds the 2 + 4 rows it commits
+    first = step(0.52, {"a": 2, "b": 2}, CatchUp(4096, 0.5))
+    assert steady_seconds(first) == pytest.approx(0.52 - 0.5 * (1 - 6 / 4096))
+    assert steady_seconds(step(0.03, {"a": 2, "b": 2}, CatchUp(6, 0.004))) == 0.03  # steady
+    assert steady_seconds(step(0.03, {})) == 0.03
+
+    gate = DraftGate(Planner(), gain_window=1, probe_budget=0.1)
+    reqs = [_req("a"), _req("b")]
+    _decode(gate, 0.01, {})  # plain: 10 ms
+    assert gate.allow(reqs) == [True, True]
+    gate.observe(first)  # 6 tokens in about 20 ms of steady work: 3x plain's rate
+    assert gate.break_even(2) == pytest.approx(steady_seconds(first) / 0.01 - 1)  # 1.07, not 51
+    assert not gate.paused
+    assert gate.allow(reqs) == [True, True]
+
+
+@pytest.mark.parametrize("algorithm", ["NEXTN", "DSPARK"])
+def test_the_engine_reports_the_drafters_catch_up(bundle, algorithm):
+    """The first drafted step after a prompt folds the prompt's rows into the drafter's context;
+    the step's stats say how many rows, and later steps fold only what the step before them
+    committed."""
+    llm = make_llm(bundle, algorithm)
+    seen: list[StepStats] = []
+    observe = llm.engine.planner.observe
+    llm.engine.planner.observe = lambda stats: (seen.append(stats), observe(stats))[1]
+    prompt = list(range(30, 70))
+    llm.generate([prompt], SamplingParams(max_tokens=12, temperature=0))
+    drafted = [s for s in seen if s.num_requests]
+    assert drafted and drafted[0].catch_up.rows >= len(prompt) - 1
+    assert drafted[0].catch_up.seconds > 0
+    for before, after in zip(drafted, drafted[1:], strict=False):
+        assert 0 < after.catch_up.rows <= 1 + sum(before.accepted.values())
