@@ -2,7 +2,9 @@
 
 With `models/demo/` present, it runs `bench compare` with three arms (NONE, NEXTN = the seed's
 MTP baseline, DSPARK) and two workloads, the seed's A (1K in / 1K out, one stream) and B (64K
-in / 3K out, 10 users), both scaled down as `plan_workloads` says, and prints the report. A
+in / 3K out, 10 users), both scaled down as `plan_workloads` says, in `--rounds` runs (default
+two, the arms started in reverse order every other run), and prints the last run's report and
+the rounds' summary (min / median per arm, and of DSPARK's ratios to the other arms). A
 workload the bundle cannot serve (no long held-out prompts, or a context too short) is skipped
 with the reason printed. Without the bundle it serves a small random model and sends a few
 requests, so the command always shows something real.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -185,11 +188,14 @@ def compare_config(
     }
 
 
-def run_bundle(bundle: Path, out: Path) -> int:
+def run_bundle(bundle: Path, out: Path, rounds: int = 2) -> int:
+    """`bench compare` of the three arms on both workloads, `rounds` times with the arms' order
+    reversed every other round (NONE, MTP, DSPARK, then DSPARK, MTP, NONE), so that a busy spell
+    of the host, or whatever the first server of a run pays, does not always fall on one arm.
+    Prints the last round's report and the rounds' summary (`rounds_summary`)."""
     from specserve.bench.compare import run_compare
 
     out.mkdir(parents=True, exist_ok=True)
-    cfg_path = out / "compare.yaml"
     workloads, notes = plan_workloads(bundle, out)
     for note in notes:
         print(f"note: {note}", flush=True)
@@ -197,13 +203,79 @@ def run_bundle(bundle: Path, out: Path) -> int:
         print("no workload fits this bundle; nothing to compare", file=sys.stderr)
         return 1
     config = compare_config(bundle, workloads, notes, attention_backend())
-    cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
-    print(f"bench compare --config {cfg_path} --out {out}", flush=True)
-    code = run_compare(cfg_path, out)
-    report = out / "report.md"
+    code, results, report = 0, [], out / "report.md"
+    for rnd in range(rounds):
+        run_out = out if rounds == 1 else out / f"round-{rnd + 1}"
+        run_out.mkdir(exist_ok=True)
+        reverse = rnd % 2 == 1
+        cfg_path = run_out / "compare.yaml"
+        cfg_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        order = " (arms in reverse order)" if reverse else ""
+        print(f"bench compare --config {cfg_path} --out {run_out}{order}", flush=True)
+        code = max(code, run_compare(cfg_path, run_out, reverse=reverse))
+        lines = (run_out / "results.jsonl").read_text().splitlines()
+        results += [dict(json.loads(x), round=rnd + 1) for x in lines if x.strip()]
+        report = run_out / "report.md"
     if report.is_file():
         print("\n" + report.read_text())
+    if rounds > 1:
+        summary = rounds_summary([a["name"] for a in config["arms"]], workloads, results)
+        (out / "summary.md").write_text(summary + "\n")
+        print(summary)
     return code
+
+
+def rounds_summary(arms: list[str], workloads: list[dict], results: list[dict]) -> str:
+    """Markdown: per workload, each arm's output throughput over the rounds (min / median) and
+    accept length, and the last arm (DSPARK) against each other arm as the min / median of the
+    rounds' own ratios (each ratio from one round's pair of runs)."""
+    from specserve.bench.report import identity_line
+
+    rounds = sorted({r["round"] for r in results})
+    out = [f"## {len(rounds)} rounds, the arms' order reversed every other round", ""]
+    for wl in workloads:
+        got = {
+            (r["arm"], r["round"]): r
+            for r in results
+            if r.get("workload") == wl["name"] and r.get("completed")
+        }
+        out += [f"### {wl['name']}", ""]
+        out += ["| arm | output tok/s min / median | accept length (median) |", "|---|---|---|"]
+        tok = {a: [got[a, n]["output_throughput"] for n in rounds if (a, n) in got] for a in arms}
+        for a in arms:
+            acc = [got[a, n].get("accept_length") for n in rounds if (a, n) in got]
+            acc = [x for x in acc if x is not None]
+            if tok[a]:
+                cell = f"{min(tok[a]):.1f} / {statistics.median(tok[a]):.1f}"
+                med = f"{statistics.median(acc):.2f}" if acc else "—"
+                out.append(f"| {a} | {cell} | {med} |")
+        cand = arms[-1]
+        for other in arms[:-1]:
+            ratios = [
+                got[cand, n]["output_throughput"] / got[other, n]["output_throughput"]
+                for n in rounds
+                if (cand, n) in got and (other, n) in got
+            ]
+            if ratios:
+                out.append(
+                    f"\n{cand} vs {other}: {min(ratios):.2f}x / {statistics.median(ratios):.2f}x "
+                    "(min / median of the rounds' ratios)"
+                )
+        checks = {
+            n: identity_line(arms, {a: got[a, n] for a in arms if (a, n) in got}, wl)
+            for n in rounds
+        }
+        compared = [n for n, line in checks.items() if line]
+        differ = [n for n in compared if "DIFFERENT" in (checks[n] or "")]
+        if differ:
+            out.append(f"\nGreedy outputs DIFFER from {arms[0]}'s in rounds {differ}.")
+        elif compared:
+            out.append(
+                f"\nGreedy outputs identical to {arms[0]}'s in every round compared "
+                f"({len(compared)} of {len(rounds)})."
+            )
+        out.append("")
+    return "\n".join(out)
 
 
 def run_fallback(bundle: Path) -> int:
@@ -252,9 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--bundle", type=Path, default=BUNDLE, help="the demo bundle folder (default: %(default)s)"
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=2,
+        help="compare runs, the arms' order reversed every other one (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
     if (args.bundle / "target" / "config.json").is_file():
-        return run_bundle(args.bundle, Path(args.out))
+        return run_bundle(args.bundle, Path(args.out), args.rounds)
     return run_fallback(args.bundle)
 
 

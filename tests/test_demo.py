@@ -83,3 +83,39 @@ def test_the_compare_config_says_how_each_workload_was_scaled(tmp_path):
     assert "1792-token prompts" in cfg["notes"]
     assert [a["name"] for a in cfg["arms"]] == ["NONE", "NEXTN (MTP)", "DSPARK"]
     assert cfg["baseline"] == "NEXTN (MTP)"
+
+
+def test_rounds_summary_takes_min_median_and_each_rounds_own_ratio():
+    from specserve.demo import rounds_summary
+
+    arms = ["NONE", "NEXTN (MTP)", "DSPARK"]
+    wl = [{"name": "B"}]
+    tok = {"NONE": [100.0, 200.0], "NEXTN (MTP)": [150.0, 150.0], "DSPARK": [300.0, 300.0]}
+    results = [
+        {
+            "arm": a,
+            "round": n + 1,
+            "workload": "B",
+            "completed": 10,
+            "output_throughput": t,
+            "accept_length": 1.0 if a == "NONE" else 3.0,
+        }
+        for a, ts in tok.items()
+        for n, t in enumerate(ts)
+    ]
+    results.append({"arm": "DSPARK", "round": 3, "workload": "B", "completed": 0})  # failed
+    text = rounds_summary(arms, wl, results)
+    assert "| NONE | 100.0 / 150.0 | 1.00 |" in text
+    assert "| DSPARK | 300.0 / 300.0 | 3.00 |" in text
+    # per round 3.0x and 1.5x against NONE: not 300 / 150 = 2.0x of the medians
+    assert "DSPARK vs NONE: 1.50x / 2.25x" in text
+    assert "DSPARK vs NEXTN (MTP): 2.00x / 2.00x" in text
+    assert "Greedy outputs" not in text  # no texts kept: nothing claimed
+
+    for r in results:
+        r |= {"temperature": 0.0, "generated_texts": ["x", "y"]}
+    wl = [{"name": "B", "temperature": 0.0}]
+    text = rounds_summary(arms, wl, results)  # round 3 had no complete pair: not compared
+    assert "Greedy outputs identical to NONE's in every round compared (2 of 3)." in text
+    results[-2]["generated_texts"] = ["x", "z"]  # DSPARK, round 2
+    assert "Greedy outputs DIFFER from NONE's in rounds [2]." in rounds_summary(arms, wl, results)

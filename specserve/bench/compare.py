@@ -253,7 +253,9 @@ def running(arm: Arm, out_dir: Path, cfg: CompareConfig) -> Iterator[str]:
         server.stop(cfg.stop_timeout)
 
 
-def run_compare(config_path: str | Path, out_dir: str | Path) -> int:
+def run_compare(config_path: str | Path, out_dir: str | Path, reverse: bool = False) -> int:
+    """Run every arm on every workload and write the report. `reverse`: start the arms in the
+    opposite order (the report's columns keep the config's), for rounds that alternate."""
     cfg = load_config(config_path)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -265,7 +267,7 @@ def run_compare(config_path: str | Path, out_dir: str | Path) -> int:
     if main_thread:  # turn SIGTERM into SystemExit so that `finally` stops the servers
         previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        for arm in cfg.arms:
+        for arm in cfg.arms[::-1] if reverse else cfg.arms:
             print(f"== arm {arm.name}: {arm.describe()}", flush=True)
             try:
                 with running(arm, out, cfg) as base_url:

@@ -210,3 +210,20 @@ def test_identity_line_names_an_arm_whose_greedy_outputs_differ():
     assert identity_line(["OLD", "NONE"], by_arm, {}) is None  # no reference texts
     short = {"NONE": by_arm["NONE"], "MTP": {"generated_texts": ["a b", "c d"]}}
     assert "MTP 2/3 **DIFFERENT**" in identity_line(["NONE", "MTP"], short, {})
+
+
+def test_reverse_starts_the_arms_in_reverse_and_keeps_the_report_columns(tmp_path, capsys):
+    from specserve.bench.compare import run_compare
+
+    cfg = {
+        "arms": [
+            fake_arm("first", "--chunk-tokens", "1"),
+            fake_arm("second", "--chunk-tokens", "2"),
+        ],
+        "workloads": [workload("w", random_output_len=5, num_prompts=2, warmup_requests=0)],
+    }
+    out = tmp_path / "out"
+    assert run_compare(write_yaml(tmp_path, cfg), out, reverse=True) == 0
+    printed = capsys.readouterr().out
+    assert printed.index("== arm second") < printed.index("== arm first")
+    assert "| Metric | first | second | Gain (second vs first) |" in (out / "report.md").read_text()
