@@ -229,7 +229,7 @@ def rounds_summary(arms: list[str], workloads: list[dict], results: list[dict]) 
     """Markdown: per workload, each arm's output throughput over the rounds (min / median) and
     accept length, and the last arm (DSPARK) against each other arm as the min / median of the
     rounds' own ratios (each ratio from one round's pair of runs)."""
-    from specserve.bench.report import identity_line
+    from specserve.bench.report import greedy_matches
 
     rounds = sorted({r["round"] for r in results})
     out = [f"## {len(rounds)} rounds, the arms' order reversed every other round", ""]
@@ -262,11 +262,11 @@ def rounds_summary(arms: list[str], workloads: list[dict], results: list[dict]) 
                     "(min / median of the rounds' ratios)"
                 )
         checks = {
-            n: identity_line(arms, {a: got[a, n] for a in arms if (a, n) in got}, wl)
+            n: greedy_matches(arms, {a: got[a, n] for a in arms if (a, n) in got}, wl)
             for n in rounds
         }
-        compared = [n for n, line in checks.items() if line]
-        differ = [n for n in compared if "DIFFERENT" in (checks[n] or "")]
+        compared = [n for n, matches in checks.items() if matches]
+        differ = [n for n in compared if not all(ok for _, _, ok in checks[n].values())]
         if differ:
             out.append(f"\nGreedy outputs DIFFER from {arms[0]}'s in rounds {differ}.")
         elif compared:

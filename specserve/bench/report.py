@@ -65,27 +65,39 @@ def workload_table(arms: list[str], by_arm: dict[str, dict], pair: tuple[str, st
     return "\n".join(lines)
 
 
-def identity_line(arms: list[str], by_arm: dict[str, dict], options: dict) -> str | None:
+def greedy_matches(
+    arms: list[str], by_arm: dict[str, dict], options: dict
+) -> dict[str, tuple[int, int, bool]]:
     """For a greedy workload whose results carry their texts (`output_details`): each other
-    arm's outputs against the first arm's, request by request (a lossless speculative arm matches
-    plain decoding exactly). None where there is nothing to compare."""
+    arm's outputs against the first arm's, request by request -> arm: (requests with the same
+    text, the first arm's requests, every text the same). Empty where there is nothing to
+    compare (sampled, or the first arm kept no texts). A lossless speculative arm matches plain
+    decoding exactly."""
     if float(options.get("temperature", 0.0)) != 0.0:
-        return None
+        return {}
     texts = {a: by_arm[a].get("generated_texts") for a in arms if a in by_arm}
-    ref = arms[0]
-    if texts.get(ref) is None:
-        return None
-    parts = []
+    ref = texts.get(arms[0])
+    if ref is None:
+        return {}
+    out = {}
     for arm in arms[1:]:
         other = texts.get(arm)
-        if other is None:
-            continue
-        same = sum(x == y for x, y in zip(texts[ref], other, strict=False))
-        verdict = "identical" if same == len(texts[ref]) == len(other) else "**DIFFERENT**"
-        parts.append(f"{arm} {same}/{len(texts[ref])} {verdict}")
-    if not parts:
+        if other is not None:
+            same = sum(x == y for x, y in zip(ref, other, strict=False))
+            out[arm] = (same, len(ref), same == len(ref) == len(other))
+    return out
+
+
+def identity_line(arms: list[str], by_arm: dict[str, dict], options: dict) -> str | None:
+    """`greedy_matches` in words for the report (None where there is nothing to compare)."""
+    matches = greedy_matches(arms, by_arm, options)
+    if not matches:
         return None
-    return f"Greedy outputs against {ref}, request by request: " + "; ".join(parts) + "."
+    parts = [
+        f"{arm} {same}/{total} {'identical' if ok else '**DIFFERENT**'}"
+        for arm, (same, total, ok) in matches.items()
+    ]
+    return f"Greedy outputs against {arms[0]}, request by request: " + "; ".join(parts) + "."
 
 
 def _workload_line(options: dict) -> str:
